@@ -1,0 +1,90 @@
+"""Automatic fallbacks when a ``torch.func`` transform cannot run a model.
+
+Some operations have no forward-mode derivative (PyTorch's fused scaled-dot-product attention
+kernels, ``TransformerEncoderLayer``'s eval fast path), some cannot be batched by ``vmap``
+(``.item()``, data-dependent control flow, old-style ``autograd.Function``), some in-place ops
+are refused under a transform. A :class:`Ladder` tries a list of methods in order — the fast
+ones first, plain autograd last — remembers per model which one worked, and warns once when it
+had to step down. A failure of the last method is raised: never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["TRANSFORM_ERRORS", "Ladder", "PushforwardFallbackWarning", "transform_safe_kernels"]
+
+R = TypeVar("R")
+
+#: Exceptions that mean "this transform cannot run this model" (not bad user input).
+TRANSFORM_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, NotImplementedError)
+
+
+class PushforwardFallbackWarning(UserWarning):
+    """A faster method could not run the model and a slower, exact one was used instead."""
+
+
+@contextlib.contextmanager
+def transform_safe_kernels() -> Iterator[None]:
+    """Use kernels that every transform supports: the math attention backend (the fused
+    CPU/CUDA attention kernels have no forward-mode derivative and no batching rule) and no
+    ``nn.MultiheadAttention``/``TransformerEncoderLayer`` fused fast path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was_enabled)
+
+
+class Ladder:
+    """Methods tried in order; the first that works is remembered on ``owner``.
+
+    Args:
+        key: name of this ladder (one per kind of computation, e.g. ``"forward"``).
+        methods: ``(name, callable)`` pairs from fastest to most general.
+    """
+
+    def __init__(self, key: str, methods: Sequence[tuple[str, Callable[..., Any]]]) -> None:
+        self.key = key
+        self.methods = list(methods)
+
+    def __call__(self, owner: Any, *args: Any, **kwargs: Any) -> Any:
+        state: dict[str, int] = owner.__dict__.setdefault("_fallback_state", {})
+        start = state.get(self.key, 0)
+        for i in range(start, len(self.methods)):
+            name, method = self.methods[i]
+            try:
+                result = method(*args, **kwargs)
+            except TRANSFORM_ERRORS as err:
+                if i == len(self.methods) - 1:
+                    raise
+                nxt = self.methods[i + 1][0]
+                warnings.warn(
+                    f"pushforward: {self.key} products via {name} failed for this model "
+                    f"({type(err).__name__}: {_first_line(err)}); falling back to {nxt} "
+                    "(exact, slower). This warning is shown once per model.",
+                    PushforwardFallbackWarning,
+                    stacklevel=3,
+                )
+                continue
+            state[self.key] = i
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def method_in_use(owner: Any, key: str) -> int:
+        return owner.__dict__.get("_fallback_state", {}).get(key, 0)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -1,0 +1,113 @@
+"""Model inputs: a tensor, a tuple of tensors, or a mapping passed as keyword arguments.
+
+Every tensor in the input is batched along its first dimension (the *batch* of independent
+examples); anything that is not a tensor (flags, ``None``, configuration) is passed through
+unchanged. :class:`Inputs` normalizes the three forms, slices batches into chunks and
+rebuilds per-example calls for ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Inputs"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Normalized model inputs ``model(*args, **kwargs)``.
+
+    Attributes:
+        args: positional arguments (tensors batched along dim 0, or static values).
+        kwargs: keyword arguments (same convention).
+        batch_size: size of dim 0 shared by every tensor.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    batch_size: int
+
+    @classmethod
+    def from_user(cls, x: Any) -> Inputs:
+        """Normalize ``x``: a tensor, a tuple/list of positional arguments, or a mapping
+        (e.g. a Hugging Face ``BatchEncoding``) of keyword arguments."""
+        if isinstance(x, Inputs):
+            return x
+        if isinstance(x, Tensor):
+            args, kwargs = (x,), {}
+        elif isinstance(x, Mapping):
+            args, kwargs = (), dict(x.items())
+        elif isinstance(x, Sequence) and not isinstance(x, str):
+            args, kwargs = tuple(x), {}
+        else:
+            raise TypeError(
+                f"inputs must be a tensor, a tuple of tensors or a mapping of keyword "
+                f"arguments, got {type(x).__name__}"
+            )
+        sizes = {
+            name: value.shape[0] if value.dim() > 0 else None
+            for name, value in _named_tensors(args, kwargs)
+        }
+        if not sizes:
+            raise ValueError("inputs contain no tensor: cannot tell the batch size")
+        distinct = set(sizes.values())
+        if None in distinct or len(distinct) != 1:
+            raise ValueError(
+                "every input tensor must be batched along its first dimension with the same "
+                f"batch size; got first-dimension sizes {sizes}"
+            )
+        return cls(args, kwargs, distinct.pop())
+
+    # -- tensor leaves ---------------------------------------------------------------
+    def tensors(self) -> list[Tensor]:
+        """The batched tensors, in a fixed order (positional first, then keywords)."""
+        return [value for _, value in _named_tensors(self.args, self.kwargs)]
+
+    def with_tensors(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` with the batched tensors replaced by ``tensors`` (same order)."""
+        it = iter(tensors)
+        args = tuple(next(it) if isinstance(a, Tensor) else a for a in self.args)
+        kwargs = {k: next(it) if isinstance(v, Tensor) else v for k, v in self.kwargs.items()}
+        return args, kwargs
+
+    def map(self, fn) -> Inputs:
+        """Apply ``fn`` to every batched tensor; the batch size is read from the result."""
+        new = [fn(t) for t in self.tensors()]
+        args, kwargs = self.with_tensors(new)
+        return Inputs(args, kwargs, new[0].shape[0])
+
+    def slice(self, start: int, stop: int) -> Inputs:
+        """Examples ``start:stop`` of the batch."""
+        return self.map(lambda t: t[start:stop])
+
+    def select(self, index: Tensor) -> Inputs:
+        """Examples at ``index`` (a 1-d integer tensor)."""
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def detach(self) -> Inputs:
+        return self.map(Tensor.detach)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(t.requires_grad for t in self.tensors())
+
+    def nbytes_per_example(self) -> int:
+        return sum(t[:1].numel() * t.element_size() for t in self.tensors())
+
+
+def _named_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]):
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor):
+            yield f"args[{i}]", a
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor):
+            yield k, v
