@@ -141,12 +141,20 @@ def _cnn_bn():
 
 
 def _inplace_relu():
-    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
+    m = nn.Sequential(
+        nn.Linear(4, 5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, 5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, 2),
+    )
     return m, torch.randn(4, 4)
 
 
 def _layernorm():
-    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 3)), torch.randn(4, 4)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 3)), torch.randn(
+        4, 4
+    )
 
 
 def _gpt2():
@@ -154,8 +162,16 @@ def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+        n_layer=1,
+        n_embd=8,
+        n_head=2,
+        vocab_size=11,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
     )
     model = GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 11, (2, 4))
@@ -184,7 +200,10 @@ FACTORIES: dict[str, tuple[Callable[[], tuple[nn.Module, Any]], dict]] = {
     "tied_weights": (lambda: (SharedWeights(), torch.randn(3, 4)), {}),
     "tied_embedding_lm": (lambda: (TiedLM(), torch.randint(0, 7, (3, 4))), {}),
     "reused_module": (lambda: (ReusedModule(), torch.randn(3, 4)), {}),
-    "dict_input": (lambda: (DictInput(), {"a": torch.randn(3, 3), "b": torch.randn(3, 2), "scale": 0.5}), {}),
+    "dict_input": (
+        lambda: (DictInput(), {"a": torch.randn(3, 3), "b": torch.randn(3, 2), "scale": 0.5}),
+        {},
+    ),
     "frozen_backbone_adapter": (lambda: (Adapter(), torch.randn(4, 5)), {}),
     "transformer_encoder": (lambda: (EncoderClassifier().eval(), torch.randn(2, 3, 8)), {}),
     "gpt2_tiny": (_gpt2, {}),
@@ -218,8 +237,15 @@ def brute_force_jacobian(fm: FunctionalModel, x: Any) -> tuple[torch.Tensor, tor
         f = fm.call(params, inputs.args, inputs.kwargs)
         rows = []
         for entry in f.reshape(-1):
-            grads = torch.autograd.grad(entry, list(params.values()), retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([
-                (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params.values())
-            ]))
+            grads = torch.autograd.grad(
+                entry, list(params.values()), retain_graph=True, allow_unused=True
+            )
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for g, p in zip(grads, params.values(), strict=True)
+                    ]
+                )
+            )
     return f.detach(), torch.stack(rows).reshape(*f.shape, fm.num_params)

@@ -47,7 +47,9 @@ def row_chunks(batch_size: int, rows_per_sample: int, chunk_size: int) -> list[R
     ]
 
 
-def progress_bar(items: Iterable[T], enabled: bool, desc: str, total: int | None = None) -> Iterator[T]:
+def progress_bar(
+    items: Iterable[T], enabled: bool, desc: str, total: int | None = None
+) -> Iterator[T]:
     """``items`` wrapped in a tqdm bar when ``enabled`` (tqdm is an optional dependency)."""
     if not enabled:
         yield from items

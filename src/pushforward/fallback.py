@@ -10,14 +10,11 @@ had to step down. A failure of the last method is raised: never a silent wrong a
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import torch
-
-__all__ = ["TRANSFORM_ERRORS", "Ladder", "PushforwardFallbackWarning", "transform_safe_kernels"]
+__all__ = ["TRANSFORM_ERRORS", "Ladder", "PushforwardFallbackWarning"]
 
 R = TypeVar("R")
 
@@ -27,22 +24,6 @@ TRANSFORM_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, NotImplemente
 
 class PushforwardFallbackWarning(UserWarning):
     """A faster method could not run the model and a slower, exact one was used instead."""
-
-
-@contextlib.contextmanager
-def transform_safe_kernels() -> Iterator[None]:
-    """Use kernels that every transform supports: the math attention backend (the fused
-    CPU/CUDA attention kernels have no forward-mode derivative and no batching rule) and no
-    ``nn.MultiheadAttention``/``TransformerEncoderLayer`` fused fast path."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    was_enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was_enabled)
 
 
 class Ladder:

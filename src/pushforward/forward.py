@@ -7,7 +7,6 @@ the batch. Many tangents are pushed together with ``vmap`` in chunks.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +16,10 @@ from torch.func import jvp as func_jvp
 from torch.func import vmap
 
 from pushforward.chunking import progress_bar
-from pushforward.fallback import Ladder, transform_safe_kernels
+from pushforward.fallback import Ladder
 from pushforward.functional_model import FunctionalModel, as_functional_model
 from pushforward.inputs import Inputs
+from pushforward.kernels import transform_kernels
 from pushforward.memory import measure_cost, parse_memory
 
 __all__ = ["batched_jvp", "forward_chunk_size", "jvp", "push_tangents"]
@@ -32,7 +32,7 @@ def _jvp_vmapped(fm: FunctionalModel, params, inputs: Inputs, tangents, safe: bo
     def one(t):
         return func_jvp(f, (params,), (t,))
 
-    with transform_safe_kernels() if safe else contextlib.nullcontext():
+    with transform_kernels(safe_attention=safe):
         return vmap(one, out_dims=(None, 0), randomness="error")(tangents)
 
 
@@ -41,7 +41,7 @@ def _jvp_loop(fm: FunctionalModel, params, inputs: Inputs, tangents):
         return fm.call(p, inputs.args, inputs.kwargs)
 
     n = next(iter(tangents.values())).shape[0]
-    with transform_safe_kernels():
+    with transform_kernels(safe_attention=True):
         outs = [func_jvp(f, (params,), ({k: v[i] for k, v in tangents.items()},)) for i in range(n)]
     return outs[0][0], torch.stack([o[1] for o in outs])
 
@@ -50,12 +50,16 @@ def _double_backward(fm: FunctionalModel, params, inputs: Inputs, tangents):
     """``J v = d/du <J^T u, v>`` with plain autograd: works wherever backward does."""
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = {k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()}
+        leaves = {
+            k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()
+        }
         f = fm.call(leaves, inputs.args, inputs.kwargs)
         u = torch.zeros_like(f, requires_grad=True)
         names = list(leaves)
-        grads = torch.autograd.grad(f, [leaves[k] for k in names], u, create_graph=True, allow_unused=True)
-        used = [(k, g) for k, g in zip(names, grads) if g is not None]
+        grads = torch.autograd.grad(
+            f, [leaves[k] for k in names], u, create_graph=True, allow_unused=True
+        )
+        used = [(k, g) for k, g in zip(names, grads, strict=True) if g is not None]
         n = next(iter(tangents.values())).shape[0]
         out = []
         for i in range(n):
@@ -78,7 +82,10 @@ _FORWARD = Ladder(
     "forward-mode",
     [
         ("torch.func.jvp", lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t, safe=False)),
-        ("torch.func.jvp with math attention", lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t, safe=True)),
+        (
+            "torch.func.jvp with math attention",
+            lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t, safe=True),
+        ),
         ("a loop of torch.func.jvp", _jvp_loop),
         ("reverse-mode emulation (double backward)", _double_backward),
     ],
@@ -111,7 +118,9 @@ def _as_tangent_batch(fm: FunctionalModel, v: Tensor | Mapping[str, Tensor], bat
         lead = t.shape[: t.dim() - len(shape)]
         if t.shape[len(lead) :] != shape or len(lead) != int(batched):
             want = "(n, *shape)" if batched else "shape"
-            raise ValueError(f"tangent for {name!r} has shape {tuple(t.shape)}; expected {want} with shape={tuple(shape)}")
+            raise ValueError(
+                f"tangent for {name!r} has shape {tuple(t.shape)}; expected {want} with shape={tuple(shape)}"
+            )
         if not torch.isfinite(t).all():
             raise ValueError(f"tangent for {name!r} has non-finite entries")
     return d if batched else {k: t.unsqueeze(0) for k, t in d.items()}

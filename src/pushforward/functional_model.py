@@ -10,7 +10,7 @@ vector of size K. Everything else in the library is written against it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from pushforward.layout import ParamLayout
 
 __all__ = ["BatchCouplingError", "FunctionalModel", "ParamSelection", "as_functional_model"]
 
-ParamSelection = Union[str, Iterable[str], Callable[[str, nn.Parameter], bool]]
+ParamSelection = str | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
 
 class BatchCouplingError(ValueError):
@@ -98,7 +98,9 @@ class FunctionalModel:
         named = dict(model.named_parameters())
         dtypes = {named[n].dtype for n in names}
         if len(dtypes) != 1:
-            raise ValueError(f"selected parameters have mixed dtypes {dtypes}; cast the model first")
+            raise ValueError(
+                f"selected parameters have mixed dtypes {dtypes}; cast the model first"
+            )
         self.layout = ParamLayout(tuple(names), {n: named[n].shape for n in names})
 
     # -- parameter selection ---------------------------------------------------------
@@ -128,7 +130,9 @@ class FunctionalModel:
         return chosen
 
     def _owners(self) -> list[nn.Module]:
-        return [m for m in self.module.modules() if next(m.parameters(recurse=False), None) is not None]
+        return [
+            m for m in self.module.modules() if next(m.parameters(recurse=False), None) is not None
+        ]
 
     def _registration_order(self) -> list[nn.Module]:
         return self._owners()
@@ -222,7 +226,9 @@ class FunctionalModel:
     # -- calling -------------------------------------------------------------------
     def call(self, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
         """``model(*args, **kwargs)`` with the selected parameters replaced by ``params``."""
-        out = functional_call(self.module, dict(params), args, kwargs, tie_weights=True, strict=False)
+        out = functional_call(
+            self.module, dict(params), args, kwargs, tie_weights=True, strict=False
+        )
         return self.output_fn(out)
 
     def __call__(self, x: Any, params: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
@@ -274,9 +280,12 @@ def _coupling_modules(module: nn.Module):
             if m.training:
                 yield name, f"{type(m).__name__} in training mode uses batch statistics"
             elif not m.track_running_stats or m.running_mean is None:
-                yield name, (
-                    f"{type(m).__name__} with track_running_stats=False uses batch statistics "
-                    "even in eval mode; rebuild it with running statistics"
+                yield (
+                    name,
+                    (
+                        f"{type(m).__name__} with track_running_stats=False uses batch statistics "
+                        "even in eval mode; rebuild it with running statistics"
+                    ),
                 )
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
             if m.training and m.track_running_stats:

@@ -56,7 +56,9 @@ def jacobian(
         inputs = inputs if differentiable else inputs.detach()
         params = fm.params(differentiable)
         f, J = collect_rows(
-            iter_row_chunks(fm, params, inputs, rows_per_sample, make, chunk_size, progress, "jacobian rows"),
+            iter_row_chunks(
+                fm, params, inputs, rows_per_sample, make, chunk_size, progress, "jacobian rows"
+            ),
             inputs.batch_size,
             rows_per_sample,
             fm.num_params,

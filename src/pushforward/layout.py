@@ -60,19 +60,27 @@ class ParamLayout:
         """Parameter names matching any of ``names_or_prefixes`` (exact or ``prefix.``)."""
         wanted = list(names_or_prefixes)
         hits = tuple(n for n in self.names if any(n == w or n.startswith(w + ".") for w in wanted))
-        missing = [w for w in wanted if not any(n == w or n.startswith(w + ".") for n in self.names)]
+        missing = [
+            w for w in wanted if not any(n == w or n.startswith(w + ".") for n in self.names)
+        ]
         if missing:
-            raise KeyError(f"no parameter named or prefixed {missing}; parameters: {list(self.names)}")
+            raise KeyError(
+                f"no parameter named or prefixed {missing}; parameters: {list(self.names)}"
+            )
         return hits
 
     def index(self, names: Iterable[str]) -> Tensor:
         """Flat indices of ``names`` (in this layout's order)."""
-        return torch.cat([torch.arange(self.slices[n].start, self.slices[n].stop) for n in self.sub(names).names])
+        return torch.cat(
+            [torch.arange(self.slices[n].start, self.slices[n].stop) for n in self.sub(names).names]
+        )
 
     def split(self, vector: Tensor) -> dict[str, Tensor]:
         """``(..., P)`` -> ``{name: (..., *shape)}``."""
         if vector.shape[-1] != self.num_params:
-            raise ValueError(f"expected trailing size P={self.num_params}, got {tuple(vector.shape)}")
+            raise ValueError(
+                f"expected trailing size P={self.num_params}, got {tuple(vector.shape)}"
+            )
         lead = vector.shape[:-1]
         return {n: vector[..., self.slices[n]].reshape(*lead, *self.shapes[n]) for n in self.names}
 
@@ -87,6 +95,8 @@ class ParamLayout:
         for n in self.names:
             t = tensors[n]
             if t.shape != (*lead, *self.shapes[n]):
-                raise ValueError(f"tensor for {n!r} has shape {tuple(t.shape)}, expected {(*lead, *self.shapes[n])}")
+                raise ValueError(
+                    f"tensor for {n!r} has shape {tuple(t.shape)}, expected {(*lead, *self.shapes[n])}"
+                )
             parts.append(t.reshape(*lead, -1))
         return torch.cat(parts, dim=-1)

@@ -19,9 +19,10 @@ from torch.func import vjp as func_vjp
 from torch.func import vmap
 
 from pushforward.chunking import RowChunk, progress_bar, row_chunks
-from pushforward.fallback import Ladder, transform_safe_kernels
+from pushforward.fallback import Ladder
 from pushforward.functional_model import FunctionalModel, as_functional_model
 from pushforward.inputs import Inputs
+from pushforward.kernels import transform_kernels
 from pushforward.memory import measure_cost, parse_memory
 
 __all__ = [
@@ -46,13 +47,13 @@ def _rows_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tenso
         (grads,) = vmap(vjp_fn)(cot)
         return out, fm.flatten(grads)
 
-    with transform_safe_kernels():
+    with transform_kernels(safe_attention=True):
         return vmap(one, randomness="error")(inputs.tensors(), cotangents)
 
 
 def _rows_loop_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
     outs, rows = [], []
-    with transform_safe_kernels():
+    with transform_kernels(safe_attention=True):
         for b in range(inputs.batch_size):
             one = inputs.slice(b, b + 1)
 
@@ -71,7 +72,9 @@ def _rows_loop(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
     names = list(params)
     outs, rows = [], []
     with torch.enable_grad():
-        leaves = {k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()}
+        leaves = {
+            k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()
+        }
         for b in range(inputs.batch_size):
             one = inputs.slice(b, b + 1)
             out = fm.call(leaves, one.args, one.kwargs).squeeze(0)
@@ -87,7 +90,10 @@ def _rows_loop(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
                 )
                 sample.append(
                     fm.flatten(
-                        {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads)}
+                        {
+                            k: torch.zeros_like(leaves[k]) if g is None else g
+                            for k, g in zip(names, grads, strict=True)
+                        }
                     )
                 )
             outs.append(out)
@@ -131,7 +137,9 @@ def example_output_shape(fm: FunctionalModel, inputs: Inputs) -> tuple[torch.Siz
     return out.shape[1:], out.dtype
 
 
-def reverse_chunk_size(fm: FunctionalModel, inputs: Inputs, budget: int, extra_row_bytes: int = 0) -> int:
+def reverse_chunk_size(
+    fm: FunctionalModel, inputs: Inputs, budget: int, extra_row_bytes: int = 0
+) -> int:
     """How many rows (P-vectors) to compute at once within ``budget`` bytes.
 
     A row costs its P-vector (gradient dict, flat copy, one more for what the caller does with

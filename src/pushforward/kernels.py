@@ -1,0 +1,73 @@
+"""Kernel choices that keep every ``torch.func`` transform working and exact.
+
+* :func:`transform_safe_kernels` — the math attention backend and no fused
+  ``MultiheadAttention``/``TransformerEncoderLayer`` fast path: the fused kernels have no
+  forward-mode derivative and no ``vmap`` batching rule.
+* :func:`decomposed_layer_norm` — ``layer_norm`` written in elementary ops. PyTorch's fused
+  layer-norm forward-mode derivative is wrong when differentiated again (reverse-over-forward
+  and forward-over-forward; pytorch/pytorch#196700), which would make ``differentiable=True``
+  forward-mode results silently wrong for any model with LayerNorm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["decomposed_layer_norm", "transform_kernels", "transform_safe_kernels"]
+
+
+@contextlib.contextmanager
+def transform_safe_kernels() -> Iterator[None]:
+    """Math attention backend and no ``MultiheadAttention`` fast path inside the block."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was_enabled)
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    centered = x - x.mean(dims, keepdim=True)
+    y = centered * torch.rsqrt(centered.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class _DecomposedLayerNorm(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm or func is torch.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def decomposed_layer_norm() -> Iterator[None]:
+    """Compute ``layer_norm`` from elementary ops inside the block (exact higher derivatives)."""
+    with _DecomposedLayerNorm():
+        yield
+
+
+def transform_kernels(safe_attention: bool) -> contextlib.ExitStack:
+    """The kernel context for a transformed computation: :func:`transform_safe_kernels` when
+    ``safe_attention``, and :func:`decomposed_layer_norm` when grad mode is on (the result will
+    be differentiated again)."""
+    stack = contextlib.ExitStack()
+    if safe_attention:
+        stack.enter_context(transform_safe_kernels())
+    if torch.is_grad_enabled():
+        stack.enter_context(decomposed_layer_norm())
+    return stack
