@@ -75,9 +75,9 @@ def test_jacobian_chunks_never_exceed_chunk_size(monkeypatch):
     seen = []
     original = reverse.sample_rows
 
-    def spy(fm, params, inputs, cotangents):
+    def spy(fm, params, inputs, cotangents, **kwargs):
         seen.append(cotangents.shape[0] * cotangents.shape[1])
-        return original(fm, params, inputs, cotangents)
+        return original(fm, params, inputs, cotangents, **kwargs)
 
     monkeypatch.setattr(reverse, "sample_rows", spy)
     _, J = pf.jacobian(case.fm, case.x, chunk_size=4)
@@ -92,9 +92,9 @@ def test_memory_budget_controls_chunks(monkeypatch):
     seen = []
     original = reverse.sample_rows
 
-    def spy(fm, params, inputs, cotangents):
+    def spy(fm, params, inputs, cotangents, **kwargs):
         seen.append(cotangents.shape[0] * cotangents.shape[1])
-        return original(fm, params, inputs, cotangents)
+        return original(fm, params, inputs, cotangents, **kwargs)
 
     monkeypatch.setattr(reverse, "sample_rows", spy)
     _, J_small = pf.jacobian(case.fm, case.x, memory_budget="3KB")

@@ -4,22 +4,58 @@ Predictive means, functional variances and covariances ``J(x) S J(x)^T``, linear
 samples and predictive probabilities — without materializing the per-example Jacobian.
 """
 
+from pushforward.covariance import (
+    BlockDiagonal,
+    CovarianceOperator,
+    Dense,
+    Diagonal,
+    Isotropic,
+    Kronecker,
+    KroneckerEigen,
+    KroneckerFactors,
+    LowRank,
+    LowRankPrecision,
+    ParamGroup,
+    Subset,
+)
 from pushforward.fallback import PushforwardFallbackWarning
 from pushforward.forward import batched_jvp, jvp
 from pushforward.functional_model import BatchCouplingError, FunctionalModel
 from pushforward.inputs import Inputs
 from pushforward.jacobian import jacobian
+from pushforward.laplace_interop import from_laplace
+from pushforward.layout import ParamLayout
+from pushforward.planner import Plan, plan
 from pushforward.reverse import per_example_vjp
+from pushforward.variance import functional_covariance, functional_variance
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchCouplingError",
+    "BlockDiagonal",
+    "CovarianceOperator",
+    "Dense",
+    "Diagonal",
     "FunctionalModel",
     "Inputs",
+    "Isotropic",
+    "Kronecker",
+    "KroneckerEigen",
+    "KroneckerFactors",
+    "LowRank",
+    "LowRankPrecision",
+    "ParamGroup",
+    "ParamLayout",
+    "Plan",
     "PushforwardFallbackWarning",
+    "Subset",
     "batched_jvp",
+    "from_laplace",
+    "functional_covariance",
+    "functional_variance",
     "jacobian",
     "jvp",
     "per_example_vjp",
+    "plan",
 ]

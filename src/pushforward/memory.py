@@ -18,9 +18,20 @@ from torch import Tensor
 
 from pushforward.inputs import Inputs
 
-__all__ = ["ModelCost", "available_memory", "format_bytes", "measure_cost", "parse_memory"]
+__all__ = [
+    "CHUNK_TARGET",
+    "ModelCost",
+    "available_memory",
+    "chunk_budget",
+    "format_bytes",
+    "measure_cost",
+    "parse_memory",
+]
 
 DEFAULT_FRACTION = 0.5
+#: Chunks are sized to use at most this much working memory even under a larger budget:
+#: beyond it larger chunks stop paying off and only raise the peak.
+CHUNK_TARGET = 512 * 2**20
 _UNITS = {
     "": 1,
     "b": 1,
@@ -57,6 +68,12 @@ def parse_memory(budget: int | float | str | None, device: torch.device | None =
     return int(value)
 
 
+def chunk_budget(budget: int, held: int = 0) -> int:
+    """Bytes a strategy may spend on one chunk: the budget left after ``held`` bytes, capped at
+    :data:`CHUNK_TARGET`."""
+    return max(0, min(budget - held, CHUNK_TARGET))
+
+
 def available_memory(device: torch.device | None = None) -> int:
     """Bytes available for new allocations on ``device`` (CPU: ``MemAvailable``)."""
     if device is not None and torch.device(device).type == "cuda":
@@ -88,15 +105,32 @@ class ModelCost:
         activation_bytes: bytes autograd saves for backward in a one-example forward.
         output_numel: elements of one example's output (all its tokens and outputs).
         param_bytes: bytes of one flat parameter vector (``P * itemsize``).
+        forward_flops: floating-point operations of a one-example forward (matmuls,
+            convolutions and attention as counted by ``torch.utils.flop_counter``; at least
+            one operation per saved activation element).
     """
 
     activation_bytes: int
     output_numel: int
     param_bytes: int
+    forward_flops: float
 
 
 def measure_cost(fm, inputs: Inputs) -> ModelCost:
-    """Run ``fm`` on the first example with saved-tensor hooks to measure its activations."""
+    """Run ``fm`` on the first example with saved-tensor hooks and a FLOP counter.
+
+    The result is cached on ``fm`` per input signature (shapes and dtypes of one example).
+    """
+    signature = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs.tensors())
+    cache = fm.__dict__.setdefault("_cost_cache", {})
+    if signature not in cache:
+        cache[signature] = _measure(fm, inputs)
+    return cache[signature]
+
+
+def _measure(fm, inputs: Inputs) -> ModelCost:
+    from torch.utils.flop_counter import FlopCounterMode
+
     saved = 0
     seen: set[int] = set()
 
@@ -113,11 +147,14 @@ def measure_cost(fm, inputs: Inputs) -> ModelCost:
     # parameters, buffers and inputs are not per-example activations
     for t in [*params.values(), *fm.module.parameters(), *fm.module.buffers(), *one.tensors()]:
         seen.add(t.untyped_storage().data_ptr())
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
         out = fm.call(params, one.args, one.kwargs)
     itemsize = next(iter(params.values())).element_size()
+    activation_bytes = int(saved) + out.numel() * out.element_size()
     return ModelCost(
-        activation_bytes=int(saved) + out.numel() * out.element_size(),
+        activation_bytes=activation_bytes,
         output_numel=int(out.numel()),
         param_bytes=fm.num_params * itemsize,
+        forward_flops=float(max(counter.get_total_flops(), activation_bytes // itemsize)),
     )

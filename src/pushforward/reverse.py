@@ -23,7 +23,7 @@ from pushforward.fallback import Ladder
 from pushforward.functional_model import FunctionalModel, as_functional_model
 from pushforward.inputs import Inputs
 from pushforward.kernels import transform_kernels
-from pushforward.memory import measure_cost, parse_memory
+from pushforward.memory import chunk_budget, measure_cost, parse_memory
 
 __all__ = [
     "collect_rows",
@@ -45,7 +45,7 @@ def _rows_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tenso
 
         out, vjp_fn = func_vjp(f, params)
         (grads,) = vmap(vjp_fn)(cot)
-        return out, fm.flatten(grads)
+        return out, grads
 
     with transform_kernels(safe_attention=True):
         return vmap(one, randomness="error")(inputs.tensors(), cotangents)
@@ -63,8 +63,12 @@ def _rows_loop_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: 
             out, vjp_fn = func_vjp(f, params)
             (grads,) = vmap(vjp_fn)(cotangents[b])
             outs.append(out)
-            rows.append(fm.flatten(grads))
-    return torch.stack(outs), torch.stack(rows)
+            rows.append(grads)
+    return torch.stack(outs), _stack_dicts(rows)
+
+
+def _stack_dicts(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
 
 
 def _rows_loop(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
@@ -89,17 +93,21 @@ def _rows_loop(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
                     allow_unused=True,
                 )
                 sample.append(
-                    fm.flatten(
-                        {
-                            k: torch.zeros_like(leaves[k]) if g is None else g
-                            for k, g in zip(names, grads, strict=True)
-                        }
-                    )
+                    {
+                        k: torch.zeros_like(leaves[k]) if g is None else g
+                        for k, g in zip(names, grads, strict=True)
+                    }
                 )
             outs.append(out)
-            rows.append(torch.stack(sample) if sample else out.new_zeros(0, fm.num_params))
-    f, r = torch.stack(outs), torch.stack(rows)
-    return (f, r) if differentiable else (f.detach(), r.detach())
+            rows.append(
+                _stack_dicts(sample)
+                if sample
+                else {k: v.new_zeros(0, *v.shape) for k, v in leaves.items()}
+            )
+    f, r = torch.stack(outs), _stack_dicts(rows)
+    if not differentiable:
+        f, r = f.detach(), {k: v.detach() for k, v in r.items()}
+    return f, r
 
 
 _REVERSE = Ladder(
@@ -113,8 +121,12 @@ _REVERSE = Ladder(
 
 
 def sample_rows(
-    fm: FunctionalModel, params: dict[str, Tensor], inputs: Inputs, cotangents: Tensor
-) -> tuple[Tensor, Tensor]:
+    fm: FunctionalModel,
+    params: dict[str, Tensor],
+    inputs: Inputs,
+    cotangents: Tensor,
+    flat: bool = True,
+) -> tuple[Tensor, Tensor | dict[str, Tensor]]:
     """Per-example VJP rows: internal primitive (no chunking, no validation).
 
     Args:
@@ -123,9 +135,12 @@ def sample_rows(
 
     Returns:
         ``(f, rows)``: outputs ``(b, *f_b)`` and rows ``(b, R, P)`` with
-        ``rows[i, r] = J(x_i)^T cotangents[i, r]``. Differentiable iff grad mode is on.
+        ``rows[i, r] = J(x_i)^T cotangents[i, r]`` — or, with ``flat=False``, the rows per
+        parameter ``{name: (b, R, *shape)}`` (no concatenation). Differentiable iff grad mode
+        is on.
     """
-    return _REVERSE(fm, fm, params, inputs, cotangents)
+    f, grads = _REVERSE(fm, fm, params, inputs, cotangents)
+    return f, fm.flatten(grads) if flat else grads
 
 
 def example_output_shape(fm: FunctionalModel, inputs: Inputs) -> tuple[torch.Size, torch.dtype]:
@@ -149,7 +164,7 @@ def reverse_chunk_size(
     cost = measure_cost(fm, inputs)
     itemsize = cost.param_bytes // max(fm.num_params, 1)
     per_row = 3 * cost.param_bytes + 2 * cost.activation_bytes + cost.output_numel * itemsize
-    return max(1, int(budget // (per_row + extra_row_bytes)))
+    return max(1, int(chunk_budget(budget) // (per_row + extra_row_bytes)))
 
 
 def one_hot_cotangents(index: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
@@ -169,16 +184,18 @@ def iter_row_chunks(
     chunk_size: int,
     progress: bool = False,
     desc: str = "rows",
-) -> Iterator[tuple[RowChunk, Tensor, Tensor]]:
+    flat: bool = True,
+) -> Iterator[tuple[RowChunk, Tensor, Tensor | dict[str, Tensor]]]:
     """Run :func:`sample_rows` over chunks of (example, row) pairs.
 
     Yields ``(chunk, f, rows)`` with ``f`` of shape ``(b, *f_b)`` and ``rows`` of shape
-    ``(b, r, P)`` for the ``b`` examples and ``r`` rows of ``chunk``.
+    ``(b, r, P)`` (or per parameter with ``flat=False``) for the ``b`` examples and ``r`` rows
+    of ``chunk``.
     """
     chunks = row_chunks(inputs.batch_size, rows_per_sample, chunk_size)
     for chunk in progress_bar(chunks, progress, desc, total=len(chunks)):
         sub = inputs.slice(chunk.samples.start, chunk.samples.stop)
-        f, rows = sample_rows(fm, params, sub, make_cotangents(chunk))
+        f, rows = sample_rows(fm, params, sub, make_cotangents(chunk), flat=flat)
         yield chunk, f, rows
 
 

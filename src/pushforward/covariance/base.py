@@ -14,6 +14,8 @@ Every operator works on the flat parameter space of a :class:`~pushforward.Funct
   cross-covariance, each with an operator over that group (used by the layer-structured path).
 * ``bind(layout)`` — check against a model's parameter layout (P, names, shapes) and return an
   operator whose flat order is that layout's; raises a clear error on any mismatch.
+* ``block(name)`` — the covariance of one parameter tensor (an operator over
+  ``layout.sub([name])``); ``marginal(index)`` — the covariance of any flat coordinates.
 * ``.to(dtype/device)``.
 
 Subclasses implement the row forms ``_matmul_rows`` (``(n, P) -> (n, P)``), ``_sqrt_rows``
@@ -106,6 +108,15 @@ class CovarianceOperator(abc.ABC):
         """``(n, P) -> (n,)``: ``v_i^T Σ v_i`` for each row (subclasses may do it cheaper)."""
         return (V * self._matmul_rows(V)).sum(-1)
 
+    def matmul_flops(self) -> float:
+        """Estimated floating-point operations of ``Σ v`` for one vector (used by the planner;
+        subclasses with structure override it)."""
+        return 2.0 * self.num_params * self.num_params
+
+    def sqrt_flops(self) -> float:
+        """Estimated floating-point operations of ``L z`` (or ``L^T v``) for one vector."""
+        return 2.0 * self.num_params * self.sqrt_cols
+
     def to_dense(self) -> Tensor:
         """The P x P matrix (small P only)."""
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
@@ -144,6 +155,27 @@ class CovarianceOperator(abc.ABC):
         """
         layout = self._require_layout()
         return [ParamGroup(layout.names, self)]
+
+    def marginal(self, index: Tensor) -> CovarianceOperator:
+        """The covariance of the flat coordinates ``index`` (a 1-d integer tensor of size n):
+        the n x n operator ``S Σ S^T`` for the row selector ``S``, unbound.
+
+        The default keeps this operator and selects coordinates around each product (exact;
+        ``sqrt_cols`` unchanged); subclasses return a smaller operator where they can.
+        """
+        from pushforward.covariance.marginal import Marginal
+
+        return Marginal(self, index)
+
+    def block(self, name: str) -> CovarianceOperator:
+        """The covariance of parameter ``name`` alone, bound to ``layout.sub([name])``.
+
+        Requires a bound layout; the layer-structured path uses it for one weight's block.
+        """
+        layout = self._require_layout()
+        if name not in layout.shapes:
+            raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
+        return self.marginal(layout.index([name])).bind(layout.sub([name]))
 
     def _require_layout(self) -> ParamLayout:
         if self.layout is None:

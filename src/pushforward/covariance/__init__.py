@@ -1,0 +1,31 @@
+"""Weight-space covariance operators Σ (P x P) over a model's flat parameter vector.
+
+All share the interface of :class:`CovarianceOperator` (see :mod:`pushforward.covariance.base`).
+"""
+
+from pushforward.covariance.base import CovarianceOperator, ParamGroup
+from pushforward.covariance.block_diagonal import BlockDiagonal
+from pushforward.covariance.dense import Dense
+from pushforward.covariance.diagonal import Diagonal
+from pushforward.covariance.isotropic import Isotropic
+from pushforward.covariance.kronecker import Kronecker, KroneckerEigen, KroneckerFactors
+from pushforward.covariance.lowrank import LowRank
+from pushforward.covariance.lowrank_precision import LowRankPrecision
+from pushforward.covariance.marginal import Marginal
+from pushforward.covariance.subset import Subset
+
+__all__ = [
+    "BlockDiagonal",
+    "CovarianceOperator",
+    "Dense",
+    "Diagonal",
+    "Isotropic",
+    "Kronecker",
+    "KroneckerEigen",
+    "KroneckerFactors",
+    "LowRank",
+    "LowRankPrecision",
+    "Marginal",
+    "ParamGroup",
+    "Subset",
+]

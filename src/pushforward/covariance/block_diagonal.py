@@ -1,0 +1,247 @@
+"""Different covariance structures on different, mutually uncorrelated parameter groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from pushforward.covariance.base import CovarianceOperator, ParamGroup
+from pushforward.covariance.isotropic import Isotropic
+from pushforward.layout import ParamLayout
+
+__all__ = ["BlockDiagonal"]
+
+#: A block key: a parameter name or name prefix, or a tuple of them.
+BlockKey = str | tuple[str, ...]
+
+
+class BlockDiagonal(CovarianceOperator):
+    """Σ = blockdiag(Σ_1, ..., Σ_m) over groups of parameter tensors.
+
+    Args:
+        blocks: ``{key: operator}``; a key is a parameter name or a name prefix (``"0"``
+            selects ``"0.weight"`` and ``"0.bias"``), or a tuple of them. Each operator is
+            over its parameters concatenated in the model's flat order (and is bound to
+            ``layout.sub(those names)``, so e.g. a :class:`Kronecker` or per-name
+            :class:`Diagonal` is checked by name).
+        default: the operator over all parameters no key covers (concatenated in flat
+            order); without it every selected parameter must be covered.
+        layout: bind right away (else call :meth:`bind`; keys need a layout to resolve).
+
+    Example: ``BlockDiagonal({"0": Kronecker(...), ("2.weight", "2.bias"): Dense(S)},
+    default=Isotropic(1.0))``.
+
+    Every selected parameter must be covered exactly once. Groups need not be contiguous in
+    the flat vector. ``sqrt_cols`` is the sum of the blocks' (their square-root columns are
+    concatenated in block order: the keys' order, then the default). :meth:`param_groups` is
+    the union of the blocks' groups; :attr:`blocks` lists the blocks themselves.
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[BlockKey, CovarianceOperator],
+        default: CovarianceOperator | None = None,
+        layout: ParamLayout | None = None,
+    ) -> None:
+        for key, op in [*blocks.items(), ("default", default)]:
+            if op is not None and not isinstance(op, CovarianceOperator):
+                raise TypeError(
+                    f"BlockDiagonal block {key!r} must be a CovarianceOperator, got {type(op).__name__}"
+                )
+            if not (
+                isinstance(key, str)
+                or (isinstance(key, tuple) and key and all(isinstance(k, str) for k in key))
+            ):
+                raise TypeError(f"BlockDiagonal keys must be names or tuples of names, got {key!r}")
+        if not blocks and default is None:
+            raise ValueError("BlockDiagonal needs at least one block or a default")
+        self._spec = dict(blocks)
+        self._default = default
+        self._groups: list[ParamGroup] | None = None
+        self._perm: Tensor | None = None
+        if layout is not None:
+            self._resolve(layout)
+
+    # -- binding ---------------------------------------------------------------------------
+    def _resolve(self, layout: ParamLayout) -> None:
+        owner: dict[str, BlockKey] = {}
+        resolved: list[tuple[BlockKey, tuple[str, ...], CovarianceOperator]] = []
+        for key, op in self._spec.items():
+            wanted = [key] if isinstance(key, str) else list(key)
+            names = []
+            for w in wanted:
+                hits = [n for n in layout.names if n == w or n.startswith(w + ".")]
+                if not hits:
+                    raise ValueError(
+                        f"BlockDiagonal key {key!r}: no selected parameter is named or prefixed "
+                        f"{w!r}; selected parameters: {list(layout.names)}"
+                    )
+                names += hits
+            for n in names:
+                if n in owner and owner[n] != key:
+                    raise ValueError(
+                        f"BlockDiagonal: parameter {n!r} is covered by both {owner[n]!r} and {key!r}"
+                    )
+                owner[n] = key
+            resolved.append((key, layout.sub(names).names, op))
+        rest = tuple(n for n in layout.names if n not in owner)
+        if rest:
+            if self._default is None:
+                raise ValueError(
+                    f"BlockDiagonal covers no block for the selected parameters {list(rest)}; "
+                    "add keys for them or pass default=..."
+                )
+            resolved.append(("default", rest, self._default))
+        groups = []
+        for key, names, op in resolved:
+            try:
+                groups.append(ParamGroup(names, op.bind(layout.sub(names))))
+            except ValueError as err:
+                raise ValueError(f"BlockDiagonal block {key!r} ({list(names)}): {err}") from err
+        self._set_groups(_common_dtype(groups), layout)
+
+    def _set_groups(self, groups: list[ParamGroup], layout: ParamLayout) -> None:
+        self._groups = groups
+        self.layout = layout
+        perm = torch.cat([layout.index(g.names) for g in groups])
+        identity = bool((perm == torch.arange(perm.numel())).all())
+        self._perm = None if identity else perm.to(groups[0].operator.device)
+
+    def bind(self, layout: ParamLayout) -> BlockDiagonal:
+        """Resolve the keys against ``layout`` and bind every block to its sub-layout."""
+        if self.layout == layout:
+            return self
+        return BlockDiagonal(self._spec, self._default, layout)
+
+    def _bound(self) -> list[ParamGroup]:
+        if self._groups is None:
+            raise ValueError(
+                "BlockDiagonal resolves its blocks by parameter name; call "
+                ".bind(functional_model.layout) first"
+            )
+        return self._groups
+
+    @property
+    def blocks(self) -> list[ParamGroup]:
+        """The blocks as ``(names, operator)`` groups, in block order (needs a layout)."""
+        return list(self._bound())
+
+    def __repr__(self) -> str:
+        if self._groups is None:
+            keys = [*self._spec, *(["default"] if self._default is not None else [])]
+            return f"BlockDiagonal(unbound, blocks={keys})"
+        inner = ", ".join(f"{list(g.names)}: {g.operator!r}" for g in self._groups)
+        return f"BlockDiagonal(P={self.num_params}, {{{inner}}})"
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return sum(g.operator.num_params for g in self._bound())
+
+    @property
+    def sqrt_cols(self) -> int:
+        return sum(g.operator.sqrt_cols for g in self._bound())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._operators()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._operators()[0].device
+
+    def _operators(self) -> list[CovarianceOperator]:
+        if self._groups is not None:
+            return [g.operator for g in self._groups]
+        ops = [*self._spec.values(), *([self._default] if self._default is not None else [])]
+        return [op for op in ops if not _from_number(op)] or ops
+
+    # -- products ------------------------------------------------------------------------------
+    def _gather(self, V: Tensor) -> list[Tensor]:
+        """``(n, P)`` -> each block's columns, in block order."""
+        if self._perm is not None:
+            V = V[:, self._perm]
+        return list(torch.split(V, [g.operator.num_params for g in self._bound()], dim=-1))
+
+    def _scatter(self, parts: list[Tensor]) -> Tensor:
+        """Each block's ``(n, p_b)`` columns -> ``(n, P)`` in flat order."""
+        out = torch.cat(parts, dim=-1)
+        if self._perm is None:
+            return out
+        return out.new_zeros(out.shape).index_copy(1, self._perm, out)
+
+    def _matmul_rows(self, V: Tensor) -> Tensor:
+        parts = self._gather(V)
+        return self._scatter(
+            [g.operator._matmul_rows(X) for g, X in zip(self._bound(), parts, strict=True)]
+        )
+
+    def _sqrt_rows(self, Z: Tensor) -> Tensor:
+        parts = torch.split(Z, [g.operator.sqrt_cols for g in self._bound()], dim=-1)
+        return self._scatter(
+            [g.operator._sqrt_rows(X) for g, X in zip(self._bound(), parts, strict=True)]
+        )
+
+    def _sqrt_t_rows(self, V: Tensor) -> Tensor:
+        parts = self._gather(V)
+        return torch.cat(
+            [g.operator._sqrt_t_rows(X) for g, X in zip(self._bound(), parts, strict=True)], dim=-1
+        )
+
+    def quadratic_rows(self, V: Tensor) -> Tensor:
+        parts = self._gather(V)
+        return sum(g.operator.quadratic_rows(X) for g, X in zip(self._bound(), parts, strict=True))
+
+    def diagonal(self) -> Tensor:
+        return self._scatter([g.operator.diagonal().unsqueeze(0) for g in self._bound()]).squeeze(0)
+
+    # -- structure -----------------------------------------------------------------------------
+    def param_groups(self) -> list[ParamGroup]:
+        return [sub for g in self._bound() for sub in g.operator.param_groups()]
+
+    def block(self, name: str) -> CovarianceOperator:
+        for g in self._bound():
+            if name in g.names:
+                return g.operator.block(name)
+        raise KeyError(
+            f"unknown parameter {name!r}; parameters: {list(self._require_layout().names)}"
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> BlockDiagonal:
+        out = BlockDiagonal(
+            {k: op._apply(fn) for k, op in self._spec.items()},
+            None if self._default is None else self._default._apply(fn),
+        )
+        if self._groups is not None:
+            out._set_groups(
+                [ParamGroup(g.names, g.operator._apply(fn)) for g in self._groups], self.layout
+            )
+        return out
+
+
+def _common_dtype(groups: list[ParamGroup]) -> list[ParamGroup]:
+    """Cast blocks made from Python numbers (:class:`Isotropic`) to the others' dtype/device;
+    the rest must agree."""
+    fixed = [g for g in groups if not _from_number(g.operator)]
+    kinds = {(str(g.operator.dtype), str(g.operator.device)) for g in fixed}
+    if len(kinds) > 1:
+        detail = {g.names: (g.operator.dtype, str(g.operator.device)) for g in fixed}
+        raise ValueError(
+            f"BlockDiagonal blocks have different dtypes/devices: {detail}; cast them with .to(...)"
+        )
+    if not fixed:
+        return groups
+    dtype, device = fixed[0].operator.dtype, fixed[0].operator.device
+    return [
+        ParamGroup(g.names, g.operator.to(dtype=dtype, device=device))
+        if _from_number(g.operator)
+        else g
+        for g in groups
+    ]
+
+
+def _from_number(op: CovarianceOperator) -> bool:
+    """An :class:`Isotropic` whose variance was a Python number (no dtype/device of its own)."""
+    return isinstance(op, Isotropic) and op._from_number

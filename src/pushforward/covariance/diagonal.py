@@ -1,0 +1,128 @@
+"""A diagonal covariance: independent variances per scalar parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from pushforward.covariance._linalg import check_names, check_nonnegative, common_dtype_device
+from pushforward.covariance.base import CovarianceOperator, ParamGroup, check_finite
+from pushforward.covariance.marginal import check_index
+from pushforward.layout import ParamLayout
+
+__all__ = ["Diagonal"]
+
+
+class Diagonal(CovarianceOperator):
+    """Σ = diag(v).
+
+    Args:
+        variances: a flat ``(P,)`` tensor in the model's flat order, or a mapping
+            ``{name: tensor of that parameter's shape}``. A mapping fixes the operator's layout
+            (its insertion order until :meth:`bind` puts it in the model's order).
+
+    ``sqrt_cols = P`` (the factor is diag(sqrt(v))). :meth:`param_groups` gives one group per
+    parameter tensor and :meth:`variances` one parameter's variances in its natural shape.
+    """
+
+    def __init__(self, variances: Tensor | Mapping[str, Tensor]) -> None:
+        if isinstance(variances, Mapping):
+            if not variances:
+                raise ValueError("Diagonal: the variances mapping is empty")
+            common_dtype_device("Diagonal", {f"variances[{n!r}]": t for n, t in variances.items()})
+            layout = ParamLayout.from_tensors(variances)
+            flat = torch.cat([t.reshape(-1) for t in variances.values()])
+        else:
+            common_dtype_device("Diagonal", {"variances": variances})
+            if variances.dim() != 1:
+                raise ValueError(
+                    f"Diagonal variances must be flat (P,) or a dict of per-parameter tensors, "
+                    f"got shape {tuple(variances.shape)}"
+                )
+            layout, flat = None, variances
+        check_finite("Diagonal variances", flat)
+        check_nonnegative("Diagonal variances", flat)
+        self._var = flat
+        self._named = layout is not None
+        self.layout = layout
+
+    @property
+    def num_params(self) -> int:
+        return self._var.shape[0]
+
+    @property
+    def sqrt_cols(self) -> int:
+        return self.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._var.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._var.device
+
+    def _matmul_rows(self, V: Tensor) -> Tensor:
+        return V * self._var
+
+    def _sqrt_rows(self, Z: Tensor) -> Tensor:
+        return Z * self._var.sqrt()
+
+    def _sqrt_t_rows(self, V: Tensor) -> Tensor:
+        return V * self._var.sqrt()
+
+    def quadratic_rows(self, V: Tensor) -> Tensor:
+        return V.square() @ self._var
+
+    def diagonal(self) -> Tensor:
+        return self._var
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(self._var)
+
+    def variances(self, name: str) -> Tensor:
+        """The variances of parameter ``name`` in its natural shape (needs a layout)."""
+        layout = self._require_layout()
+        if name not in layout.shapes:
+            raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
+        return self._var[layout.slices[name]].reshape(layout.shapes[name])
+
+    def bind(self, layout: ParamLayout) -> Diagonal:
+        """Checked against ``layout``; a per-name operator is reordered to the layout's order."""
+        if not self._named:
+            return super().bind(layout)
+        check_names("Diagonal", self.layout.names, layout)
+        for n in layout.names:
+            if self.layout.shapes[n] != layout.shapes[n]:
+                raise ValueError(
+                    f"Diagonal variances for {n!r} have shape {tuple(self.layout.shapes[n])}, but "
+                    f"the parameter has shape {tuple(layout.shapes[n])}"
+                )
+        if self.layout.names == layout.names:
+            return super().bind(layout)
+        own = self.layout.split(self._var)
+        return self._with(torch.cat([own[n].reshape(-1) for n in layout.names]), layout)
+
+    def param_groups(self) -> list[ParamGroup]:
+        layout = self._require_layout()
+        return [ParamGroup((n,), self.block(n)) for n in layout.names]
+
+    def block(self, name: str) -> Diagonal:
+        layout = self._require_layout()
+        out = Diagonal(self.variances(name).reshape(-1))
+        out.layout = layout.sub([name])
+        return out
+
+    def marginal(self, index: Tensor) -> Diagonal:
+        index = check_index(index, self.num_params, "marginal index").to(self.device)
+        return Diagonal(self._var[index])
+
+    def _with(self, flat: Tensor, layout: ParamLayout | None) -> Diagonal:
+        out = Diagonal(flat)
+        out._named, out.layout = self._named, layout
+        return out
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Diagonal:
+        return self._with(fn(self._var), self.layout)

@@ -1,0 +1,132 @@
+"""An isotropic covariance: one variance times the identity (e.g. the prior)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pushforward.covariance._linalg import check_nonnegative, common_dtype_device
+from pushforward.covariance.base import CovarianceOperator, ParamGroup, check_finite
+from pushforward.covariance.marginal import check_index
+from pushforward.layout import ParamLayout
+
+__all__ = ["Isotropic"]
+
+
+class Isotropic(CovarianceOperator):
+    """Σ = σ² I.
+
+    Args:
+        variance: σ², a Python number or a one-element tensor (differentiable). A Python
+            number gives a tensor of the default dtype; ``.to(...)`` rebuilds it from the exact
+            number, and :class:`BlockDiagonal` casts such an operator to its other blocks'
+            dtype and device.
+        num_params: P; when omitted it is taken from the layout at :meth:`bind`.
+
+    ``sqrt_cols = P``; :meth:`param_groups` gives one group per parameter tensor.
+    """
+
+    def __init__(self, variance: float | Tensor, num_params: int | None = None) -> None:
+        self._number = None if isinstance(variance, Tensor) else float(variance)
+        if self._number is not None:
+            variance = torch.tensor(self._number)
+        common_dtype_device("Isotropic", {"variance": variance})
+        if variance.numel() != 1:
+            raise ValueError(
+                f"Isotropic variance must be a scalar, got shape {tuple(variance.shape)}"
+            )
+        variance = variance.reshape(())
+        check_finite("Isotropic variance", variance)
+        check_nonnegative("Isotropic variance", variance)
+        if num_params is not None and num_params < 0:
+            raise ValueError(f"Isotropic num_params must be >= 0, got {num_params}")
+        self.variance = variance
+        self._num_params = num_params
+
+    @property
+    def _from_number(self) -> bool:
+        """Whether the variance was a Python number (no dtype or device of its own)."""
+        return self._number is not None
+
+    @property
+    def num_params(self) -> int:
+        if self._num_params is None:
+            raise ValueError(
+                "Isotropic has no size yet: pass num_params=P or call .bind(functional_model.layout)"
+            )
+        return self._num_params
+
+    @property
+    def sqrt_cols(self) -> int:
+        return self.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.variance.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.variance.device
+
+    def _matmul_rows(self, V: Tensor) -> Tensor:
+        return V * self.variance
+
+    def _sqrt_rows(self, Z: Tensor) -> Tensor:
+        return Z * self.variance.sqrt()
+
+    def _sqrt_t_rows(self, V: Tensor) -> Tensor:
+        return V * self.variance.sqrt()
+
+    def quadratic_rows(self, V: Tensor) -> Tensor:
+        return V.square().sum(-1) * self.variance
+
+    def diagonal(self) -> Tensor:
+        return self.variance.expand(self.num_params).clone()
+
+    def to_dense(self) -> Tensor:
+        return torch.eye(self.num_params, dtype=self.dtype, device=self.device) * self.variance
+
+    def bind(self, layout: ParamLayout) -> Isotropic:
+        """Takes P from ``layout`` when it was not given (else checks it)."""
+        if self._num_params is None:
+            out = self._sized(layout.num_params)
+            out.layout = layout
+            return out
+        return super().bind(layout)
+
+    def param_groups(self) -> list[ParamGroup]:
+        layout = self._require_layout()
+        return [ParamGroup((n,), self.block(n)) for n in layout.names]
+
+    def block(self, name: str) -> Isotropic:
+        layout = self._require_layout()
+        if name not in layout.shapes:
+            raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
+        sub = layout.sub([name])
+        out = self._sized(sub.num_params)
+        out.layout = sub
+        return out
+
+    def marginal(self, index: Tensor) -> Isotropic:
+        index = check_index(index, self.num_params, "marginal index")
+        return self._sized(index.numel())
+
+    def __repr__(self) -> str:
+        size = "unbound" if self._num_params is None else f"P={self._num_params}"
+        return f"Isotropic(variance={self.variance.item():.6g}, {size}, dtype={self.dtype})"
+
+    def _sized(self, num_params: int | None) -> Isotropic:
+        out = Isotropic(self.variance, num_params)
+        out._number = self._number
+        return out
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Isotropic:
+        variance = fn(self.variance)
+        if self._number is not None:  # exact in the new dtype, not rounded through the old one
+            variance = torch.tensor(self._number, dtype=variance.dtype, device=variance.device)
+        out = Isotropic(variance, self._num_params)
+        out._number = self._number
+        out.layout = self.layout
+        return out

@@ -1,0 +1,149 @@
+"""A covariance whose precision is low-rank plus diagonal (laplace-torch's LowRankLaplace)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pushforward.covariance._linalg import cached, check_nonnegative, common_dtype_device
+from pushforward.covariance.base import CovarianceOperator, check_finite
+
+__all__ = ["LowRankPrecision"]
+
+
+class LowRankPrecision(CovarianceOperator):
+    """Σ = (U diag(eigvals) U^T + diag(diag))^{-1}, applied by Woodbury without forming P x P.
+
+    Args:
+        U: ``(P, k)``.
+        eigvals: ``(k,)``, non-negative (the low-rank curvature, already scaled).
+        diag: ``(P,)``, positive (the diagonal prior precision).
+
+    laplace-torch's ``LowRankLaplace.posterior_precision`` is ``((U, eigvals), diag)`` in exactly
+    this form. With ``D = diag(diag)`` and ``W = D^{-1/2} U diag(sqrt(eigvals))`` (P x k),
+    Σ = D^{-1/2} (I + W W^T)^{-1} D^{-1/2} and
+
+    * products, ``diagonal`` and ``quadratic_rows`` use a Cholesky factor of the k x k matrix
+      ``I + W^T W`` (exact gradients everywhere);
+    * the square-root factor is the exact ``D^{-1/2} (I + W W^T)^{-1/2}`` with the symmetric
+      inverse square root ``I + W Q diag(c) Q^T W^T`` from the eigendecomposition
+      ``W^T W = Q diag(s) Q^T``, ``c = ((1 + s)^{-1/2} - 1) / s``; ``sqrt_cols = P``. (Its
+      gradient, like any ``eigh`` gradient, is undefined when ``s`` has repeated values.)
+
+    Cost: O(P k) per row and O(P k²) once; :meth:`marginal`/``block`` keep this operator and
+    select coordinates (exact, same ``sqrt_cols``).
+    """
+
+    def __init__(self, U: Tensor, eigvals: Tensor, diag: Tensor) -> None:
+        tensors = {"U": U, "eigvals": eigvals, "diag": diag}
+        common_dtype_device("LowRankPrecision", tensors)
+        if U.dim() != 2:
+            raise ValueError(f"LowRankPrecision U must have shape (P, k), got {tuple(U.shape)}")
+        P, k = U.shape
+        if eigvals.shape != (k,):
+            raise ValueError(
+                f"LowRankPrecision eigvals must have shape ({k},) to match U (P={P}, k={k}), "
+                f"got {tuple(eigvals.shape)}"
+            )
+        if diag.shape != (P,):
+            raise ValueError(
+                f"LowRankPrecision diag must have shape ({P},) to match U (P={P}, k={k}), "
+                f"got {tuple(diag.shape)}"
+            )
+        for name, t in tensors.items():
+            check_finite(f"LowRankPrecision {name}", t)
+        check_nonnegative("LowRankPrecision eigvals", eigvals)
+        if bool((diag <= 0).any()):
+            raise ValueError(
+                f"LowRankPrecision diag (the diagonal precision) has {int((diag <= 0).sum())} "
+                "entries <= 0; it must be positive for the precision to be invertible"
+            )
+        self.U, self.eigvals, self.diag = U, eigvals, diag
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def num_params(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def sqrt_cols(self) -> int:
+        return self.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
+
+    # -- cached pieces -------------------------------------------------------------------
+    def _inputs(self) -> tuple[Tensor, ...]:
+        return self.U, self.eigvals, self.diag
+
+    def _scale(self) -> Tensor:
+        """``(P,)``: diag^{-1/2}."""
+        return cached(self._cache, "scale", lambda: self.diag.rsqrt(), *self._inputs())
+
+    def _W(self) -> Tensor:
+        """``(P, k)``: D^{-1/2} U diag(sqrt(eigvals))."""
+        return cached(
+            self._cache,
+            "W",
+            lambda: self.U * self.eigvals.sqrt() * self._scale().unsqueeze(-1),
+            *self._inputs(),
+        )
+
+    def _M(self) -> Tensor:
+        """``(P, k)`` with ``M M^T = W (I + W^T W)^{-1} W^T``."""
+
+        def compute() -> Tensor:
+            W = self._W()
+            K = torch.eye(W.shape[1], dtype=W.dtype, device=W.device) + W.T @ W
+            R = torch.linalg.cholesky(K)
+            return torch.linalg.solve_triangular(R, W.T, upper=False).T
+
+        return cached(self._cache, "M", compute, *self._inputs())
+
+    def _sqrt_parts(self) -> tuple[Tensor, Tensor]:
+        """``W Q`` ``(P, k)`` and ``c`` ``(k,)`` of the symmetric factor ``I + W Q diag(c) Q^T W^T``."""
+
+        def compute() -> tuple[Tensor, Tensor]:
+            W = self._W()
+            s, Q = torch.linalg.eigh(W.T @ W)
+            root = (1 + s.clamp_min(0)).sqrt()
+            return W @ Q, -1 / (root * (1 + root))
+
+        return cached(self._cache, "sqrt", compute, *self._inputs())
+
+    # -- products ------------------------------------------------------------------------
+    def _matmul_rows(self, V: Tensor) -> Tensor:
+        X = V * self._scale()
+        M = self._M()
+        return (X - (X @ M) @ M.T) * self._scale()
+
+    def _inv_sqrt_core(self, X: Tensor) -> Tensor:
+        """Rows of ``X (I + W W^T)^{-1/2}`` (the core factor is symmetric)."""
+        WQ, c = self._sqrt_parts()
+        return X + ((X @ WQ) * c) @ WQ.T
+
+    def _sqrt_rows(self, Z: Tensor) -> Tensor:
+        return self._inv_sqrt_core(Z) * self._scale()
+
+    def _sqrt_t_rows(self, V: Tensor) -> Tensor:
+        return self._inv_sqrt_core(V * self._scale())
+
+    def quadratic_rows(self, V: Tensor) -> Tensor:
+        X = V * self._scale()
+        return X.square().sum(-1) - (X @ self._M()).square().sum(-1)
+
+    def diagonal(self) -> Tensor:
+        return self._scale().square() * (1 - self._M().square().sum(-1))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> LowRankPrecision:
+        out = LowRankPrecision(fn(self.U), fn(self.eigvals), fn(self.diag))
+        out.layout = self.layout
+        return out

@@ -1,0 +1,103 @@
+"""A covariance over a subset of the flat coordinates, zero elsewhere (subnetwork Laplace)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pushforward.covariance.base import CovarianceOperator, ParamGroup
+from pushforward.covariance.diagonal import Diagonal
+from pushforward.covariance.isotropic import Isotropic
+from pushforward.covariance.marginal import check_index
+
+__all__ = ["Subset"]
+
+
+class Subset(CovarianceOperator):
+    """Σ = E Σ_s E^T: a covariance ``inner`` (s x s) over the flat coordinates ``indices`` of a
+    P-dimensional space, zero for every other coordinate.
+
+    Args:
+        inner: the operator over the ``s`` selected coordinates, in the order of ``indices``.
+        indices: ``(s,)`` distinct flat indices in ``[0, num_params)``, any order.
+        num_params: P.
+
+    ``E`` is the ``(P, s)`` embedding with ``E[indices[j], j] = 1``; the square-root factor is
+    ``E L_s`` (``sqrt_cols = inner.sqrt_cols``). laplace-torch's ``SubnetLaplace`` is converted
+    to this form. :meth:`param_groups` gives one group per parameter tensor when ``inner`` is
+    :class:`Diagonal` or :class:`Isotropic`, else one group.
+    """
+
+    def __init__(self, inner: CovarianceOperator, indices: Tensor, num_params: int) -> None:
+        if not isinstance(inner, CovarianceOperator):
+            raise TypeError(
+                f"Subset inner must be a CovarianceOperator, got {type(inner).__name__}"
+            )
+        indices = check_index(indices, num_params, "Subset indices")
+        if indices.numel() != inner.num_params:
+            raise ValueError(
+                f"Subset has {indices.numel()} indices but its inner operator has size "
+                f"{inner.num_params}"
+            )
+        self.inner = inner
+        self.indices = indices.to(inner.device)
+        self._num_params = int(num_params)
+
+    @property
+    def num_params(self) -> int:
+        return self._num_params
+
+    @property
+    def sqrt_cols(self) -> int:
+        return self.inner.sqrt_cols
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def _embed(self, X: Tensor) -> Tensor:
+        """``(n, s) -> (n, P)`` with zeros outside ``indices``."""
+        return X.new_zeros(X.shape[0], self.num_params).index_copy(1, self.indices, X)
+
+    def _matmul_rows(self, V: Tensor) -> Tensor:
+        return self._embed(self.inner._matmul_rows(V[:, self.indices]))
+
+    def _sqrt_rows(self, Z: Tensor) -> Tensor:
+        return self._embed(self.inner._sqrt_rows(Z))
+
+    def _sqrt_t_rows(self, V: Tensor) -> Tensor:
+        return self.inner._sqrt_t_rows(V[:, self.indices])
+
+    def quadratic_rows(self, V: Tensor) -> Tensor:
+        return self.inner.quadratic_rows(V[:, self.indices])
+
+    def diagonal(self) -> Tensor:
+        d = self.inner.diagonal()
+        return d.new_zeros(self.num_params).index_copy(0, self.indices, d)
+
+    def marginal(self, index: Tensor) -> CovarianceOperator:
+        index = check_index(index, self.num_params, "marginal index").to(self.device)
+        position = torch.full((self.num_params,), -1, dtype=torch.int64, device=self.device)
+        position[self.indices] = torch.arange(self.indices.numel(), device=self.device)
+        inner_pos = position[index]
+        kept = (inner_pos >= 0).nonzero().reshape(-1)
+        if kept.numel() == 0:
+            return Isotropic(torch.zeros((), dtype=self.dtype, device=self.device), index.numel())
+        return Subset(self.inner.marginal(inner_pos[kept]), kept, index.numel())
+
+    def param_groups(self) -> list[ParamGroup]:
+        layout = self._require_layout()
+        if isinstance(self.inner, (Diagonal, Isotropic)):
+            return [ParamGroup((n,), self.block(n)) for n in layout.names]
+        return [ParamGroup(layout.names, self)]
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Subset:
+        out = Subset(self.inner._apply(fn), self.indices, self.num_params)
+        out.layout = self.layout
+        return out

@@ -1,0 +1,93 @@
+"""Functional variance and covariance ``J(x) S J(x)^T`` without materializing J."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pushforward.covariance.base import CovarianceOperator
+from pushforward.functional_model import FunctionalModel
+from pushforward.planner import plan
+
+__all__ = ["functional_covariance", "functional_variance"]
+
+
+def functional_variance(
+    model: FunctionalModel | torch.nn.Module,
+    x: Any,
+    cov: CovarianceOperator,
+    *,
+    outputs: Tensor | None = None,
+    strategy: str = "auto",
+    memory_budget: int | str | None = None,
+    differentiable: bool = False,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-example, per-output variance of the linearized model: ``diag(J(x_n) S J(x_n)^T)``.
+
+    Args:
+        model: a :class:`FunctionalModel` or an ``nn.Module`` (trainable parameters).
+        x: inputs (tensor, tuple of tensors or mapping of keyword arguments), batch first.
+        cov: the weight-space covariance S, a :class:`~pushforward.covariance.CovarianceOperator`.
+        outputs: optional integer index tensor ``(*example_dims, S)`` selecting S outputs per
+            example (e.g. answer tokens); only those are paid for.
+        strategy: ``"auto"`` (planner) or one of ``explicit``, ``reverse``, ``forward``,
+            ``last_layer``; see :func:`pushforward.plan`.
+        memory_budget: bytes or a string like ``"2GB"`` for the engine's working memory
+            (default: half of the available memory).
+        differentiable: keep the graph: gradients flow to ``x``, the model's parameters and the
+            covariance's tensors.
+        progress: show a tqdm bar over chunks.
+
+    Returns:
+        ``(f, var)`` with ``var.shape == f.shape``, or ``(*example_dims, S)`` with ``outputs``.
+    """
+    return plan(
+        model,
+        x,
+        cov,
+        kind="variance",
+        outputs=outputs,
+        strategy=strategy,
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+    ).execute()
+
+
+def functional_covariance(
+    model: FunctionalModel | torch.nn.Module,
+    x: Any,
+    cov: CovarianceOperator,
+    *,
+    joint: bool = False,
+    outputs: Tensor | None = None,
+    strategy: str = "auto",
+    memory_budget: int | str | None = None,
+    differentiable: bool = False,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Output covariance of the linearized model, ``J S J^T``.
+
+    Args:
+        joint: ``False``: one ``K x K`` covariance per example, shape ``(*example_dims, K, K)``
+            (``(..., S, S)`` with ``outputs``); ``True``: the ``(N*K, N*K)`` covariance across
+            all ``N`` examples (example-major), for batched Bayesian optimization.
+        Other arguments as in :func:`functional_variance`.
+
+    Returns:
+        ``(f, cov)``.
+    """
+    return plan(
+        model,
+        x,
+        cov,
+        kind="joint" if joint else "covariance",
+        outputs=outputs,
+        strategy=strategy,
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+    ).execute()
