@@ -20,7 +20,7 @@ from pushforward.fallback import Ladder
 from pushforward.functional_model import FunctionalModel, as_functional_model
 from pushforward.inputs import Inputs
 from pushforward.kernels import transform_kernels
-from pushforward.memory import measure_cost, parse_memory
+from pushforward.memory import chunk_budget, measure_cost, parse_memory
 
 __all__ = ["batched_jvp", "forward_chunk_size", "jvp", "push_tangents"]
 
@@ -108,7 +108,7 @@ def forward_chunk_size(fm: FunctionalModel, inputs: Inputs, budget: int) -> int:
     itemsize = cost.param_bytes // max(fm.num_params, 1)
     per_tangent = inputs.batch_size * (2 * cost.activation_bytes + cost.output_numel * itemsize)
     per_tangent += 2 * cost.param_bytes
-    return max(1, int(budget // max(per_tangent, 1)))
+    return max(1, int(chunk_budget(budget) // max(per_tangent, 1)))
 
 
 def _as_tangent_batch(fm: FunctionalModel, v: Tensor | Mapping[str, Tensor], batched: bool):
