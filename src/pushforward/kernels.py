@@ -7,6 +7,10 @@
   layer-norm forward-mode derivative is wrong when differentiated again (reverse-over-forward
   and forward-over-forward; pytorch/pytorch#196700), which would make ``differentiable=True``
   forward-mode results silently wrong for any model with LayerNorm.
+* :func:`consistent_embedding` — ``embedding(ids, W, padding_idx=p)``: PyTorch's backward treats
+  row ``p`` as constant (zero gradient) but its forward-mode derivative does not, so forward and
+  reverse mode would disagree. Inside the block the padding positions' outputs are detached, so
+  both modes give the reverse-mode (laplace-torch) Jacobian.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["decomposed_layer_norm", "transform_kernels", "transform_safe_kernels"]
+__all__ = ["consistent_embedding", "decomposed_layer_norm", "transform_kernels", "transform_safe_kernels"]
 
 
 @contextlib.contextmanager
@@ -46,12 +50,35 @@ def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y
 
 
+def _embedding(input, weight, padding_idx=None, *args, **kwargs):
+    out = F.embedding(input, weight, padding_idx, *args, **kwargs)
+    if padding_idx is None:
+        return out
+    pad = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
+    return torch.where((input == pad).unsqueeze(-1), out.detach(), out)
+
+
 class _DecomposedLayerNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.layer_norm or func is torch.layer_norm:
             return _layer_norm(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+class _ConsistentEmbedding(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            return _embedding(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def consistent_embedding() -> Iterator[None]:
+    """Embedding padding rows are constant in forward mode as in reverse mode (see module doc)."""
+    with _ConsistentEmbedding():
+        yield
 
 
 @contextlib.contextmanager
@@ -62,10 +89,11 @@ def decomposed_layer_norm() -> Iterator[None]:
 
 
 def transform_kernels(safe_attention: bool) -> contextlib.ExitStack:
-    """The kernel context for a transformed computation: :func:`transform_safe_kernels` when
-    ``safe_attention``, and :func:`decomposed_layer_norm` when grad mode is on (the result will
-    be differentiated again)."""
+    """The kernel context for a transformed computation: :func:`consistent_embedding`,
+    :func:`transform_safe_kernels` when ``safe_attention``, and :func:`decomposed_layer_norm` when
+    grad mode is on (the result will be differentiated again)."""
     stack = contextlib.ExitStack()
+    stack.enter_context(consistent_embedding())
     if safe_attention:
         stack.enter_context(transform_safe_kernels())
     if torch.is_grad_enabled():

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from pushforward.covariance.base import check_finite
+from pushforward.covariance.base import check_finite, is_trusted
 from pushforward.layout import ParamLayout
 
 T = TypeVar("T")
@@ -59,6 +59,8 @@ def symmetry_tol(dtype: torch.dtype) -> float:
 
 def check_symmetric(name: str, M: Tensor) -> None:
     """``M`` must equal its transpose up to ``symmetry_tol`` relative to its largest entry."""
+    if is_trusted():
+        return
     with torch.no_grad():
         scale = M.abs().max().item()
         asym = (M - M.T).abs().max().item()
@@ -70,6 +72,8 @@ def check_symmetric(name: str, M: Tensor) -> None:
 
 def check_nonnegative(name: str, t: Tensor, what: str = "entries") -> None:
     """``t`` must have no negative entries."""
+    if is_trusted():
+        return
     with torch.no_grad():
         negative = t < 0
         if negative.any():

@@ -25,7 +25,10 @@ Subclasses implement the row forms ``_matmul_rows`` (``(n, P) -> (n, P)``), ``_s
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +48,50 @@ class ParamGroup:
     operator: CovarianceOperator
 
 
+#: True while an operator derives another from its own, already validated tensors.
+_TRUSTED = contextvars.ContextVar("pushforward_trusted_covariance", default=False)
+
+#: Methods that only derive operators from validated tensors: value checks are skipped inside.
+_DERIVING = ("bind", "to", "_apply", "block", "marginal", "param_groups")
+
+
+@contextlib.contextmanager
+def trusted() -> Iterator[None]:
+    """Skip value checks (finite, non-negative, symmetric) of operators built in this block."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def is_trusted() -> bool:
+    """Whether value checks are currently skipped (see :func:`trusted`)."""
+    return _TRUSTED.get()
+
+
+def _deriving(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with trusted():
+            return method(*args, **kwargs)
+
+    wrapper.__pushforward_deriving__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class CovarianceOperator(abc.ABC):
     """A symmetric positive semi-definite P x P covariance, applied without forming it."""
 
     #: The parameter layout this operator's flat order refers to (None: any layout of size P).
     layout: ParamLayout | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _DERIVING:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__pushforward_deriving__", False):
+                setattr(cls, name, _deriving(method))
 
     # -- sizes -----------------------------------------------------------------------
     @property
@@ -127,11 +169,13 @@ class CovarianceOperator(abc.ABC):
         eye = torch.eye(self.sqrt_cols, dtype=self.dtype, device=self.device)
         return self._sqrt_rows(eye).T
 
+    @_deriving
     def to(self, *args, **kwargs) -> CovarianceOperator:
         """Move/cast every defining tensor, like ``Tensor.to``."""
         return self._apply(lambda t: t.to(*args, **kwargs))
 
     # -- structure -----------------------------------------------------------------------
+    @_deriving
     def bind(self, layout: ParamLayout) -> CovarianceOperator:
         """This operator checked against ``layout`` (in ``layout``'s flat order).
 
@@ -148,6 +192,7 @@ class CovarianceOperator(abc.ABC):
         bound.layout = layout
         return bound
 
+    @_deriving
     def param_groups(self) -> list[ParamGroup]:
         """Finest known partition into uncorrelated parameter groups (default: one group).
 
@@ -156,6 +201,7 @@ class CovarianceOperator(abc.ABC):
         layout = self._require_layout()
         return [ParamGroup(layout.names, self)]
 
+    @_deriving
     def marginal(self, index: Tensor) -> CovarianceOperator:
         """The covariance of the flat coordinates ``index`` (a 1-d integer tensor of size n):
         the n x n operator ``S Σ S^T`` for the row selector ``S``, unbound.
@@ -167,6 +213,7 @@ class CovarianceOperator(abc.ABC):
 
         return Marginal(self, index)
 
+    @_deriving
     def block(self, name: str) -> CovarianceOperator:
         """The covariance of parameter ``name`` alone, bound to ``layout.sub([name])``.
 
@@ -209,6 +256,8 @@ def _dispatch(V: Tensor, size: int, rows_fn: Callable[[Tensor], Tensor], what: s
 
 def check_finite(name: str, t: Tensor) -> None:
     """Raise ``ValueError`` naming ``name`` if ``t`` has NaN or infinite entries."""
+    if is_trusted():
+        return
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).sum().item()
         raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf)")
