@@ -197,3 +197,18 @@ def test_bad_tangents_are_rejected():
         pf.batched_jvp(case.fm, case.x, torch.randn(P, dtype=torch.float64))
     with pytest.raises(ValueError, match="output's shape"):
         pf.per_example_vjp(case.fm, case.x, torch.randn(2, 2, dtype=torch.float64))
+
+
+def test_forward_mode_treats_embedding_padding_rows_like_reverse_mode():
+    """PyTorch's backward gives the padding row zero gradient; forward mode must agree."""
+    from zoo import brute_force_jacobian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Linear(3, 2)).double()
+    fm = pf.FunctionalModel(model)
+    ids = torch.tensor([[0, 1, 0], [2, 2, 4]])
+    _, J_ref = brute_force_jacobian(fm, ids)
+    assert J_ref[..., :3].abs().sum() == 0  # reverse mode: padding row is constant
+    V = torch.randn(4, fm.num_params, dtype=torch.float64)
+    _, JV = pf.batched_jvp(fm, ids, V)
+    assert rel_err(JV, torch.einsum("...p,np->n...", J_ref, V)) < TOL

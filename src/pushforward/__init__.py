@@ -25,8 +25,11 @@ from pushforward.inputs import Inputs
 from pushforward.jacobian import jacobian
 from pushforward.laplace_interop import from_laplace
 from pushforward.layout import ParamLayout
+from pushforward.monte_carlo import monte_carlo_variance
 from pushforward.planner import Plan, plan
+from pushforward.predictive import RegressionPredictive, predictive
 from pushforward.reverse import per_example_vjp
+from pushforward.sampling import functional_samples
 from pushforward.variance import functional_covariance, functional_variance
 
 __version__ = "0.1.0"
@@ -49,13 +52,17 @@ __all__ = [
     "ParamLayout",
     "Plan",
     "PushforwardFallbackWarning",
+    "RegressionPredictive",
     "Subset",
     "batched_jvp",
     "from_laplace",
     "functional_covariance",
+    "functional_samples",
     "functional_variance",
     "jacobian",
     "jvp",
+    "monte_carlo_variance",
     "per_example_vjp",
     "plan",
+    "predictive",
 ]

@@ -21,7 +21,7 @@ from pushforward.strategies import STRATEGIES
 from pushforward.strategies.base import Estimate, NotApplicable, Strategy
 from pushforward.strategies.problem import Kind, Problem
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "plan_problem"]
 
 
 @dataclass
@@ -44,12 +44,16 @@ class Plan:
 
     def execute(self) -> tuple[Tensor, Tensor]:
         """Run the chosen strategy: ``(f, result)`` in the user's shapes."""
+        f, result = self.run_canonical()
+        return f, self.problem.user_result(result)
+
+    def run_canonical(self) -> tuple[Tensor, Tensor]:
+        """Run the chosen strategy: ``(f, result)`` with the result in canonical layout."""
         p = self.problem
         with torch.set_grad_enabled(p.differentiable):
             if not p.differentiable:
                 p.inputs = p.inputs.detach()
-            f, result = self.strategy.run(p, self.estimate)
-        return f, p.user_result(result)
+            return self.strategy.run(p, self.estimate)
 
     def __str__(self) -> str:
         p = self.problem
@@ -84,6 +88,8 @@ def plan(
     memory_budget: int | str | None = None,
     differentiable: bool = False,
     progress: bool = False,
+    n_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Plan:
     """Choose how to compute ``J S J^T`` for ``model`` at ``x``.
 
@@ -93,11 +99,20 @@ def plan(
         strategy: ``"auto"`` or a strategy name (``explicit``, ``reverse``, ``forward``,
             ``last_layer``, ...); a named strategy that cannot handle the problem raises
             ``ValueError`` saying why.
+        n_samples: samples drawn by a Monte Carlo strategy (``monte_carlo``; default 100).
+        generator: ``torch.Generator`` for a Monte Carlo strategy's draws.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains the choice, ``plan.execute()`` runs it.
     """
-    problem = Problem.build(model, x, cov, kind, outputs, memory_budget, differentiable, progress)
+    problem = Problem.build(
+        model, x, cov, kind, outputs, memory_budget, differentiable, progress, n_samples, generator
+    )
+    return plan_problem(problem, strategy)
+
+
+def plan_problem(problem: Problem, strategy: str = "auto", exclude: tuple[str, ...] = ()) -> Plan:
+    """:func:`plan` for a built :class:`Problem` (strategies in ``exclude`` are not considered)."""
     if strategy != "auto":
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {['auto', *STRATEGIES]}")
@@ -116,6 +131,8 @@ def plan(
     candidates: dict[str, Estimate] = {}
     rejected: dict[str, str] = {}
     for name, cls in STRATEGIES.items():
+        if name in exclude:
+            continue
         try:
             candidates[name] = cls().estimate(problem)
         except NotApplicable as err:

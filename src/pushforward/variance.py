@@ -24,6 +24,8 @@ def functional_variance(
     memory_budget: int | str | None = None,
     differentiable: bool = False,
     progress: bool = False,
+    n_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example, per-output variance of the linearized model: ``diag(J(x_n) S J(x_n)^T)``.
 
@@ -34,12 +36,16 @@ def functional_variance(
         outputs: optional integer index tensor ``(*example_dims, S)`` selecting S outputs per
             example (e.g. answer tokens); only those are paid for.
         strategy: ``"auto"`` (planner) or one of ``explicit``, ``reverse``, ``forward``,
-            ``last_layer``; see :func:`pushforward.plan`.
+            ``last_layer``, ``monte_carlo`` (an estimate; never chosen by ``auto``); see
+            :func:`pushforward.plan`.
         memory_budget: bytes or a string like ``"2GB"`` for the engine's working memory
             (default: half of the available memory).
         differentiable: keep the graph: gradients flow to ``x``, the model's parameters and the
             covariance's tensors.
         progress: show a tqdm bar over chunks.
+        n_samples: samples for ``strategy="monte_carlo"`` (default 100); its standard error is
+            returned by :func:`pushforward.monte_carlo.monte_carlo_variance`.
+        generator: ``torch.Generator`` for ``strategy="monte_carlo"``'s draws.
 
     Returns:
         ``(f, var)`` with ``var.shape == f.shape``, or ``(*example_dims, S)`` with ``outputs``.
@@ -54,6 +60,8 @@ def functional_variance(
         memory_budget=memory_budget,
         differentiable=differentiable,
         progress=progress,
+        n_samples=n_samples,
+        generator=generator,
     ).execute()
 
 

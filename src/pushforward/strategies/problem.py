@@ -28,6 +28,7 @@ from pushforward.functional_model import FunctionalModel, as_functional_model
 from pushforward.inputs import Inputs
 from pushforward.memory import ModelCost, measure_cost, parse_memory
 from pushforward.reverse import example_output_shape, one_hot_cotangents
+from pushforward.sampling import check_generator, check_n_samples
 
 __all__ = ["Kind", "Problem"]
 
@@ -49,6 +50,8 @@ class Problem:
     differentiable: bool
     progress: bool
     cost: ModelCost
+    n_samples: int | None = None  # Monte Carlo strategies: samples to draw (None: their default)
+    generator: torch.Generator | None = None  # Monte Carlo strategies: source of the draws
 
     @classmethod
     def build(
@@ -61,9 +64,14 @@ class Problem:
         memory_budget: int | str | None = None,
         differentiable: bool = False,
         progress: bool = False,
+        n_samples: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> Problem:
         fm = as_functional_model(model)
         inputs = fm.prepare(x)
+        if n_samples is not None:
+            n_samples = check_n_samples(n_samples)
+        check_generator(generator, inputs.device)
         if not isinstance(cov, CovarianceOperator):
             raise TypeError(
                 f"cov must be a pushforward covariance operator, got {type(cov).__name__}"
@@ -91,6 +99,8 @@ class Problem:
             differentiable=differentiable,
             progress=progress,
             cost=measure_cost(fm, inputs),
+            n_samples=n_samples,
+            generator=generator,
         )
 
     # -- sizes ----------------------------------------------------------------------------

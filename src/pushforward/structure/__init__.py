@@ -1,0 +1,1 @@
+"""Layer structure: where parameters are used, and contractions inside matched layers."""

@@ -1,0 +1,270 @@
+"""Finding where each parameter is used, by tracing the forward pass at the torch-function level.
+
+A ``TorchFunctionMode`` sees every torch call the model makes, whatever module, functional or
+in-place op it comes from. :func:`analyze` runs a one-example forward and records every call
+that touches a posterior parameter. A parameter is *matched* when it is used exactly once, as
+the weight or bias of a supported layer operation:
+
+* ``F.linear(a, W, b)`` and ``torch.addmm(b, a, W)`` (Hugging Face ``Conv1D``, weight stored
+  ``(in, out)``);
+* ``conv1d/2d/3d(a, W, b, stride, padding, dilation, groups)``, any stride/padding/dilation/
+  groups;
+* ``F.embedding(ids, W, padding_idx)`` without ``max_norm``/``scale_grad_by_freq``.
+
+Everything else — LayerNorm, attention internals, custom ops, a module called twice, tied
+weights, functional reuse — leaves the parameter unmatched and the generic strategies handle it.
+
+:class:`LayerTap` then re-runs the forward and adds a zero *probe* to each matched layer's output
+``z``: the gradient of the model output w.r.t. the probe is ``G = df/dz``, from which a layer's
+Jacobian factors as ``G ⊗ a`` with the captured layer input ``a``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["Analysis", "LayerCall", "LayerTap", "analyze"]
+
+#: Supported layer functions: kind and the names of their leading positional arguments.
+_SIGNATURES: dict[Callable, tuple[str, tuple[str, ...]]] = {
+    F.linear: ("linear", ("input", "weight", "bias")),
+    torch.addmm: ("addmm", ("bias", "input", "weight")),
+    torch.conv1d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv3d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    F.embedding: (
+        "embedding",
+        ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    ),
+}
+
+#: Calls that read a tensor's metadata only (not a use of its values).
+_METADATA = {
+    torch.Tensor.dim,
+    torch.Tensor.size,
+    torch.Tensor.numel,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.device.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.ndim.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+}
+
+
+def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """Named arguments of a supported call (None if the call is not supported as a layer)."""
+    kind, names = _SIGNATURES[func]
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    if kind == "addmm" and (bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1):
+        return None
+    if kind == "addmm" and (not isinstance(bound["input"], Tensor) or bound["input"].dim() != 2):
+        return None
+    if kind == "embedding" and (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")):
+        return None
+    return bound
+
+
+@dataclass
+class LayerCall:
+    """One supported layer operation whose weight and/or bias is a posterior parameter.
+
+    Attributes:
+        index: position among the traced supported calls (forward order).
+        kind: ``"linear"``, ``"addmm"``, ``"conv"`` or ``"embedding"``.
+        func: the torch function called.
+        weight_name / bias_name: posterior parameter names in those slots (or None).
+        output_shape: the layer output's shape in a one-example forward (the probe's shape).
+        weight_shape: the weight's shape.
+        static: the call's other arguments (stride, padding, padding_idx, ...).
+        weight_value / bias_value: the weight/bias tensors when they are not posterior
+            parameters (frozen weights, buffers), needed to re-run the operation.
+    """
+
+    index: int
+    kind: str
+    func: Callable
+    weight_name: str | None
+    bias_name: str | None
+    output_shape: torch.Size
+    weight_shape: torch.Size
+    static: dict[str, Any]
+    weight_value: Tensor | None
+    bias_value: Tensor | None
+    names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = tuple(n for n in (self.weight_name, self.bias_name) if n is not None)
+
+    def apply(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Re-run the operation on ``input`` with ``weight`` and ``bias``."""
+        tensors = {"input": input, "weight": weight, "bias": bias}
+        names = _SIGNATURES[self.func][1]
+        args = [tensors[n] for n in names if n in tensors]
+        kwargs = {} if self.kind == "addmm" else self.static  # addmm: beta = alpha = 1
+        return self.func(*args, **kwargs)
+
+
+@dataclass
+class Analysis:
+    """Where the posterior parameters are used.
+
+    Attributes:
+        calls: the layer calls whose posterior parameters are all matched.
+        matched: parameter name -> its layer call.
+        unmatched: parameter name -> why it is not handled by the layer-structured path.
+        head: the linear call whose output *is* the model output (same memory, same element
+            order), if any: backward passes can then start at its input.
+    """
+
+    calls: list[LayerCall]
+    matched: dict[str, LayerCall]
+    unmatched: dict[str, str]
+    head: LayerCall | None = None
+
+
+class _UseRecorder(TorchFunctionMode):
+    def __init__(self, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.by_id = {id(t): n for n, t in params.items()}
+        self.uses: dict[str, list[str]] = {n: [] for n in params}
+        self.layer_uses: dict[str, tuple[int, str]] = {}
+        self.calls: list[tuple[Callable, dict[str, Any], Tensor, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _METADATA:
+            return out
+        touched = [self.by_id[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.by_id]
+        if not touched:
+            return out
+        bound = _bind(func, args, kwargs) if func in _SIGNATURES else None
+        slots = {}
+        if bound is not None and isinstance(out, Tensor):
+            for slot in ("weight", "bias"):
+                t = bound.get(slot)
+                if isinstance(t, Tensor) and id(t) in self.by_id:
+                    slots[self.by_id[id(t)]] = slot
+            if id(bound.get("input")) in self.by_id:  # a parameter as the layer's input
+                slots = {}
+        name = getattr(func, "__name__", str(func))
+        for param in touched:
+            self.uses[param].append(name)
+            if param in slots:
+                self.layer_uses[param] = (len(self.calls), slots[param])
+        if slots:
+            self.calls.append((func, bound, out, out._version))
+        return out
+
+
+def analyze(call_model: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor]) -> Analysis:
+    """Trace ``call_model(params)`` (a one-example forward) and match parameters to layers."""
+    recorder = _UseRecorder(params)
+    with torch.no_grad(), recorder:
+        output = call_model(params)
+    matched: dict[str, LayerCall] = {}
+    unmatched: dict[str, str] = {}
+    layer_of: dict[str, int] = {}
+    for name, uses in recorder.uses.items():
+        if not uses:
+            unmatched[name] = "not used in the forward pass"
+        elif len(uses) > 1:
+            unmatched[name] = f"used {len(uses)} times ({', '.join(uses[:4])})"
+        elif name not in recorder.layer_uses:
+            unmatched[name] = f"used by {uses[0]}, not a linear/conv/embedding weight or bias"
+        else:
+            layer_of[name] = recorder.layer_uses[name][0]
+    calls: list[LayerCall] = []
+    head = None
+    for i, (func, bound, out, version) in enumerate(recorder.calls):
+        names = {slot: n for n, (j, slot) in recorder.layer_uses.items() if j == i and n in layer_of}
+        if not names:
+            continue
+        call = LayerCall(
+            index=len(calls),
+            kind=_SIGNATURES[func][0],
+            func=func,
+            weight_name=names.get("weight"),
+            bias_name=names.get("bias"),
+            output_shape=out.shape,
+            weight_shape=bound["weight"].shape,
+            static={k: v for k, v in bound.items() if k not in ("input", "weight", "bias")},
+            weight_value=None if "weight" in names else bound["weight"],
+            bias_value=None if "bias" in names else bound.get("bias"),
+        )
+        calls.append(call)
+        for n in call.names:
+            matched[n] = call
+        unmodified = out._version == version  # no in-place op changed it afterwards
+        if call.kind in ("linear", "addmm") and unmodified and _is_same_memory(out, output):
+            head = call
+    return Analysis(calls, matched, unmatched, head)
+
+
+def _is_same_memory(z: Tensor, output: Tensor) -> bool:
+    """``output`` is ``z`` reinterpreted (same data, same row-major element order)."""
+    return (
+        isinstance(output, Tensor)
+        and z.is_contiguous()
+        and output.is_contiguous()
+        and z.numel() == output.numel()
+        and z.data_ptr() == output.data_ptr()
+    )
+
+
+class LayerTap(TorchFunctionMode):
+    """Adds ``probes[i]`` to the output of matched layer call ``i`` and records its input.
+
+    The tap identifies a layer call by its posterior weight/bias tensors (the very tensors passed
+    to the model), so it follows the model's own control flow; a matched parameter seen in any
+    other call raises (the structure changed since :func:`analyze`).
+    """
+
+    def __init__(self, analysis: Analysis, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.analysis = analysis
+        self.params = params
+        self.slot_of = {id(params[n]): (call.index, n) for n, call in analysis.matched.items()}
+        self.probes: Sequence[Tensor] = ()
+        self.inputs: list[Tensor | None] = []
+        self.seen: list[int] = []
+
+    @contextlib.contextmanager
+    def active(self, probes: Sequence[Tensor]) -> Iterator[LayerTap]:
+        self.probes = probes
+        self.inputs = [None] * len(self.analysis.calls)
+        self.seen = [0] * len(self.analysis.calls)
+        with self:
+            yield self
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        hits = {self.slot_of[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.slot_of}
+        if not hits:
+            return func(*args, **kwargs)
+        calls = {index for index, _ in hits}
+        bound = _bind(func, args, kwargs) if func in _SIGNATURES else None
+        if len(calls) != 1 or bound is None:
+            raise RuntimeError(
+                f"parameters {sorted(n for _, n in hits)} are used by {getattr(func, '__name__', func)} "
+                "in a way the layer analysis did not see (data-dependent control flow?)"
+            )
+        (index,) = calls
+        self.seen[index] += 1
+        if self.seen[index] > 1:
+            raise RuntimeError("a matched layer ran twice in one forward pass (data-dependent control flow?)")
+        self.inputs[index] = bound["input"]
+        return func(*args, **kwargs) + self.probes[index]
