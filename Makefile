@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pushforward demo
 
 bench: $(STAMP)
-	$(VENV)/bin/pushforward bench
+	$(VENV)/bin/pushforward bench --readme README.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

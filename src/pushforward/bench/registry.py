@@ -35,6 +35,7 @@ CASE_MODULES: tuple[str, ...] = (
     "pushforward.bench.cases_laplace",
     "pushforward.bench.cases_anchors",
     "pushforward.bench.cases_products",
+    "pushforward.bench.cases_pushforward",
 )
 
 

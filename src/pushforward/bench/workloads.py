@@ -25,6 +25,7 @@ __all__ = [
     "Workload",
     "build",
     "fit_laplace",
+    "gpt2_lora",
     "random_diagonal",
 ]
 
@@ -49,6 +50,7 @@ SPECS: dict[str, Spec] = {
     "w5-samples": Spec("mlp", 10, 256, "diag"),
     "scaling-mlp": Spec("mlp", 10, None, "diag"),
     "jacobian-cnn": Spec("cnn", 10, None, "diag"),
+    "w7-grad-x": Spec("mlp", 10, 32, "diag"),
 }
 
 #: Report section titles (full sizes).
@@ -62,6 +64,11 @@ TITLES: dict[str, str] = {
     "MLP 784-256-256-10, B=256",
     "scaling-mlp": "Batch-size scaling: MLP 784-256-256-10, diagonal posterior",
     "jacobian-cnn": "Explicit per-example Jacobian (B, K, P): CNN of W4",
+    "w6-gpt2-lora": "W6: GPT-2 architecture (4 layers, d=256, vocab 50257, random init), LoRA r=8 "
+    "on c_attn (32,768 parameters in the posterior), B=4, T=32: full-vocabulary MC predictive, "
+    "100 samples",
+    "w7-grad-x": "W7: gradient of the summed GLM variance w.r.t. the inputs x (Bayesian "
+    "optimization), MLP 784-256-256-10, B=32, diagonal posterior",
 }
 
 SCALING_BATCHES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
@@ -166,6 +173,59 @@ def fit_laplace(ctx: Context, w: Workload, backend: str = "default"):
     la.fit(DataLoader(TensorDataset(X, y), batch_size=fit_batch))
     ctx.info.update(laplace=type(la).__name__, backend=type(la.backend).__name__, fit_points=len(X))
     return la
+
+
+class LoRA(nn.Module):
+    """``base(x) + (alpha / r) (x A^T) B^T`` around a frozen linear map (``nn.Linear`` or Hugging
+    Face's ``Conv1D``, whose weight is stored ``(in, out)``)."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0) -> None:
+        super().__init__()
+        self.base = base
+        weight = base.weight
+        d_in, d_out = (
+            (weight.shape[0], weight.shape[1])
+            if type(base).__name__ == "Conv1D"
+            else (
+                weight.shape[1],
+                weight.shape[0],
+            )
+        )
+        g = torch.Generator().manual_seed(d_in * 7 + d_out)
+        self.A = nn.Parameter(torch.randn(rank, d_in, generator=g) / d_in**0.5)
+        self.B = nn.Parameter(0.01 * torch.randn(d_out, rank, generator=g))
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T
+
+
+def gpt2_lora(ctx: Context) -> tuple[nn.Module, Tensor]:
+    """W6: a GPT-2-architecture language model (random weights from a config, no download) with
+    every weight frozen and LoRA adapters (r=8) on each block's ``c_attn``; token ids (B, T)."""
+    import logging
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(ctx.seed)
+    n_embd, vocab, layers, B, T = (32, 1000, 2, 2, 8) if ctx.quick else (256, 50257, 4, 4, 32)
+    config = GPT2Config(
+        n_layer=layers, n_embd=n_embd, n_head=4, vocab_size=vocab, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(config)
+    model.requires_grad_(False)
+    for block in model.transformer.h:
+        block.attn.c_attn = LoRA(block.attn.c_attn)
+    model = model.to(ctx.device).eval()
+    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(ctx.seed)).to(
+        ctx.device
+    )
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ctx.info.update(
+        arch=f"GPT-2 {layers}x{n_embd}, vocab {vocab}, LoRA r=8", B=B, T=T, K=vocab, P=P
+    )
+    return model, ids
 
 
 def random_diagonal(ctx: Context, w: Workload) -> dict[str, Tensor]:
