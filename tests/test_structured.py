@@ -143,11 +143,15 @@ def test_selected_outputs_and_sequences(name):
     case, f_ref, J_ref = extra_case(name)
     cov = make_cov("diag", case.fm)
     example_shape = f_ref.shape[:-1]
-    outputs = torch.randint(0, f_ref.shape[-1], (*example_shape, 2), generator=torch.Generator().manual_seed(1))
+    outputs = torch.randint(
+        0, f_ref.shape[-1], (*example_shape, 2), generator=torch.Generator().manual_seed(1)
+    )
     var_ref, cov_ref, joint_ref, _ = references(case, J_ref, cov, outputs)
     _, var = pf.functional_variance(case.fm, case.x, cov, outputs=outputs, strategy="structured")
     _, per = pf.functional_covariance(case.fm, case.x, cov, outputs=outputs, strategy="structured")
-    _, joint = pf.functional_covariance(case.fm, case.x, cov, outputs=outputs, joint=True, strategy="structured")
+    _, joint = pf.functional_covariance(
+        case.fm, case.x, cov, outputs=outputs, joint=True, strategy="structured"
+    )
     assert rel_err(var.reshape(var_ref.shape), var_ref) < TOL
     assert rel_err(per.reshape(cov_ref.shape), cov_ref) < TOL
     assert rel_err(joint, joint_ref) < TOL
@@ -166,7 +170,10 @@ def test_which_parameters_are_matched():
     assert layout.head is not None and layout.head.weight_name == "head.weight"
     reused, _, _ = zoo_reference("reused_module")
     analysis = _split(_problem(reused, make_cov("diag", reused.fm))).analysis
-    assert "inner.weight" in analysis.unmatched and "used 2 times" in analysis.unmatched["inner.weight"]
+    assert (
+        "inner.weight" in analysis.unmatched
+        and "used 2 times" in analysis.unmatched["inner.weight"]
+    )
     tied, _, _ = zoo_reference("tied_embedding_lm")
     analysis = _split(_problem(tied, make_cov("diag", tied.fm))).analysis
     assert "emb.weight" in analysis.unmatched
@@ -224,7 +231,9 @@ def test_batch_coupled_models_are_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().train()
     fm = pf.FunctionalModel(model)
     with pytest.raises(pf.BatchCouplingError):
-        pf.functional_variance(fm, torch.randn(4, 3, dtype=D), make_cov("diag", fm), strategy="structured")
+        pf.functional_variance(
+            fm, torch.randn(4, 3, dtype=D), make_cov("diag", fm), strategy="structured"
+        )
 
 
 @pytest.mark.usefixtures("quiet_fallbacks")
@@ -240,9 +249,16 @@ def test_structured_gradcheck(name, kind):
         x_ = args[0] if x.is_floating_point() else x
         v_ = args[-1]
         if kind == "variance":
-            return pf.functional_variance(case.fm, x_, Diagonal(v_), strategy="structured", differentiable=True)
+            return pf.functional_variance(
+                case.fm, x_, Diagonal(v_), strategy="structured", differentiable=True
+            )
         return pf.functional_covariance(
-            case.fm, x_, Diagonal(v_), joint=kind == "joint", strategy="structured", differentiable=True
+            case.fm,
+            x_,
+            Diagonal(v_),
+            joint=kind == "joint",
+            strategy="structured",
+            differentiable=True,
         )
 
     inputs = (x, variances) if x.is_floating_point() else (variances,)

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["consistent_embedding", "decomposed_layer_norm", "transform_kernels", "transform_safe_kernels"]
+__all__ = [
+    "consistent_embedding",
+    "decomposed_layer_norm",
+    "transform_kernels",
+    "transform_safe_kernels",
+]
 
 
 @contextlib.contextmanager

@@ -126,9 +126,14 @@ def _generic_plan(p: Problem, layout: _Layout):
 
     fm = p.fm
     sub_fm = FunctionalModel(
-        fm.module, params=list(layout.generic_names), output_dims=fm.output_dims, output_fn=fm.output_fn
+        fm.module,
+        params=list(layout.generic_names),
+        output_dims=fm.output_dims,
+        output_fn=fm.output_fn,
     )
-    sub_cov = BlockDiagonal({tuple(g.names): g.operator for g in layout.generic_groups}).bind(sub_fm.layout)
+    sub_cov = BlockDiagonal({tuple(g.names): g.operator for g in layout.generic_groups}).bind(
+        sub_fm.layout
+    )
     sub = replace(p, fm=sub_fm, cov=sub_cov, cost=measure_cost(sub_fm, p.inputs))
     return plan_problem(sub, exclude=("structured",))
 
@@ -183,13 +188,22 @@ class StructuredStrategy(Strategy):
         for chunk in progress_bar(chunks, p.progress, "structured directions", total=len(chunks)):
             sub = p.inputs.slice(chunk.samples.start, chunk.samples.stop)
             if head is None:
-                f, inputs, G = _TAPPED(p.fm, p, layout.analysis, params, sub, p.cotangents(chunk), None)
+                f, inputs, G = _TAPPED(
+                    p.fm, p, layout.analysis, params, sub, p.cotangents(chunk), None
+                )
             else:
                 cot = _head_cotangents(p, layout, params, chunk)
                 f, inputs, G = _TAPPED(p.fm, p, layout.analysis, params, sub, cot, head.index)
                 index = p.row_index(chunk)
-                G[head.index] = OneHot(index, torch.Size((*index.shape, *head.output_shape)), p.dtype)
-            acc.add(chunk, f, [(c, inputs[c.call.index], G[c.call.index]) for c in layout.contractions], params)
+                G[head.index] = OneHot(
+                    index, torch.Size((*index.shape, *head.output_shape)), p.dtype
+                )
+            acc.add(
+                chunk,
+                f,
+                [(c, inputs[c.call.index], G[c.call.index]) for c in layout.contractions],
+                params,
+            )
         f, result = acc.result()
         if layout.generic_names:
             generic = self._generic or _generic_plan(p, layout)
@@ -213,7 +227,9 @@ def _tapped_loop(p: Problem, analysis: Analysis, params, inputs, cotangents, sta
     with transform_kernels(safe_attention=True):
         for b in range(inputs.batch_size):
             one = inputs.slice(b, b + 1)
-            results.append(_tapped_example(p, analysis, params, one.args, one.kwargs, cotangents[b], start))
+            results.append(
+                _tapped_example(p, analysis, params, one.args, one.kwargs, cotangents[b], start)
+            )
     f = torch.stack([r[0] for r in results])
     a = [torch.stack([r[1][i] for r in results]) for i in range(len(analysis.calls))]
     G = [torch.stack([r[2][i] for r in results]) for i in range(len(analysis.calls))]
@@ -224,7 +240,9 @@ def _tapped_example(p: Problem, analysis: Analysis, params, args, kwargs, cot, s
     """One example: ``(f, [a_l], [G_l (c, *z_l)])`` for the chunk's directions ``cot`` — at the
     model output, or at the input of layer call ``start`` (the head)."""
     tap = LayerTap(analysis, params)
-    probes = [torch.zeros(c.output_shape, dtype=p.dtype, device=p.inputs.device) for c in analysis.calls]
+    probes = [
+        torch.zeros(c.output_shape, dtype=p.dtype, device=p.inputs.device) for c in analysis.calls
+    ]
 
     def f(pr):
         with tap.active(pr):
@@ -252,8 +270,12 @@ class _Accumulator:
         self.p = p
         self.contractions = contractions
         self.f: Tensor | None = None
-        shape = {"variance": (p.B, p.rows_per_sample), "covariance": (p.B, p.T, p.S, p.S)}.get(p.kind)
-        self.out = None if shape is None else torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
+        shape = {"variance": (p.B, p.rows_per_sample), "covariance": (p.B, p.T, p.S, p.S)}.get(
+            p.kind
+        )
+        self.out = (
+            None if shape is None else torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
+        )
         self.rows: list[list[tuple[RowChunk, Tensor]]] = []
 
     def add(self, chunk: RowChunk, f: Tensor, layers, params) -> None:
@@ -263,10 +285,14 @@ class _Accumulator:
                 self.f = f.new_zeros(p.B, *f.shape[1:])
             self.f[chunk.samples] = f
         if p.kind == "variance":
-            self.out[chunk.samples, chunk.rows] = sum(c.variance(a, G, params) for c, a, G in layers)
+            self.out[chunk.samples, chunk.rows] = sum(
+                c.variance(a, G, params) for c, a, G in layers
+            )
         elif p.kind == "covariance":
             t0, t1 = chunk.rows.start // p.S, chunk.rows.stop // p.S
-            self.out[chunk.samples, t0:t1] = sum(c.covariance(a, G, params, p.S) for c, a, G in layers)
+            self.out[chunk.samples, t0:t1] = sum(
+                c.covariance(a, G, params, p.S) for c, a, G in layers
+            )
         else:
             if not self.rows:
                 self.rows = [[] for _ in layers]

@@ -96,7 +96,9 @@ class GroupContraction:
         b, c, P = R.shape
         return self.op.quadratic_rows(R.reshape(b * c, P)).reshape(b, c)
 
-    def covariance(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor], S: int) -> Tensor:
+    def covariance(
+        self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor], S: int
+    ) -> Tensor:
         """``(b, c // S, S, S)``: covariance between the S directions of each position."""
         R = self.rows(a, G, params)
         b, c, P = R.shape
@@ -188,7 +190,11 @@ class _LinearKronecker(GroupContraction):
         a = a.reshape(a.shape[0], -1)
         transposed = self.call.kind == "addmm"  # weight stored (in, out)
         if isinstance(block, KroneckerFactors):
-            Fg, Fa = (block.in_factor, block.out_factor) if transposed else (block.out_factor, block.in_factor)
+            Fg, Fa = (
+                (block.in_factor, block.out_factor)
+                if transposed
+                else (block.out_factor, block.in_factor)
+            )
             return Fg, torch.einsum("bi,ij,bj->b", a, Fa, a)
         if transposed:
             Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
@@ -255,7 +261,11 @@ class _EmbeddingDiagonal(GroupContraction):
 
 
 def contraction_for(
-    call: LayerCall, names: tuple[str, ...], op: CovarianceOperator, a_example_shape: torch.Size, joint: bool
+    call: LayerCall,
+    names: tuple[str, ...],
+    op: CovarianceOperator,
+    a_example_shape: torch.Size,
+    joint: bool,
 ) -> GroupContraction | None:
     """The contraction for a covariance group on one layer call, or None if the group must go
     through the generic strategies (embeddings with a non-diagonal block, or any embedding in a
@@ -272,7 +282,8 @@ def contraction_for(
     if once and names == (call.weight_name,):
         if _diagonal_like(op):
             return _LinearDiagonal(call, names, op)
-        if isinstance(op, Kronecker) and isinstance(op.factors(names[0]), (KroneckerFactors, KroneckerEigen)):
+        if isinstance(op, Kronecker) and isinstance(
+            op.factors(names[0]), (KroneckerFactors, KroneckerEigen)
+        ):
             return _LinearKronecker(call, names, op)
     return GroupContraction(call, names, op)
-

@@ -70,7 +70,9 @@ def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         return None
     if kind == "addmm" and (not isinstance(bound["input"], Tensor) or bound["input"].dim() != 2):
         return None
-    if kind == "embedding" and (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")):
+    if kind == "embedding" and (
+        bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")
+    ):
         return None
     return bound
 
@@ -146,7 +148,9 @@ class _UseRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in _METADATA:
             return out
-        touched = [self.by_id[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.by_id]
+        touched = [
+            self.by_id[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.by_id
+        ]
         if not touched:
             return out
         bound = _bind(func, args, kwargs) if func in _SIGNATURES else None
@@ -168,7 +172,9 @@ class _UseRecorder(TorchFunctionMode):
         return out
 
 
-def analyze(call_model: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor]) -> Analysis:
+def analyze(
+    call_model: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor]
+) -> Analysis:
     """Trace ``call_model(params)`` (a one-example forward) and match parameters to layers."""
     recorder = _UseRecorder(params)
     with torch.no_grad(), recorder:
@@ -188,7 +194,9 @@ def analyze(call_model: Callable[[dict[str, Tensor]], Tensor], params: dict[str,
     calls: list[LayerCall] = []
     head = None
     for i, (func, bound, out, version) in enumerate(recorder.calls):
-        names = {slot: n for n, (j, slot) in recorder.layer_uses.items() if j == i and n in layer_of}
+        names = {
+            slot: n for n, (j, slot) in recorder.layer_uses.items() if j == i and n in layer_of
+        }
         if not names:
             continue
         call = LayerCall(
@@ -252,7 +260,9 @@ class LayerTap(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _METADATA:
             return func(*args, **kwargs)
-        hits = {self.slot_of[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.slot_of}
+        hits = {
+            self.slot_of[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.slot_of
+        }
         if not hits:
             return func(*args, **kwargs)
         calls = {index for index, _ in hits}
@@ -265,6 +275,8 @@ class LayerTap(TorchFunctionMode):
         (index,) = calls
         self.seen[index] += 1
         if self.seen[index] > 1:
-            raise RuntimeError("a matched layer ran twice in one forward pass (data-dependent control flow?)")
+            raise RuntimeError(
+                "a matched layer ran twice in one forward pass (data-dependent control flow?)"
+            )
         self.inputs[index] = bound["input"]
         return func(*args, **kwargs) + self.probes[index]
