@@ -144,6 +144,12 @@ class BlockDiagonal(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return sum(g.operator.sqrt_cols for g in self._bound())
 
+    def matmul_flops(self) -> float:
+        return sum(g.operator.matmul_flops() for g in self._bound())
+
+    def sqrt_flops(self) -> float:
+        return sum(g.operator.sqrt_flops() for g in self._bound())
+
     @property
     def dtype(self) -> torch.dtype:
         return self._operators()[0].dtype

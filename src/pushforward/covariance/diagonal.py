@@ -56,6 +56,12 @@ class Diagonal(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.num_params
 
+    def matmul_flops(self) -> float:
+        return float(self.num_params)
+
+    def sqrt_flops(self) -> float:
+        return float(self.num_params)
+
     @property
     def dtype(self) -> torch.dtype:
         return self._var.dtype

@@ -62,6 +62,12 @@ class Isotropic(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.num_params
 
+    def matmul_flops(self) -> float:
+        return float(self.num_params)
+
+    def sqrt_flops(self) -> float:
+        return float(self.num_params)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.variance.dtype

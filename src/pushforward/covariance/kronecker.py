@@ -234,6 +234,12 @@ class Kronecker(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.num_params
 
+    def matmul_flops(self) -> float:
+        return float(sum(_block_flops(b) for b in self._blocks))
+
+    def sqrt_flops(self) -> float:
+        return self.matmul_flops() / 2
+
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
@@ -431,6 +437,19 @@ def _dense(C: Tensor, label: str) -> Dense:
         return Dense(C)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{label}: {err}") from err
+
+
+def _block_flops(b: Block) -> float:
+    """Floating-point operations of one block applied to one vector."""
+    if isinstance(b, Dense):
+        return 2.0 * b.num_params**2
+    out, inn = (
+        (b.out_factor, b.in_factor)
+        if isinstance(b, KroneckerFactors)
+        else (b.out_eigvecs, b.in_eigvecs)
+    )
+    n, m = out.shape[0], inn.shape[0]
+    return 4.0 * (n * n * m + n * m * m)
 
 
 def _block_size(b: Block) -> int:

@@ -62,6 +62,12 @@ class LowRank(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.rank + (0 if self.diag is None else self.num_params)
 
+    def matmul_flops(self) -> float:
+        return 4.0 * self.num_params * self.rank + (0 if self.diag is None else self.num_params)
+
+    def sqrt_flops(self) -> float:
+        return 2.0 * self.num_params * self.rank + (0 if self.diag is None else self.num_params)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.U.dtype

@@ -72,6 +72,13 @@ class LowRankPrecision(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.num_params
 
+    def matmul_flops(self) -> float:
+        k = self.U.shape[1]
+        return 4.0 * self.num_params * k + 2.0 * k * k + self.num_params
+
+    def sqrt_flops(self) -> float:
+        return self.matmul_flops()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.U.dtype

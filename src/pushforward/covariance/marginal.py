@@ -56,6 +56,12 @@ class Marginal(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.parent.sqrt_cols
 
+    def matmul_flops(self) -> float:
+        return self.parent.matmul_flops()
+
+    def sqrt_flops(self) -> float:
+        return self.parent.sqrt_flops()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.parent.dtype

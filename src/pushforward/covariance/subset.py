@@ -53,6 +53,12 @@ class Subset(CovarianceOperator):
     def sqrt_cols(self) -> int:
         return self.inner.sqrt_cols
 
+    def matmul_flops(self) -> float:
+        return self.inner.matmul_flops()
+
+    def sqrt_flops(self) -> float:
+        return self.inner.sqrt_flops()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.inner.dtype

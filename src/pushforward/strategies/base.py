@@ -11,7 +11,11 @@ from torch import Tensor
 from pushforward.memory import format_bytes
 from pushforward.strategies.problem import Problem
 
-__all__ = ["Estimate", "NotApplicable", "Strategy"]
+__all__ = ["TRAFFIC", "Estimate", "NotApplicable", "Strategy"]
+
+#: FLOP-equivalents charged per element of a materialized P-sized row (or tangent): such rows
+#: are written, read back and contracted at memory bandwidth, far slower than matmul FLOPs.
+TRAFFIC = 8.0
 
 
 class NotApplicable(Exception):

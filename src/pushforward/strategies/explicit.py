@@ -14,7 +14,7 @@ from torch import Tensor
 from pushforward.chunking import RowChunk, progress_bar
 from pushforward.forward import push_tangents
 from pushforward.memory import chunk_budget
-from pushforward.strategies.base import Estimate, Strategy
+from pushforward.strategies.base import TRAFFIC, Estimate, Strategy
 from pushforward.strategies.contraction import RowAccumulator
 from pushforward.strategies.problem import Problem
 from pushforward.strategies.reverse import fixed_bytes
@@ -41,7 +41,7 @@ class ExplicitStrategy(Strategy):
         memory = fixed_bytes(p) + block + _tangent_bytes(p, examples)
         F = p.cost.forward_flops
         rows = p.B * p.rows_per_sample
-        flops = p.B * p.P * 3 * F + rows * p.cov.matmul_flops()
+        flops = p.B * p.P * 3 * F + rows * (p.cov.matmul_flops() + TRAFFIC * p.P)
         return Estimate(self.name, flops, memory, examples, f"{p.P:,} JVPs per example chunk")
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:

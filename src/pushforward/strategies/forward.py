@@ -14,7 +14,7 @@ from torch import Tensor
 from pushforward.chunking import progress_bar
 from pushforward.forward import push_tangents
 from pushforward.memory import chunk_budget
-from pushforward.strategies.base import Estimate, Strategy
+from pushforward.strategies.base import TRAFFIC, Estimate, Strategy
 from pushforward.strategies.contraction import ColumnAccumulator
 from pushforward.strategies.problem import Problem
 
@@ -40,7 +40,7 @@ class ForwardStrategy(Strategy):
         per_tangent += 2 * p.P * p.itemsize
         chunk = int(max(1, min(r, chunk_budget(p.budget, fixed) // per_tangent)))
         F = p.cost.forward_flops
-        flops = r * (3 * F * p.B + p.cov.sqrt_flops())
+        flops = r * (3 * F * p.B + p.cov.sqrt_flops() + TRAFFIC * p.P)
         n = p.B * p.rows_per_sample
         flops += r * {"variance": n, "covariance": n * p.S, "joint": n * n}[p.kind] * 2
         return Estimate(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from pushforward.sampling import perturbation_chunks, sample_bytes, sample_chunk_size
-from pushforward.strategies.base import Estimate, NotApplicable, Strategy
+from pushforward.strategies.base import TRAFFIC, Estimate, NotApplicable, Strategy
 from pushforward.strategies.problem import Problem
 
 __all__ = ["DEFAULT_SAMPLES", "MonteCarloStrategy", "RunningMoments"]
@@ -73,7 +73,9 @@ class MonteCarloStrategy(Strategy):
         held = 4 * p.result_bytes() + p.B * p.cost.output_numel * p.itemsize
         chunk = min(n, sample_chunk_size(p.fm, p.inputs, p.cov, p.budget, held))
         memory = held + chunk * sample_bytes(p.fm, p.inputs, p.cov)
-        flops = n * (3 * p.cost.forward_flops * p.B + p.cov.sqrt_flops())
+        flops = n * (
+            3 * p.cost.forward_flops * p.B + p.cov.sqrt_flops() + TRAFFIC * p.cov.sqrt_cols
+        )
         flops += n * p.B * p.rows_per_sample * 4
         return Estimate(
             self.name, flops, memory, chunk, f"{n:,} JVPs (random draws, not exact)", exact=False

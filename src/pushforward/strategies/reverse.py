@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pushforward.memory import chunk_budget
 from pushforward.reverse import iter_row_chunks
-from pushforward.strategies.base import Estimate, Strategy
+from pushforward.strategies.base import TRAFFIC, Estimate, Strategy
 from pushforward.strategies.contraction import RowAccumulator
 from pushforward.strategies.problem import Problem
 
@@ -47,7 +47,7 @@ class ReverseStrategy(Strategy):
             chunk = max(p.S, chunk // p.S * p.S)
         chunk = min(chunk, rows)
         F = p.cost.forward_flops
-        flops = p.B * F + rows * (2 * F + p.cov.matmul_flops())
+        flops = p.B * F + rows * (2 * F + p.cov.matmul_flops() + TRAFFIC * p.P)
         if p.kind == "joint":
             flops += rows * rows * min(p.cov.sqrt_cols, p.P) * 2
         return Estimate(self.name, flops, fixed + chunk * per_row, int(chunk), f"{rows:,} VJP rows")

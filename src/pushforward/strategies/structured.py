@@ -26,7 +26,7 @@ from pushforward.functional_model import FunctionalModel
 from pushforward.kernels import transform_kernels
 from pushforward.memory import chunk_budget, measure_cost
 from pushforward.reverse import row_chunks
-from pushforward.strategies.base import Estimate, NotApplicable, Strategy
+from pushforward.strategies.base import TRAFFIC, Estimate, NotApplicable, Strategy
 from pushforward.strategies.contraction import gram
 from pushforward.strategies.problem import Problem
 from pushforward.structure.contract import GroupContraction, OneHot, contraction_for
@@ -157,7 +157,10 @@ class StructuredStrategy(Strategy):
             size = sum(math.prod(c.op.layout.shapes[n]) for n in c.names)
             if not c.closed_form:
                 per_row += 2 * size * p.itemsize
-                flops += p.B * p.rows_per_sample * (2 * size * z + c.op.matmul_flops())
+                out = c.call.weight_shape[1 if c.call.kind == "addmm" else 0]
+                positions = max(1, z // out)
+                work = 2 * size * positions + c.op.matmul_flops() + TRAFFIC * size
+                flops += p.B * p.rows_per_sample * work
                 rows_bytes += size
             else:
                 flops += p.B * p.rows_per_sample * 4 * z + p.B * 2 * size
