@@ -34,6 +34,18 @@ from pushforward.variance import functional_covariance, functional_variance
 
 __version__ = "0.1.0"
 
+#: laplace-torch backends, imported on first access (they subclass laplace-torch's classes).
+_LAZY = ("PushforwardEF", "PushforwardGGN")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from pushforward import laplace_interop
+
+        return getattr(laplace_interop, name)
+    raise AttributeError(f"module 'pushforward' has no attribute {name!r}")
+
+
 __all__ = [
     "BatchCouplingError",
     "BlockDiagonal",

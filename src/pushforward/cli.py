@@ -52,6 +52,15 @@ def _bench(args: argparse.Namespace) -> int:
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     print(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; results in {out}/")
+    if args.readme:
+        import json
+        from pathlib import Path
+
+        from pushforward.bench.report import readme_section, update_readme
+
+        payload = json.loads((Path(out) / "results.json").read_text())
+        update_readme(Path(args.readme), readme_section(payload, out))
+        print(f"updated the results section of {args.readme}")
     return 0
 
 
@@ -89,7 +98,32 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, help="torch threads in each case (default: torch's default)"
     )
+    p.add_argument(
+        "--readme",
+        help="also rewrite the generated results section of this README (e.g. README.md)",
+    )
     p.set_defaults(func=_bench)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pushforward.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, echo=lambda s: print(s, flush=True))
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train, fit Laplace posteriors, compare predictives with laplace-torch, plot",
+        description="Train a two-moons classifier and a 1-D regressor with a data gap, fit "
+        "diagonal and Kronecker Laplace posteriors with laplace-torch and this library's "
+        "backend, and compare this library's GLM predictive with laplace-torch's own; writes "
+        "demo.png, results.md and results.json.",
+    )
+    p.add_argument("--out", default="demo_output", help="output directory (default: demo_output)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: finishes in seconds")
+    p.set_defaults(func=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushforward", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench(subparsers)
+    _add_demo(subparsers)
     return parser
 
 

@@ -1,0 +1,466 @@
+"""laplace-torch (0.3) curvature backends computed by pushforward's per-example engine.
+
+Pass :class:`PushforwardGGN` or :class:`PushforwardEF` as laplace-torch's ``backend``::
+
+    la = Laplace(model, "classification", subset_of_weights="all",
+                 hessian_structure="diag", backend=PushforwardGGN,
+                 backend_kwargs={"memory_budget": "1GB"})
+    la.fit(train_loader)
+
+laplace-torch's own backends form the Jacobian of a whole batch, ``B x K x P``, with ``jacrev``
+(its vectorized backward passes go through the whole batch, O(B^2) work) and contract it even
+for a diagonal GGN. These backends compute per-example rows ``J(x_n)^T u`` (``vmap`` over examples
+of ``torch.func.vjp``, see :mod:`pushforward.reverse`) in chunks bounded by ``memory_budget``:
+
+* ``diag``: ``sum_n sum_r (J_n^T u_nr)^2`` with ``u_n`` the rows of a factor of the loss Hessian
+  w.r.t. the outputs (softmax: ``sqrt(p_r)(e_r - p)``; squared error: the identity's rows), of
+  sampled output gradients (``stochastic=True``) or the loss gradient (empirical Fisher): only
+  ``chunk x P`` entries exist at a time (:mod:`pushforward.curvature`);
+* ``full``: the ``P x P`` sum, accumulated chunk by chunk;
+* ``jacobians``/``last_layer_jacobians``/``selected_output_jacobians``/``gradients``: laplace's
+  shapes and order, memory linear in the batch (their result's own size);
+* ``kron``: inherited from laplace-torch's :class:`CurvlinopsGGN`/:class:`CurvlinopsEF`
+  (curvlinops' KFAC, exactly laplace-torch's default).
+
+Semantics follow laplace-torch: parameters are those with ``requires_grad`` in
+``named_parameters()`` order (frozen ones are left out); ``subnetwork_indices`` (set by
+``SubnetLaplace`` after construction) index that vector; with ``last_layer=True`` (set by the
+last-layer classes) everything is w.r.t. all parameters of ``model.last_layer`` of laplace's
+``FeatureExtractor``, through its features; mapping inputs (Hugging Face batches) are passed to
+the model as one positional argument; losses are ``factor * lossfunc(f, y)``
+(``factor`` 1 for cross-entropy, 1/2 for squared error, sums over the batch).
+
+What laplace-torch checks by exact class or name, and how these backends get through:
+
+* ``Laplace(...)`` picks the class from ``(subset_of_weights, hessian_structure)`` (each
+  subclass's ``_key``) and passes ``backend`` and ``backend_kwargs`` through; the backend is
+  built lazily on first use with ``(model, likelihood, dict_key_x=, dict_key_y=,
+  **backend_kwargs)``, plus ``last_layer=True`` for last-layer Laplace.
+* ``SubnetLaplace`` requires ``issubclass(backend, (GGNInterface, EFInterface))``: satisfied
+  (the classes derive from laplace's ``CurvlinopsGGN``/``CurvlinopsEF``).
+* Frozen parameters are refused only for BackPACK/Asdfghjkl backends (``issubclass``): not these.
+* ``fit`` on mapping batches refuses backends whose class name contains ``"backpack"`` and,
+  for ``DiagLaplace``, ``backend == CurvlinopsEF`` (equality, so a subclass passes):
+  :class:`PushforwardEF` supports mapping inputs for the diagonal.
+* The GLM predictive calls ``backend.functorch_jacobians`` (laplace's ``jacrev``) instead of
+  ``backend.jacobians`` when the backend's class name contains ``"asdl"``: avoid that in
+  subclass names.
+* ``FunctionalLaplace``/``FunctionalLLLaplace`` assert ``backend in [BackPackGGN, AsdlGGN,
+  CurvlinopsGGN]`` (exact classes). Workaround: construct with ``backend=CurvlinopsGGN``, then set
+  ``la._backend_cls = PushforwardGGN`` (and ``la._backend_kwargs``) before ``fit``; the
+  backend object is created on first use.
+* ``ELLA``/``VaLLA`` call ``CurvatureInterface.jacobians(la.backend, x)`` (laplace's
+  ``jacrev``) explicitly for reward modeling and ASDL backends, bypassing any backend's
+  ``jacobians``.
+* ``LowRankLaplace`` needs ``eig_lowrank`` (Asdfghjkl only): not provided.
+* laplace-torch's own ``jacobians``/``gradients`` with ``last_layer=True`` call the
+  ``FeatureExtractor`` with the last layer's parameter names, which it does not have, and return
+  zeros (so ``DiagLLLaplace`` with ``CurvlinopsEF`` fits ``H = 0``). Here they are the last layer's
+  Jacobians and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from laplace.curvature.curvlinops import CurvlinopsEF, CurvlinopsGGN
+from torch import Tensor, nn
+
+from pushforward.chunking import RowChunk
+from pushforward.curvature import outer_product_sum, softmax_hessian_factor
+from pushforward.functional_model import FunctionalModel
+from pushforward.inputs import Inputs
+from pushforward.laplace_interop.adapters import PREFIX, MappingInput, laplace_inputs
+from pushforward.laplace_interop.convert import _subnet_selection
+from pushforward.memory import parse_memory
+from pushforward.reverse import (
+    collect_rows,
+    example_output_shape,
+    iter_row_chunks,
+    one_hot_cotangents,
+    reverse_chunk_size,
+)
+
+__all__ = ["PushforwardEF", "PushforwardGGN"]
+
+Batch = Tensor | MutableMapping[str, Any]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the engine differentiates for one batch.
+
+    Attributes:
+        fm: the model over the parameters laplace-torch's vector is drawn from.
+        inputs: the batch as ``fm`` takes it (the features for the last layer).
+        indices: positions in ``fm``'s flat vector of laplace-torch's parameters, in its order
+            (subnetwork); ``None``: all of ``fm``'s parameters.
+        f: the model's output ``(B, K)`` when already computed (last layer), else ``None``.
+    """
+
+    fm: FunctionalModel
+    inputs: Inputs
+    indices: Tensor | None
+    f: Tensor | None
+
+    @property
+    def size(self) -> int:
+        """Length of laplace-torch's parameter vector."""
+        return self.fm.num_params if self.indices is None else len(self.indices)
+
+
+class _PushforwardCurvature:
+    """Jacobians, gradients and curvature sums shared by the GGN and EF backends.
+
+    Placed before laplace-torch's classes in the bases so that its methods take precedence; it
+    reads the attributes laplace's ``CurvatureInterface`` sets (``model``, ``likelihood``,
+    ``last_layer``, ``subnetwork_indices``, ``params_dict``, ``lossfunc``, ``factor``).
+    """
+
+    model: nn.Module
+    likelihood: str
+    last_layer: bool
+    subnetwork_indices: Tensor | None
+    params_dict: dict[str, nn.Parameter]
+    lossfunc: Callable[[Tensor, Tensor], Tensor]
+    factor: float
+
+    def _init_engine(self, memory_budget: int | str | None) -> None:
+        if memory_budget is not None:
+            parse_memory(memory_budget)  # validate now rather than at the first batch
+        self.memory_budget = memory_budget
+        self._models: dict[str, tuple[object, FunctionalModel, Tensor | None]] = {}
+
+    # -- what to differentiate -------------------------------------------------------
+    def _cached(
+        self, kind: str, source: object, build: Callable[[], tuple[FunctionalModel, Tensor | None]]
+    ) -> tuple[FunctionalModel, Tensor | None]:
+        """The functional model of ``kind``, rebuilt when ``source`` (the last layer or the
+        subnetwork indices, which laplace-torch sets after construction) changes."""
+        cached = self._models.get(kind)
+        if cached is None or cached[0] is not source:
+            cached = (source, *build())
+            self._models[kind] = cached
+        return cached[1], cached[2]
+
+    def _target(self, x: Batch, differentiable: bool) -> _Target:
+        if self.last_layer:
+            return self._last_layer_target(x, differentiable)
+        inputs, mapping = laplace_inputs(x)
+        indices = self.subnetwork_indices
+
+        def build() -> tuple[FunctionalModel, Tensor | None]:
+            names = list(self.params_dict)
+            local = None
+            if indices is not None:
+                sizes = [p.numel() for p in self.params_dict.values()]
+                names, local = _subnet_selection(names, sizes, indices)
+            module, prefix = (MappingInput(self.model), PREFIX) if mapping else (self.model, "")
+            fm = FunctionalModel(module, params=[prefix + n for n in names])
+            return fm, None if local is None else local.to(fm.device)
+
+        fm, local = self._cached("mapping" if mapping else "tensor", indices, build)
+        return _Target(fm, fm.prepare(inputs), local, None)
+
+    def _last_layer_target(self, x: Batch, differentiable: bool) -> _Target:
+        with torch.set_grad_enabled(differentiable):
+            f, phi = self.model.forward_with_features(x)
+        if phi.dim() == 1:  # laplace's feature reduction squeezes a batch of one
+            phi = phi.unsqueeze(0)
+        if phi.dim() != 2 or f.dim() != 2 or phi.shape[0] != f.shape[0]:
+            raise ValueError(
+                f"last-layer Laplace needs (B, d) features and (B, K) outputs; got features "
+                f"{tuple(phi.shape)} and outputs {tuple(f.shape)} (for (B, T, d) features pass "
+                "feature_reduction= to laplace-torch)"
+            )
+        layer = self.model.last_layer
+        fm, _ = self._cached(
+            "last_layer", layer, lambda: (FunctionalModel(layer, params="all"), None)
+        )
+        return _Target(fm, fm.prepare(phi), None, f)
+
+    # -- per-example rows ------------------------------------------------------------
+    def _rows(
+        self,
+        target: _Target,
+        rows_per_sample: int,
+        make_cotangents: Callable[[RowChunk], Tensor],
+        differentiable: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """``(f (B, *f_b), rows (B, R, S))``: rows ``J_n^T u_nr`` restricted to laplace-torch's
+        parameters, computed in chunks bounded by ``memory_budget``."""
+        fm, inputs = target.fm, target.inputs
+        budget = parse_memory(self.memory_budget, inputs.device)
+        chunk_size = reverse_chunk_size(fm, inputs, budget)
+        with torch.set_grad_enabled(differentiable):
+            inputs = inputs if differentiable else inputs.detach()
+            chunks = iter_row_chunks(
+                fm, fm.params(differentiable), inputs, rows_per_sample, make_cotangents, chunk_size
+            )
+            if target.indices is not None:
+                chunks = ((c, f, rows[..., target.indices]) for c, f, rows in chunks)
+            return collect_rows(chunks, inputs.batch_size, rows_per_sample, target.size)
+
+    def _one_hot_rows(self, target: _Target, differentiable: bool) -> tuple[Tensor, Tensor]:
+        """Full Jacobians ``(B, *f_b, S)`` and outputs ``(B, *f_b)``."""
+        shape, dtype = example_output_shape(target.fm, target.inputs)
+        rows = math.prod(shape)
+
+        def make(chunk: RowChunk) -> Tensor:
+            b = chunk.samples.stop - chunk.samples.start
+            index = torch.arange(chunk.rows.start, chunk.rows.stop, device=target.inputs.device)
+            return one_hot_cotangents(index.expand(b, -1), shape, dtype)
+
+        f, J = self._rows(target, rows, make, differentiable)
+        return J.reshape(*f.shape, -1), f
+
+    def _outputs(self, target: _Target) -> Tensor:
+        """The model's outputs on the batch, without a graph."""
+        if target.f is not None:
+            return target.f.detach()
+        fm, inputs = target.fm, target.inputs.detach()
+        with torch.no_grad():
+            return fm.call(fm.params(False), inputs.args, inputs.kwargs)
+
+    def _output_gradients(self, f: Tensor, y: Tensor) -> Tensor:
+        """``d lossfunc(f, y) / d f``: per-example loss gradients w.r.t. the outputs."""
+        with torch.enable_grad():
+            leaf = f.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.lossfunc(leaf, y), leaf)
+        return grad
+
+    # -- laplace-torch's interface ---------------------------------------------------
+    def jacobians(self, x: Batch, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """Per-example Jacobians ``Js (B, K, P)`` and outputs ``f (B, K)``.
+
+        As laplace-torch's ``CurvatureInterface.jacobians`` (``Js.shape == f.shape + (P,)``,
+        columns ``subnetwork_indices`` when set), computed example by example in chunks bounded
+        by ``memory_budget``. With ``last_layer=True`` these are the last layer's Jacobians
+        (:meth:`last_layer_jacobians`). ``enable_backprop`` keeps the graph to the inputs.
+        """
+        if self.last_layer:
+            return self.last_layer_jacobians(x, enable_backprop)
+        return self._one_hot_rows(self._target(x, enable_backprop), enable_backprop)
+
+    def last_layer_jacobians(
+        self, x: Batch, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(B, K, P_last)`` w.r.t. all parameters of ``model.last_layer`` (weight
+        row-major, then bias) through laplace's ``FeatureExtractor`` features, and the model's
+        outputs ``f (B, K)``."""
+        target = self._last_layer_target(x, enable_backprop)
+        Js, _ = self._one_hot_rows(target, enable_backprop)
+        return Js, target.f if enable_backprop else target.f.detach()
+
+    def selected_output_jacobians(
+        self, x: Batch, outputs: Tensor, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Jacobians of selected outputs ``(B, S, P)`` and all outputs ``f (B, K)``.
+
+        Args:
+            outputs: output indices per input, ``(B,)`` or ``(B, S)``.
+
+        Only the ``B * S`` selected rows are computed (one backward each); the full Jacobian is
+        never formed.
+        """
+        target = self._target(x, enable_backprop)
+        if outputs.ndim == 1:
+            outputs = outputs[:, None]
+        if outputs.ndim != 2 or outputs.shape[0] != target.inputs.batch_size:
+            raise ValueError("Output selectors must match the input batch size.")
+        shape, dtype = example_output_shape(target.fm, target.inputs)
+        index = outputs.to(target.inputs.device, torch.long)
+
+        def make(chunk: RowChunk) -> Tensor:
+            return one_hot_cotangents(index[chunk.samples, chunk.rows], shape, dtype)
+
+        f, Js = self._rows(target, index.shape[1], make, enable_backprop)
+        if target.f is not None:
+            f = target.f if enable_backprop else target.f.detach()
+        return Js, f
+
+    def gradients(self, x: Batch, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example gradients ``Gs (B, P)`` of ``lossfunc`` and the summed loss (no
+        ``factor``), as laplace-torch's ``CurvatureInterface.gradients``: ``Gs[n] = J_n^T g_n``
+        with ``g_n`` the loss gradient w.r.t. example n's outputs."""
+        target = self._target(x, False)
+        f = self._outputs(target)
+        g = self._output_gradients(f, y)
+        _, rows = self._rows(target, 1, lambda c: g[c.samples].unsqueeze(1), False)
+        return rows[:, 0], self.lossfunc(f, y)
+
+    # -- curvature sums --------------------------------------------------------------
+    def _sum(
+        self,
+        target: _Target,
+        rows_per_sample: int,
+        make_cotangents: Callable[[RowChunk], Tensor],
+        diagonal: bool,
+    ) -> Tensor:
+        return outer_product_sum(
+            target.fm,
+            target.inputs,
+            rows_per_sample,
+            make_cotangents,
+            diagonal=diagonal,
+            indices=target.indices,
+            memory_budget=self.memory_budget,
+        )
+
+    @staticmethod
+    def _check_kwargs(method: str, kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - {"N"})
+        if unknown:
+            raise TypeError(
+                f"{method}() got unexpected keyword arguments {unknown}; laplace-torch's "
+                "asdl_fisher_kwargs configure its ASDL backends only"
+            )
+
+    @staticmethod
+    def _check_outputs(f: Tensor) -> None:
+        if f.dim() != 2:
+            raise ValueError(
+                f"laplace-torch's curvature needs (B, K) model outputs; got {tuple(f.shape)}"
+            )
+
+
+class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
+    """Generalized Gauss-Newton backend (exact, or Monte Carlo with ``stochastic=True``).
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as
+            laplace-torch's backends (set by laplace-torch).
+        stochastic: Monte Carlo GGN (Fisher) for ``diag``/``full``, with laplace-torch's
+            sampling: per batch, ``num_samples`` draws from the global generator in its order
+            (regression ``y ~ N(f, I)``, classification ``y ~ Cat(softmax f)``), so a fixed
+            ``torch.manual_seed`` reproduces laplace-torch's own ``GGNInterface`` result. For
+            ``kron`` it selects curvlinops' MC KFAC, as laplace-torch's ``CurvlinopsGGN``.
+        num_samples: Monte Carlo samples per example (``diag``/``full``).
+        memory_budget: bytes or a string like ``"1GB"`` bounding the engine's working memory
+            (beyond the ``P`` or ``P^2`` result); default half of the available memory. Pass it
+            through laplace-torch's ``backend_kwargs``.
+
+    ``diag``/``full`` return ``(loss, H)`` with ``loss = factor * lossfunc(f, y)`` and
+    ``H = sum_n J_n^T L_n J_n`` over the batch (``L_n``: softmax Hessian, or the identity for
+    regression, or the MC estimate), ``(P,)`` or ``(P, P)``; laplace-torch's ``N`` is ignored.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        memory_budget: int | str | None = None,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        super().__init__(
+            model,
+            likelihood,
+            last_layer,
+            subnetwork_indices,
+            dict_key_x,
+            dict_key_y,
+            stochastic=stochastic,
+        )
+        self.num_samples = int(num_samples)
+        self._init_engine(memory_budget)
+
+    def _mc_output_gradients(self, f: Tensor) -> Tensor:
+        """``(B, S, K)`` sampled output gradients over ``sqrt(S)``, drawn as laplace-torch's
+        ``GGNInterface._get_mc_functional_fisher`` draws them (same calls, same order)."""
+        draws = []
+        for _ in range(self.num_samples):
+            if self.likelihood == "regression":
+                y_sample = f + torch.randn(f.shape, device=f.device, dtype=f.dtype)
+                draws.append(f - y_sample)
+            else:
+                y_sample = torch.distributions.Multinomial(logits=f).sample()
+                draws.append(torch.softmax(f, dim=-1) - y_sample)
+        return torch.stack(draws, dim=1) / math.sqrt(self.num_samples)
+
+    def _ggn(self, x: Batch, y: Tensor, diagonal: bool) -> tuple[Tensor, Tensor]:
+        target = self._target(x, False)
+        f = self._outputs(target)
+        self._check_outputs(f)
+        loss = self.factor * self.lossfunc(f, y)
+        K = f.shape[1]
+        if self.stochastic:
+            u = self._mc_output_gradients(f)
+            H = self._sum(target, u.shape[1], lambda c: u[c.samples, c.rows], diagonal)
+        elif self.likelihood == "regression":
+            eye = torch.eye(K, dtype=f.dtype, device=f.device)
+            H = self._sum(target, K, lambda c: eye[c.rows].expand(_count(c), -1, -1), diagonal)
+        else:
+            probs = torch.softmax(f, dim=-1)
+            H = self._sum(
+                target, K, lambda c: softmax_hessian_factor(probs[c.samples], c.rows), diagonal
+            )
+        return loss.detach(), H
+
+    def diag(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """``(loss, diagonal of the batch's GGN (P,))``, never holding ``B x K x P``."""
+        self._check_kwargs("diag", kwargs)
+        return self._ggn(x, y, diagonal=True)
+
+    def full(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """``(loss, the batch's GGN (P, P))``, accumulated chunk by chunk."""
+        self._check_kwargs("full", kwargs)
+        return self._ggn(x, y, diagonal=False)
+
+
+class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
+    """Empirical Fisher backend: ``H = factor * sum_n G_n G_n^T`` with ``G_n`` the per-example
+    gradients of ``lossfunc`` (laplace-torch's ``EFInterface`` semantics).
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as
+            laplace-torch's backends (set by laplace-torch).
+        memory_budget: as for :class:`PushforwardGGN`.
+
+    ``kron`` is curvlinops' empirical KFAC, as laplace-torch's ``CurvlinopsEF``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        memory_budget: int | str | None = None,
+    ) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        self._init_engine(memory_budget)
+
+    def _ef(self, x: Batch, y: Tensor, diagonal: bool) -> tuple[Tensor, Tensor]:
+        target = self._target(x, False)
+        f = self._outputs(target)
+        g = self._output_gradients(f, y).unsqueeze(1)  # (B, 1, *f_b)
+        H = self._sum(target, 1, lambda c: g[c.samples], diagonal)
+        loss = self.factor * self.lossfunc(f, y)
+        return loss.detach(), self.factor * H
+
+    def diag(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """``(loss, diagonal of the batch's empirical Fisher (P,))``."""
+        self._check_kwargs("diag", kwargs)
+        return self._ef(x, y, diagonal=True)
+
+    def full(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """``(loss, the batch's empirical Fisher (P, P))``."""
+        self._check_kwargs("full", kwargs)
+        return self._ef(x, y, diagonal=False)
+
+
+def _count(chunk: RowChunk) -> int:
+    return chunk.samples.stop - chunk.samples.start
