@@ -31,7 +31,7 @@ __all__ = [
 DEFAULT_FRACTION = 0.5
 #: Chunks are sized to use at most this much working memory even under a larger budget:
 #: beyond it larger chunks stop paying off and only raise the peak.
-CHUNK_TARGET = 512 * 2**20
+CHUNK_TARGET = 128 * 2**20
 _UNITS = {
     "": 1,
     "b": 1,
