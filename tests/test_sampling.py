@@ -47,9 +47,10 @@ def make_cov(kind: str, fm: FunctionalModel, seed: int = 0):
 
 
 def documented_draws(n: int, r: int, seed: int) -> torch.Tensor:
-    """Sample i uses the generator's i-th ``torch.randn(r)`` call."""
-    g = gen(seed)
-    return torch.stack([torch.randn(r, generator=g, dtype=D) for _ in range(n)])
+    """Sample i uses ``randn(r)`` from a generator seeded with the i-th of ``n`` seeds drawn
+    from the user's generator."""
+    seeds = torch.randint(2**62, (n,), generator=gen(seed)).tolist()
+    return torch.stack([torch.randn(r, generator=gen(s), dtype=D) for s in seeds])
 
 
 @pytest.mark.usefixtures("quiet_fallbacks")

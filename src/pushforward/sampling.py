@@ -7,13 +7,18 @@ once, whatever the number of outputs K. Because one sample is one weight perturb
 every input, the samples are joint *function* samples: across inputs their covariance is the
 joint ``J S J^T``, not just its per-example blocks.
 
-Draws are reproducible and independent of chunking: sample ``i`` uses the ``i``-th call
-``torch.randn(r, generator=generator)``, whatever ``chunk_size`` is.
+Draws are reproducible and independent of chunking: one call
+``torch.randint(2**62, (n_samples,), generator=generator)`` gives a seed per sample, and sample
+``i`` is ``torch.randn(r, generator=torch.Generator(device).manual_seed(seed_i))``, whatever
+``chunk_size`` is. Per-sample streams let the draws of a chunk be generated on all CPU cores
+at once (PyTorch's CPU generator is sequential; for a diagonal covariance the r = P normal
+numbers per sample would otherwise dominate the cost).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -34,6 +39,7 @@ __all__ = [
     "perturbation_chunks",
     "sample_bytes",
     "sample_chunk_size",
+    "sample_seeds",
 ]
 
 
@@ -90,13 +96,33 @@ def sample_chunk_size(
     return max(1, int(chunk_budget(budget, held) // max(sample_bytes(fm, inputs, cov), 1)))
 
 
-def _draws(n: int, r: int, generator: torch.Generator | None, like: CovarianceOperator) -> Tensor:
-    """``(n, r)`` standard normal draws, one ``randn(r)``-equivalent fill per sample (so a
-    sample's draw does not depend on the chunking), written in place (no stacking copy)."""
-    Z = torch.empty(n, r, dtype=like.dtype, device=like.device)
-    for row in Z:
-        row.normal_(generator=generator)
-    return Z
+def sample_seeds(n: int, generator: torch.Generator | None, device: torch.device) -> list[int]:
+    """One seed per sample, drawn from ``generator`` (or torch's default generator)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(2**62, (n,), generator=generator, device=gen_device).tolist()
+
+
+def _tangents(seeds: list[int], cov: CovarianceOperator) -> Tensor:
+    """``(n, P)`` weight-space perturbations ``L z_i``, ``z_i ~ N(0, I_r)`` from its own stream
+    seeded ``seeds[i]``; rows are drawn and mapped through ``L`` on every CPU core at once
+    (threads: PyTorch releases the GIL while it generates and multiplies)."""
+    out = torch.empty(len(seeds), cov.num_params, dtype=cov.dtype, device=cov.device)
+
+    def fill(i: int) -> None:
+        g = torch.Generator(device=out.device).manual_seed(seeds[i])
+        z = torch.randn(1, cov.sqrt_cols, generator=g, dtype=out.dtype, device=out.device)
+        out[i] = cov._sqrt_rows(z)[0]
+
+    workers = (
+        torch.get_num_threads() if out.device.type == "cpu" and not torch.is_grad_enabled() else 1
+    )
+    if workers > 1 and len(seeds) > 1:
+        with ThreadPoolExecutor(min(workers, len(seeds))) as pool:
+            list(pool.map(fill, range(len(seeds))))
+    else:
+        for i in range(len(seeds)):
+            fill(i)
+    return out
 
 
 def perturbation_chunks(
@@ -114,12 +140,11 @@ def perturbation_chunks(
 
     Internal primitive (no validation); differentiable iff grad mode is on.
     """
-    r = cov.sqrt_cols
+    seeds = sample_seeds(n_samples, generator, cov.device)
     starts = range(0, n_samples, chunk_size)
     for start in progress_bar(starts, progress, "function samples", total=len(starts)):
-        n = min(start + chunk_size, n_samples) - start
-        Z = _draws(n, r, generator, cov)
-        yield push_tangents(fm, params, inputs, fm.unflatten(cov._sqrt_rows(Z)))
+        tangents = _tangents(seeds[start : start + chunk_size], cov)
+        yield push_tangents(fm, params, inputs, fm.unflatten(tangents))
 
 
 def functional_samples(
