@@ -171,9 +171,10 @@ def functional_samples(
         x: inputs (tensor, tuple of tensors or mapping of keyword arguments), batch first.
         cov: the weight-space covariance S, a :class:`~pushforward.covariance.CovarianceOperator`.
         n_samples: number of samples.
-        generator: a ``torch.Generator`` on the inputs' device for reproducible draws; sample
-            ``i`` uses its ``i``-th ``torch.randn(r)`` call (``r = cov.sqrt_cols``), so the
-            samples do not depend on ``chunk_size``. Default: the global generator.
+        generator: a ``torch.Generator`` on the inputs' device for reproducible draws: it gives
+            one seed per sample and sample ``i`` draws its ``z_i`` (``r = cov.sqrt_cols``
+            numbers) from a stream with that seed, so the samples do not depend on
+            ``chunk_size`` (see the module docstring). Default: the global generator.
         differentiable: keep the graph (reparameterized samples): gradients flow to ``x``, the
             model's parameters and the covariance's tensors.
         chunk_size: samples pushed at once (default: as many as ``memory_budget`` allows).
