@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from pushforward.chunking import RowChunk, progress_bar
+from pushforward.covariance.base import ParamGroup
 from pushforward.covariance.block_diagonal import BlockDiagonal
 from pushforward.fallback import Ladder
 from pushforward.functional_model import FunctionalModel
@@ -49,7 +50,7 @@ class _Layout:
     contractions: list[GroupContraction]
     input_shapes: list[torch.Size]
     generic_names: tuple[str, ...]
-    generic_groups: list
+    generic_groups: list[ParamGroup]
     head: LayerCall | None
 
 
@@ -210,7 +211,6 @@ class StructuredStrategy(Strategy):
         f, result = acc.result()
         if layout.generic_names:
             generic = self._generic or _generic_plan(p, layout)
-            generic.problem.inputs = p.inputs
             _, rest = generic.run_canonical()
             result = result + rest
         return f, result
