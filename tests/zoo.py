@@ -41,7 +41,9 @@ class TiedLM(nn.Module):
     def forward(self, ids):
         h = torch.tanh(self.mix(self.emb(ids)))
         # causal running mean couples tokens within a sequence (not across the batch)
-        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device).view(1, -1, 1)
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device).view(
+            1, -1, 1
+        )
         return self.head(h)
 
 

@@ -23,7 +23,7 @@ from pushforward.forward import batched_jvp, jvp
 from pushforward.functional_model import BatchCouplingError, FunctionalModel
 from pushforward.inputs import Inputs
 from pushforward.jacobian import jacobian
-from pushforward.laplace_interop import from_laplace
+from pushforward.laplace_interop import accelerate, from_laplace, glm_predictive
 from pushforward.layout import ParamLayout
 from pushforward.monte_carlo import monte_carlo_variance
 from pushforward.planner import Plan, plan
@@ -66,11 +66,13 @@ __all__ = [
     "PushforwardFallbackWarning",
     "RegressionPredictive",
     "Subset",
+    "accelerate",
     "batched_jvp",
     "from_laplace",
     "functional_covariance",
     "functional_samples",
     "functional_variance",
+    "glm_predictive",
     "jacobian",
     "jvp",
     "monte_carlo_variance",

@@ -183,7 +183,10 @@ def _bridge(mu: Tensor, C: Tensor, normalize: bool) -> Tensor:
         scale = var.mean(-1, keepdim=True) / math.sqrt(K / 2)
         mu, var = mu / scale.sqrt(), var / scale
     spread = mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(K)
-    log_alpha = torch.logaddexp(spread.new_tensor(math.log1p(-2 / K)), spread) - var.log()
+    log_alpha = (
+        torch.logaddexp(spread.new_tensor(math.log1p(-2 / K) if K > 2 else -math.inf), spread)
+        - var.log()
+    )
     return log_alpha.softmax(-1)
 
 

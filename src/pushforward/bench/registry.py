@@ -36,6 +36,7 @@ CASE_MODULES: tuple[str, ...] = (
     "pushforward.bench.cases_anchors",
     "pushforward.bench.cases_products",
     "pushforward.bench.cases_pushforward",
+    "pushforward.bench.cases_laplace_oneline",
 )
 
 

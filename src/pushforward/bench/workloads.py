@@ -67,6 +67,8 @@ TITLES: dict[str, str] = {
     "w6-gpt2-lora": "W6: GPT-2 architecture (4 layers, d=256, vocab 50257, random init), LoRA r=8 "
     "on c_attn (32,768 parameters in the posterior), B=4, T=32: full-vocabulary MC predictive, "
     "100 samples",
+    "fit-diag": "Fitting DiagLaplace: MLP 784-256-256-100 (P=292,452), 512 points in batches "
+    "of 256 (laplace-torch's default backend builds each batch's (256, 100, P) Jacobian)",
     "w7-grad-x": "W7: gradient of the summed GLM variance w.r.t. the inputs x (Bayesian "
     "optimization), MLP 784-256-256-10, B=32, diagonal posterior",
 }
