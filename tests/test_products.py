@@ -68,11 +68,12 @@ def test_per_example_vjp_matches_brute_force(zoo_name, chunk_size):
     assert rel_err(rows, expected) < TOL
 
 
-def test_jacobian_chunks_never_exceed_chunk_size(monkeypatch):
-    case, _, J_ref = zoo_reference("mlp")
+@pytest.fixture
+def rows_per_chunk(monkeypatch) -> list[int]:
+    """Records the number of rows of every chunk the reverse-mode primitive computes."""
     import pushforward.reverse as reverse
 
-    seen = []
+    seen: list[int] = []
     original = reverse.sample_rows
 
     def spy(fm, params, inputs, cotangents, **kwargs):
@@ -80,23 +81,20 @@ def test_jacobian_chunks_never_exceed_chunk_size(monkeypatch):
         return original(fm, params, inputs, cotangents, **kwargs)
 
     monkeypatch.setattr(reverse, "sample_rows", spy)
+    return seen
+
+
+def test_jacobian_chunks_never_exceed_chunk_size(rows_per_chunk):
+    seen = rows_per_chunk
+    case, _, J_ref = zoo_reference("mlp")
     _, J = pf.jacobian(case.fm, case.x, chunk_size=4)
     assert max(seen) <= 4 and sum(seen) == J_ref[..., 0].numel()
     assert rel_err(J, J_ref) < TOL
 
 
-def test_memory_budget_controls_chunks(monkeypatch):
+def test_memory_budget_controls_chunks(rows_per_chunk):
+    seen = rows_per_chunk
     case, _, J_ref = zoo_reference("cnn_batchnorm_eval")
-    import pushforward.reverse as reverse
-
-    seen = []
-    original = reverse.sample_rows
-
-    def spy(fm, params, inputs, cotangents, **kwargs):
-        seen.append(cotangents.shape[0] * cotangents.shape[1])
-        return original(fm, params, inputs, cotangents, **kwargs)
-
-    monkeypatch.setattr(reverse, "sample_rows", spy)
     _, J_small = pf.jacobian(case.fm, case.x, memory_budget="3KB")
     small = max(seen)
     seen.clear()

@@ -41,8 +41,6 @@ chunks it within its memory budget.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import json
 import math
@@ -270,32 +268,16 @@ def default_backend_jacobians(la: Any) -> Iterator[None]:
 
 
 # -- measurement ---------------------------------------------------------------------------
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def _release_freed_memory() -> None:
-    """glibc's ``malloc_trim(0)``: return freed heap memory to the system (elsewhere a no-op)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def measure(run: Callable[[], Tensor], repeats: int) -> tuple[Tensor, dict[str, Any]]:
     """``run()``'s result (from an untimed warm-up call) and statistics of ``repeats`` timed
     calls (:func:`pushforward.bench.worker.measure_call`, each after ``gc.collect`` and
-    ``malloc_trim``): median time and the largest peak resident memory above the memory right
-    before a call."""
+    returning the freed heap to the system): median time and the largest peak resident memory
+    above the memory right before a call."""
     result = run()
     calls = []
     gc.freeze()  # the collection before each call then skips all objects alive now: fast
     try:
         for _ in range(repeats):
-            gc.collect()
-            _release_freed_memory()
             calls.append(measure_call(run, cuda=False))
     finally:
         gc.unfreeze()

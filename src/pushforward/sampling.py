@@ -104,23 +104,30 @@ def sample_seeds(n: int, generator: torch.Generator | None, device: torch.device
 
 def _tangents(seeds: list[int], cov: CovarianceOperator) -> Tensor:
     """``(n, P)`` weight-space perturbations ``L z_i``, ``z_i ~ N(0, I_r)`` from its own stream
-    seeded ``seeds[i]``; rows are drawn and mapped through ``L`` on every CPU core at once
-    (threads: PyTorch releases the GIL while it generates and multiplies)."""
-    out = torch.empty(len(seeds), cov.num_params, dtype=cov.dtype, device=cov.device)
+    seeded ``seeds[i]``. Without autograd recording, rows are drawn and mapped through ``L`` in
+    place on every CPU core at once (threads: PyTorch releases the GIL while it works)."""
+    n, r = len(seeds), cov.sqrt_cols
+    kw = {"dtype": cov.dtype, "device": cov.device}
+
+    def draw(i: int, z: Tensor) -> Tensor:
+        return z.normal_(generator=torch.Generator(device=z.device).manual_seed(seeds[i]))
+
+    if torch.is_grad_enabled():  # differentiable w.r.t. the covariance: no in-place writes
+        Z = torch.stack([draw(i, torch.empty(r, **kw)) for i in range(n)])
+        return cov._sqrt_rows(Z)
+    out = torch.empty(n, cov.num_params, **kw)
 
     def fill(i: int) -> None:
-        g = torch.Generator(device=out.device).manual_seed(seeds[i])
-        z = torch.randn(1, cov.sqrt_cols, generator=g, dtype=out.dtype, device=out.device)
-        out[i] = cov._sqrt_rows(z)[0]
+        with torch.no_grad():  # grad mode is per thread: pool threads start with it on
+            z = out[i : i + 1] if r == cov.num_params else torch.empty(1, r, **kw)
+            cov._sqrt_rows_into(draw(i, z), out[i : i + 1])
 
-    workers = (
-        torch.get_num_threads() if out.device.type == "cpu" and not torch.is_grad_enabled() else 1
-    )
-    if workers > 1 and len(seeds) > 1:
-        with ThreadPoolExecutor(min(workers, len(seeds))) as pool:
-            list(pool.map(fill, range(len(seeds))))
+    workers = torch.get_num_threads() if out.device.type == "cpu" else 1
+    if workers > 1 and n > 1:
+        with ThreadPoolExecutor(min(workers, n)) as pool:
+            list(pool.map(fill, range(n)))
     else:
-        for i in range(len(seeds)):
+        for i in range(n):
             fill(i)
     return out
 

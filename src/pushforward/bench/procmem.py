@@ -14,6 +14,7 @@ since each is a lower bound of the true peak and the first is exact where it is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -23,6 +24,7 @@ __all__ = [
     "RssSampler",
     "busy_cpu_seconds",
     "peak_rss_bytes",
+    "release_free_memory",
     "reset_peak_rss",
     "rss_bytes",
     "ru_maxrss_bytes",
@@ -64,6 +66,20 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``; a no-op where
+    there is no glibc). Without it, memory a previous call freed stays resident and a later
+    call reuses it without raising RSS, so its peak above the baseline would read near zero."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
 
 
 def ru_maxrss_bytes() -> int:

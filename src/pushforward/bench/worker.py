@@ -13,7 +13,8 @@ The warm-up calls absorb one-time costs (lazy imports, ``torch.func``'s first-us
 allocator growth), which a laplace-torch case would otherwise already have paid in its fit and
 the other cases not. They are measured like the timed calls and reported separately.
 
-Measurement of one call (see :mod:`pushforward.bench.procmem`): after ``gc.collect()`` the
+Measurement of one call (see :mod:`pushforward.bench.procmem`): after ``gc.collect()`` and
+``malloc_trim(0)`` (freed heap memory goes back to the system, so reusing it cannot hide a peak) the
 baseline is the RSS right before the call — imports, model, inputs and the fitted posterior
 are in it, and setup's own peak is not, because the kernel's high-water mark is reset there.
 The peak is the largest of the reset high-water mark, a grown ``ru_maxrss`` and a 2 ms RSS
@@ -39,6 +40,7 @@ import torch
 from pushforward.bench.procmem import (
     RssSampler,
     peak_rss_bytes,
+    release_free_memory,
     reset_peak_rss,
     rss_bytes,
     ru_maxrss_bytes,
@@ -51,6 +53,7 @@ __all__ = ["describe_error", "main", "measure_call"]
 def measure_call(run: Callable[[], object], cuda: bool) -> dict[str, Any]:
     """Time one call of ``run`` and measure its peak memory above the RSS right before it."""
     gc.collect()
+    release_free_memory()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

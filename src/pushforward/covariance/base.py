@@ -121,6 +121,10 @@ class CovarianceOperator(abc.ABC):
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         """``(n, r) -> (n, P)``: rows of ``Z L^T``."""
 
+    def _sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
+        """``out[:] = Z L^T`` for rows ``Z (n, r)`` (subclasses may avoid the temporary)."""
+        out.copy_(self._sqrt_rows(Z))
+
     @abc.abstractmethod
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         """``(n, P) -> (n, r)``: rows of ``V L``."""

@@ -7,7 +7,12 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import check_names, check_nonnegative, common_dtype_device
+from pushforward.covariance._linalg import (
+    cached,
+    check_names,
+    check_nonnegative,
+    common_dtype_device,
+)
 from pushforward.covariance.base import CovarianceOperator, ParamGroup, check_finite
 from pushforward.covariance.marginal import check_index
 from pushforward.layout import ParamLayout
@@ -74,10 +79,17 @@ class Diagonal(CovarianceOperator):
         return V * self._var
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
-        return Z * self._var.sqrt()
+        return Z * self._sqrt()
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
-        return V * self._var.sqrt()
+        return V * self._sqrt()
+
+    def _sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
+        torch.mul(Z, self._sqrt(), out=out)
+
+    def _sqrt(self) -> Tensor:
+        """Standard deviations ``(P,)`` (cached unless autograd records them)."""
+        return cached(self.__dict__.setdefault("_cache", {}), "sqrt", self._var.sqrt, self._var)
 
     def quadratic_rows(self, V: Tensor) -> Tensor:
         return V.square() @ self._var

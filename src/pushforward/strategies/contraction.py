@@ -18,7 +18,7 @@ from pushforward.chunking import RowChunk
 from pushforward.covariance.base import CovarianceOperator
 from pushforward.strategies.problem import Problem
 
-__all__ = ["ColumnAccumulator", "RowAccumulator", "gram"]
+__all__ = ["ChunkedResult", "ColumnAccumulator", "RowAccumulator", "gram"]
 
 
 def gram(cov: CovarianceOperator, A: Tensor, B: Tensor | None = None) -> Tensor:
@@ -37,7 +37,54 @@ def gram(cov: CovarianceOperator, A: Tensor, B: Tensor | None = None) -> Tensor:
     return A @ S_other.transpose(-1, -2)
 
 
-class RowAccumulator:
+class ChunkedResult:
+    """Outputs ``f`` and per-example results gathered chunk by chunk of (example, row) pairs.
+
+    Subclasses contract their chunks into ``(b, r)`` variances or ``(b, positions, S, S)``
+    covariances and :meth:`put` them; the joint covariance is theirs to assemble.
+    """
+
+    def __init__(self, problem: Problem) -> None:
+        p = self.problem = problem
+        self.f: Tensor | None = None
+        shape = {"variance": (p.B, p.rows_per_sample), "covariance": (p.B, p.T, p.S, p.S)}
+        self.out = (
+            torch.zeros(shape[p.kind], dtype=p.dtype, device=p.inputs.device)
+            if p.kind in shape
+            else None
+        )
+
+    def store_outputs(self, chunk: RowChunk, f: Tensor) -> None:
+        """Keep the chunk's outputs ``f`` ``(b, *f_b)`` (once per example)."""
+        if chunk.rows.start == 0:
+            if self.f is None:
+                self.f = f.new_zeros(self.problem.B, *f.shape[1:])
+            self.f[chunk.samples] = f
+
+    def positions(self, chunk: RowChunk) -> slice:
+        """The chunk's positions; a covariance chunk must hold whole positions (all S rows)."""
+        S = self.problem.S
+        assert chunk.rows.start % S == 0 and chunk.rows.stop % S == 0, "chunk splits a position"
+        return slice(chunk.rows.start // S, chunk.rows.stop // S)
+
+    def put(self, chunk: RowChunk, values: Tensor) -> None:
+        """Store the chunk's variances ``(b, r)`` or covariances ``(b, positions, S, S)``."""
+        if self.problem.kind == "variance":
+            self.out[chunk.samples, chunk.rows] = values
+        else:
+            self.out[chunk.samples, self.positions(chunk)] = values
+
+    def outputs(self) -> Tensor:
+        assert self.f is not None, "empty batch"
+        return self.f.reshape(self.problem.B, *self.problem.sample_shape)
+
+    def per_example(self) -> Tensor:
+        """The canonical variance ``(B, T, S)`` or per-example covariance ``(B, T, S, S)``."""
+        p = self.problem
+        return self.out.reshape(p.B, p.T, p.S) if p.kind == "variance" else self.out
+
+
+class RowAccumulator(ChunkedResult):
     """Collects reverse-mode rows chunk by chunk into the canonical result.
 
     Rows arrive per parameter, ``{name: (b, r, *shape)}``, and are contracted group by group of
@@ -48,18 +95,12 @@ class RowAccumulator:
     """
 
     def __init__(self, problem: Problem, chunk_rows: int) -> None:
-        self.problem = problem
-        self.chunk_rows = max(1, chunk_rows)
+        super().__init__(problem)
         p = problem
+        self.chunk_rows = max(1, chunk_rows)
         self.groups = p.cov.param_groups()
-        self.f: Tensor | None = None
-        if p.kind == "variance":
-            self.out = torch.zeros(p.B, p.rows_per_sample, dtype=p.dtype, device=p.inputs.device)
-        elif p.kind == "covariance":
-            self.out = torch.zeros(p.B, p.T, p.S, p.S, dtype=p.dtype, device=p.inputs.device)
-        else:
-            self.thin = p.cov.sqrt_cols < p.P
-            self.stored: Tensor | None = None
+        self.thin = p.cov.sqrt_cols < p.P
+        self.stored: Tensor | None = None
 
     def _group_rows(self, rows: dict[str, Tensor], b: int, r: int):
         for group in self.groups:
@@ -68,48 +109,42 @@ class RowAccumulator:
 
     def add(self, chunk: RowChunk, f: Tensor, rows: dict[str, Tensor]) -> None:
         p = self.problem
-        if chunk.rows.start == 0:
-            if self.f is None:
-                self.f = f.new_zeros(p.B, *f.shape[1:])
-            self.f[chunk.samples] = f
+        self.store_outputs(chunk, f)
         b, r = chunk.samples.stop - chunk.samples.start, chunk.rows.stop - chunk.rows.start
         if p.kind == "variance":
-            total = sum(
-                op.quadratic_rows(X.reshape(b * r, -1)) for op, X in self._group_rows(rows, b, r)
+            groups = self._group_rows(rows, b, r)
+            self.put(
+                chunk,
+                sum(op.quadratic_rows(X.reshape(b * r, -1)) for op, X in groups).reshape(b, r),
             )
-            self.out[chunk.samples, chunk.rows] = total.reshape(b, r)
         elif p.kind == "covariance":
-            t0, t1 = chunk.rows.start // p.S, chunk.rows.stop // p.S
-            assert chunk.rows.start % p.S == 0 and r == (t1 - t0) * p.S, "chunk splits a position"
-            self.out[chunk.samples, t0:t1] = sum(
-                gram(op, X.reshape(b, t1 - t0, p.S, -1)) for op, X in self._group_rows(rows, b, r)
+            n = r // p.S
+            self.put(
+                chunk,
+                sum(gram(op, X.reshape(b, n, p.S, -1)) for op, X in self._group_rows(rows, b, r)),
             )
         else:
-            rows = p.fm.flatten(rows)
-            P = rows.shape[-1]
+            flat = p.fm.flatten(rows)
+            P = flat.shape[-1]
             if self.stored is None:
                 width = p.cov.sqrt_cols if self.thin else P
-                self.stored = rows.new_zeros(p.B, p.rows_per_sample, width)
-            kept = p.cov._sqrt_t_rows(rows.reshape(-1, P)).reshape(b, r, -1) if self.thin else rows
+                self.stored = flat.new_zeros(p.B, p.rows_per_sample, width)
+            kept = p.cov._sqrt_t_rows(flat.reshape(-1, P)).reshape(b, r, -1) if self.thin else flat
             self.stored[chunk.samples, chunk.rows] = kept
 
     def result(self) -> tuple[Tensor, Tensor]:
         p = self.problem
-        assert self.f is not None
-        f = self.f.reshape(p.B, *p.sample_shape)
-        if p.kind == "variance":
-            return f, self.out.reshape(p.B, p.T, p.S)
-        if p.kind == "covariance":
-            return f, self.out
+        if p.kind != "joint":
+            return self.outputs(), self.per_example()
         assert self.stored is not None
         W = self.stored.reshape(p.B * p.rows_per_sample, -1)
         if self.thin:
-            return f, W @ W.T
+            return self.outputs(), W @ W.T
         parts = [
             gram(p.cov, W[i : i + self.chunk_rows], W)
             for i in range(0, W.shape[0], self.chunk_rows)
         ]
-        return f, torch.cat(parts)
+        return self.outputs(), torch.cat(parts)
 
 
 class ColumnAccumulator:

@@ -28,7 +28,7 @@ from pushforward.kernels import transform_kernels
 from pushforward.memory import chunk_budget, measure_cost
 from pushforward.reverse import row_chunks
 from pushforward.strategies.base import TRAFFIC, Estimate, NotApplicable, Strategy
-from pushforward.strategies.contraction import gram
+from pushforward.strategies.contraction import ChunkedResult, gram
 from pushforward.strategies.problem import Problem
 from pushforward.structure.contract import GroupContraction, OneHot, contraction_for
 from pushforward.structure.tracing import Analysis, LayerCall, LayerTap, analyze
@@ -266,50 +266,29 @@ _TAPPED = Ladder(
 )
 
 
-class _Accumulator:
+class _Accumulator(ChunkedResult):
     """Canonical results from per-group contractions, chunk by chunk."""
 
     def __init__(self, p: Problem, contractions: list[GroupContraction]) -> None:
-        self.p = p
+        super().__init__(p)
         self.contractions = contractions
-        self.f: Tensor | None = None
-        shape = {"variance": (p.B, p.rows_per_sample), "covariance": (p.B, p.T, p.S, p.S)}.get(
-            p.kind
-        )
-        self.out = (
-            None if shape is None else torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
-        )
-        self.rows: list[list[tuple[RowChunk, Tensor]]] = []
+        self.rows: list[list[tuple[RowChunk, Tensor]]] = [[] for _ in contractions]
 
     def add(self, chunk: RowChunk, f: Tensor, layers, params) -> None:
-        p = self.p
-        if chunk.rows.start == 0:
-            if self.f is None:
-                self.f = f.new_zeros(p.B, *f.shape[1:])
-            self.f[chunk.samples] = f
+        p = self.problem
+        self.store_outputs(chunk, f)
         if p.kind == "variance":
-            self.out[chunk.samples, chunk.rows] = sum(
-                c.variance(a, G, params) for c, a, G in layers
-            )
+            self.put(chunk, sum(c.variance(a, G, params) for c, a, G in layers))
         elif p.kind == "covariance":
-            t0, t1 = chunk.rows.start // p.S, chunk.rows.stop // p.S
-            self.out[chunk.samples, t0:t1] = sum(
-                c.covariance(a, G, params, p.S) for c, a, G in layers
-            )
+            self.put(chunk, sum(c.covariance(a, G, params, p.S) for c, a, G in layers))
         else:
-            if not self.rows:
-                self.rows = [[] for _ in layers]
             for store, (c, a, G) in zip(self.rows, layers, strict=True):
                 store.append((chunk, c.rows(a, G, params)))
 
     def result(self) -> tuple[Tensor, Tensor]:
-        p = self.p
-        assert self.f is not None
-        f = self.f.reshape(p.B, *p.sample_shape)
-        if p.kind == "variance":
-            return f, self.out.reshape(p.B, p.T, p.S)
-        if p.kind == "covariance":
-            return f, self.out
+        p = self.problem
+        if p.kind != "joint":
+            return self.outputs(), self.per_example()
         n = p.B * p.rows_per_sample
         total = torch.zeros(n, n, dtype=p.dtype, device=p.inputs.device)
         for store, c in zip(self.rows, self.contractions, strict=True):
@@ -319,4 +298,4 @@ class _Accumulator:
                     full = R.new_zeros(p.B, p.rows_per_sample, R.shape[-1])
                 full[chunk.samples, chunk.rows] = R
             total = total + gram(c.op, full.reshape(n, -1))
-        return f, total
+        return self.outputs(), total
