@@ -104,8 +104,9 @@ def sample_seeds(n: int, generator: torch.Generator | None, device: torch.device
 
 def _tangents(seeds: list[int], cov: CovarianceOperator) -> Tensor:
     """``(n, P)`` weight-space perturbations ``L z_i``, ``z_i ~ N(0, I_r)`` from its own stream
-    seeded ``seeds[i]``. Without autograd recording, rows are drawn and mapped through ``L`` in
-    place on every CPU core at once (threads: PyTorch releases the GIL while it works)."""
+    seeded ``seeds[i]``. Without autograd recording, the rows ``z_i`` are drawn on every CPU core
+    at once (threads: PyTorch releases the GIL while it works), then mapped through ``L`` in one
+    batched call (in place when ``r = P``)."""
     n, r = len(seeds), cov.sqrt_cols
     kw = {"dtype": cov.dtype, "device": cov.device}
 
@@ -116,19 +117,15 @@ def _tangents(seeds: list[int], cov: CovarianceOperator) -> Tensor:
         Z = torch.stack([draw(i, torch.empty(r, **kw)) for i in range(n)])
         return cov._sqrt_rows(Z)
     out = torch.empty(n, cov.num_params, **kw)
-
-    def fill(i: int) -> None:
-        with torch.no_grad():  # grad mode is per thread: pool threads start with it on
-            z = out[i : i + 1] if r == cov.num_params else torch.empty(1, r, **kw)
-            cov._sqrt_rows_into(draw(i, z), out[i : i + 1])
-
+    Z = out if r == cov.num_params else torch.empty(n, r, **kw)
     workers = torch.get_num_threads() if out.device.type == "cpu" else 1
     if workers > 1 and n > 1:
         with ThreadPoolExecutor(min(workers, n)) as pool:
-            list(pool.map(fill, range(n)))
+            list(pool.map(lambda i: draw(i, Z[i]), range(n)))
     else:
         for i in range(n):
-            fill(i)
+            draw(i, Z[i])
+    cov._sqrt_rows_into(Z, out)
     return out
 
 

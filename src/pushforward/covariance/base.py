@@ -122,7 +122,8 @@ class CovarianceOperator(abc.ABC):
         """``(n, r) -> (n, P)``: rows of ``Z L^T``."""
 
     def _sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
-        """``out[:] = Z L^T`` for rows ``Z (n, r)`` (subclasses may avoid the temporary)."""
+        """``out[:] = Z L^T`` for rows ``Z (n, r)``; ``Z`` may be ``out`` itself when ``r = P``
+        (subclasses may avoid the temporary)."""
         out.copy_(self._sqrt_rows(Z))
 
     @abc.abstractmethod
