@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -29,6 +29,8 @@ with warnings.catch_warnings():
     from laplace.curvature import CurvlinopsGGN
     from laplace.utils.matrix import KronDecomposed
 
+from laplace_models import classifier, frozen_classifier, regressor
+
 from pushforward.covariance import Dense, Diagonal, Kronecker, LowRankPrecision, Subset
 from pushforward.laplace_interop import from_laplace
 from pushforward.layout import ParamLayout
@@ -37,31 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DT = torch.float64
 TOL = 1e-12
-N_DATA = 24
-
-
-def classifier() -> tuple[nn.Module, DataLoader]:
-    """A non-square conv weight (3, 2, 2, 1), then a linear head: 3 classes."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, (2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).to(DT)
-    X, y = torch.randn(N_DATA, 2, 3, 3, dtype=DT), torch.randint(0, 3, (N_DATA,))
-    return model, DataLoader(TensorDataset(X, y), batch_size=8)
-
-
-def regressor() -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
-    X = torch.randn(N_DATA, 3, dtype=DT)
-    y = torch.sin(X[:, :2]) + 0.1 * torch.randn(N_DATA, 2, dtype=DT)
-    return model, DataLoader(TensorDataset(X, y), batch_size=8)
-
-
-def frozen_classifier() -> tuple[nn.Module, DataLoader]:
-    """Subset of weights: the conv layer is frozen (requires_grad=False)."""
-    model, loader = classifier()
-    for p in model[0].parameters():
-        p.requires_grad_(False)
-    return model, loader
 
 
 def per_layer(*values: float) -> Tensor:

@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -37,38 +37,16 @@ with warnings.catch_warnings():
         GGNInterface,
     )
 
+from laplace_models import classifier, frozen_classifier, regressor
+
 import pushforward.reverse
 from pushforward.laplace_interop import PushforwardEF, PushforwardGGN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DT = torch.float64
-N_DATA = 24
 EXACT = 1e-12
 FLOAT32 = 1e-6  # curvlinops' dense operators are float32-accurate
-
-
-def classifier() -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, (2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).to(DT)
-    X, y = torch.randn(N_DATA, 2, 3, 3, dtype=DT), torch.randint(0, 3, (N_DATA,))
-    return model, DataLoader(TensorDataset(X, y), batch_size=8)
-
-
-def regressor() -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
-    X = torch.randn(N_DATA, 3, dtype=DT)
-    y = torch.sin(X[:, :2]) + 0.1 * torch.randn(N_DATA, 2, dtype=DT)
-    return model, DataLoader(TensorDataset(X, y), batch_size=8)
-
-
-def frozen_classifier() -> tuple[nn.Module, DataLoader]:
-    """Subset of weights: the conv layer is frozen, so laplace-torch's vector is the head's."""
-    model, loader = classifier()
-    for p in model[0].parameters():
-        p.requires_grad_(False)
-    return model, loader
 
 
 class DictModel(nn.Module):

@@ -46,6 +46,8 @@ with warnings.catch_warnings():
     )
     from laplace.curvature import CurvlinopsGGN
 
+from laplace_models import N_DATA, classifier, regressor
+
 import pushforward as pf
 import pushforward.laplace_interop.predictive as lp
 from pushforward.laplace_interop import accelerate, glm_predictive, restore
@@ -54,7 +56,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DT = torch.float64
 TOL = 1e-6
-N_DATA = 24
 LINKS = ("probit", "bridge", "bridge_norm", "mc")
 #: Every link; ``diagonal_output`` changes the ``"mc"`` draws only (laplace-torch ignores it else).
 LINK_CALLS = (
@@ -64,19 +65,6 @@ LINK_CALLS = (
 
 
 # -- models ---------------------------------------------------------------------------------
-def classifier() -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, (2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).to(DT)
-    X, y = torch.randn(N_DATA, 2, 3, 3, dtype=DT), torch.randint(0, 3, (N_DATA,))
-    return model, DataLoader(TensorDataset(X, y), batch_size=8)
-
-
-def regressor() -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
-    X = torch.randn(N_DATA, 3, dtype=DT)
-    y = torch.sin(X[:, :2]) + 0.1 * torch.randn(N_DATA, 2, dtype=DT)
-    return model, DataLoader(TensorDataset(X, y), batch_size=8)
 
 
 def frozen(make: Callable[[], tuple[nn.Module, DataLoader]]):
