@@ -21,18 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/pushforward demo
+	$(PY) examples/demo.py
 
 bench: $(STAMP)
-	$(VENV)/bin/pushforward bench --readme README.md
+	$(PY) benchmarks/run.py --readme README.md
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,15 +1,18 @@
-"""Run the benchmark suite: ``python benchmarks/run.py [options of pushforward bench]``.
+"""Run the benchmark suite: ``python benchmarks/run.py [cases] [options]`` (``make bench``).
 
-The same as ``pushforward bench`` run from the repository root (relative paths, such as the
-default output directory ``benchmarks/results/``, are taken from there).
+Relative paths, such as the default output directory ``benchmarks/results/``, are taken from the
+repository root; ``--help`` lists the options.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from pushforward.cli import main
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    os.chdir(Path(__file__).resolve().parent.parent)
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    os.chdir(HERE.parent)
+    sys.exit(main(sys.argv[1:]))

@@ -9,9 +9,13 @@ import warnings
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the benchmark harness and the examples live outside the installed package
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-from zoo import FACTORIES, brute_force_jacobian, make_case
+from zoo import FACTORIES, brute_force_jacobian, make_case  # noqa: E402
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

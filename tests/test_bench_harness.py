@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pushforward.bench import (
+from harness import (
     Context,
     Options,
     load_cases,
@@ -23,8 +22,8 @@ from pushforward.bench import (
     run_case,
     select,
 )
-from pushforward.bench.report import markdown
-from pushforward.cli import main
+from harness.cli import main
+from harness.report import markdown
 
 THIS_FILE = str(Path(__file__).resolve())
 ALLOCATED = 64 * 2**20
@@ -168,8 +167,8 @@ def test_selection_by_tag_glob_and_id():
 
 
 def test_cli_lists_the_built_in_cases(capsys: pytest.CaptureFixture[str]):
-    assert main(["bench", "--list", "w1-diag"]) == 0
+    assert main(["--list", "w1-diag"]) == 0
     out = capsys.readouterr().out
     assert "w1-diag/laplace-default" in out and "w1-diag/vjp-loop" in out
     assert "w1-kron" not in out
-    assert main(["bench", "--list", "nothing-matches"]) == 2
+    assert main(["--list", "nothing-matches"]) == 2

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from pushforward.core.layout import ParamLayout
 from pushforward.covariance import (
     BlockDiagonal,
     CovarianceOperator,
@@ -24,7 +25,6 @@ from pushforward.covariance import (
     Marginal,
     Subset,
 )
-from pushforward.layout import ParamLayout
 
 DT = torch.float64
 TOL = 1e-12

@@ -1,4 +1,4 @@
-"""``pushforward demo --quick``: it writes the picture, the table and the numbers, and the numbers
+"""``python examples/demo.py --quick``: it writes the picture, the table and the numbers, and the numbers
 say what the picture should show."""
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ pytest.importorskip("laplace")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from pushforward.cli import main
-from pushforward.demo import METHODS, STRUCTURES
+from demo import METHODS, STRUCTURES, main
 
 
 def test_quick_demo_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["--quick", "--out", str(out)]) == 0
 
     png = out / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

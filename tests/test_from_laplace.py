@@ -31,9 +31,9 @@ with warnings.catch_warnings():
 
 from laplace_models import classifier, frozen_classifier, regressor
 
+from pushforward.core.layout import ParamLayout
 from pushforward.covariance import Dense, Diagonal, Kronecker, LowRankPrecision, Subset
 from pushforward.laplace_interop import from_laplace
-from pushforward.layout import ParamLayout
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

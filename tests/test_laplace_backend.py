@@ -39,7 +39,7 @@ with warnings.catch_warnings():
 
 from laplace_models import classifier, frozen_classifier, regressor
 
-import pushforward.reverse
+import pushforward.products.vjp
 from pushforward.laplace_interop import PushforwardEF, PushforwardGGN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -290,7 +290,7 @@ def test_glm_predictive(model_name, subset, structure):
 def test_memory_budget_bounds_chunks(monkeypatch):
     """A tiny budget computes one row at a time, with the same result."""
     sizes = []
-    inner = pushforward.reverse.sample_rows
+    inner = pushforward.products.vjp.sample_rows
 
     def spy(fm, params, inputs, cotangents, flat=True):
         sizes.append(cotangents.shape[0] * cotangents.shape[1])
@@ -298,7 +298,7 @@ def test_memory_budget_bounds_chunks(monkeypatch):
 
     make, likelihood, _ = MODELS["classification"]
     ref, _ = fit(make, likelihood, "all", "full", PushforwardGGN)
-    monkeypatch.setattr(pushforward.reverse, "sample_rows", spy)
+    monkeypatch.setattr(pushforward.products.vjp, "sample_rows", spy)
     for structure in ("diag", "full"):
         sizes.clear()
         la, _ = fit(make, likelihood, "all", structure, PushforwardGGN, {"memory_budget": 1})

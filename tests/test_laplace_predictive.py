@@ -49,7 +49,7 @@ with warnings.catch_warnings():
 from laplace_models import N_DATA, classifier, regressor
 
 import pushforward as pf
-import pushforward.laplace_interop.predictive as lp
+import pushforward.laplace_interop.glm as lp
 from pushforward.laplace_interop import accelerate, glm_predictive, restore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

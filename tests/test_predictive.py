@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pushforward import FunctionalModel, functional_covariance, functional_variance
+from pushforward.api.predictive import RegressionPredictive, predictive
+from pushforward.api.sampling import functional_samples, sample_chunk_size
 from pushforward.covariance import Dense, Diagonal, LowRank
 from pushforward.laplace_interop import from_laplace
-from pushforward.predictive import RegressionPredictive, predictive
-from pushforward.sampling import functional_samples, sample_chunk_size
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -121,7 +121,7 @@ def test_bridge_is_stable_at_large_logits():
     """At logits of ±800 laplace-torch's exp(f) overflows (its NaN guard then returns 1 for every
     class); the log-space evaluation agrees with it where it does not overflow and stays a
     distribution where it does."""
-    from pushforward.predictive import _bridge
+    from pushforward.api.predictive import _bridge
 
     C = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=D)).unsqueeze(0)
     f = torch.tensor([[300.0, 0.0, -300.0]], dtype=D)

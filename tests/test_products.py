@@ -71,7 +71,7 @@ def test_per_example_vjp_matches_brute_force(zoo_name, chunk_size):
 @pytest.fixture
 def rows_per_chunk(monkeypatch) -> list[int]:
     """Records the number of rows of every chunk the reverse-mode primitive computes."""
-    import pushforward.reverse as reverse
+    import pushforward.products.vjp as reverse
 
     seen: list[int] = []
     original = reverse.sample_rows

@@ -10,9 +10,9 @@ from conftest import rel_err, zoo_reference
 from torch import nn
 
 from pushforward import FunctionalModel, functional_covariance, functional_variance, plan
+from pushforward.api.sampling import functional_samples
+from pushforward.api.variance import monte_carlo_variance
 from pushforward.covariance import Dense, Diagonal, Kronecker, LowRank
-from pushforward.monte_carlo import monte_carlo_variance
-from pushforward.sampling import functional_samples
 
 D = torch.float64
 TOL = 1e-10

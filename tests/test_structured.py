@@ -14,8 +14,8 @@ from zoo import FACTORIES, Case, brute_force_jacobian
 
 import pushforward as pf
 from pushforward.covariance import BlockDiagonal, Dense, Diagonal, Kronecker
-from pushforward.strategies.problem import Problem
-from pushforward.strategies.structured import _split
+from pushforward.engine.problem import Problem
+from pushforward.engine.strategies.structured import _split
 
 TOL = 1e-10
 D = torch.float64

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pushforward import FunctionalModel
-from pushforward.inputs import Inputs
+from pushforward.core.inputs import Inputs
 
 DTYPE = torch.float64
 

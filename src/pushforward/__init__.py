@@ -4,6 +4,17 @@ Predictive means, functional variances and covariances ``J(x) S J(x)^T``, linear
 samples and predictive probabilities — without materializing the per-example Jacobian.
 """
 
+from pushforward.api.predictive import RegressionPredictive, predictive
+from pushforward.api.sampling import functional_samples
+from pushforward.api.variance import (
+    functional_covariance,
+    functional_variance,
+    monte_carlo_variance,
+)
+from pushforward.core.fallback import PushforwardFallbackWarning
+from pushforward.core.functional_model import BatchCouplingError, FunctionalModel
+from pushforward.core.inputs import Inputs
+from pushforward.core.layout import ParamLayout
 from pushforward.covariance import (
     BlockDiagonal,
     CovarianceOperator,
@@ -18,19 +29,11 @@ from pushforward.covariance import (
     ParamGroup,
     Subset,
 )
-from pushforward.fallback import PushforwardFallbackWarning
-from pushforward.forward import batched_jvp, jvp
-from pushforward.functional_model import BatchCouplingError, FunctionalModel
-from pushforward.inputs import Inputs
-from pushforward.jacobian import jacobian
+from pushforward.engine.planner import Plan, plan
 from pushforward.laplace_interop import accelerate, from_laplace, glm_predictive
-from pushforward.layout import ParamLayout
-from pushforward.monte_carlo import monte_carlo_variance
-from pushforward.planner import Plan, plan
-from pushforward.predictive import RegressionPredictive, predictive
-from pushforward.reverse import per_example_vjp
-from pushforward.sampling import functional_samples
-from pushforward.variance import functional_covariance, functional_variance
+from pushforward.products.jacobian import jacobian
+from pushforward.products.jvp import batched_jvp, jvp
+from pushforward.products.vjp import per_example_vjp
 
 __version__ = "0.1.0"
 

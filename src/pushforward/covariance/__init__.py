@@ -1,9 +1,8 @@
 """Weight-space covariance operators Σ (P x P) over a model's flat parameter vector.
 
-All share the interface of :class:`CovarianceOperator` (see :mod:`pushforward.covariance.base`).
+All share the interface of :class:`CovarianceOperator` (see :mod:`pushforward.covariance.operator`).
 """
 
-from pushforward.covariance.base import CovarianceOperator, ParamGroup
 from pushforward.covariance.block_diagonal import BlockDiagonal
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
@@ -12,6 +11,7 @@ from pushforward.covariance.kronecker import Kronecker, KroneckerEigen, Kronecke
 from pushforward.covariance.lowrank import LowRank
 from pushforward.covariance.lowrank_precision import LowRankPrecision
 from pushforward.covariance.marginal import Marginal
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 from pushforward.covariance.subset import Subset
 
 __all__ = [

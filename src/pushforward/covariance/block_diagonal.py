@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from pushforward.covariance.base import CovarianceOperator, ParamGroup
+from pushforward.core.layout import ParamLayout
 from pushforward.covariance.isotropic import Isotropic
-from pushforward.layout import ParamLayout
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 
 __all__ = ["BlockDiagonal"]
 

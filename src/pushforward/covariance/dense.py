@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import (
+from pushforward.covariance.checks import (
     cached,
     check_matrix,
     check_nonnegative,
@@ -15,8 +15,8 @@ from pushforward.covariance._linalg import (
     common_dtype_device,
     psd_sqrt,
 )
-from pushforward.covariance.base import CovarianceOperator
 from pushforward.covariance.marginal import check_index
+from pushforward.covariance.operator import CovarianceOperator
 
 __all__ = ["Dense"]
 

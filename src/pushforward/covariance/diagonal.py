@@ -7,15 +7,15 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import (
+from pushforward.core.layout import ParamLayout
+from pushforward.covariance.checks import (
     cached,
     check_names,
     check_nonnegative,
     common_dtype_device,
 )
-from pushforward.covariance.base import CovarianceOperator, ParamGroup, check_finite
 from pushforward.covariance.marginal import check_index
-from pushforward.layout import ParamLayout
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup, check_finite
 
 __all__ = ["Diagonal"]
 

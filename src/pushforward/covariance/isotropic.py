@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import check_nonnegative, common_dtype_device
-from pushforward.covariance.base import CovarianceOperator, ParamGroup, check_finite
+from pushforward.core.layout import ParamLayout
+from pushforward.covariance.checks import check_nonnegative, common_dtype_device
 from pushforward.covariance.marginal import check_index
-from pushforward.layout import ParamLayout
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup, check_finite
 
 __all__ = ["Isotropic"]
 

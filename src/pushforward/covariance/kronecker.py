@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import (
+from pushforward.core.layout import ParamLayout
+from pushforward.covariance.checks import (
     cached,
     check_matrix,
     check_names,
@@ -19,9 +20,8 @@ from pushforward.covariance._linalg import (
     common_dtype_device,
     psd_sqrt,
 )
-from pushforward.covariance.base import CovarianceOperator, ParamGroup, check_finite
 from pushforward.covariance.dense import Dense
-from pushforward.layout import ParamLayout
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup, check_finite
 
 __all__ = ["Kronecker", "KroneckerEigen", "KroneckerFactors"]
 

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import check_nonnegative, common_dtype_device
-from pushforward.covariance.base import CovarianceOperator, check_finite
+from pushforward.covariance.checks import check_nonnegative, common_dtype_device
 from pushforward.covariance.marginal import check_index
+from pushforward.covariance.operator import CovarianceOperator, check_finite
 
 __all__ = ["LowRank"]
 

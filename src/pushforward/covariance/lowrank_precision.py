@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.covariance._linalg import cached, check_nonnegative, common_dtype_device
-from pushforward.covariance.base import CovarianceOperator, check_finite
+from pushforward.covariance.checks import cached, check_nonnegative, common_dtype_device
+from pushforward.covariance.operator import CovarianceOperator, check_finite
 
 __all__ = ["LowRankPrecision"]
 

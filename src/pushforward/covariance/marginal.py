@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pushforward.covariance.base import CovarianceOperator
+from pushforward.covariance.operator import CovarianceOperator
 
 __all__ = ["Marginal", "check_index"]
 

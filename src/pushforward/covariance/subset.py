@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pushforward.covariance.base import CovarianceOperator, ParamGroup
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.isotropic import Isotropic
 from pushforward.covariance.marginal import check_index
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 
 __all__ = ["Subset"]
 

@@ -10,7 +10,7 @@ on first access.
 from typing import Any
 
 from pushforward.laplace_interop.convert import from_laplace
-from pushforward.laplace_interop.predictive import accelerate, glm_predictive, restore
+from pushforward.laplace_interop.glm import accelerate, glm_predictive, restore
 
 __all__ = [
     "PushforwardEF",

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pushforward.inputs import Inputs
+from pushforward.core.inputs import Inputs
 
 __all__ = ["PREFIX", "MappingInput", "laplace_inputs"]
 

@@ -10,12 +10,12 @@ Pass :class:`PushforwardGGN` or :class:`PushforwardEF` as laplace-torch's ``back
 laplace-torch's own backends form the Jacobian of a whole batch, ``B x K x P``, with ``jacrev``
 (its vectorized backward passes go through the whole batch, O(B^2) work) and contract it even
 for a diagonal GGN. These backends compute per-example rows ``J(x_n)^T u`` (``vmap`` over examples
-of ``torch.func.vjp``, see :mod:`pushforward.reverse`) in chunks bounded by ``memory_budget``:
+of ``torch.func.vjp``, see :mod:`pushforward.products.vjp`) in chunks bounded by ``memory_budget``:
 
 * ``diag``: ``sum_n sum_r (J_n^T u_nr)^2`` with ``u_n`` the rows of a factor of the loss Hessian
   w.r.t. the outputs (softmax: ``sqrt(p_r)(e_r - p)``; squared error: the identity's rows), of
   sampled output gradients (``stochastic=True``) or the loss gradient (empirical Fisher): only
-  ``chunk x P`` entries exist at a time (:mod:`pushforward.curvature`);
+  ``chunk x P`` entries exist at a time (:mod:`pushforward.curvature.row_sums`);
 * ``full``: the ``P x P`` sum, accumulated chunk by chunk;
 * ``jacobians``/``last_layer_jacobians``/``selected_output_jacobians``/``gradients``: laplace's
   shapes and order, memory linear in the batch (their result's own size);
@@ -70,14 +70,14 @@ import torch
 from laplace.curvature.curvlinops import CurvlinopsEF, CurvlinopsGGN
 from torch import Tensor, nn
 
-from pushforward.chunking import RowChunk
-from pushforward.curvature import outer_product_sum, softmax_hessian_factor
-from pushforward.functional_model import FunctionalModel
-from pushforward.inputs import Inputs
+from pushforward.core.budget import parse_memory
+from pushforward.core.chunking import RowChunk
+from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.inputs import Inputs
+from pushforward.curvature.row_sums import outer_product_sum, softmax_hessian_factor
 from pushforward.laplace_interop.adapters import PREFIX, MappingInput, laplace_inputs
 from pushforward.laplace_interop.convert import _subnet_selection
-from pushforward.memory import parse_memory
-from pushforward.reverse import (
+from pushforward.products.vjp import (
     collect_rows,
     example_output_shape,
     iter_row_chunks,

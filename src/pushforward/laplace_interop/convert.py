@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pushforward.covariance.base import CovarianceOperator
+from pushforward.core.functional_model import FunctionalModel
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.kronecker import Kronecker
 from pushforward.covariance.lowrank_precision import LowRankPrecision
+from pushforward.covariance.operator import CovarianceOperator
 from pushforward.covariance.subset import Subset
-from pushforward.functional_model import FunctionalModel
 
 __all__ = ["from_laplace"]
 

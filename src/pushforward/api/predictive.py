@@ -1,0 +1,229 @@
+"""The linearized (GLM) predictive: ``∫ softmax(f) N(f | f(x), J S J^T) df`` and its relatives.
+
+Classification, by ``link``:
+
+* ``"probit"`` — ``softmax(f / sqrt(1 + π/8 · var))`` per output, with the diagonal variance
+  from :func:`~pushforward.api.variance.functional_variance` (any strategy);
+* ``"bridge"`` / ``"bridge_norm"`` — the Laplace bridge: the per-example Gaussian (K x K
+  covariance from :func:`~pushforward.api.variance.functional_covariance`) is conditioned on the
+  logits summing to zero and matched to a Dirichlet, whose mean is returned; ``bridge_norm``
+  first rescales it to mean variance ``sqrt(K / 2)``. The formulas are laplace-torch 0.3's,
+  evaluated in log space (no overflow at large logits). Needs K x K per example: small K only;
+* ``"mc"`` — the average of ``softmax(f + J L z_i)`` over linearized function samples, streamed
+  chunk by chunk: at most one chunk of samples is alive, never ``n_samples x B x K``, so a
+  vocabulary-sized output is fine.
+
+Regression: the Gaussian ``N(f, var + σ²)`` as :class:`RegressionPredictive` ``(mean, variance)``.
+
+The softmax runs over the model's output dims (``FunctionalModel.output_dims``, flattened to K):
+a language model's ``(B, T, V)`` gives one distribution over V per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from pushforward.api.sampling import perturbation_chunks, sample_chunk_size
+from pushforward.api.variance import functional_covariance, functional_variance
+from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.covariance.operator import CovarianceOperator
+from pushforward.engine.problem import Problem
+
+__all__ = ["RegressionPredictive", "predictive"]
+
+Likelihood = Literal["classification", "regression"]
+Link = Literal["probit", "bridge", "bridge_norm", "mc"]
+LINKS = ("probit", "bridge", "bridge_norm", "mc")
+
+
+class RegressionPredictive(NamedTuple):
+    """Gaussian predictive of a regression model; unpacks as ``mean, variance = ...``.
+
+    Attributes:
+        mean: ``f(x)``, the model's output shape.
+        variance: ``diag(J S J^T)`` plus the observation noise σ² when given, same shape.
+    """
+
+    mean: Tensor
+    variance: Tensor
+
+
+def predictive(
+    model: FunctionalModel | torch.nn.Module,
+    x: Any,
+    cov: CovarianceOperator,
+    *,
+    likelihood: Likelihood = "classification",
+    link: Link | None = None,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    noise_variance: float | Tensor | None = None,
+    strategy: str = "auto",
+    memory_budget: int | str | None = None,
+    differentiable: bool = False,
+    progress: bool = False,
+) -> Tensor | RegressionPredictive:
+    """The linearized model's predictive distribution at ``x``.
+
+    Args:
+        model: a :class:`FunctionalModel` or an ``nn.Module`` (trainable parameters).
+        x: inputs (tensor, tuple of tensors or mapping of keyword arguments), batch first.
+        cov: the weight-space covariance S, a :class:`~pushforward.covariance.CovarianceOperator`.
+        likelihood: ``"classification"`` (softmax over the output dims) or ``"regression"``.
+        link: classification only: ``"probit"`` (default), ``"bridge"``, ``"bridge_norm"`` or
+            ``"mc"`` (see the module docstring).
+        n_samples: samples for ``link="mc"`` and for ``strategy="monte_carlo"``.
+        generator: ``torch.Generator`` for those samples; ``link="mc"`` with a generator
+            averages exactly the samples :func:`~pushforward.api.sampling.functional_samples` draws
+            with an identically seeded one.
+        noise_variance: regression only: observation noise σ², a number or a tensor that
+            broadcasts against the outputs (e.g. one per output), added to the variance.
+        strategy: how the variance (``probit``, regression) or per-example covariance
+            (``bridge``) is computed: ``"auto"`` or a strategy name (see
+            :func:`pushforward.plan`), e.g. ``"monte_carlo"`` for a huge K. ``link="mc"``
+            samples directly and accepts only ``"auto"``.
+        memory_budget: bytes or a string like ``"2GB"`` (default: half the available memory).
+        differentiable: keep the graph: gradients flow to ``x``, the model's parameters and the
+            covariance's tensors (``mc`` is reparameterized).
+        progress: show a tqdm bar over chunks.
+
+    Returns:
+        Classification: probabilities of ``f``'s shape, summing to one over the output dims.
+        Regression: :class:`RegressionPredictive` ``(mean, variance)``, each of ``f``'s shape.
+    """
+    fm = as_functional_model(model)
+    common = dict(
+        strategy=strategy,
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+    )
+    sampling = dict(n_samples=n_samples, generator=generator)
+    if likelihood == "regression":
+        if link is not None:
+            raise ValueError(
+                f"link={link!r} applies to classification; a regression predictive is Gaussian "
+                "(mean f, variance diag(J S J^T) + noise); for a Monte Carlo variance pass "
+                "strategy='monte_carlo'"
+            )
+        f, var = functional_variance(fm, x, cov, **common, **sampling)
+        return RegressionPredictive(f, var + _noise(noise_variance, var))
+    if likelihood != "classification":
+        raise ValueError(
+            f"unknown likelihood {likelihood!r}; choose 'classification' or 'regression'"
+        )
+    if noise_variance is not None:
+        raise ValueError("noise_variance applies to likelihood='regression' only")
+    link = "probit" if link is None else link
+    if link not in LINKS:
+        raise ValueError(f"unknown link {link!r}; choose from {list(LINKS)}")
+    if link == "mc":
+        if strategy != "auto":
+            raise ValueError(
+                f"strategy={strategy!r} chooses how a variance is computed; link='mc' pushes "
+                "samples directly and takes strategy='auto'"
+            )
+        return _mc(fm, x, cov, n_samples, generator, memory_budget, differentiable, progress)
+    if link == "probit":
+        f, var = functional_variance(fm, x, cov, **common, **sampling)
+        logits = _flat(fm, f) / torch.sqrt(1 + math.pi / 8 * _flat(fm, var))
+        return logits.softmax(-1).reshape(f.shape)
+    f, C = functional_covariance(fm, x, cov, **common)
+    return _bridge(_flat(fm, f), C, normalize=link == "bridge_norm").reshape(f.shape)
+
+
+def _flat(fm: FunctionalModel, t: Tensor) -> Tensor:
+    """``(*example_dims, *output_shape)`` -> ``(*example_dims, K)``, checking ``K >= 2``."""
+    flat = t.reshape(*t.shape[: t.dim() - fm.output_dims], -1)
+    _check_classes(flat.shape[-1])
+    return flat
+
+
+def _check_classes(K: int) -> None:
+    if K < 2:
+        raise ValueError(
+            f"classification needs at least 2 outputs per example to take a softmax over, got "
+            f"K={K}; check FunctionalModel(output_dims=...)"
+        )
+
+
+def _noise(noise_variance: float | Tensor | None, var: Tensor) -> Tensor | float:
+    if noise_variance is None:
+        return 0.0
+    noise = torch.as_tensor(noise_variance, dtype=var.dtype, device=var.device)
+    if not torch.isfinite(noise).all() or (noise < 0).any():
+        raise ValueError("noise_variance must be finite and non-negative")
+    try:
+        torch.broadcast_shapes(noise.shape, var.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"noise_variance of shape {tuple(noise.shape)} does not broadcast against the "
+            f"outputs of shape {tuple(var.shape)}"
+        ) from None
+    return noise
+
+
+def _bridge(mu: Tensor, C: Tensor, normalize: bool) -> Tensor:
+    """Laplace bridge: ``mu (..., K)``, ``C (..., K, K)`` -> Dirichlet mean ``(..., K)``.
+
+    The Gaussian conditioned on ``sum(f) = 0`` has mean ``mu - s (1^T mu) / t`` and variances
+    ``diag(C) - s^2 / t`` (``s = C 1``, ``t = 1^T C 1``); the Dirichlet's concentrations are
+    ``α_k = (1 - 2/K + e^{mu_k} Σ_j e^{-mu_j} / K²) / var_k`` and its mean ``α / Σα``.
+    """
+    K = mu.shape[-1]
+    s = C.sum(-1)
+    t = s.sum(-1, keepdim=True)
+    mu = mu - s * (mu.sum(-1, keepdim=True) / t)
+    var = C.diagonal(dim1=-2, dim2=-1) - s.square() / t
+    if normalize:
+        scale = var.mean(-1, keepdim=True) / math.sqrt(K / 2)
+        mu, var = mu / scale.sqrt(), var / scale
+    spread = mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(K)
+    log_alpha = (
+        torch.logaddexp(spread.new_tensor(math.log1p(-2 / K) if K > 2 else -math.inf), spread)
+        - var.log()
+    )
+    return log_alpha.softmax(-1)
+
+
+def _mc(
+    fm: FunctionalModel,
+    x: Any,
+    cov: CovarianceOperator,
+    n_samples: int,
+    generator: torch.Generator | None,
+    memory_budget: int | str | None,
+    differentiable: bool,
+    progress: bool,
+) -> Tensor:
+    """Average of ``softmax(f + J L z_i)`` over samples, streamed chunk by chunk."""
+    p = Problem.build(
+        fm,
+        x,
+        cov,
+        "variance",
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        n_samples=n_samples,
+        generator=generator,
+    )
+    _check_classes(p.K)
+    held = 2 * p.result_bytes() + p.B * p.cost.output_numel * p.itemsize  # the sum and f
+    chunk = sample_chunk_size(p.fm, p.inputs, p.cov, p.budget, held)
+    total: Tensor | None = None
+    with torch.set_grad_enabled(differentiable):
+        inputs = p.inputs if differentiable else p.inputs.detach()
+        chunks = perturbation_chunks(
+            fm, fm.params(differentiable), inputs, p.cov, n_samples, chunk, generator, progress
+        )
+        for f, W in chunks:
+            logits = p.canonical(f) + W.reshape(W.shape[0], p.B, p.T, p.K)
+            part = logits.softmax(-1).sum(0)
+            total = part if total is None else total + part
+    assert total is not None
+    return p.user_result(total / n_samples)

@@ -1,0 +1,303 @@
+"""A functional view of an ``nn.Module``: selected parameters as a flat vector of size P.
+
+:class:`FunctionalModel` fixes which parameters the posterior is over (the *selection*), their
+flat order (``param_names``: ``named_parameters()`` order restricted to the selection, tied
+parameters once — the order laplace-torch uses), how inputs are passed, how the output tensor
+is read off the model's return value, and which trailing output dimensions form the output
+vector of size K. Everything else in the library is written against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from pushforward.core.inputs import Inputs
+from pushforward.core.layout import ParamLayout
+
+__all__ = ["BatchCouplingError", "FunctionalModel", "ParamSelection", "as_functional_model"]
+
+ParamSelection = str | Iterable[str] | Callable[[str, nn.Parameter], bool]
+
+
+class BatchCouplingError(ValueError):
+    """The model's outputs for one example depend on the other examples of the batch."""
+
+
+def default_output_fn(out: Any) -> Tensor:
+    """Read the output tensor off a model's return value.
+
+    A tensor is used as is; an object with ``.logits`` (Hugging Face ``ModelOutput``) or a
+    mapping with key ``"logits"`` gives its logits; a tuple or list gives its first element.
+    """
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"cannot read an output tensor from a model output of type {type(out).__name__}; "
+        "pass output_fn=... to FunctionalModel to select it"
+    )
+
+
+class FunctionalModel:
+    """Wrap ``model`` as a function of a flat vector of (selected) parameters.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.func.functional_call`` can call.
+        params: which parameters the posterior is over:
+
+            * ``"trainable"`` (default): those with ``requires_grad`` (frozen backbones, LoRA);
+            * ``"all"``: every parameter;
+            * ``"last_layer"``: the parameters of the last module that owns parameters, in
+              forward order (pass ``example_input`` to read the forward order right away;
+              otherwise registration order is used and checked on the first call);
+            * an iterable of parameter names or name prefixes (``"head"`` selects
+              ``"head.weight"`` and ``"head.bias"``);
+            * a predicate ``(name, param) -> bool``.
+        output_dims: how many trailing dimensions of the output form one output vector of size
+            K; the leading dimensions are example dimensions. ``(B, K)`` classification has one
+            example dimension; a language model's ``(B, T, V)`` with ``output_dims=1`` has
+            ``B*T`` examples (tokens) with ``V`` outputs each.
+        output_fn: maps the model's return value to the output tensor; by default a tensor, an
+            object's ``.logits``, a mapping's ``"logits"`` or a tuple's first element.
+        example_input: optional input used to resolve ``params="last_layer"`` in forward order.
+
+    Shapes: flat parameter vectors are ``(..., P)`` with ``P = num_params``; ``unflatten``
+    gives ``{name: (..., *param_shapes[name])}``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSelection = "trainable",
+        output_dims: int = 1,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        example_input: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if output_dims < 0:
+            raise ValueError(f"output_dims must be >= 0, got {output_dims}")
+        self.module = model
+        self.output_dims = int(output_dims)
+        self.output_fn = output_fn or default_output_fn
+        self._last_layer_unverified = False
+        names = self._select(params, example_input)
+        if not names:
+            raise ValueError(f"params={params!r} selects no parameter of the model")
+        named = dict(model.named_parameters())
+        dtypes = {named[n].dtype for n in names}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"selected parameters have mixed dtypes {dtypes}; cast the model first"
+            )
+        self.layout = ParamLayout(tuple(names), {n: named[n].shape for n in names})
+
+    # -- parameter selection ---------------------------------------------------------
+    def _select(self, params: ParamSelection, example_input: Any) -> list[str]:
+        named = list(self.module.named_parameters())
+        if isinstance(params, str):
+            if params == "trainable":
+                return [n for n, p in named if p.requires_grad]
+            if params == "all":
+                return [n for n, _ in named]
+            if params == "last_layer":
+                if example_input is None:
+                    self._last_layer_unverified = True
+                    return self._last_layer_names(self._registration_order())
+                return self._last_layer_names(self._forward_order(Inputs.from_user(example_input)))
+            params = [params]
+        if callable(params):
+            return [n for n, p in named if params(n, p)]
+        wanted = list(params)
+        chosen = [n for n, _ in named if any(n == w or n.startswith(w + ".") for w in wanted)]
+        unknown = [w for w in wanted if not any(n == w or n.startswith(w + ".") for n, _ in named)]
+        if unknown:
+            raise ValueError(
+                f"unknown parameter names or prefixes {unknown}; the model has "
+                f"{[n for n, _ in named][:20]}{' ...' if len(named) > 20 else ''}"
+            )
+        return chosen
+
+    def _owners(self) -> list[nn.Module]:
+        return [
+            m for m in self.module.modules() if next(m.parameters(recurse=False), None) is not None
+        ]
+
+    def _registration_order(self) -> list[nn.Module]:
+        return self._owners()
+
+    def _forward_order(self, inputs: Inputs) -> list[nn.Module]:
+        owners = set(map(id, self._owners()))
+        order: list[nn.Module] = []
+        hooks = [
+            m.register_forward_hook(lambda mod, *_: order.append(mod))
+            for m in self.module.modules()
+            if id(m) in owners
+        ]
+        try:
+            with torch.no_grad():
+                one = inputs.slice(0, 1)
+                self.module(*one.args, **one.kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not order:
+            raise ValueError("no module with parameters ran in the forward pass")
+        return order
+
+    def _last_layer_names(self, order: list[nn.Module]) -> list[str]:
+        last = order[-1]
+        ids = {id(p) for p in last.parameters(recurse=False)}
+        return [n for n, p in self.module.named_parameters() if id(p) in ids]
+
+    def _verify_last_layer(self, inputs: Inputs) -> None:
+        if not self._last_layer_unverified:
+            return
+        names = self._last_layer_names(self._forward_order(inputs))
+        if tuple(names) != self.layout.names:
+            raise ValueError(
+                f"params='last_layer' resolved to {list(self.param_names)} by registration order, "
+                f"but the last module run in forward order owns {names}; pass example_input=... "
+                "to FunctionalModel (or name the parameters) so the forward order is used"
+            )
+        self._last_layer_unverified = False
+
+    # -- flat <-> dict -------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params()[self.param_names[0]].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params()[self.param_names[0]].device
+
+    def params(self, differentiable: bool = True) -> dict[str, Tensor]:
+        """The selected parameters ``{name: tensor}`` (detached unless ``differentiable``)."""
+        named = dict(self.module.named_parameters())
+        return {n: named[n] if differentiable else named[n].detach() for n in self.param_names}
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the selected parameters, in flat order."""
+        return self.layout.names
+
+    @property
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return dict(self.layout.shapes)
+
+    @property
+    def param_slices(self) -> dict[str, slice]:
+        return dict(self.layout.slices)
+
+    @property
+    def num_params(self) -> int:
+        """P, the size of the flat parameter vector."""
+        return self.layout.num_params
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """``{name: (..., *shape)}`` -> ``(..., P)`` in ``param_names`` order."""
+        return self.layout.join(tensors)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """``(..., P)`` -> ``{name: (..., *shape)}`` (views into ``vector`` where possible)."""
+        return self.layout.split(vector)
+
+    def as_dict(self, v: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A flat ``(..., P)`` vector or a dict, as a dict in ``param_names`` order."""
+        if isinstance(v, Mapping):
+            missing = [n for n in self.param_names if n not in v]
+            extra = [n for n in v if n not in self.param_shapes]
+            if missing or extra:
+                raise KeyError(f"parameter dict mismatch: missing {missing}, unexpected {extra}")
+            return {n: v[n] for n in self.param_names}
+        return self.unflatten(v)
+
+    # -- calling -------------------------------------------------------------------
+    def call(self, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+        """``model(*args, **kwargs)`` with the selected parameters replaced by ``params``."""
+        out = functional_call(
+            self.module, dict(params), args, kwargs, tie_weights=True, strict=False
+        )
+        return self.output_fn(out)
+
+    def __call__(self, x: Any, params: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
+        """Output ``f(x)`` at the current parameters, or at ``params`` (flat or dict)."""
+        inputs = Inputs.from_user(x)
+        p = self.params() if params is None else self.as_dict(params)
+        return self.call(p, inputs.args, inputs.kwargs)
+
+    def split_shape(self, shape: torch.Size) -> tuple[torch.Size, torch.Size]:
+        """Split an output shape into ``(example_shape, output_shape)``."""
+        if len(shape) < self.output_dims + 1:
+            raise ValueError(
+                f"model output of shape {tuple(shape)} has fewer than output_dims+1="
+                f"{self.output_dims + 1} dimensions (a batch dimension is required)"
+            )
+        cut = len(shape) - self.output_dims
+        return torch.Size(shape[:cut]), torch.Size(shape[cut:])
+
+    # -- checks --------------------------------------------------------------------
+    def check_independent(self) -> None:
+        """Raise :class:`BatchCouplingError` when examples of a batch would interact."""
+        problems = list(_coupling_modules(self.module))
+        if problems:
+            lines = "\n".join(f"  - {name or '<root>'} ({why})" for name, why in problems)
+            raise BatchCouplingError(
+                "the model's output for one example depends on the rest of the batch, so "
+                "per-example Jacobians are not defined:\n" + lines + "\nCall model.eval() "
+                "(BatchNorm then uses its running statistics and Dropout is off) before "
+                "computing predictive quantities."
+            )
+
+    def prepare(self, x: Any) -> Inputs:
+        """Validate the model state and normalize the inputs of one call."""
+        self.check_independent()
+        inputs = Inputs.from_user(x)
+        self._verify_last_layer(inputs)
+        return inputs
+
+    def __repr__(self) -> str:
+        return (
+            f"FunctionalModel({type(self.module).__name__}, P={self.num_params}, "
+            f"{len(self.param_names)} tensors, output_dims={self.output_dims})"
+        )
+
+
+def _coupling_modules(module: nn.Module):
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training:
+                yield name, f"{type(m).__name__} in training mode uses batch statistics"
+            elif not m.track_running_stats or m.running_mean is None:
+                yield (
+                    name,
+                    (
+                        f"{type(m).__name__} with track_running_stats=False uses batch statistics "
+                        "even in eval mode; rebuild it with running statistics"
+                    ),
+                )
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            if m.training and m.track_running_stats:
+                yield name, f"{type(m).__name__} in training mode updates running statistics"
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            yield name, f"{type(m).__name__}(p={m.p}) in training mode draws random masks"
+        elif isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
+            yield name, f"MultiheadAttention(dropout={m.dropout}) in training mode"
+
+
+def as_functional_model(model: nn.Module | FunctionalModel) -> FunctionalModel:
+    """``model`` itself if it is a :class:`FunctionalModel`, else one with the defaults."""
+    if isinstance(model, FunctionalModel):
+        return model
+    return FunctionalModel(model)

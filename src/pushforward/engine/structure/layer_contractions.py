@@ -1,0 +1,343 @@
+"""Contracting one layer's covariance block with its factored per-example Jacobian.
+
+For a layer ``z = op(a, W, b)`` the Jacobian of output direction j of example n w.r.t. the
+layer's parameters is determined by the layer input ``a_n`` and ``G_nj = d f_nj / d z_n``. A
+:class:`GroupContraction` turns ``(a, G)`` of a chunk into that group's share of
+``J S J^T`` without per-example parameter gradients where a closed form exists:
+
+* linear layer applied once per example (no weight sharing), diagonal S:
+  ``sum_o G_o^2 (sum_i V_oi a_i^2)``;
+* the same with Kronecker S_W = B ⊗ A: ``(G B G^T)(a^T A a)``, or in eigen form
+  ``sum_ij M_ij (G Q_out)_i^2 (Q_in^T a)_j^2``;
+* a bias: its rows are ``G`` summed over the positions it is broadcast to;
+* embedding, diagonal S: tokens with the same id share a row: ``sum_{t,t'} [id_t = id_t']
+  sum_d G_td V_{id_t d} G_t'd``;
+* anything else (convolutions, weight sharing over positions, dense or low-rank blocks): the
+  layer's per-example weight-gradient rows are formed (``vmap`` of the operation's own VJP —
+  exact for any stride, padding, dilation and groups) and contracted with the block's operator.
+
+Shapes: ``a`` is ``(b, *a_n)`` and ``G`` is ``(b, c, *z_n)`` for ``b`` examples and ``c``
+output directions, where ``a_n``/``z_n`` are one example's shapes inside the model (they keep a
+singleton batch dimension). At the model's output layer ``G`` is one-hot and is passed as a
+:class:`OneHot` (the index of each direction's output) instead of a dense tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from pushforward.covariance.diagonal import Diagonal
+from pushforward.covariance.isotropic import Isotropic
+from pushforward.covariance.kronecker import Kronecker, KroneckerEigen, KroneckerFactors
+from pushforward.covariance.operator import CovarianceOperator
+from pushforward.engine.contraction import gram
+from pushforward.engine.structure.tracing import LayerCall
+
+__all__ = ["GroupContraction", "OneHot", "contraction_for"]
+
+
+@dataclass(frozen=True)
+class OneHot:
+    """One-hot ``G`` of shape ``(b, c, *z_n)`` given by the flat index of each direction's 1."""
+
+    index: Tensor  # (b, c) long
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def dense(self) -> Tensor:
+        b, c = self.index.shape
+        out = torch.zeros(b, c, self.shape[2:].numel(), dtype=self.dtype, device=self.index.device)
+        return out.scatter_(2, self.index.unsqueeze(-1), 1).reshape(self.shape)
+
+
+def _dense(G: Tensor | OneHot) -> Tensor:
+    return G.dense() if isinstance(G, OneHot) else G
+
+
+class GroupContraction:
+    """Rows-based contraction: forms the group's per-example gradient rows ``(b, c, P_g)``."""
+
+    closed_form = False
+
+    def __init__(self, call: LayerCall, names: tuple[str, ...], op: CovarianceOperator) -> None:
+        self.call, self.names, self.op = call, names, op
+
+    # -- rows ---------------------------------------------------------------------------
+    def rows(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor]) -> Tensor:
+        """``(b, c, P_g)`` per-example gradient rows of the group's parameters (group order)."""
+        G = _dense(G)
+        parts = []
+        for name in self.names:
+            if name == self.call.bias_name:
+                parts.append(_bias_rows(self.call, G))
+            else:
+                parts.append(self._weight_rows(a, G, params))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _weight_rows(self, a: Tensor, G: Tensor, params: dict[str, Tensor]) -> Tensor:
+        call = self.call
+        if call.kind == "conv" and len(call.weight_shape) in (3, 4):
+            return _conv_weight_rows(call, a, G)
+        if call.kind in ("linear", "addmm"):
+            return _linear_weight_rows(call, a, G)
+        weight = params[call.weight_name]
+        bias = params[call.bias_name] if call.bias_name else call.bias_value
+
+        def grad(a1: Tensor, g1: Tensor) -> Tensor:
+            return vjp(lambda w: call.apply(a1, w, bias), weight)[1](g1)[0]
+
+        per = vmap(vmap(grad, in_dims=(None, 0)), in_dims=(0, 0))(a, G)
+        return per.reshape(*G.shape[:2], -1)
+
+    # -- results --------------------------------------------------------------------------
+    def variance(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor]) -> Tensor:
+        """``(b, c)``: the group's share of each direction's variance."""
+        R = self.rows(a, G, params)
+        b, c, P = R.shape
+        return self.op.quadratic_rows(R.reshape(b * c, P)).reshape(b, c)
+
+    def covariance(
+        self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor], S: int
+    ) -> Tensor:
+        """``(b, c // S, S, S)``: covariance between the S directions of each position."""
+        R = self.rows(a, G, params)
+        b, c, P = R.shape
+        return gram(self.op, R.reshape(b, c // S, S, P))
+
+
+def _linear_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
+    """Per-example weight gradients of a linear layer, summed over its positions:
+    ``(b, c, out * in)`` in the weight's row-major order (``(in, out)`` for addmm)."""
+    b, c = G.shape[:2]
+    a = a.reshape(b, -1, a.shape[-1])  # (b, positions, in)
+    G = G.reshape(b, c, a.shape[1], -1)  # (b, c, positions, out)
+    pattern = "bcto,bti->bcio" if call.kind == "addmm" else "bcto,bti->bcoi"
+    return torch.einsum(pattern, G, a).reshape(b, c, -1)
+
+
+def _conv_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
+    """Per-example weight gradients of a 1-d/2-d convolution from unfolded inputs (one batched
+    matmul; any stride, padding, dilation and groups): ``(b, c, out * in/groups * prod(k))``."""
+    b, c = G.shape[:2]
+    spatial = len(call.weight_shape) - 2
+    kernel = tuple(call.weight_shape[2:])
+    stride, dilation = (_tuple(call.static.get(k, 1), spatial) for k in ("stride", "dilation"))
+    groups = call.static.get("groups", 1)
+    x = a.reshape(b, -1, *a.shape[a.dim() - spatial :])  # (b, C_in, *spatial)
+    pads = _paddings(call.static.get("padding", 0), kernel, dilation, spatial)
+    if spatial == 1:  # as a 2-d convolution of height 1
+        x, kernel, stride, dilation, pads = (
+            x.unsqueeze(2),
+            (1, *kernel),
+            (1, *stride),
+            (1, *dilation),
+            [(0, 0), *pads],
+        )
+    x = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)  # (b, C_in*k, L)
+    out = call.weight_shape[0]
+    cols = cols.reshape(b, groups, -1, cols.shape[-1])  # (b, g, C_in/g * k, L)
+    grads = G.reshape(b, c, groups, out // groups, cols.shape[-1])  # (b, c, g, out/g, L)
+    return torch.einsum("bcgol,bgil->bcgoi", grads, cols).reshape(b, c, -1)
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
+def _paddings(padding, kernel, dilation, n: int) -> list[tuple[int, int]]:
+    """``(before, after)`` zero padding per spatial dimension, as the convolution applies it."""
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":  # total d*(k-1), the extra one after (as PyTorch does)
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in _tuple(padding, n)]
+
+
+def _bias_rows(call: LayerCall, G: Tensor) -> Tensor:
+    """A bias's rows: ``G`` summed over the positions it is broadcast to, ``(b, c, out)``."""
+    b, c = G.shape[:2]
+    if call.kind == "conv":  # channels at dim 1 of a batched output (N, C, *spatial), else dim 0
+        channel = 3 if G.dim() - 2 == len(call.weight_shape) else 2
+        return G.movedim(channel, 2).reshape(b, c, G.shape[channel], -1).sum(-1)
+    return G.reshape(b, c, -1, G.shape[-1]).sum(2)
+
+
+def _diagonal_like(op: CovarianceOperator) -> bool:
+    return isinstance(op, (Diagonal, Isotropic))
+
+
+def _flat_pairs(M: Tensor, k: Tensor, S: int) -> Tensor:
+    """``M[k_s, k_u]`` for the S directions of each position: ``(b, c // S, S, S)``."""
+    b, c = k.shape
+    k = k.reshape(b, c // S, S)
+    return M[k.unsqueeze(-1), k.unsqueeze(-2)]
+
+
+class _BiasDiagonal(GroupContraction):
+    """A bias with a diagonal block: ``sum_o rows_o^2 v_o``."""
+
+    closed_form = True
+
+    def variance(self, a, G, params):
+        v = self.op.diagonal()
+        if isinstance(G, OneHot) and self.call.kind != "conv":  # rows e_k: outputs are last
+            return v[G.index % v.shape[0]]
+        R = _bias_rows(self.call, _dense(G))
+        return (R * R) @ v
+
+    def covariance(self, a, G, params, S):
+        v = self.op.diagonal()
+        R = _bias_rows(self.call, _dense(G))
+        b, c, out = R.shape
+        R = R.reshape(b, c // S, S, out)
+        return torch.einsum("btso,o,btuo->btsu", R, v, R)
+
+
+class _LinearDiagonal(GroupContraction):
+    """Linear/addmm weight applied once per example, diagonal block."""
+
+    closed_form = True
+
+    def _weights(self, a: Tensor) -> Tensor:
+        """``w_bo = sum_i V_oi a_bi^2``: ``(b, out)``."""
+        V = self.op.diagonal().reshape(self.call.weight_shape)
+        V = V.T if self.call.kind == "addmm" else V
+        a = a.reshape(a.shape[0], -1)
+        return (a * a) @ V.T
+
+    def variance(self, a, G, params):
+        w = self._weights(a)
+        if isinstance(G, OneHot):
+            return w.gather(1, G.index)
+        G = G.reshape(*G.shape[:2], -1)
+        return torch.einsum("bco,bo->bc", G * G, w)
+
+    def covariance(self, a, G, params, S):
+        w = self._weights(a)
+        if isinstance(G, OneHot):
+            b, c = G.index.shape
+            k = G.index.reshape(b, c // S, S)
+            same = (k.unsqueeze(-1) == k.unsqueeze(-2)).to(w.dtype)
+            return same * w.gather(1, G.index).reshape(b, c // S, S).unsqueeze(-1)
+        b, c = G.shape[:2]
+        G = G.reshape(b, c // S, S, -1)
+        return torch.einsum("btso,bo,btuo->btsu", G, w, G)
+
+
+class _LinearKronecker(GroupContraction):
+    """Linear/addmm weight applied once per example, Kronecker block (factors or eigen form)."""
+
+    closed_form = True
+
+    def _parts(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Fg, s)`` for a factor pair: the output-side factor and ``a^T A a`` per example; or
+        ``(Qg, u)`` for the eigen form: output-side eigenvectors and ``u_bo = sum_i M_oi
+        (Q_a^T a_b)_i^2``."""
+        (name,) = self.names
+        block = self.op.factors(name)
+        a = a.reshape(a.shape[0], -1)
+        transposed = self.call.kind == "addmm"  # weight stored (in, out)
+        if isinstance(block, KroneckerFactors):
+            Fg, Fa = (
+                (block.in_factor, block.out_factor)
+                if transposed
+                else (block.out_factor, block.in_factor)
+            )
+            return Fg, torch.einsum("bi,ij,bj->b", a, Fa, a)
+        if transposed:
+            Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
+        else:
+            Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
+        a_hat = a @ Qa
+        return Qg, (a_hat * a_hat) @ M.T
+
+    def _eigen(self) -> bool:
+        return isinstance(self.op.factors(self.names[0]), KroneckerEigen)
+
+    def variance(self, a, G, params):
+        Fg, s = self._parts(a)
+        if self._eigen():
+            g_hat = Fg[G.index] if isinstance(G, OneHot) else G.reshape(*G.shape[:2], -1) @ Fg
+            return torch.einsum("bco,bo->bc", g_hat * g_hat, s)
+        if isinstance(G, OneHot):
+            return s[:, None] * Fg.diagonal()[G.index]
+        G = G.reshape(*G.shape[:2], -1)
+        return s[:, None] * torch.einsum("bco,op,bcp->bc", G, Fg, G)
+
+    def covariance(self, a, G, params, S):
+        Fg, s = self._parts(a)
+        if self._eigen():
+            g_hat = Fg[G.index] if isinstance(G, OneHot) else G.reshape(*G.shape[:2], -1) @ Fg
+            b, c, out = g_hat.shape
+            g_hat = g_hat.reshape(b, c // S, S, out)
+            return torch.einsum("btso,bo,btuo->btsu", g_hat, s, g_hat)
+        if isinstance(G, OneHot):
+            return s[:, None, None, None] * _flat_pairs(Fg, G.index, S)
+        b, c = G.shape[:2]
+        G = G.reshape(b, c // S, S, -1)
+        return s[:, None, None, None] * torch.einsum("btso,op,btup->btsu", G, Fg, G)
+
+
+class _EmbeddingDiagonal(GroupContraction):
+    """Embedding with diagonal S: tokens with equal ids share a parameter row."""
+
+    closed_form = True
+
+    def _parts(self, a: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, c = G.shape[:2]
+        ids = a.reshape(b, -1)
+        G = G.reshape(b, c, ids.shape[1], G.shape[-1])
+        same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).to(G.dtype)
+        pad = self.call.static.get("padding_idx")
+        if pad is not None:
+            keep = (ids != (pad if pad >= 0 else pad + self.call.weight_shape[0])).to(G.dtype)
+            same = same * keep.unsqueeze(-1) * keep.unsqueeze(-2)
+        V = self.op.diagonal().reshape(self.call.weight_shape)
+        shared = torch.einsum("btu,bcud->bctd", same, G)
+        return G, V[ids], shared
+
+    def variance(self, a, G, params):
+        G, Vsel, shared = self._parts(a, _dense(G))
+        return torch.einsum("bctd,btd,bctd->bc", G, Vsel, shared)
+
+    def covariance(self, a, G, params, S):
+        G, Vsel, shared = self._parts(a, _dense(G))
+        b, c, T, d = G.shape
+        G = G.reshape(b, c // S, S, T, d)
+        shared = shared.reshape(b, c // S, S, T, d)
+        return torch.einsum("bxstd,btd,bxutd->bxsu", G, Vsel, shared)
+
+
+def contraction_for(
+    call: LayerCall,
+    names: tuple[str, ...],
+    op: CovarianceOperator,
+    a_example_shape: torch.Size,
+    joint: bool,
+) -> GroupContraction | None:
+    """The contraction for a covariance group on one layer call, or None if the group must go
+    through the generic strategies (embeddings with a non-diagonal block, or any embedding in a
+    joint covariance)."""
+    if call.kind == "embedding":
+        if joint or not (_diagonal_like(op) and names == (call.weight_name,)):
+            return None
+        return _EmbeddingDiagonal(call, names, op)
+    if joint:
+        return GroupContraction(call, names, op)
+    if names == (call.bias_name,) and _diagonal_like(op):
+        return _BiasDiagonal(call, names, op)
+    once = call.kind in ("linear", "addmm") and a_example_shape.numel() == a_example_shape[-1]
+    if once and names == (call.weight_name,):
+        if _diagonal_like(op):
+            return _LinearDiagonal(call, names, op)
+        if isinstance(op, Kronecker) and isinstance(
+            op.factors(names[0]), (KroneckerFactors, KroneckerEigen)
+        ):
+            return _LinearKronecker(call, names, op)
+    return GroupContraction(call, names, op)

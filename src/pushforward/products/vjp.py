@@ -1,0 +1,269 @@
+"""Reverse-mode products: per-example rows ``J(x_b)^T u`` in bounded chunks.
+
+Reverse mode sums over the batch, so per-example rows need the batch split: ``vmap`` over
+examples of ``torch.func.vjp``, with all cotangents of one example pushed through the same
+backward graph by an inner ``vmap``. Work is chunked over (example, row) pairs so that at most
+``chunk_size`` P-vectors are alive at once; no example's work touches another example (no
+O(B^2) cost as with ``jacrev`` over the whole batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vjp as func_vjp
+from torch.func import vmap
+
+from pushforward.core.budget import chunk_budget, measure_cost, parse_memory
+from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
+from pushforward.core.fallback import Ladder
+from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.core.inputs import Inputs
+from pushforward.core.kernels import transform_kernels
+
+__all__ = [
+    "collect_rows",
+    "example_output_shape",
+    "iter_row_chunks",
+    "one_hot_cotangents",
+    "per_example_vjp",
+    "reverse_chunk_size",
+    "sample_rows",
+]
+
+
+def _rows_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
+    def one(tensors, cot):
+        args, kwargs = inputs.with_tensors([t.unsqueeze(0) for t in tensors])
+
+        def f(p):
+            return fm.call(p, args, kwargs).squeeze(0)
+
+        out, vjp_fn = func_vjp(f, params)
+        (grads,) = vmap(vjp_fn)(cot)
+        return out, grads
+
+    with transform_kernels(safe_attention=True):
+        return vmap(one, randomness="error")(inputs.tensors(), cotangents)
+
+
+def _rows_loop_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
+    outs, rows = [], []
+    with transform_kernels(safe_attention=True):
+        for b in range(inputs.batch_size):
+            one = inputs.slice(b, b + 1)
+
+            def f(p, one=one):
+                return fm.call(p, one.args, one.kwargs).squeeze(0)
+
+            out, vjp_fn = func_vjp(f, params)
+            (grads,) = vmap(vjp_fn)(cotangents[b])
+            outs.append(out)
+            rows.append(grads)
+    return torch.stack(outs), _stack_dicts(rows)
+
+
+def _stack_dicts(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def _rows_loop(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
+    differentiable = torch.is_grad_enabled()
+    names = list(params)
+    outs, rows = [], []
+    with torch.enable_grad():
+        leaves = {
+            k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()
+        }
+        for b in range(inputs.batch_size):
+            one = inputs.slice(b, b + 1)
+            out = fm.call(leaves, one.args, one.kwargs).squeeze(0)
+            sample = []
+            for cot in cotangents[b]:
+                grads = torch.autograd.grad(
+                    out,
+                    [leaves[k] for k in names],
+                    cot,
+                    retain_graph=True,
+                    create_graph=differentiable,
+                    allow_unused=True,
+                )
+                sample.append(
+                    {
+                        k: torch.zeros_like(leaves[k]) if g is None else g
+                        for k, g in zip(names, grads, strict=True)
+                    }
+                )
+            outs.append(out)
+            rows.append(
+                _stack_dicts(sample)
+                if sample
+                else {k: v.new_zeros(0, *v.shape) for k, v in leaves.items()}
+            )
+    f, r = torch.stack(outs), _stack_dicts(rows)
+    if not differentiable:
+        f, r = f.detach(), {k: v.detach() for k, v in r.items()}
+    return f, r
+
+
+_REVERSE = Ladder(
+    "reverse-mode",
+    [
+        ("vmap over examples of torch.func.vjp", _rows_vmapped),
+        ("a loop over examples of torch.func.vjp", _rows_loop_vmapped),
+        ("a loop over examples with torch.autograd", _rows_loop),
+    ],
+)
+
+
+def sample_rows(
+    fm: FunctionalModel,
+    params: dict[str, Tensor],
+    inputs: Inputs,
+    cotangents: Tensor,
+    flat: bool = True,
+) -> tuple[Tensor, Tensor | dict[str, Tensor]]:
+    """Per-example VJP rows: internal primitive (no chunking, no validation).
+
+    Args:
+        cotangents: ``(b, R, *f_b)`` where ``b = inputs.batch_size`` and ``f_b`` is one
+            example's output shape (the output without its batch dimension).
+
+    Returns:
+        ``(f, rows)``: outputs ``(b, *f_b)`` and rows ``(b, R, P)`` with
+        ``rows[i, r] = J(x_i)^T cotangents[i, r]`` — or, with ``flat=False``, the rows per
+        parameter ``{name: (b, R, *shape)}`` (no concatenation). Differentiable iff grad mode
+        is on.
+    """
+    f, grads = _REVERSE(fm, fm, params, inputs, cotangents)
+    return f, fm.flatten(grads) if flat else grads
+
+
+def example_output_shape(fm: FunctionalModel, inputs: Inputs) -> tuple[torch.Size, torch.dtype]:
+    """Shape (without the batch dimension) and dtype of one example's output."""
+    one = inputs.slice(0, 1)
+    with torch.no_grad():
+        out = fm.call(fm.params(False), one.detach().args, one.detach().kwargs)
+    fm.split_shape(out.shape)
+    return out.shape[1:], out.dtype
+
+
+def reverse_chunk_size(
+    fm: FunctionalModel, inputs: Inputs, budget: int, extra_row_bytes: int = 0
+) -> int:
+    """How many rows (P-vectors) to compute at once within ``budget`` bytes.
+
+    A row costs its P-vector (gradient dict, flat copy, one more for what the caller does with
+    it), a backward through one example's activations and its cotangent; each example in the
+    chunk costs a forward.
+    """
+    cost = measure_cost(fm, inputs)
+    itemsize = cost.param_bytes // max(fm.num_params, 1)
+    per_row = 3 * cost.param_bytes + 2 * cost.activation_bytes + cost.output_numel * itemsize
+    return max(1, int(chunk_budget(budget) // (per_row + extra_row_bytes)))
+
+
+def one_hot_cotangents(index: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """``(b, r, *shape)`` one-hot cotangents with the 1 at flat position ``index[i, j]``."""
+    b, r = index.shape
+    cot = torch.zeros(b, r, math.prod(shape), dtype=dtype, device=index.device)
+    cot.scatter_(2, index.unsqueeze(-1), 1)
+    return cot.view(b, r, *shape)
+
+
+def iter_row_chunks(
+    fm: FunctionalModel,
+    params: dict[str, Tensor],
+    inputs: Inputs,
+    rows_per_sample: int,
+    make_cotangents: Callable[[RowChunk], Tensor],
+    chunk_size: int,
+    progress: bool = False,
+    desc: str = "rows",
+    flat: bool = True,
+) -> Iterator[tuple[RowChunk, Tensor, Tensor | dict[str, Tensor]]]:
+    """Run :func:`sample_rows` over chunks of (example, row) pairs.
+
+    Yields ``(chunk, f, rows)`` with ``f`` of shape ``(b, *f_b)`` and ``rows`` of shape
+    ``(b, r, P)`` (or per parameter with ``flat=False``) for the ``b`` examples and ``r`` rows
+    of ``chunk``.
+    """
+    chunks = row_chunks(inputs.batch_size, rows_per_sample, chunk_size)
+    for chunk in progress_bar(chunks, progress, desc, total=len(chunks)):
+        sub = inputs.slice(chunk.samples.start, chunk.samples.stop)
+        f, rows = sample_rows(fm, params, sub, make_cotangents(chunk), flat=flat)
+        yield chunk, f, rows
+
+
+def per_example_vjp(
+    model: FunctionalModel | torch.nn.Module,
+    x: Any,
+    cotangents: Tensor,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    differentiable: bool = False,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-example vector-Jacobian products ``J(x_n)^T u_n``.
+
+    Args:
+        cotangents: ``u`` of the output's shape ``(*example_dims, *output_shape)``.
+        chunk_size: rows computed at once (default: as many as ``memory_budget`` allows).
+
+    Returns:
+        ``(f, rows)`` with ``rows.shape == (N, P)``, ``N = prod(example_dims)`` (row-major
+        over the example dimensions, e.g. batch then token).
+    """
+    fm = as_functional_model(model)
+    inputs = fm.prepare(x)
+    shape, dtype = example_output_shape(fm, inputs)
+    example_shape, output_shape = fm.split_shape(torch.Size((inputs.batch_size, *shape)))
+    if cotangents.shape != (*example_shape, *output_shape):
+        raise ValueError(
+            f"cotangents have shape {tuple(cotangents.shape)}; expected the output's shape "
+            f"{(*example_shape, *output_shape)}"
+        )
+    B = inputs.batch_size
+    tokens = math.prod(example_shape[1:])
+    u = cotangents.to(dtype).reshape(B, tokens, -1)
+
+    def make(chunk: RowChunk) -> Tensor:
+        rows = torch.arange(chunk.rows.start, chunk.rows.stop, device=u.device)
+        ub = u[chunk.samples]
+        cot = u.new_zeros(ub.shape[0], len(rows), tokens, ub.shape[-1])
+        cot[:, torch.arange(len(rows)), rows] = ub[:, rows]
+        return cot.view(ub.shape[0], len(rows), *shape)
+
+    if chunk_size is None:
+        chunk_size = reverse_chunk_size(fm, inputs, parse_memory(memory_budget, inputs.device))
+    with torch.set_grad_enabled(differentiable):
+        inputs = inputs if differentiable else inputs.detach()
+        params = fm.params(differentiable)
+        f, out = collect_rows(
+            iter_row_chunks(fm, params, inputs, tokens, make, chunk_size, progress, "vjp rows"),
+            B,
+            tokens,
+            fm.num_params,
+        )
+    return f, out.reshape(B * tokens, fm.num_params)
+
+
+def collect_rows(
+    chunks: Iterator[tuple[RowChunk, Tensor, Tensor]], batch: int, rows_per_sample: int, P: int
+) -> tuple[Tensor, Tensor]:
+    """Gather chunked outputs and rows into ``f (batch, *f_b)`` and ``(batch, rows, P)``."""
+    f_out = rows_out = None
+    for chunk, f, rows in chunks:
+        if rows_out is None:
+            rows_out = rows.new_empty(batch, rows_per_sample, P)
+            f_out = f.new_empty(batch, *f.shape[1:])
+        rows_out[chunk.samples, chunk.rows] = rows
+        if chunk.rows.start == 0:
+            f_out[chunk.samples] = f
+    assert f_out is not None and rows_out is not None, "empty batch"
+    return f_out, rows_out
