@@ -290,8 +290,16 @@ def test_matmul_shapes(case):
     v, V, W = randn(P, g=g), randn(P, 3, g=g), randn(2, 4, P, g=g)
     assert max_err(op.matmul(v), ref @ v) <= TOL
     assert max_err(op.matmul(V), ref @ V) <= TOL
-    assert op.matmul(W).shape == (2, 4, P)
-    assert max_err(op.matmul(W), W @ ref) <= TOL
+    assert max_err(op @ V, ref @ V) <= TOL
+    # rows (the one deliberate change of the covariance protocol: matmul is columns only)
+    assert (W @ op).shape == (2, 4, P)
+    assert max_err(W @ op, W @ ref) <= TOL
+    assert max_err(op.matmul_rows(W[0]), W[0] @ ref) <= TOL
+    with pytest.raises(ValueError, match="for rows use matmul_rows"):
+        op.matmul(W)
+    # n rows with n == P are rows, never read as columns
+    square = randn(P, P, g=g)
+    assert max_err(square @ op, square @ ref) <= TOL
 
 
 def test_sqrt_factor(case):
@@ -304,11 +312,11 @@ def test_sqrt_factor(case):
     z, Z, Zb = randn(r, g=g), randn(r, 3, g=g), randn(2, 5, r, g=g)
     assert max_err(op.sqrt_matmul(z), L @ z) <= TOL
     assert max_err(op.sqrt_matmul(Z), L @ Z) <= TOL
-    assert max_err(op.sqrt_matmul(Zb), Zb @ L.T) <= TOL
+    assert max_err(op.sqrt_rows(Zb.reshape(-1, r)), Zb.reshape(-1, r) @ L.T) <= TOL
     v, V, Vb = randn(P, g=g), randn(P, 3, g=g), randn(2, 5, P, g=g)
     assert max_err(op.sqrt_t_matmul(v), L.T @ v) <= TOL
     assert max_err(op.sqrt_t_matmul(V), L.T @ V) <= TOL
-    assert max_err(op.sqrt_t_matmul(Vb), Vb @ L) <= TOL
+    assert max_err(op.sqrt_t_rows(Vb.reshape(-1, P)), Vb.reshape(-1, P) @ L) <= TOL
 
 
 def test_quadratic_rows(case):
@@ -456,7 +464,7 @@ def test_sample_covariance_within_standard_error(name):
     op = op.bind(LAYOUT)
     n = 20000
     Z = torch.randn(n, op.sqrt_cols, generator=gen(40), dtype=DT)
-    X = op.sqrt_matmul(Z)  # (n, P) rows: zero-mean samples with covariance Σ
+    X = op.sqrt_rows(Z)  # (n, P) rows: zero-mean samples with covariance Σ
     emp = X.T @ X / n
     d = ref.diagonal()
     # standard error of the mean of x_i x_j for x ~ N(0, Σ): sqrt((Σ_ii Σ_jj + Σ_ij²) / n)
@@ -478,9 +486,9 @@ def test_gradcheck_diagonal_and_isotropic():
     V = randn(3, 6, g=g)
     v = (torch.rand(6, generator=g, dtype=DT) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda v: Diagonal(v).quadratic_rows(V), (v,))
-    assert torch.autograd.gradcheck(lambda v: Diagonal(v).sqrt_matmul(V), (v,))
+    assert torch.autograd.gradcheck(lambda v: Diagonal(v).sqrt_rows(V), (v,))
     s = torch.tensor(0.7, dtype=DT, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s: Isotropic(s, num_params=6).sqrt_matmul(V), (s,))
+    assert torch.autograd.gradcheck(lambda s: Isotropic(s, num_params=6).sqrt_rows(V), (s,))
 
 
 def test_gradcheck_dense():
@@ -500,7 +508,7 @@ def test_gradcheck_kronecker_factors():
     def op(B, A):
         return Kronecker({"w": (_sym(B), _sym(A))}).bind(layout)
 
-    assert torch.autograd.gradcheck(lambda B, A: op(B, A).sqrt_matmul(V), (B, A))
+    assert torch.autograd.gradcheck(lambda B, A: op(B, A).sqrt_rows(V), (B, A))
     assert torch.autograd.gradcheck(lambda B, A: op(B, A).quadratic_rows(V), (B, A))
 
 
@@ -527,14 +535,12 @@ def test_gradcheck_lowrank_forms():
     d = (torch.rand(6, generator=g, dtype=DT) + 0.5).requires_grad_()
     V = randn(3, 6, g=g)
     Z = randn(3, 8, g=g)
+    assert torch.autograd.gradcheck(lambda U, lam, d: LowRank(U, lam, d).sqrt_rows(Z), (U, lam, d))
     assert torch.autograd.gradcheck(
-        lambda U, lam, d: LowRank(U, lam, d).sqrt_matmul(Z), (U, lam, d)
+        lambda U, lam, d: LowRankPrecision(U, lam, d).matmul_rows(V), (U, lam, d)
     )
     assert torch.autograd.gradcheck(
-        lambda U, lam, d: LowRankPrecision(U, lam, d).matmul(V), (U, lam, d)
-    )
-    assert torch.autograd.gradcheck(
-        lambda U, lam, d: LowRankPrecision(U, lam, d).sqrt_matmul(V), (U, lam, d)
+        lambda U, lam, d: LowRankPrecision(U, lam, d).sqrt_rows(V), (U, lam, d)
     )
 
 
@@ -660,9 +666,8 @@ def test_error_dense_matrix_form():
         Dense(torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=DT))
     with pytest.raises(ValueError, match="must be lower triangular"):
         Dense.from_cholesky(torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=DT))
-    indefinite = Dense(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DT))
     with pytest.raises(ValueError, match="not positive semi-definite: smallest eigenvalue -1"):
-        indefinite.sqrt_matmul(torch.ones(2, dtype=DT))
+        Dense(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DT))
     with pytest.raises(ValueError, match="different dtypes"):
         LowRank(torch.ones(3, 1, dtype=DT), torch.ones(1, dtype=torch.float32))
 

@@ -300,8 +300,11 @@ def test_memory_budget_bounds_chunks(monkeypatch):
     ref, _ = fit(make, likelihood, "all", "full", PushforwardGGN)
     monkeypatch.setattr(pushforward.products.vjp, "sample_rows", spy)
     for structure in ("diag", "full"):
+        with pytest.raises(pushforward.MemoryBudgetError) as too_small:
+            fit(make, likelihood, "all", structure, PushforwardGGN, {"memory_budget": 1})
+        need = too_small.value.need  # the smallest budget: one row at a time
         sizes.clear()
-        la, _ = fit(make, likelihood, "all", structure, PushforwardGGN, {"memory_budget": 1})
+        la, _ = fit(make, likelihood, "all", structure, PushforwardGGN, {"memory_budget": need})
         assert sizes and max(sizes) == 1
         assert_close(la.H, ref.H if structure == "full" else ref.H.diagonal(), EXACT)
     sizes.clear()

@@ -50,6 +50,7 @@ from laplace_models import N_DATA, classifier, regressor
 
 import pushforward as pf
 import pushforward.laplace_interop.glm as lp
+from pushforward.core.cost import Budget
 from pushforward.laplace_interop import accelerate, glm_predictive, restore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -343,7 +344,7 @@ def test_mc_chunking_does_not_change_draws():
     x = inputs("classification")
     ref = ours(la, x, seed=3, link_approx="mc", n_samples=64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lp, "chunk_budget", lambda budget: 1)  # one sample per chunk
+        mp.setattr(Budget, "chunk", lambda self, per, held=0, at_most=None: 1)  # one per chunk
         tiny = ours(la, x, seed=3, link_approx="mc", n_samples=64)
     assert_close(tiny, ref, 1e-12)
 

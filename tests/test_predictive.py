@@ -12,9 +12,10 @@ from conftest import rel_err, zoo_reference
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import pushforward as pf
 from pushforward import FunctionalModel, functional_covariance, functional_variance
 from pushforward.api.predictive import RegressionPredictive, predictive
-from pushforward.api.sampling import functional_samples, sample_chunk_size
+from pushforward.api.sampling import functional_samples
 from pushforward.covariance import Dense, Diagonal, LowRank
 from pushforward.laplace_interop import from_laplace
 
@@ -144,8 +145,12 @@ def test_mc_equals_average_of_stored_sample_softmaxes(name):
     assert ours.shape == f_ref.shape
     assert rel_err(ours, explicit) < 1e-12
     # a budget that forces chunks of a few samples streams the same average
-    tiny = 4 * 30 * f_ref.numel() * 8
-    assert sample_chunk_size(case.fm, case.fm.prepare(case.x), cov.bind(case.fm.layout), tiny) < 30
+    full = pf.plan(case.fm, case.x, cov, strategy="monte_carlo", n_samples=30)
+    tiny = full.estimate.memory // 3
+    chunks = pf.plan(
+        case.fm, case.x, cov, strategy="monte_carlo", n_samples=30, memory_budget=tiny
+    ).chunk_size
+    assert chunks < 30
     chunked = predictive(
         case.fm, case.x, cov, link="mc", n_samples=30, generator=gen(7), memory_budget=tiny
     )

@@ -13,9 +13,11 @@ from torch.autograd import gradcheck
 from zoo import FACTORIES, Case, brute_force_jacobian
 
 import pushforward as pf
+from pushforward.core.options import Options
 from pushforward.covariance import BlockDiagonal, Dense, Diagonal, Kronecker
+from pushforward.engine.planner import plan_problem
 from pushforward.engine.problem import Problem
-from pushforward.engine.strategies.structured import _split
+from pushforward.engine.strategies.structured import _split as split_problem
 
 TOL = 1e-10
 D = torch.float64
@@ -158,7 +160,11 @@ def test_selected_outputs_and_sequences(name):
 
 
 def _problem(case, cov, kind="variance"):
-    return Problem.build(case.fm, case.x, cov, kind)
+    return Problem.build(case.fm, case.fm.prepare(case.x), cov, kind, Options())
+
+
+def _split(problem):
+    return split_problem(problem, lambda sub, exclude: plan_problem(sub, "auto", exclude))
 
 
 def test_which_parameters_are_matched():

@@ -2,6 +2,13 @@
 
 Predictive means, functional variances and covariances ``J(x) S J(x)^T``, linearized function
 samples and predictive probabilities — without materializing the per-example Jacobian.
+
+Layers of the package (each a folder): ``core`` (the functional model, inputs, parameter
+layout, options, settings, the cost model, fallbacks), ``products`` (JVPs, per-example VJPs,
+Jacobians, weight-space draws), ``covariance`` (one operator per module), ``engine`` (problems,
+the planner, the strategies and the layer structure), ``api`` (the functions below),
+``laplace_interop`` (laplace-torch), ``curvature``, and ``testing`` (brute-force references and
+the operator contract, for this library's tests and yours).
 """
 
 from pushforward.api.predictive import RegressionPredictive, predictive
@@ -11,10 +18,16 @@ from pushforward.api.variance import (
     functional_variance,
     monte_carlo_variance,
 )
-from pushforward.core.fallback import PushforwardFallbackWarning
-from pushforward.core.functional_model import BatchCouplingError, FunctionalModel
+from pushforward.core.errors import (
+    BatchCouplingError,
+    MemoryBudgetError,
+    PushforwardFallbackWarning,
+)
+from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
 from pushforward.core.layout import ParamLayout
+from pushforward.core.options import Options
+from pushforward.core.settings import Settings, settings
 from pushforward.covariance import (
     BlockDiagonal,
     CovarianceOperator,
@@ -50,13 +63,20 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BatchCouplingError",
+    # the model and its inputs
+    "FunctionalModel",
+    "Inputs",
+    "ParamLayout",
+    # products
+    "batched_jvp",
+    "jacobian",
+    "jvp",
+    "per_example_vjp",
+    # covariance operators
     "BlockDiagonal",
     "CovarianceOperator",
     "Dense",
     "Diagonal",
-    "FunctionalModel",
-    "Inputs",
     "Isotropic",
     "Kronecker",
     "KroneckerEigen",
@@ -64,22 +84,28 @@ __all__ = [
     "LowRank",
     "LowRankPrecision",
     "ParamGroup",
-    "ParamLayout",
-    "Plan",
-    "PushforwardFallbackWarning",
-    "RegressionPredictive",
     "Subset",
-    "accelerate",
-    "batched_jvp",
-    "from_laplace",
+    # pushforward of the covariance
+    "Plan",
+    "RegressionPredictive",
     "functional_covariance",
     "functional_samples",
     "functional_variance",
-    "glm_predictive",
-    "jacobian",
-    "jvp",
     "monte_carlo_variance",
-    "per_example_vjp",
     "plan",
     "predictive",
+    # how computations run
+    "Options",
+    "Settings",
+    "settings",
+    # errors and warnings
+    "BatchCouplingError",
+    "MemoryBudgetError",
+    "PushforwardFallbackWarning",
+    # laplace-torch
+    "PushforwardEF",
+    "PushforwardGGN",
+    "accelerate",
+    "from_laplace",
+    "glm_predictive",
 ]

@@ -27,11 +27,12 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from pushforward.api.sampling import perturbation_chunks, sample_chunk_size
 from pushforward.api.variance import functional_covariance, functional_variance
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine.problem import Problem
+from pushforward.engine.planner import make_plan
+from pushforward.engine.strategies.monte_carlo import MonteCarloStrategy
 
 __all__ = ["RegressionPredictive", "predictive"]
 
@@ -66,6 +67,7 @@ def predictive(
     memory_budget: int | str | None = None,
     differentiable: bool = False,
     progress: bool = False,
+    chunk_size: int | None = None,
 ) -> Tensor | RegressionPredictive:
     """The linearized model's predictive distribution at ``x``.
 
@@ -90,17 +92,20 @@ def predictive(
         differentiable: keep the graph: gradients flow to ``x``, the model's parameters and the
             covariance's tensors (``mc`` is reparameterized).
         progress: show a tqdm bar over chunks.
+        chunk_size: at most this many rows/tangents/samples per chunk.
 
     Returns:
         Classification: probabilities of ``f``'s shape, summing to one over the output dims.
         Regression: :class:`RegressionPredictive` ``(mean, variance)``, each of ``f``'s shape.
     """
     fm = as_functional_model(model)
+    check_positive_int(n_samples, "n_samples")
     common = dict(
         strategy=strategy,
         memory_budget=memory_budget,
         differentiable=differentiable,
         progress=progress,
+        chunk_size=chunk_size,
     )
     sampling = dict(n_samples=n_samples, generator=generator)
     if likelihood == "regression":
@@ -127,7 +132,10 @@ def predictive(
                 f"strategy={strategy!r} chooses how a variance is computed; link='mc' pushes "
                 "samples directly and takes strategy='auto'"
             )
-        return _mc(fm, x, cov, n_samples, generator, memory_budget, differentiable, progress)
+        options = Options(
+            MonteCarloStrategy.name, memory_budget, differentiable, progress, chunk_size
+        )
+        return _mc(fm, x, cov, n_samples, generator, options)
     if link == "probit":
         f, var = functional_variance(fm, x, cov, **common, **sampling)
         logits = _flat(fm, f) / torch.sqrt(1 + math.pi / 8 * _flat(fm, var))
@@ -171,23 +179,34 @@ def _bridge(mu: Tensor, C: Tensor, normalize: bool) -> Tensor:
     """Laplace bridge: ``mu (..., K)``, ``C (..., K, K)`` -> Dirichlet mean ``(..., K)``.
 
     The Gaussian conditioned on ``sum(f) = 0`` has mean ``mu - s (1^T mu) / t`` and variances
-    ``diag(C) - s^2 / t`` (``s = C 1``, ``t = 1^T C 1``); the Dirichlet's concentrations are
-    ``α_k = (1 - 2/K + e^{mu_k} Σ_j e^{-mu_j} / K²) / var_k`` and its mean ``α / Σα``.
+    ``diag(C) - s^2 / t`` (``s = C 1``, ``t = 1^T C 1``; no conditioning when ``t = 0``); the
+    Dirichlet's concentrations are ``α_k = (1 - 2/K + e^{mu_k} Σ_j e^{-mu_j} / K²) / var_k`` and
+    its mean ``α / Σα``. Evaluated in log space with ``C`` scaled by its largest entry, so it
+    neither overflows for huge variances nor divides by zero; an example whose conditioned
+    Gaussian has a variance of zero (a zero covariance: no uncertainty) gets the softmax of its
+    mean, the limit of the bridge as the variances vanish.
     """
     K = mu.shape[-1]
-    s = C.sum(-1)
+    tiny = torch.finfo(C.dtype).tiny
+    scale = C.abs().amax((-2, -1), keepdim=True).clamp_min(tiny)  # (..., 1, 1)
+    Cs = C / scale
+    s = Cs.sum(-1)
     t = s.sum(-1, keepdim=True)
-    mu = mu - s * (mu.sum(-1, keepdim=True) / t)
-    var = C.diagonal(dim1=-2, dim2=-1) - s.square() / t
+    conditioned = t > torch.finfo(C.dtype).eps * K
+    safe_t = torch.where(conditioned, t, torch.ones_like(t))
+    mu = torch.where(conditioned, mu - s * (mu.sum(-1, keepdim=True) / safe_t), mu)
+    var = Cs.diagonal(dim1=-2, dim2=-1) - torch.where(conditioned, s.square() / safe_t, 0.0)
+    degenerate = (var <= 0).any(-1, keepdim=True)
+    log_var = var.clamp_min(tiny).log() + scale[..., 0].log()
     if normalize:
-        scale = var.mean(-1, keepdim=True) / math.sqrt(K / 2)
-        mu, var = mu / scale.sqrt(), var / scale
+        log_scale = torch.logsumexp(log_var, -1, keepdim=True) - math.log(K) - 0.5 * math.log(K / 2)
+        mu, log_var = mu * torch.exp(-0.5 * log_scale), log_var - log_scale
     spread = mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(K)
     log_alpha = (
         torch.logaddexp(spread.new_tensor(math.log1p(-2 / K) if K > 2 else -math.inf), spread)
-        - var.log()
+        - log_var
     )
-    return log_alpha.softmax(-1)
+    return torch.where(degenerate, mu.softmax(-1), log_alpha.softmax(-1))
 
 
 def _mc(
@@ -196,34 +215,16 @@ def _mc(
     cov: CovarianceOperator,
     n_samples: int,
     generator: torch.Generator | None,
-    memory_budget: int | str | None,
-    differentiable: bool,
-    progress: bool,
+    options: Options,
 ) -> Tensor:
-    """Average of ``softmax(f + J L z_i)`` over samples, streamed chunk by chunk."""
-    p = Problem.build(
-        fm,
-        x,
-        cov,
-        "variance",
-        memory_budget=memory_budget,
-        differentiable=differentiable,
-        progress=progress,
-        n_samples=n_samples,
-        generator=generator,
-    )
+    """Average of ``softmax(f + J L z_i)`` over samples, streamed chunk by chunk through the
+    Monte Carlo strategy's plan (its draws and chunks)."""
+    found = make_plan(fm, x, cov, "variance", options, n_samples=n_samples, generator=generator)
+    p = found.problem
     _check_classes(p.K)
-    held = 2 * p.result_bytes() + p.B * p.cost.output_numel * p.itemsize  # the sum and f
-    chunk = sample_chunk_size(p.fm, p.inputs, p.cov, p.budget, held)
     total: Tensor | None = None
-    with torch.set_grad_enabled(differentiable):
-        inputs = p.inputs if differentiable else p.inputs.detach()
-        chunks = perturbation_chunks(
-            fm, fm.params(differentiable), inputs, p.cov, n_samples, chunk, generator, progress
-        )
-        for f, W in chunks:
-            logits = p.canonical(f) + W.reshape(W.shape[0], p.B, p.T, p.K)
-            part = logits.softmax(-1).sum(0)
+    with torch.set_grad_enabled(p.differentiable):
+        for f, W in MonteCarloStrategy().chunks(p, found.estimate):
+            part = (p.canonical(f) + W).softmax(-1).sum(0)
             total = part if total is None else total + part
-    assert total is not None
-    return p.user_result(total / n_samples)
+    return (total / n_samples).reshape(*p.example_shape, *p.output_shape)

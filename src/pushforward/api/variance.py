@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine.planner import plan
+from pushforward.engine.planner import make_plan
 from pushforward.engine.strategies.monte_carlo import MonteCarloStrategy
 
 __all__ = ["functional_covariance", "functional_variance", "monte_carlo_variance"]
@@ -27,6 +28,7 @@ def functional_variance(
     progress: bool = False,
     n_samples: int | None = None,
     generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example, per-output variance of the linearized model: ``diag(J(x_n) S J(x_n)^T)``.
 
@@ -36,34 +38,37 @@ def functional_variance(
         cov: the weight-space covariance S, a :class:`~pushforward.covariance.CovarianceOperator`.
         outputs: optional integer index tensor ``(*example_dims, S)`` selecting S outputs per
             example (e.g. answer tokens); only those are paid for.
-        strategy: ``"auto"`` (planner) or one of ``explicit``, ``reverse``, ``forward``,
-            ``last_layer``, ``monte_carlo`` (an estimate; never chosen by ``auto``); see
-            :func:`pushforward.plan`.
-        memory_budget: bytes or a string like ``"2GB"`` for the engine's working memory
-            (default: half of the available memory).
+        strategy: ``"auto"`` (planner) or one of ``structured`` (alias ``last_layer``),
+            ``reverse``, ``forward``, ``explicit``, ``monte_carlo`` (an estimate; never chosen
+            by ``auto``); see :func:`pushforward.plan`.
+        memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates, its
+            result included (default: half of the available memory).
         differentiable: keep the graph: gradients flow to ``x``, the model's parameters and the
             covariance's tensors.
         progress: show a tqdm bar over chunks.
         n_samples: samples for ``strategy="monte_carlo"`` (default 100); its standard error is
-            returned by :func:`pushforward.api.monte_carlo.monte_carlo_variance`.
+            returned by :func:`monte_carlo_variance`.
         generator: ``torch.Generator`` for ``strategy="monte_carlo"``'s draws.
+        chunk_size: at most this many rows/tangents/samples per chunk.
 
     Returns:
         ``(f, var)`` with ``var.shape == f.shape``, or ``(*example_dims, S)`` with ``outputs``.
     """
-    return plan(
+    options = Options(strategy, memory_budget, differentiable, progress, chunk_size)
+    if n_samples is not None:
+        check_positive_int(n_samples, "n_samples")
+    found = make_plan(
         model,
         x,
         cov,
-        kind="variance",
+        "variance",
+        options,
         outputs=outputs,
-        strategy=strategy,
-        memory_budget=memory_budget,
-        differentiable=differentiable,
-        progress=progress,
         n_samples=n_samples,
         generator=generator,
-    ).execute()
+    )
+    f, var, *_ = found.execute()
+    return f, var
 
 
 def functional_covariance(
@@ -71,35 +76,40 @@ def functional_covariance(
     x: Any,
     cov: CovarianceOperator,
     *,
-    joint: bool = False,
+    joint: bool | str = False,
+    group_size: int | None = None,
     outputs: Tensor | None = None,
     strategy: str = "auto",
     memory_budget: int | str | None = None,
     differentiable: bool = False,
     progress: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Output covariance of the linearized model, ``J S J^T``.
 
     Args:
         joint: ``False``: one ``K x K`` covariance per example, shape ``(*example_dims, K, K)``
             (``(..., S, S)`` with ``outputs``); ``True``: the ``(N*K, N*K)`` covariance across
-            all ``N`` examples (example-major), for batched Bayesian optimization.
+            all ``N`` examples (example-major), for batched Bayesian optimization;
+            ``"groups"``: the joint covariance within each group of ``group_size`` consecutive
+            batch elements, ``(B / group_size, group_size*T*K, group_size*T*K)`` (the q points
+            of each t-batch of a BoTorch acquisition function) — no covariance across groups
+            is computed.
+        group_size: batch elements per group for ``joint="groups"``.
         Other arguments as in :func:`functional_variance`.
 
     Returns:
         ``(f, cov)``.
     """
-    return plan(
-        model,
-        x,
-        cov,
-        kind="joint" if joint else "covariance",
-        outputs=outputs,
-        strategy=strategy,
-        memory_budget=memory_budget,
-        differentiable=differentiable,
-        progress=progress,
-    ).execute()
+    options = Options(strategy, memory_budget, differentiable, progress, chunk_size)
+    if joint not in (False, True, "groups"):
+        raise ValueError(f"joint must be False, True or 'groups', got {joint!r}")
+    if (joint == "groups") != (group_size is not None):
+        raise ValueError("joint='groups' needs group_size=..., and group_size needs joint='groups'")
+    kind = "covariance" if joint is False else "joint"
+    found = make_plan(model, x, cov, kind, options, outputs=outputs, group_size=group_size)
+    f, result, *_ = found.execute()
+    return f, result
 
 
 def monte_carlo_variance(
@@ -113,6 +123,7 @@ def monte_carlo_variance(
     memory_budget: int | str | None = None,
     differentiable: bool = False,
     progress: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Estimate ``diag(J(x_n) S J(x_n)^T)`` from ``n_samples`` linearized function samples.
 
@@ -122,35 +133,33 @@ def monte_carlo_variance(
         cov: the weight-space covariance S, a :class:`~pushforward.covariance.CovarianceOperator`.
         n_samples: samples to draw (at least 2, for the standard error).
         generator: ``torch.Generator`` on the inputs' device for reproducible draws (the same
-            draws as :func:`pushforward.api.sampling.functional_samples` with this generator).
+            draws as :func:`pushforward.functional_samples` with this generator).
         outputs: optional integer index tensor ``(*example_dims, S)`` selecting outputs per
             example; the samples cost the same, only the statistics kept shrink.
         memory_budget: bytes or a string like ``"2GB"`` (default: half the available memory).
         differentiable: keep the graph (reparameterized): gradients flow to ``x``, the model's
             parameters and the covariance's tensors.
         progress: show a tqdm bar over chunks of samples.
+        chunk_size: at most this many samples per chunk.
 
     Returns:
         ``(f, var, stderr)``: ``f`` the outputs; ``var`` the estimate, of ``f``'s shape (or
         ``(*example_dims, S)`` with ``outputs``); ``stderr`` its standard error, same shape
         (the estimate is unbiased; ``|var - exact|`` exceeds ``3 * stderr`` rarely).
     """
-    chosen = plan(
+    check_positive_int(n_samples, "n_samples")
+    if n_samples < 2:
+        raise ValueError(f"a standard error needs n_samples >= 2, got {n_samples}")
+    options = Options(MonteCarloStrategy.name, memory_budget, differentiable, progress, chunk_size)
+    found = make_plan(
         model,
         x,
         cov,
-        kind="variance",
+        "variance",
+        options,
         outputs=outputs,
-        strategy=MonteCarloStrategy.name,
-        memory_budget=memory_budget,
-        differentiable=differentiable,
-        progress=progress,
         n_samples=n_samples,
         generator=generator,
     )
-    p = chosen.problem
-    with torch.set_grad_enabled(differentiable):
-        if not differentiable:
-            p.inputs = p.inputs.detach()
-        f, var, stderr = MonteCarloStrategy().run_with_stderr(p, chosen.estimate)
-    return f, p.user_result(var), p.user_result(stderr)
+    f, var, stderr = found.execute()
+    return f, var, stderr

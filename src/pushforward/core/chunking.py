@@ -23,22 +23,34 @@ class RowChunk:
     samples: slice
     rows: slice
 
-    @property
-    def num_rows(self) -> int:
-        return (self.samples.stop - self.samples.start) * (self.rows.stop - self.rows.start)
 
-
-def row_chunks(batch_size: int, rows_per_sample: int, chunk_size: int) -> list[RowChunk]:
+def row_chunks(
+    batch_size: int, rows_per_sample: int, chunk_size: int, group_size: int = 1
+) -> list[RowChunk]:
     """Cover ``batch_size x rows_per_sample`` rows with chunks of at most ``chunk_size`` rows
-    (at least one row per chunk)."""
+    (at least one row per chunk), in order.
+
+    With ``group_size = q > 1`` the batch is read as groups of ``q`` consecutive examples: a
+    chunk holds whole groups when a group's rows fit, and never crosses from one group into
+    the next otherwise (a joint covariance within groups needs all rows of a group together).
+    """
     chunk_size = max(1, int(chunk_size))
     if rows_per_sample <= 0 or batch_size <= 0:
         return []
-    if rows_per_sample <= chunk_size:
-        per = max(1, chunk_size // rows_per_sample)
+    q = max(1, int(group_size))
+    if q > 1 and q * rows_per_sample <= chunk_size:
+        per = chunk_size // (q * rows_per_sample) * q
         return [
             RowChunk(slice(b, min(b + per, batch_size)), slice(0, rows_per_sample))
             for b in range(0, batch_size, per)
+        ]
+    if rows_per_sample <= chunk_size:
+        per = max(1, chunk_size // rows_per_sample)
+        span = q if q > 1 else batch_size  # chunks stay inside one group
+        return [
+            RowChunk(slice(b, min(b + per, g + span, batch_size)), slice(0, rows_per_sample))
+            for g in range(0, batch_size, span)
+            for b in range(g, min(g + span, batch_size), per)
         ]
     return [
         RowChunk(slice(b, b + 1), slice(r, min(r + chunk_size, rows_per_sample)))

@@ -6,6 +6,10 @@ kernels, ``TransformerEncoderLayer``'s eval fast path), some cannot be batched b
 are refused under a transform. A :class:`Ladder` tries a list of methods in order — the fast
 ones first, plain autograd last — remembers per model which one worked, and warns once when it
 had to step down. A failure of the last method is raised: never a silent wrong answer.
+
+Not every error is a transform failure: ``vmap``'s refusal of a random operation means the model
+draws random numbers (dropout in training mode), and stepping down to a loop would silently draw
+new numbers for every example; that is raised as :class:`~pushforward.BatchCouplingError`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["TRANSFORM_ERRORS", "Ladder", "PushforwardFallbackWarning"]
+from pushforward.core.errors import BatchCouplingError, PushforwardFallbackWarning
+
+__all__ = ["TRANSFORM_ERRORS", "Ladder", "PushforwardFallbackWarning", "raise_if_random"]
 
 R = TypeVar("R")
 
@@ -22,8 +28,14 @@ R = TypeVar("R")
 TRANSFORM_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, NotImplementedError)
 
 
-class PushforwardFallbackWarning(UserWarning):
-    """A faster method could not run the model and a slower, exact one was used instead."""
+def raise_if_random(err: BaseException) -> None:
+    """Raise :class:`BatchCouplingError` when ``err`` is ``vmap`` refusing a random operation."""
+    if "randomness" in str(err) and "vmap" in str(err):
+        raise BatchCouplingError(
+            "the model draws random numbers in its forward pass (dropout in training mode, a "
+            "functional F.dropout(..., training=True), ...), so its Jacobian is not defined; "
+            "call model.eval() or remove the random operation"
+        ) from err
 
 
 class Ladder:
@@ -38,14 +50,17 @@ class Ladder:
         self.key = key
         self.methods = list(methods)
 
-    def __call__(self, owner: Any, *args: Any, **kwargs: Any) -> Any:
-        state: dict[str, int] = owner.__dict__.setdefault("_fallback_state", {})
+    def __call__(self, fm: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the first method that works for ``fm`` (a FunctionalModel, whose cache remembers
+        it) on ``args``/``kwargs``."""
+        state: dict[str, int] = fm.cache.methods
         start = state.get(self.key, 0)
         for i in range(start, len(self.methods)):
             name, method = self.methods[i]
             try:
                 result = method(*args, **kwargs)
             except TRANSFORM_ERRORS as err:
+                raise_if_random(err)
                 if i == len(self.methods) - 1:
                     raise
                 nxt = self.methods[i + 1][0]
@@ -60,10 +75,6 @@ class Ladder:
             state[self.key] = i
             return result
         raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def method_in_use(owner: Any, key: str) -> int:
-        return owner.__dict__.get("_fallback_state", {}).get(key, 0)
 
 
 def _first_line(err: BaseException) -> str:

@@ -9,23 +9,71 @@ vector of size K. Everything else in the library is written against it.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pushforward.core.errors import BatchCouplingError
 from pushforward.core.inputs import Inputs
 from pushforward.core.layout import ParamLayout
 
-__all__ = ["BatchCouplingError", "FunctionalModel", "ParamSelection", "as_functional_model"]
+__all__ = [
+    "BatchCouplingError",
+    "FunctionalModel",
+    "ModelCache",
+    "ParamSelection",
+    "as_functional_model",
+]
 
 ParamSelection = str | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
 
-class BatchCouplingError(ValueError):
-    """The model's outputs for one example depend on the other examples of the batch."""
+@dataclass
+class ModelCache:
+    """What the engine remembers about one model (one :class:`FunctionalModel`).
+
+    Attributes:
+        costs: measured per-example costs, per input signature
+            (:func:`pushforward.core.cost.measure_cost`).
+        structures: the layer analysis of the structured strategy, per input signature.
+        independence: input signatures whose examples were checked to be independent and
+            deterministic (:meth:`FunctionalModel.check_examples`).
+        methods: per fallback ladder, the index of the first method that worked.
+        plans: recent plans by their key (least recently used dropped first).
+        failures: per plan key and strategy, why the strategy failed at run time.
+        bound: covariance operators bound to this model's layout, by the identity and version
+            of the operator the user passed.
+    """
+
+    costs: dict[Any, Any] = field(default_factory=dict)
+    structures: dict[Any, Any] = field(default_factory=dict)
+    independence: set[Any] = field(default_factory=set)
+    methods: dict[str, int] = field(default_factory=dict)
+    plans: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
+    failures: dict[Any, dict[str, str]] = field(default_factory=dict)
+    bound: dict[Any, Any] = field(default_factory=dict)
+
+
+#: One lock per module: ``functional_call`` swaps a module's parameters in place while it runs,
+#: so two threads calling the same module at once would leave it with each other's tensors.
+_MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module: nn.Module) -> threading.RLock:
+    """The lock held while this library runs ``module`` (one per module object)."""
+    with _LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(module)
+        if lock is None:
+            lock = _MODULE_LOCKS[module] = threading.RLock()
+        return lock
 
 
 def default_output_fn(out: Any) -> Tensor:
@@ -86,11 +134,15 @@ class FunctionalModel:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if output_dims < 0:
-            raise ValueError(f"output_dims must be >= 0, got {output_dims}")
+        if isinstance(output_dims, bool) or not isinstance(output_dims, int) or output_dims < 0:
+            raise ValueError(f"output_dims must be an integer >= 0, got {output_dims!r}")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
         self.module = model
-        self.output_dims = int(output_dims)
+        self.output_dims = output_dims
         self.output_fn = output_fn or default_output_fn
+        self.cache = ModelCache()
+        self._lock = module_lock(model)
         self._last_layer_unverified = False
         names = self._select(params, example_input)
         if not names:
@@ -119,7 +171,15 @@ class FunctionalModel:
             params = [params]
         if callable(params):
             return [n for n, p in named if params(n, p)]
+        if not isinstance(params, Iterable) or isinstance(params, (bytes, Mapping)):
+            raise TypeError(
+                "params must be 'trainable', 'all', 'last_layer', an iterable of parameter names "
+                f"or prefixes, or a predicate (name, param) -> bool; got {type(params).__name__}"
+            )
         wanted = list(params)
+        bad = [w for w in wanted if not isinstance(w, str)]
+        if bad:
+            raise TypeError(f"params must list parameter names (strings), got {bad[:3]}")
         chosen = [n for n, _ in named if any(n == w or n.startswith(w + ".") for w in wanted)]
         unknown = [w for w in wanted if not any(n == w or n.startswith(w + ".") for n, _ in named)]
         if unknown:
@@ -146,7 +206,7 @@ class FunctionalModel:
             if id(m) in owners
         ]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._lock:
                 one = inputs.slice(0, 1)
                 self.module(*one.args, **one.kwargs)
         finally:
@@ -197,10 +257,6 @@ class FunctionalModel:
         return dict(self.layout.shapes)
 
     @property
-    def param_slices(self) -> dict[str, slice]:
-        return dict(self.layout.slices)
-
-    @property
     def num_params(self) -> int:
         """P, the size of the flat parameter vector."""
         return self.layout.num_params
@@ -225,10 +281,13 @@ class FunctionalModel:
 
     # -- calling -------------------------------------------------------------------
     def call(self, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
-        """``model(*args, **kwargs)`` with the selected parameters replaced by ``params``."""
-        out = functional_call(
-            self.module, dict(params), args, kwargs, tie_weights=True, strict=False
-        )
+        """``model(*args, **kwargs)`` with the selected parameters replaced by ``params``.
+
+        The module's lock is held meanwhile (``functional_call`` swaps its parameters)."""
+        with self._lock:
+            out = functional_call(
+                self.module, dict(params), args, kwargs, tie_weights=True, strict=False
+            )
         return self.output_fn(out)
 
     def __call__(self, x: Any, params: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
@@ -260,11 +319,46 @@ class FunctionalModel:
                 "computing predictive quantities."
             )
 
+    def check_examples(self, inputs: Inputs) -> None:
+        """Raise :class:`BatchCouplingError` when the model's output for an example changes
+        between two identical calls (random draws: dropout in training mode, functional
+        ``F.dropout(training=True)``) or with the other examples of the batch (batch statistics,
+        ``h - h.mean(0)``). Checked once per input signature, on the first two examples (a
+        batch of one is checked for randomness only, and again once two examples come)."""
+        key = inputs.signature()
+        if key in self.cache.independence:
+            return
+        two = inputs.slice(0, min(2, inputs.batch_size)).detach()
+        params = self.params(False)
+        with torch.no_grad():
+            first = self.call(params, two.args, two.kwargs)
+            again = self.call(params, two.args, two.kwargs)
+            if not _close(first, again):
+                raise BatchCouplingError(
+                    "the model's output changes between two identical calls: it draws random "
+                    "numbers in its forward pass (dropout in training mode, a functional "
+                    "F.dropout(..., training=True), ...), so its Jacobian is not defined; call "
+                    "model.eval() or remove the random operation"
+                )
+            if two.batch_size < 2:
+                return
+            one = two.slice(0, 1)
+            alone = self.call(params, one.args, one.kwargs)
+        if not _close(first[:1], alone):
+            raise BatchCouplingError(
+                "the model's output for an example depends on the other examples of the batch "
+                "(example 0 alone gives another output than with example 1 beside it): batch "
+                "statistics such as BatchNorm in training mode or h - h.mean(0) couple the "
+                "examples, so per-example Jacobians are not defined"
+            )
+        self.cache.independence.add(key)
+
     def prepare(self, x: Any) -> Inputs:
         """Validate the model state and normalize the inputs of one call."""
         self.check_independent()
         inputs = Inputs.from_user(x)
         self._verify_last_layer(inputs)
+        self.check_examples(inputs)
         return inputs
 
     def __repr__(self) -> str:
@@ -294,6 +388,15 @@ def _coupling_modules(module: nn.Module):
             yield name, f"{type(m).__name__}(p={m.p}) in training mode draws random masks"
         elif isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
             yield name, f"MultiheadAttention(dropout={m.dropout}) in training mode"
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to rounding (a batched and an unbatched kernel may round differently)."""
+    if a.shape != b.shape:
+        return False
+    scale = max(a.abs().max().item() if a.numel() else 0.0, 1e-30)
+    tol = 10 * torch.finfo(a.dtype).eps ** 0.5 if a.is_floating_point() else 0.0
+    return bool(((a - b).abs() <= tol * scale).all())
 
 
 def as_functional_model(model: nn.Module | FunctionalModel) -> FunctionalModel:

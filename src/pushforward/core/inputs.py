@@ -39,6 +39,13 @@ class Inputs:
         if isinstance(x, Inputs):
             return x
         if isinstance(x, Tensor):
+            if x.dim() == 1:
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)}: one dimension cannot say which is the batch. "
+                    f"A batch of {x.shape[0]} scalar inputs is x[:, None] (shape "
+                    f"({x.shape[0]}, 1)); one example with {x.shape[0]} features is x[None] "
+                    f"(shape (1, {x.shape[0]}))"
+                )
             args, kwargs = (x,), {}
         elif isinstance(x, Mapping):
             args, kwargs = (), dict(x.items())
@@ -61,7 +68,12 @@ class Inputs:
                 "every input tensor must be batched along its first dimension with the same "
                 f"batch size; got first-dimension sizes {sizes}"
             )
-        return cls(args, kwargs, distinct.pop())
+        batch_size = distinct.pop()
+        if batch_size == 0:
+            raise ValueError(
+                f"x is an empty batch (batch size 0, tensors {sizes}); pass at least one example"
+            )
+        return cls(args, kwargs, batch_size)
 
     # -- tensor leaves ---------------------------------------------------------------
     def tensors(self) -> list[Tensor]:
@@ -85,10 +97,6 @@ class Inputs:
         """Examples ``start:stop`` of the batch."""
         return self.map(lambda t: t[start:stop])
 
-    def select(self, index: Tensor) -> Inputs:
-        """Examples at ``index`` (a 1-d integer tensor)."""
-        return self.map(lambda t: t.index_select(0, index.to(t.device)))
-
     def detach(self) -> Inputs:
         return self.map(Tensor.detach)
 
@@ -96,12 +104,20 @@ class Inputs:
     def device(self) -> torch.device:
         return self.tensors()[0].device
 
-    @property
-    def requires_grad(self) -> bool:
-        return any(t.requires_grad for t in self.tensors())
-
-    def nbytes_per_example(self) -> int:
-        return sum(t[:1].numel() * t.element_size() for t in self.tensors())
+    def signature(self, with_batch: bool = False) -> tuple:
+        """What one example's computation depends on besides the values: each tensor's shape
+        (without the batch dimension unless ``with_batch``) and dtype, and the static
+        arguments (flags, configuration)."""
+        tensors = tuple(
+            (tuple(t.shape if with_batch else t.shape[1:]), t.dtype, t.device.type)
+            for t in self.tensors()
+        )
+        static = tuple(
+            (name, _static_key(value))
+            for name, value in [*enumerate(self.args), *self.kwargs.items()]
+            if not isinstance(value, Tensor)
+        )
+        return tensors, static
 
 
 def _named_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]):
@@ -111,3 +127,12 @@ def _named_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]):
     for k, v in kwargs.items():
         if isinstance(v, Tensor):
             yield k, v
+
+
+def _static_key(value: Any) -> Any:
+    """A hashable stand-in for a static argument."""
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value).__name__, repr(value))
+    return value

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -30,18 +31,50 @@ __all__ = [
 ]
 
 
+class _SafeKernels:
+    """The process-wide flags of :func:`transform_safe_kernels`, set while any thread is inside
+    the block and restored when the last one leaves (PyTorch's flags are global: two threads
+    saving and restoring them independently would leave them switched off)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.fastpath = True
+        self.sdpa: contextlib.AbstractContextManager | None = None
+
+    def enter(self) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with self.lock:
+            if self.users == 0:
+                self.fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                self.sdpa = sdpa_kernel(SDPBackend.MATH)
+                self.sdpa.__enter__()
+            self.users += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                assert self.sdpa is not None
+                self.sdpa.__exit__(None, None, None)
+                self.sdpa = None
+                torch.backends.mha.set_fastpath_enabled(self.fastpath)
+
+
+_SAFE = _SafeKernels()
+
+
 @contextlib.contextmanager
 def transform_safe_kernels() -> Iterator[None]:
-    """Math attention backend and no ``MultiheadAttention`` fast path inside the block."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    was_enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    """Math attention backend and no ``MultiheadAttention`` fast path inside the block (set
+    process-wide while any thread is inside, restored when the last one leaves)."""
+    _SAFE.enter()
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(was_enabled)
+        _SAFE.leave()
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):

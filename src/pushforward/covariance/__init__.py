@@ -1,13 +1,15 @@
 """Weight-space covariance operators Σ (P x P) over a model's flat parameter vector.
 
-All share the interface of :class:`CovarianceOperator` (see :mod:`pushforward.covariance.operator`).
+All share the interface of :class:`CovarianceOperator` (see
+:mod:`pushforward.covariance.operator`); one operator per module.
 """
 
 from pushforward.covariance.block_diagonal import BlockDiagonal
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.isotropic import Isotropic
-from pushforward.covariance.kronecker import Kronecker, KroneckerEigen, KroneckerFactors
+from pushforward.covariance.kronecker import Kronecker
+from pushforward.covariance.kronecker_blocks import KroneckerBlock, KroneckerEigen, KroneckerFactors
 from pushforward.covariance.lowrank import LowRank
 from pushforward.covariance.lowrank_precision import LowRankPrecision
 from pushforward.covariance.marginal import Marginal
@@ -21,6 +23,7 @@ __all__ = [
     "Diagonal",
     "Isotropic",
     "Kronecker",
+    "KroneckerBlock",
     "KroneckerEigen",
     "KroneckerFactors",
     "LowRank",

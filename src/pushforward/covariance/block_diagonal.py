@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pushforward.core.layout import ParamLayout
 from pushforward.covariance.isotropic import Isotropic
+from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 
 __all__ = ["BlockDiagonal"]
@@ -29,6 +31,7 @@ class BlockDiagonal(CovarianceOperator):
         default: the operator over all parameters no key covers (concatenated in flat
             order); without it every selected parameter must be covered.
         layout: bind right away (else call :meth:`bind`; keys need a layout to resolve).
+        check: unused (the blocks were checked when they were made).
 
     Example: ``BlockDiagonal({"0": Kronecker(...), ("2.weight", "2.bias"): Dense(S)},
     default=Isotropic(1.0))``.
@@ -44,6 +47,8 @@ class BlockDiagonal(CovarianceOperator):
         blocks: Mapping[BlockKey, CovarianceOperator],
         default: CovarianceOperator | None = None,
         layout: ParamLayout | None = None,
+        *,
+        check: bool = True,
     ) -> None:
         for key, op in [*blocks.items(), ("default", default)]:
             if op is not None and not isinstance(op, CovarianceOperator):
@@ -57,12 +62,16 @@ class BlockDiagonal(CovarianceOperator):
                 raise TypeError(f"BlockDiagonal keys must be names or tuples of names, got {key!r}")
         if not blocks and default is None:
             raise ValueError("BlockDiagonal needs at least one block or a default")
+        super().__init__(None)
         self._spec = dict(blocks)
         self._default = default
         self._groups: list[ParamGroup] | None = None
         self._perm: Tensor | None = None
         if layout is not None:
             self._resolve(layout)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"blocks": self._spec, "default": self._default, "layout": self.layout}
 
     # -- binding ---------------------------------------------------------------------------
     def _resolve(self, layout: ParamLayout) -> None:
@@ -105,6 +114,8 @@ class BlockDiagonal(CovarianceOperator):
     def _set_groups(self, groups: list[ParamGroup], layout: ParamLayout) -> None:
         self._groups = groups
         self.layout = layout
+        self._num_params = sum(g.operator.num_params for g in groups)
+        self._sqrt_cols = sum(g.operator.sqrt_cols for g in groups)
         perm = torch.cat([layout.index(g.names) for g in groups])
         identity = bool((perm == torch.arange(perm.numel())).all())
         self._perm = None if identity else perm.to(groups[0].operator.device)
@@ -135,14 +146,11 @@ class BlockDiagonal(CovarianceOperator):
         inner = ", ".join(f"{list(g.names)}: {g.operator!r}" for g in self._groups)
         return f"BlockDiagonal(P={self.num_params}, {{{inner}}})"
 
-    # -- sizes -------------------------------------------------------------------------------
-    @property
-    def num_params(self) -> int:
-        return sum(g.operator.num_params for g in self._bound())
-
-    @property
-    def sqrt_cols(self) -> int:
-        return sum(g.operator.sqrt_cols for g in self._bound())
+    # -- sizes, dtype, costs ---------------------------------------------------------------
+    def tensors(self) -> list[Tensor]:
+        """The blocks' tensors; an unbound operator prefers blocks with a dtype of their own
+        (an :class:`Isotropic` from a Python number has none until it is cast)."""
+        return [t for op in self._operators() for t in op.tensors()]
 
     def matmul_flops(self) -> float:
         return sum(g.operator.matmul_flops() for g in self._bound())
@@ -150,13 +158,9 @@ class BlockDiagonal(CovarianceOperator):
     def sqrt_flops(self) -> float:
         return sum(g.operator.sqrt_flops() for g in self._bound())
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._operators()[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._operators()[0].device
+    def workspace_bytes(self, rows: int) -> int:
+        parts = sum(g.operator.workspace_bytes(rows) for g in self._bound())
+        return parts + 2 * rows * self.num_params * self.dtype.itemsize
 
     def _operators(self) -> list[CovarianceOperator]:
         if self._groups is not None:
@@ -181,22 +185,22 @@ class BlockDiagonal(CovarianceOperator):
     def _matmul_rows(self, V: Tensor) -> Tensor:
         parts = self._gather(V)
         return self._scatter(
-            [g.operator._matmul_rows(X) for g, X in zip(self._bound(), parts, strict=True)]
+            [g.operator.matmul_rows(X) for g, X in zip(self._bound(), parts, strict=True)]
         )
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         parts = torch.split(Z, [g.operator.sqrt_cols for g in self._bound()], dim=-1)
         return self._scatter(
-            [g.operator._sqrt_rows(X) for g, X in zip(self._bound(), parts, strict=True)]
+            [g.operator.sqrt_rows(X) for g, X in zip(self._bound(), parts, strict=True)]
         )
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         parts = self._gather(V)
         return torch.cat(
-            [g.operator._sqrt_t_rows(X) for g, X in zip(self._bound(), parts, strict=True)], dim=-1
+            [g.operator.sqrt_t_rows(X) for g, X in zip(self._bound(), parts, strict=True)], dim=-1
         )
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         parts = self._gather(V)
         return sum(g.operator.quadratic_rows(X) for g, X in zip(self._bound(), parts, strict=True))
 
@@ -215,16 +219,8 @@ class BlockDiagonal(CovarianceOperator):
             f"unknown parameter {name!r}; parameters: {list(self._require_layout().names)}"
         )
 
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> BlockDiagonal:
-        out = BlockDiagonal(
-            {k: op._apply(fn) for k, op in self._spec.items()},
-            None if self._default is None else self._default._apply(fn),
-        )
-        if self._groups is not None:
-            out._set_groups(
-                [ParamGroup(g.names, g.operator._apply(fn)) for g in self._groups], self.layout
-            )
-        return out
+    def marginal(self, index: Tensor) -> CovarianceOperator:
+        return Marginal(self, index)
 
 
 def _common_dtype(groups: list[ParamGroup]) -> list[ParamGroup]:
@@ -250,4 +246,4 @@ def _common_dtype(groups: list[ParamGroup]) -> list[ParamGroup]:
 
 def _from_number(op: CovarianceOperator) -> bool:
     """An :class:`Isotropic` whose variance was a Python number (no dtype/device of its own)."""
-    return isinstance(op, Isotropic) and op._from_number
+    return isinstance(op, Isotropic) and op.from_number

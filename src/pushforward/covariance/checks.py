@@ -1,4 +1,8 @@
-"""Validation and small linear-algebra helpers shared by the covariance operators."""
+"""Validation and small linear-algebra helpers shared by the covariance operators.
+
+The value checks run when an operator is constructed with ``check=True`` (the default); every
+one of them raises ``ValueError`` naming the offending tensor.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,17 @@ import torch
 from torch import Tensor
 
 from pushforward.core.layout import ParamLayout
-from pushforward.covariance.operator import check_finite, is_trusted
 
 T = TypeVar("T")
 
 __all__ = [
     "cached",
+    "check_finite",
+    "check_index",
     "check_matrix",
     "check_names",
     "check_nonnegative",
+    "check_psd",
     "check_symmetric",
     "common_dtype_device",
     "needs_grad",
@@ -45,11 +51,18 @@ def common_dtype_device(
     return first.dtype, first.device
 
 
+def check_finite(name: str, t: Tensor) -> None:
+    """``t`` must have no NaN or infinite entries."""
+    with torch.no_grad():
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf)")
+
+
 def check_matrix(name: str, M: Tensor) -> None:
-    """``M`` must be a finite square matrix."""
+    """``M`` must be a square matrix (shape only)."""
     if M.dim() != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {tuple(M.shape)}")
-    check_finite(name, M)
 
 
 def symmetry_tol(dtype: torch.dtype) -> float:
@@ -59,11 +72,9 @@ def symmetry_tol(dtype: torch.dtype) -> float:
 
 def check_symmetric(name: str, M: Tensor) -> None:
     """``M`` must equal its transpose up to ``symmetry_tol`` relative to its largest entry."""
-    if is_trusted():
-        return
     with torch.no_grad():
-        scale = M.abs().max().item()
-        asym = (M - M.T).abs().max().item()
+        scale = M.abs().max().item() if M.numel() else 0.0
+        asym = (M - M.T).abs().max().item() if M.numel() else 0.0
     if asym > symmetry_tol(M.dtype) * max(scale, torch.finfo(M.dtype).tiny):
         raise ValueError(
             f"{name} is not symmetric: max |M - M^T| = {asym:.3g} (largest entry {scale:.3g})"
@@ -72,8 +83,6 @@ def check_symmetric(name: str, M: Tensor) -> None:
 
 def check_nonnegative(name: str, t: Tensor, what: str = "entries") -> None:
     """``t`` must have no negative entries."""
-    if is_trusted():
-        return
     with torch.no_grad():
         negative = t < 0
         if negative.any():
@@ -83,12 +92,37 @@ def check_nonnegative(name: str, t: Tensor, what: str = "entries") -> None:
             )
 
 
+def _psd_error(name: str, low: float, top: float) -> ValueError:
+    return ValueError(
+        f"{name} is not positive semi-definite: smallest eigenvalue {low:.3g} "
+        f"(largest magnitude {top:.3g}); a covariance needs every eigenvalue >= 0 "
+        "(pass check=False to skip this check for a huge operator)"
+    )
+
+
+def check_psd(name: str, M: Tensor) -> Tensor | None:
+    """``M`` (symmetric) must be positive semi-definite up to ``symmetry_tol`` relative to its
+    largest eigenvalue. Returns its lower Cholesky factor when it is numerically positive
+    definite (a by-product the caller may keep), else ``None``."""
+    if M.shape[0] == 0:
+        return M
+    with torch.no_grad():
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info) == 0:
+            return L
+        evals = torch.linalg.eigvalsh(M)
+        top, low = evals.abs().max().item(), evals.min().item()
+    if low < -symmetry_tol(M.dtype) * max(top, torch.finfo(M.dtype).tiny):
+        raise _psd_error(name, low, top)
+    return None
+
+
 def psd_sqrt(M: Tensor, name: str) -> Tensor:
     """A square factor ``L`` with ``L L^T = M`` for a symmetric PSD ``M`` (n, n).
 
     The lower Cholesky factor when ``M`` is numerically positive definite; otherwise the
     symmetric square root ``Q diag(sqrt(max(λ, 0))) Q^T`` of its eigendecomposition, after
-    checking that no eigenvalue is clearly negative.
+    checking that no eigenvalue is clearly negative. Differentiable.
     """
     if M.shape[0] == 0:
         return M
@@ -100,10 +134,7 @@ def psd_sqrt(M: Tensor, name: str) -> Tensor:
         top = evals.abs().max().item()
         low = evals.min().item()
     if low < -symmetry_tol(M.dtype) * max(top, torch.finfo(M.dtype).tiny):
-        raise ValueError(
-            f"{name} is not positive semi-definite: smallest eigenvalue {low:.3g} "
-            f"(largest magnitude {top:.3g})"
-        )
+        raise _psd_error(name, low, top)
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
 
 
@@ -118,7 +149,8 @@ def cached(store: dict[str, Any], key: str, fn: Callable[[], T], *inputs: Tensor
     if needs_grad(*inputs):
         return fn()
     if key not in store:
-        store[key] = fn()
+        with torch.no_grad():
+            store[key] = fn()
     return store[key]
 
 
@@ -133,3 +165,26 @@ def check_names(owner: str, names: Sequence[str], layout: ParamLayout) -> None:
         )
     if missing:
         raise ValueError(f"{owner} has no entries for the selected parameters {missing}")
+
+
+def check_index(index: Any, size: int, what: str) -> Tensor:
+    """``index`` as a 1-d int64 tensor of distinct coordinates in ``[0, size)``."""
+    if not isinstance(index, Tensor):
+        index = torch.as_tensor(index)
+    if (
+        index.dim() != 1
+        or index.is_floating_point()
+        or index.is_complex()
+        or index.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"{what} must be a 1-d integer tensor, got {index.dtype} of shape {tuple(index.shape)}"
+        )
+    index = index.to(torch.int64)
+    if index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= size:
+            raise ValueError(f"{what} must lie in [0, {size}), got values from {low} to {high}")
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"{what} has duplicate entries")
+    return index

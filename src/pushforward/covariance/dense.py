@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from pushforward.covariance.checks import (
     cached,
+    check_finite,
+    check_index,
     check_matrix,
-    check_nonnegative,
+    check_psd,
     check_symmetric,
     common_dtype_device,
     psd_sqrt,
 )
-from pushforward.covariance.marginal import check_index
 from pushforward.covariance.operator import CovarianceOperator
 
 __all__ = ["Dense"]
@@ -28,69 +28,70 @@ class Dense(CovarianceOperator):
         matrix: the symmetric PSD covariance ``(P, P)``.
         cholesky: instead of ``matrix``, a lower-triangular ``L`` ``(P, P)`` with Σ = L L^T
             (same as :meth:`from_cholesky`).
+        factor: instead of either, any square ``L`` with Σ = L L^T, used as the square-root
+            factor (same as :meth:`from_factor`).
+        check: check the matrix is finite, symmetric and positive semi-definite (one Cholesky
+            factorization, kept as the square-root factor; an eigendecomposition only when the
+            matrix is singular).
 
     The square-root factor (``sqrt_cols = P``) is the given factor, else the Cholesky factor of
-    ``matrix`` (computed once, lazily), or — when ``matrix`` is only positive semi-definite —
-    its clamped symmetric eigen square root.
+    ``matrix``, or — when ``matrix`` is only positive semi-definite — its clamped symmetric
+    eigen square root.
     """
 
-    def __init__(self, matrix: Tensor | None = None, *, cholesky: Tensor | None = None) -> None:
-        if (matrix is None) == (cholesky is None):
-            raise ValueError("Dense needs exactly one of matrix=... or cholesky=...")
+    def __init__(
+        self,
+        matrix: Tensor | None = None,
+        *,
+        cholesky: Tensor | None = None,
+        factor: Tensor | None = None,
+        check: bool = True,
+    ) -> None:
+        given = {"matrix": matrix, "cholesky": cholesky, "factor": factor}
+        chosen = [(k, v) for k, v in given.items() if v is not None]
+        if len(chosen) != 1:
+            raise ValueError("Dense needs exactly one of matrix=..., cholesky=... or factor=...")
+        ((kind, M),) = chosen
+        name = {"matrix": "Dense matrix", "cholesky": "Dense cholesky factor"}.get(
+            kind, "Dense factor"
+        )
+        common_dtype_device("Dense", {kind: M})
+        check_matrix(name, M)
         self._cache: dict[str, Tensor] = {}
-        self._matrix: Tensor | None = None
-        self._factor: Tensor | None = None
-        self._triangular = False
-        if matrix is not None:
-            self._dtype, self._device = common_dtype_device("Dense", {"matrix": matrix})
-            check_matrix("Dense matrix", matrix)
-            check_symmetric("Dense matrix", matrix)
-            check_nonnegative("Dense matrix", matrix.diagonal(), "diagonal entries (variances)")
-            self._matrix = matrix
-        else:
-            self._set_factor(cholesky, "Dense cholesky factor")
-            if bool((cholesky.triu(1) != 0).any()):
-                raise ValueError(
-                    "Dense cholesky factor must be lower triangular (it has non-zero entries "
-                    "above the diagonal); use Dense.from_factor for a general square root"
-                )
-            self._triangular = True
-
-    def _set_factor(self, L: Tensor, name: str) -> None:
-        self._dtype, self._device = common_dtype_device("Dense", {name: L})
-        check_matrix(name, L)
-        self._factor = L
+        if check:
+            check_finite(name, M)
+        if kind == "cholesky" and bool((M.triu(1) != 0).any()):
+            raise ValueError(
+                "Dense cholesky factor must be lower triangular (it has non-zero entries "
+                "above the diagonal); use Dense.from_factor for a general square root"
+            )
+        if kind == "matrix" and check:
+            check_symmetric(name, M)
+            L = check_psd(name, M)
+            if L is not None and not M.requires_grad:
+                self._cache["sqrt"] = L
+        super().__init__(M.shape[0])
+        self._kind = kind
+        self._matrix = M if kind == "matrix" else None
+        self._factor = None if kind == "matrix" else M
 
     @classmethod
-    def from_cholesky(cls, L: Tensor) -> Dense:
+    def from_cholesky(cls, L: Tensor, *, check: bool = True) -> Dense:
         """Σ = L L^T for a lower-triangular ``L`` ``(P, P)``."""
-        return cls(cholesky=L)
+        return cls(cholesky=L, check=check)
 
     @classmethod
-    def from_factor(cls, L: Tensor) -> Dense:
+    def from_factor(cls, L: Tensor, *, check: bool = True) -> Dense:
         """Σ = L L^T for any square ``L`` ``(P, P)`` (e.g. ``Q diag(sqrt(λ))``); ``L`` is used as
         the square-root factor."""
-        out = cls.__new__(cls)
-        out._cache, out._matrix, out._triangular = {}, None, False
-        out._set_factor(L, "Dense factor")
-        return out
+        return cls(factor=L, check=check)
 
-    # -- sizes ---------------------------------------------------------------------------
-    @property
-    def num_params(self) -> int:
-        return (self._matrix if self._matrix is not None else self._factor).shape[0]
+    def _fields(self) -> dict[str, Any]:
+        return {self._kind: self._matrix if self._kind == "matrix" else self._factor}
 
-    @property
-    def sqrt_cols(self) -> int:
-        return self.num_params
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
+    def workspace_bytes(self, rows: int) -> int:
+        P = self.num_params
+        return (rows * P + P * P) * self.dtype.itemsize  # an intermediate and the factor
 
     # -- products ------------------------------------------------------------------------
     def _sqrt(self) -> Tensor:
@@ -111,9 +112,9 @@ class Dense(CovarianceOperator):
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         return V @ self._sqrt()
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         if self._matrix is not None:
-            return super().quadratic_rows(V)
+            return super()._quadratic_rows(V)
         return (V @ self._factor).square().sum(-1)
 
     def diagonal(self) -> Tensor:
@@ -129,16 +130,6 @@ class Dense(CovarianceOperator):
     def marginal(self, index: Tensor) -> Dense:
         index = check_index(index, self.num_params, "marginal index").to(self.device)
         if self._matrix is not None:
-            return Dense(self._matrix[index][:, index])
+            return Dense(self._matrix[index][:, index], check=False)
         rows = self._factor[index]
-        return Dense(rows @ rows.T)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Dense:
-        if self._matrix is not None:
-            out = Dense(fn(self._matrix))
-        elif self._triangular:
-            out = Dense(cholesky=fn(self._factor))
-        else:
-            out = Dense.from_factor(fn(self._factor))
-        out.layout = self.layout
-        return out
+        return Dense(rows @ rows.T, check=False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -10,12 +11,13 @@ from torch import Tensor
 from pushforward.core.layout import ParamLayout
 from pushforward.covariance.checks import (
     cached,
+    check_finite,
+    check_index,
     check_names,
     check_nonnegative,
     common_dtype_device,
 )
-from pushforward.covariance.marginal import check_index
-from pushforward.covariance.operator import CovarianceOperator, ParamGroup, check_finite
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 
 __all__ = ["Diagonal"]
 
@@ -27,12 +29,13 @@ class Diagonal(CovarianceOperator):
         variances: a flat ``(P,)`` tensor in the model's flat order, or a mapping
             ``{name: tensor of that parameter's shape}``. A mapping fixes the operator's layout
             (its insertion order until :meth:`bind` puts it in the model's order).
+        check: check the variances are finite and non-negative.
 
     ``sqrt_cols = P`` (the factor is diag(sqrt(v))). :meth:`param_groups` gives one group per
     parameter tensor and :meth:`variances` one parameter's variances in its natural shape.
     """
 
-    def __init__(self, variances: Tensor | Mapping[str, Tensor]) -> None:
+    def __init__(self, variances: Tensor | Mapping[str, Tensor], *, check: bool = True) -> None:
         if isinstance(variances, Mapping):
             if not variances:
                 raise ValueError("Diagonal: the variances mapping is empty")
@@ -47,33 +50,23 @@ class Diagonal(CovarianceOperator):
                     f"got shape {tuple(variances.shape)}"
                 )
             layout, flat = None, variances
-        check_finite("Diagonal variances", flat)
-        check_nonnegative("Diagonal variances", flat)
+        if check:
+            check_finite("Diagonal variances", flat)
+            check_nonnegative("Diagonal variances", flat)
+        super().__init__(flat.shape[0])
         self._var = flat
         self._named = layout is not None
         self.layout = layout
+        self._cache: dict[str, Tensor] = {}
 
-    @property
-    def num_params(self) -> int:
-        return self._var.shape[0]
-
-    @property
-    def sqrt_cols(self) -> int:
-        return self.num_params
+    def _fields(self) -> dict[str, Any]:
+        return {"variances": self.layout.split(self._var) if self._named else self._var}
 
     def matmul_flops(self) -> float:
         return float(self.num_params)
 
-    def sqrt_flops(self) -> float:
-        return float(self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._var.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._var.device
+    def workspace_bytes(self, rows: int) -> int:
+        return self.num_params * self.dtype.itemsize  # the cached standard deviations
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
         return V * self._var
@@ -84,14 +77,14 @@ class Diagonal(CovarianceOperator):
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         return V * self._sqrt()
 
-    def _sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
+    def sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
         torch.mul(Z, self._sqrt(), out=out)
 
     def _sqrt(self) -> Tensor:
         """Standard deviations ``(P,)`` (cached unless autograd records them)."""
-        return cached(self.__dict__.setdefault("_cache", {}), "sqrt", self._var.sqrt, self._var)
+        return cached(self._cache, "sqrt", self._var.sqrt, self._var)
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         return V.square() @ self._var
 
     def diagonal(self) -> Tensor:
@@ -118,10 +111,10 @@ class Diagonal(CovarianceOperator):
                     f"Diagonal variances for {n!r} have shape {tuple(self.layout.shapes[n])}, but "
                     f"the parameter has shape {tuple(layout.shapes[n])}"
                 )
-        if self.layout.names == layout.names:
-            return super().bind(layout)
+        if self.layout == layout:
+            return self
         own = self.layout.split(self._var)
-        return self._with(torch.cat([own[n].reshape(-1) for n in layout.names]), layout)
+        return Diagonal({n: own[n] for n in layout.names}, check=False)
 
     def param_groups(self) -> list[ParamGroup]:
         layout = self._require_layout()
@@ -129,18 +122,10 @@ class Diagonal(CovarianceOperator):
 
     def block(self, name: str) -> Diagonal:
         layout = self._require_layout()
-        out = Diagonal(self.variances(name).reshape(-1))
+        out = Diagonal(self.variances(name).reshape(-1), check=False)
         out.layout = layout.sub([name])
         return out
 
     def marginal(self, index: Tensor) -> Diagonal:
         index = check_index(index, self.num_params, "marginal index").to(self.device)
-        return Diagonal(self._var[index])
-
-    def _with(self, flat: Tensor, layout: ParamLayout | None) -> Diagonal:
-        out = Diagonal(flat)
-        out._named, out.layout = self._named, layout
-        return out
-
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Diagonal:
-        return self._with(fn(self._var), self.layout)
+        return Diagonal(self._var[index], check=False)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pushforward.core.layout import ParamLayout
-from pushforward.covariance.checks import check_nonnegative, common_dtype_device
-from pushforward.covariance.marginal import check_index
-from pushforward.covariance.operator import CovarianceOperator, ParamGroup, check_finite
+from pushforward.covariance.checks import (
+    check_finite,
+    check_index,
+    check_nonnegative,
+    common_dtype_device,
+)
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 
 __all__ = ["Isotropic"]
 
@@ -23,12 +28,16 @@ class Isotropic(CovarianceOperator):
             number gives a tensor of the default dtype; ``.to(...)`` rebuilds it from the exact
             number, and :class:`BlockDiagonal` casts such an operator to its other blocks'
             dtype and device.
-        num_params: P; when omitted it is taken from the layout at :meth:`bind`.
+        num_params: P; when omitted it is taken from the layout at :meth:`bind`. Products need
+            no size: ``Isotropic(v).matmul(V)`` scales any ``V``.
+        check: check the variance is finite and non-negative.
 
     ``sqrt_cols = P``; :meth:`param_groups` gives one group per parameter tensor.
     """
 
-    def __init__(self, variance: float | Tensor, num_params: int | None = None) -> None:
+    def __init__(
+        self, variance: float | Tensor, num_params: int | None = None, *, check: bool = True
+    ) -> None:
         self._number = None if isinstance(variance, Tensor) else float(variance)
         if self._number is not None:
             variance = torch.tensor(self._number)
@@ -38,43 +47,27 @@ class Isotropic(CovarianceOperator):
                 f"Isotropic variance must be a scalar, got shape {tuple(variance.shape)}"
             )
         variance = variance.reshape(())
-        check_finite("Isotropic variance", variance)
-        check_nonnegative("Isotropic variance", variance)
-        if num_params is not None and num_params < 0:
-            raise ValueError(f"Isotropic num_params must be >= 0, got {num_params}")
+        if check:
+            check_finite("Isotropic variance", variance)
+            check_nonnegative("Isotropic variance", variance)
+        if num_params is not None and (isinstance(num_params, bool) or num_params < 0):
+            raise ValueError(f"Isotropic num_params must be an integer >= 0, got {num_params}")
+        super().__init__(num_params)
         self.variance = variance
-        self._num_params = num_params
 
     @property
-    def _from_number(self) -> bool:
+    def from_number(self) -> bool:
         """Whether the variance was a Python number (no dtype or device of its own)."""
         return self._number is not None
 
-    @property
-    def num_params(self) -> int:
-        if self._num_params is None:
-            raise ValueError(
-                "Isotropic has no size yet: pass num_params=P or call .bind(functional_model.layout)"
-            )
-        return self._num_params
-
-    @property
-    def sqrt_cols(self) -> int:
-        return self.num_params
+    def _fields(self) -> dict[str, Any]:
+        return {"variance": self.variance, "num_params": self._num_params}
 
     def matmul_flops(self) -> float:
         return float(self.num_params)
 
-    def sqrt_flops(self) -> float:
-        return float(self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.variance.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.variance.device
+    def workspace_bytes(self, rows: int) -> int:
+        return 0
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
         return V * self.variance
@@ -85,7 +78,7 @@ class Isotropic(CovarianceOperator):
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         return V * self.variance.sqrt()
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         return V.square().sum(-1) * self.variance
 
     def diagonal(self) -> Tensor:
@@ -124,15 +117,17 @@ class Isotropic(CovarianceOperator):
         return f"Isotropic(variance={self.variance.item():.6g}, {size}, dtype={self.dtype})"
 
     def _sized(self, num_params: int | None) -> Isotropic:
-        out = Isotropic(self.variance, num_params)
+        out = Isotropic(self.variance, num_params, check=False)
         out._number = self._number
         return out
 
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Isotropic:
+    def _apply(
+        self, fn: Callable[[Tensor], Tensor], index_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> Isotropic:
         variance = fn(self.variance)
         if self._number is not None:  # exact in the new dtype, not rounded through the old one
             variance = torch.tensor(self._number, dtype=variance.dtype, device=variance.device)
-        out = Isotropic(variance, self._num_params)
-        out._number = self._number
+        out = self._sized(self._num_params)
+        out.variance = variance
         out.layout = self.layout
         return out

@@ -1,10 +1,9 @@
-"""Kronecker-factored covariance: one B ⊗ A block per weight tensor (K-FAC style)."""
+"""Kronecker-factored covariance: one block per parameter tensor, B ⊗ A per weight (K-FAC)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,56 +11,23 @@ from torch import Tensor
 
 from pushforward.core.layout import ParamLayout
 from pushforward.covariance.checks import (
-    cached,
+    check_finite,
     check_matrix,
     check_names,
     check_nonnegative,
-    check_symmetric,
     common_dtype_device,
-    psd_sqrt,
 )
 from pushforward.covariance.dense import Dense
-from pushforward.covariance.operator import CovarianceOperator, ParamGroup, check_finite
+from pushforward.covariance.kronecker_blocks import KroneckerBlock, KroneckerEigen, KroneckerFactors
+from pushforward.covariance.marginal import Marginal
+from pushforward.covariance.operator import CovarianceOperator, ParamGroup
 
-__all__ = ["Kronecker", "KroneckerEigen", "KroneckerFactors"]
+__all__ = ["Kronecker"]
 
-
-@dataclass(frozen=True)
-class KroneckerFactors:
-    """The covariance block of one weight ``W`` of shape ``(out, *in_shape)`` flattened row-major:
-    Σ_W = B ⊗ A exactly, i.e. ``Cov(W[o, i], W[o', i']) = B[o, o'] A[i, i']`` with ``i`` the
-    row-major index over ``in_shape``.
-
-    Attributes:
-        out_factor: B, ``(out, out)``, symmetric PSD.
-        in_factor: A, ``(in_flat, in_flat)``, symmetric PSD, ``in_flat = prod(in_shape)``.
-    """
-
-    out_factor: Tensor
-    in_factor: Tensor
-
-
-@dataclass(frozen=True)
-class KroneckerEigen:
-    """The covariance block of one weight in eigen form:
-    Σ_W = (Q_out ⊗ Q_in) diag(vec(eigvals)) (Q_out ⊗ Q_in)^T (row-major ``vec``).
-
-    Attributes:
-        out_eigvecs: Q_out, ``(out, out)``, orthogonal.
-        in_eigvecs: Q_in, ``(in_flat, in_flat)``, orthogonal.
-        eigvals: ``(out, in_flat)``, the non-negative covariance eigenvalues (prior, scale and
-            inversion already applied).
-    """
-
-    out_eigvecs: Tensor
-    in_eigvecs: Tensor
-    eigvals: Tensor
-
-
-#: A per-parameter block: a factor pair, an eigen form, or one dense covariance (n, n).
-Block = KroneckerFactors | KroneckerEigen | Dense
-#: What a user may give for one parameter.
-BlockSpec = KroneckerFactors | KroneckerEigen | Dense | Tensor | Sequence[Tensor]
+#: What a user may give for one parameter: a factor pair ``(B, A)``, one covariance ``(C,)`` or
+#: ``C``, or any covariance operator over the parameter's entries (KroneckerFactors,
+#: KroneckerEigen, Dense, Diagonal, ...).
+BlockSpec = CovarianceOperator | Tensor | Sequence[Tensor]
 
 
 class Kronecker(CovarianceOperator):
@@ -77,18 +43,21 @@ class Kronecker(CovarianceOperator):
               ``in_flat = in*kh*kw``);
             * :class:`KroneckerEigen`: the same block in eigen form;
             * ``(C,)``, a tensor ``C`` or a :class:`Dense`: one full covariance ``(n, n)`` over
-              the parameter's ``n`` entries (a bias, or any tensor).
+              the parameter's ``n`` entries (a bias, or any tensor); or any other operator of
+              that size.
+        check: check the tensors given as such (operators were checked when they were made).
 
     laplace-torch's eigendecomposed *precision* (``KronDecomposed``) is read by
     :meth:`from_kron_decomposed` / :meth:`from_precision_eigen`.
 
-    Products cost O(out² in + out in²) per row and block; factors are never eigendecomposed
-    (the square root of a factor pair is ``chol(B) ⊗ chol(A)``, with the clamped eigen square
-    root only as the fallback for singular factors). ``sqrt_cols = P``. :meth:`factors` gives one
-    parameter's block for the layer-structured path.
+    Every product is the blocks' products side by side: O(out² in + out in²) per row and
+    weight. ``sqrt_cols = P``. :attr:`blocks` gives the block operators by name (after
+    :meth:`bind`).
     """
 
-    def __init__(self, factors: Mapping[str, BlockSpec] | Sequence[BlockSpec]) -> None:
+    def __init__(
+        self, factors: Mapping[str, BlockSpec] | Sequence[BlockSpec], *, check: bool = True
+    ) -> None:
         if isinstance(factors, Mapping):
             names: tuple[str, ...] | None = tuple(factors)
             specs = list(factors.values())
@@ -99,28 +68,20 @@ class Kronecker(CovarianceOperator):
         if not specs:
             raise ValueError("Kronecker needs the factors of at least one parameter")
         blocks = tuple(
-            _as_block(s, f"Kronecker factors for {label}")
+            _as_block(s, f"Kronecker factors for {label}", check)
             for s, label in zip(specs, labels, strict=True)
         )
-        self._init(blocks, names)
-
-    def _init(self, blocks: tuple[Block, ...], names: tuple[str, ...] | None) -> None:
+        kinds = {(str(b.dtype), str(b.device)) for b in blocks}
+        if len(kinds) > 1:
+            raise ValueError(f"Kronecker blocks have different dtypes/devices {sorted(kinds)}")
+        super().__init__(sum(b.num_params for b in blocks))
         self._blocks = blocks
         self._names = names
-        self._sizes = [_block_size(b) for b in blocks]
-        dtypes = {_block_dtype_device(b) for b in blocks}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"Kronecker blocks have different dtypes/devices {sorted(map(str, dtypes))}"
-            )
-        self._dtype, self._device = dtypes.pop()
-        self._cache: dict[str, Any] = {}
 
-    @classmethod
-    def _from_blocks(cls, blocks: tuple[Block, ...], names: tuple[str, ...] | None) -> Kronecker:
-        out = cls.__new__(cls)
-        out._init(blocks, names)
-        return out
+    def _fields(self) -> dict[str, Any]:
+        if self._names is None:
+            return {"factors": list(self._blocks)}
+        return {"factors": dict(zip(self._names, self._blocks, strict=True))}
 
     # -- laplace-torch's eigendecomposed precision ---------------------------------------
     @classmethod
@@ -165,7 +126,7 @@ class Kronecker(CovarianceOperator):
         check_finite("Kronecker deltas", deltas)
         check_nonnegative("Kronecker deltas (prior precision)", deltas)
         deltas = deltas.reshape(-1).expand(len(eigenvalues))
-        blocks = []
+        blocks: list[CovarianceOperator] = []
         for i, (Qs, ls) in enumerate(zip(eigenvectors, eigenvalues, strict=True)):
             label = f"Kronecker precision block #{i}"
             if len(Qs) != len(ls) or len(ls) not in (1, 2):
@@ -176,6 +137,7 @@ class Kronecker(CovarianceOperator):
             for j, (Q, lam) in enumerate(zip(Qs, ls, strict=True)):
                 common_dtype_device(label, {f"eigenvectors[{j}]": Q, f"eigenvalues[{j}]": lam})
                 check_matrix(f"{label} eigenvectors[{j}]", Q)
+                check_finite(f"{label} eigenvectors[{j}]", Q)
                 if lam.shape != (Q.shape[0],):
                     raise ValueError(
                         f"{label}: eigenvalues[{j}] has shape {tuple(lam.shape)}, expected "
@@ -199,10 +161,10 @@ class Kronecker(CovarianceOperator):
                     "positive prior precision (deltas)"
                 )
             if len(ls) == 1:
-                blocks.append(Dense.from_factor(Qs[0] * precision.rsqrt()))
+                blocks.append(Dense.from_factor(Qs[0] * precision.rsqrt(), check=False))
             else:
-                blocks.append(KroneckerEigen(Qs[0], Qs[1], precision.reciprocal()))
-        return cls(blocks)
+                blocks.append(KroneckerEigen(Qs[0], Qs[1], precision.reciprocal(), check=False))
+        return cls(blocks, check=False)
 
     @classmethod
     def from_kron_decomposed(
@@ -225,121 +187,39 @@ class Kronecker(CovarianceOperator):
             kd.eigenvectors, kd.eigenvalues, deltas=deltas, damping=bool(kd.damping), scale=scale
         )
 
-    # -- sizes -----------------------------------------------------------------------------
-    @property
-    def num_params(self) -> int:
-        return sum(self._sizes)
-
-    @property
-    def sqrt_cols(self) -> int:
-        return self.num_params
-
+    # -- costs -----------------------------------------------------------------------------
     def matmul_flops(self) -> float:
-        return float(sum(_block_flops(b) for b in self._blocks))
+        return float(sum(b.matmul_flops() for b in self._blocks))
 
     def sqrt_flops(self) -> float:
-        return self.matmul_flops() / 2
+        return float(sum(b.sqrt_flops() for b in self._blocks))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
+    def workspace_bytes(self, rows: int) -> int:
+        parts = sum(b.workspace_bytes(rows) for b in self._blocks)
+        return parts + 2 * rows * self.num_params * self.dtype.itemsize  # split and concatenated
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
+    # -- products ---------------------------------------------------------------------------
+    def _split(self, V: Tensor) -> tuple[Tensor, ...]:
+        return torch.split(V, [b.num_params for b in self._blocks], dim=-1)
 
-    # -- per-block products ---------------------------------------------------------------
-    def _chol(self, i: int) -> tuple[Tensor, Tensor]:
-        b = self._blocks[i]
-        return cached(
-            self._cache,
-            f"chol{i}",
-            lambda: (
-                psd_sqrt(b.out_factor, f"Kronecker out_factor of block #{i}"),
-                psd_sqrt(b.in_factor, f"Kronecker in_factor of block #{i}"),
-            ),
-            b.out_factor,
-            b.in_factor,
-        )
-
-    def _rows(self, V: Tensor, op: Callable[[int, Tensor], Tensor]) -> Tensor:
-        """Apply ``op(block index, that block's columns)`` and concatenate."""
-        parts = torch.split(V, self._sizes, dim=-1)
-        return torch.cat([op(i, X) for i, X in enumerate(parts)], dim=-1)
-
-    def _block_matmul(self, i: int, X: Tensor) -> Tensor:
-        b = self._blocks[i]
-        if isinstance(b, Dense):
-            return b._matmul_rows(X)
-        n = X.shape[0]
-        if isinstance(b, KroneckerFactors):
-            B, A = b.out_factor, b.in_factor
-            return (B @ X.reshape(n, B.shape[0], A.shape[0]) @ A.T).reshape(n, -1)
-        Qo, Qi = b.out_eigvecs, b.in_eigvecs
-        Y = Qo.T @ X.reshape(n, Qo.shape[0], Qi.shape[0]) @ Qi
-        return (Qo @ (Y * b.eigvals) @ Qi.T).reshape(n, -1)
-
-    def _block_sqrt(self, i: int, Z: Tensor) -> Tensor:
-        b = self._blocks[i]
-        if isinstance(b, Dense):
-            return b._sqrt_rows(Z)
-        n = Z.shape[0]
-        if isinstance(b, KroneckerFactors):
-            LB, LA = self._chol(i)
-            return (LB @ Z.reshape(n, LB.shape[0], LA.shape[0]) @ LA.T).reshape(n, -1)
-        Qo, Qi = b.out_eigvecs, b.in_eigvecs
-        Zr = Z.reshape(n, Qo.shape[0], Qi.shape[0])
-        return (Qo @ (Zr * b.eigvals.sqrt()) @ Qi.T).reshape(n, -1)
-
-    def _block_sqrt_t(self, i: int, X: Tensor) -> Tensor:
-        b = self._blocks[i]
-        if isinstance(b, Dense):
-            return b._sqrt_t_rows(X)
-        n = X.shape[0]
-        if isinstance(b, KroneckerFactors):
-            LB, LA = self._chol(i)
-            return (LB.T @ X.reshape(n, LB.shape[0], LA.shape[0]) @ LA).reshape(n, -1)
-        Qo, Qi = b.out_eigvecs, b.in_eigvecs
-        Y = Qo.T @ X.reshape(n, Qo.shape[0], Qi.shape[0]) @ Qi
-        return (Y * b.eigvals.sqrt()).reshape(n, -1)
-
-    def _block_quadratic(self, i: int, X: Tensor) -> Tensor:
-        b = self._blocks[i]
-        if isinstance(b, Dense):
-            return b.quadratic_rows(X)
-        n = X.shape[0]
-        if isinstance(b, KroneckerFactors):
-            B, A = b.out_factor, b.in_factor
-            Xr = X.reshape(n, B.shape[0], A.shape[0])
-            return (Xr * (B @ Xr @ A.T)).sum((-2, -1))
-        Qo, Qi = b.out_eigvecs, b.in_eigvecs
-        Y = Qo.T @ X.reshape(n, Qo.shape[0], Qi.shape[0]) @ Qi
-        return (Y.square() * b.eigvals).sum((-2, -1))
-
-    def _block_diagonal(self, i: int) -> Tensor:
-        b = self._blocks[i]
-        if isinstance(b, Dense):
-            return b.diagonal()
-        if isinstance(b, KroneckerFactors):
-            return torch.outer(b.out_factor.diagonal(), b.in_factor.diagonal()).reshape(-1)
-        return (b.out_eigvecs.square() @ b.eigvals @ b.in_eigvecs.square().T).reshape(-1)
-
-    # -- row forms ----------------------------------------------------------------------------
     def _matmul_rows(self, V: Tensor) -> Tensor:
-        return self._rows(V, self._block_matmul)
+        parts = self._split(V)
+        return torch.cat([b.matmul_rows(X) for b, X in zip(self._blocks, parts, strict=True)], -1)
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
-        return self._rows(Z, self._block_sqrt)
+        parts = self._split(Z)
+        return torch.cat([b.sqrt_rows(X) for b, X in zip(self._blocks, parts, strict=True)], -1)
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
-        return self._rows(V, self._block_sqrt_t)
+        parts = self._split(V)
+        return torch.cat([b.sqrt_t_rows(X) for b, X in zip(self._blocks, parts, strict=True)], -1)
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
-        parts = torch.split(V, self._sizes, dim=-1)
-        return sum(self._block_quadratic(i, X) for i, X in enumerate(parts))
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
+        parts = self._split(V)
+        return sum(b.quadratic_rows(X) for b, X in zip(self._blocks, parts, strict=True))
 
     def diagonal(self) -> Tensor:
-        return torch.cat([self._block_diagonal(i) for i in range(len(self._blocks))])
+        return torch.cat([b.diagonal() for b in self._blocks])
 
     # -- structure ----------------------------------------------------------------------------
     def bind(self, layout: ParamLayout) -> Kronecker:
@@ -359,143 +239,77 @@ class Kronecker(CovarianceOperator):
             blocks = tuple(by_name[n] for n in layout.names)
         for name, b in zip(layout.names, blocks, strict=True):
             _check_block_shape(name, b, layout.shapes[name])
-        out = Kronecker._from_blocks(blocks, layout.names)
+        out = Kronecker(dict(zip(layout.names, blocks, strict=True)), check=False)
         out.layout = layout
         return out
 
+    @property
+    def blocks(self) -> dict[str, CovarianceOperator]:
+        """The block operator of every parameter, by name (needs names: :meth:`bind`)."""
+        return dict(zip(self._require_names(), self._blocks, strict=True))
+
     def factors(self, name: str) -> KroneckerFactors | KroneckerEigen | Tensor:
-        """The block of parameter ``name``: :class:`KroneckerFactors`, :class:`KroneckerEigen`,
-        or for a single-factor parameter its dense covariance ``(n, n)``."""
+        """The block of parameter ``name``: its :class:`KroneckerFactors` or
+        :class:`KroneckerEigen`, or the dense covariance ``(n, n)`` of any other block."""
+        b = self._block_of(name)
+        return b if isinstance(b, KroneckerBlock) else b.to_dense()
+
+    def _require_names(self) -> tuple[str, ...]:
         if self._names is None:
             raise ValueError(
                 "Kronecker was given its factors by position; call .bind(functional_model.layout) "
                 "to name them"
             )
-        if name not in self._names:
-            raise KeyError(f"unknown parameter {name!r}; parameters: {list(self._names)}")
-        b = self._blocks[self._names.index(name)]
-        return b.to_dense() if isinstance(b, Dense) else b
+        return self._names
+
+    def _block_of(self, name: str) -> CovarianceOperator:
+        names = self._require_names()
+        if name not in names:
+            raise KeyError(f"unknown parameter {name!r}; parameters: {list(names)}")
+        return self._blocks[names.index(name)]
 
     def param_groups(self) -> list[ParamGroup]:
         layout = self._require_layout()
-        return [ParamGroup((n,), self.block(n)) for n in layout.names]
+        return [ParamGroup((n,), self._block_of(n).bind(layout.sub([n]))) for n in layout.names]
 
     def block(self, name: str) -> Kronecker:
         layout = self._require_layout()
         if name not in layout.shapes:
             raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
-        out = Kronecker._from_blocks((self._blocks[layout.names.index(name)],), (name,))
+        out = Kronecker({name: self._block_of(name)}, check=False)
         out.layout = layout.sub([name])
         return out
 
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Kronecker:
-        out = Kronecker._from_blocks(tuple(_apply_block(b, fn) for b in self._blocks), self._names)
-        out.layout = self.layout
-        return out
+    def marginal(self, index: Tensor) -> CovarianceOperator:
+        return Marginal(self, index)
 
 
-# -- block helpers ------------------------------------------------------------------------------
-def _as_block(spec: BlockSpec, label: str) -> Block:
-    if isinstance(spec, KroneckerFactors):
-        tensors = {"out_factor": spec.out_factor, "in_factor": spec.in_factor}
-        common_dtype_device(label, tensors)
-        for name, F in tensors.items():
-            check_matrix(f"{label}: {name}", F)
-            check_symmetric(f"{label}: {name}", F)
-            check_nonnegative(f"{label}: {name}", F.diagonal(), "diagonal entries")
-        return spec
-    if isinstance(spec, KroneckerEigen):
-        Qo, Qi, E = spec.out_eigvecs, spec.in_eigvecs, spec.eigvals
-        common_dtype_device(label, {"out_eigvecs": Qo, "in_eigvecs": Qi, "eigvals": E})
-        check_matrix(f"{label}: out_eigvecs", Qo)
-        check_matrix(f"{label}: in_eigvecs", Qi)
-        if E.shape != (Qo.shape[0], Qi.shape[0]):
-            raise ValueError(
-                f"{label}: eigvals must have shape (out, in_flat) = ({Qo.shape[0]}, {Qi.shape[0]}) "
-                f"to match the eigenvectors, got {tuple(E.shape)}"
-            )
-        check_finite(f"{label}: eigvals", E)
-        check_nonnegative(f"{label}: eigvals", E, "eigenvalues")
-        return spec
-    if isinstance(spec, Dense):
-        return spec
-    if isinstance(spec, Tensor):
-        return _dense(spec, label)
-    if isinstance(spec, (tuple, list)):
-        if len(spec) == 2:
-            return _as_block(KroneckerFactors(spec[0], spec[1]), label)
-        if len(spec) == 1:
-            return _dense(spec[0], label)
-    raise TypeError(
-        f"{label}: expected (B, A), (C,), a tensor C, KroneckerFactors, KroneckerEigen or Dense; "
-        f"got {type(spec).__name__}{f' of length {len(spec)}' if isinstance(spec, (tuple, list)) else ''}"
-    )
-
-
-def _dense(C: Tensor, label: str) -> Dense:
+def _as_block(spec: BlockSpec, label: str, check: bool) -> CovarianceOperator:
     try:
-        return Dense(C)
+        if isinstance(spec, CovarianceOperator):
+            return spec
+        if isinstance(spec, Tensor):
+            return Dense(spec, check=check)
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            return KroneckerFactors(spec[0], spec[1], check=check)
+        if isinstance(spec, (tuple, list)) and len(spec) == 1:
+            return Dense(spec[0], check=check)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{label}: {err}") from err
-
-
-def _block_flops(b: Block) -> float:
-    """Floating-point operations of one block applied to one vector."""
-    if isinstance(b, Dense):
-        return 2.0 * b.num_params**2
-    out, inn = (
-        (b.out_factor, b.in_factor)
-        if isinstance(b, KroneckerFactors)
-        else (b.out_eigvecs, b.in_eigvecs)
+    length = f" of length {len(spec)}" if isinstance(spec, (tuple, list)) else ""
+    raise TypeError(
+        f"{label}: expected (B, A), (C,), a tensor C or a covariance operator (KroneckerFactors, "
+        f"KroneckerEigen, Dense, ...); got {type(spec).__name__}{length}"
     )
-    n, m = out.shape[0], inn.shape[0]
-    return 4.0 * (n * n * m + n * m * m)
 
 
-def _block_size(b: Block) -> int:
-    if isinstance(b, Dense):
-        return b.num_params
-    if isinstance(b, KroneckerFactors):
-        return b.out_factor.shape[0] * b.in_factor.shape[0]
-    return b.out_eigvecs.shape[0] * b.in_eigvecs.shape[0]
-
-
-def _block_dtype_device(b: Block) -> tuple[torch.dtype, torch.device]:
-    if isinstance(b, Dense):
-        return b.dtype, b.device
-    t = b.out_factor if isinstance(b, KroneckerFactors) else b.out_eigvecs
-    return t.dtype, t.device
-
-
-def _check_block_shape(name: str, b: Block, shape: torch.Size) -> None:
-    numel = math.prod(shape)
-    if isinstance(b, Dense):
-        if b.num_params != numel:
-            raise ValueError(
-                f"Kronecker covariance for {name!r} is {b.num_params}x{b.num_params}, but the "
-                f"parameter of shape {tuple(shape)} has {numel} entries"
-            )
+def _check_block_shape(name: str, b: CovarianceOperator, shape: torch.Size) -> None:
+    if isinstance(b, KroneckerBlock):
+        b.check_weight(name, shape)
         return
-    if isinstance(b, KroneckerFactors):
-        out, inn, what = b.out_factor.shape[0], b.in_factor.shape[0], "out_factor/in_factor"
-    else:
-        out, inn, what = b.out_eigvecs.shape[0], b.in_eigvecs.shape[0], "out_eigvecs/in_eigvecs"
-    if len(shape) < 2:
+    numel = math.prod(shape)
+    if b.num_params != numel:
         raise ValueError(
-            f"Kronecker factor pair given for {name!r} of shape {tuple(shape)}; a pair needs a "
-            f"weight with at least 2 dimensions (give one ({numel}, {numel}) covariance instead)"
+            f"Kronecker covariance for {name!r} is {b.num_params}x{b.num_params}, but the "
+            f"parameter of shape {tuple(shape)} has {numel} entries"
         )
-    expected = (shape[0], numel // shape[0])
-    if (out, inn) != expected:
-        raise ValueError(
-            f"Kronecker {what} for {name!r} have sides ({out}, {inn}), but a weight of shape "
-            f"{tuple(shape)} needs (out, in_flat) = {expected}"
-        )
-
-
-def _apply_block(b: Block, fn: Callable[[Tensor], Tensor]) -> Block:
-    if isinstance(b, Dense):
-        return b._apply(fn)
-    if isinstance(b, KroneckerFactors):
-        return KroneckerFactors(fn(b.out_factor), fn(b.in_factor))
-    return KroneckerEigen(fn(b.out_eigvecs), fn(b.in_eigvecs), fn(b.eigvals))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from pushforward.covariance.checks import check_nonnegative, common_dtype_device
-from pushforward.covariance.marginal import check_index
-from pushforward.covariance.operator import CovarianceOperator, check_finite
+from pushforward.covariance.checks import (
+    cached,
+    check_finite,
+    check_index,
+    check_nonnegative,
+    common_dtype_device,
+)
+from pushforward.covariance.operator import CovarianceOperator
 
 __all__ = ["LowRank"]
 
@@ -21,6 +26,8 @@ class LowRank(CovarianceOperator):
         U: ``(P, k)`` (e.g. eigenvectors; orthonormality is not required).
         eigvals: ``(k,)``, non-negative.
         diag: optional ``(P,)`` non-negative diagonal added to the low-rank part.
+        check: check the tensors are finite and ``eigvals``/``diag`` non-negative (then Σ is
+            positive semi-definite).
 
     The square-root factor is ``[U diag(sqrt(eigvals)), diag(sqrt(diag))]``, so
     ``sqrt_cols = k`` without ``diag`` and ``k + P`` with it (the first k columns of ``Z`` drive
@@ -28,7 +35,9 @@ class LowRank(CovarianceOperator):
     torch's ``LowRankLaplace``) use :class:`LowRankPrecision`.
     """
 
-    def __init__(self, U: Tensor, eigvals: Tensor, diag: Tensor | None = None) -> None:
+    def __init__(
+        self, U: Tensor, eigvals: Tensor, diag: Tensor | None = None, *, check: bool = True
+    ) -> None:
         tensors = {"U": U, "eigvals": eigvals} | ({} if diag is None else {"diag": diag})
         common_dtype_device("LowRank", tensors)
         if U.dim() != 2:
@@ -42,25 +51,23 @@ class LowRank(CovarianceOperator):
             raise ValueError(
                 f"LowRank diag must have shape ({P},) to match U (P={P}, k={k}), got {tuple(diag.shape)}"
             )
-        for name, t in tensors.items():
-            check_finite(f"LowRank {name}", t)
-        check_nonnegative("LowRank eigvals", eigvals)
-        if diag is not None:
-            check_nonnegative("LowRank diag", diag)
+        if check:
+            for name, t in tensors.items():
+                check_finite(f"LowRank {name}", t)
+            check_nonnegative("LowRank eigvals", eigvals)
+            if diag is not None:
+                check_nonnegative("LowRank diag", diag)
+        super().__init__(P, k + (0 if diag is None else P))
         self.U, self.eigvals, self.diag = U, eigvals, diag
+        self._cache: dict[str, Tensor] = {}
 
-    @property
-    def num_params(self) -> int:
-        return self.U.shape[0]
+    def _fields(self) -> dict[str, Any]:
+        return {"U": self.U, "eigvals": self.eigvals, "diag": self.diag}
 
     @property
     def rank(self) -> int:
         """k, the number of columns of ``U``."""
         return self.U.shape[1]
-
-    @property
-    def sqrt_cols(self) -> int:
-        return self.rank + (0 if self.diag is None else self.num_params)
 
     def matmul_flops(self) -> float:
         return 4.0 * self.num_params * self.rank + (0 if self.diag is None else self.num_params)
@@ -68,16 +75,19 @@ class LowRank(CovarianceOperator):
     def sqrt_flops(self) -> float:
         return 2.0 * self.num_params * self.rank + (0 if self.diag is None else self.num_params)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U.device
+    def workspace_bytes(self, rows: int) -> int:
+        # the cached scaled factor (P, k), an (rows, k) intermediate and, with diag, its root
+        P, k = self.U.shape
+        return (P * k + rows * k + (0 if self.diag is None else P)) * self.dtype.itemsize
 
     def _scaled_U(self) -> Tensor:
-        return self.U * self.eigvals.sqrt()
+        """``U diag(sqrt(eigvals))`` ``(P, k)`` (cached unless autograd records it)."""
+        return cached(
+            self._cache, "scaled", lambda: self.U * self.eigvals.sqrt(), self.U, self.eigvals
+        )
+
+    def _root_diag(self) -> Tensor:
+        return cached(self._cache, "root", self.diag.sqrt, self.diag)
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
         out = ((V @ self.U) * self.eigvals) @ self.U.T
@@ -86,13 +96,13 @@ class LowRank(CovarianceOperator):
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         k = self.rank
         out = Z[:, :k] @ self._scaled_U().T
-        return out if self.diag is None else out + Z[:, k:] * self.diag.sqrt()
+        return out if self.diag is None else out + Z[:, k:] * self._root_diag()
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         low = V @ self._scaled_U()
-        return low if self.diag is None else torch.cat([low, V * self.diag.sqrt()], dim=-1)
+        return low if self.diag is None else torch.cat([low, V * self._root_diag()], dim=-1)
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         out = (V @ self.U).square() @ self.eigvals
         return out if self.diag is None else out + V.square() @ self.diag
 
@@ -102,9 +112,5 @@ class LowRank(CovarianceOperator):
 
     def marginal(self, index: Tensor) -> LowRank:
         index = check_index(index, self.num_params, "marginal index").to(self.device)
-        return LowRank(self.U[index], self.eigvals, None if self.diag is None else self.diag[index])
-
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> LowRank:
-        out = LowRank(fn(self.U), fn(self.eigvals), None if self.diag is None else fn(self.diag))
-        out.layout = self.layout
-        return out
+        diag = None if self.diag is None else self.diag[index]
+        return LowRank(self.U[index], self.eigvals, diag, check=False)

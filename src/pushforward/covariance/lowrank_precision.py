@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pushforward.covariance.checks import cached, check_nonnegative, common_dtype_device
-from pushforward.covariance.operator import CovarianceOperator, check_finite
+from pushforward.covariance.checks import (
+    cached,
+    check_finite,
+    check_nonnegative,
+    common_dtype_device,
+)
+from pushforward.covariance.marginal import Marginal
+from pushforward.covariance.operator import CovarianceOperator
 
 __all__ = ["LowRankPrecision"]
 
@@ -21,6 +26,8 @@ class LowRankPrecision(CovarianceOperator):
         U: ``(P, k)``.
         eigvals: ``(k,)``, non-negative (the low-rank curvature, already scaled).
         diag: ``(P,)``, positive (the diagonal prior precision).
+        check: check the tensors are finite, ``eigvals`` non-negative and ``diag`` positive (then
+            the precision is positive definite and Σ exists). The shapes are always checked.
 
     laplace-torch's ``LowRankLaplace.posterior_precision`` is ``((U, eigvals), diag)`` in exactly
     this form. With ``D = diag(diag)`` and ``W = D^{-1/2} U diag(sqrt(eigvals))`` (P x k),
@@ -37,7 +44,7 @@ class LowRankPrecision(CovarianceOperator):
     select coordinates (exact, same ``sqrt_cols``).
     """
 
-    def __init__(self, U: Tensor, eigvals: Tensor, diag: Tensor) -> None:
+    def __init__(self, U: Tensor, eigvals: Tensor, diag: Tensor, *, check: bool = True) -> None:
         tensors = {"U": U, "eigvals": eigvals, "diag": diag}
         common_dtype_device("LowRankPrecision", tensors)
         if U.dim() != 2:
@@ -53,39 +60,29 @@ class LowRankPrecision(CovarianceOperator):
                 f"LowRankPrecision diag must have shape ({P},) to match U (P={P}, k={k}), "
                 f"got {tuple(diag.shape)}"
             )
-        for name, t in tensors.items():
-            check_finite(f"LowRankPrecision {name}", t)
-        check_nonnegative("LowRankPrecision eigvals", eigvals)
-        if bool((diag <= 0).any()):
-            raise ValueError(
-                f"LowRankPrecision diag (the diagonal precision) has {int((diag <= 0).sum())} "
-                "entries <= 0; it must be positive for the precision to be invertible"
-            )
+        if check:
+            for name, t in tensors.items():
+                check_finite(f"LowRankPrecision {name}", t)
+            check_nonnegative("LowRankPrecision eigvals", eigvals)
+            if bool((diag <= 0).any()):
+                raise ValueError(
+                    f"LowRankPrecision diag (the diagonal precision) has {int((diag <= 0).sum())} "
+                    "entries <= 0; it must be positive for the precision to be invertible"
+                )
+        super().__init__(P)
         self.U, self.eigvals, self.diag = U, eigvals, diag
         self._cache: dict[str, Any] = {}
 
-    @property
-    def num_params(self) -> int:
-        return self.U.shape[0]
+    def _fields(self) -> dict[str, Any]:
+        return {"U": self.U, "eigvals": self.eigvals, "diag": self.diag}
 
-    @property
-    def sqrt_cols(self) -> int:
-        return self.num_params
+    def workspace_bytes(self, rows: int) -> int:
+        P, k = self.U.shape  # cached W, M and the square root's W Q (each P x k), intermediates
+        return (3 * P * k + P + 2 * rows * k) * self.dtype.itemsize
 
     def matmul_flops(self) -> float:
         k = self.U.shape[1]
         return 4.0 * self.num_params * k + 2.0 * k * k + self.num_params
-
-    def sqrt_flops(self) -> float:
-        return self.matmul_flops()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U.device
 
     # -- cached pieces -------------------------------------------------------------------
     def _inputs(self) -> tuple[Tensor, ...]:
@@ -143,14 +140,12 @@ class LowRankPrecision(CovarianceOperator):
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         return self._inv_sqrt_core(V * self._scale())
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         X = V * self._scale()
         return X.square().sum(-1) - (X @ self._M()).square().sum(-1)
 
     def diagonal(self) -> Tensor:
         return self._scale().square() * (1 - self._M().square().sum(-1))
 
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> LowRankPrecision:
-        out = LowRankPrecision(fn(self.U), fn(self.eigvals), fn(self.diag))
-        out.layout = self.layout
-        return out
+    def marginal(self, index: Tensor) -> Marginal:
+        return Marginal(self, index)

@@ -1,42 +1,48 @@
 """The shared interface of weight-space covariance operators Σ (P x P, never formed).
 
 Every operator works on the flat parameter space of a :class:`~pushforward.FunctionalModel`
-(size P, ``param_names`` order) and provides:
+(size P, ``param_names`` order). Products come in two forms:
 
-* ``matmul(V)`` — Σ V for ``V`` of shape ``(P,)``, ``(P, m)`` (columns) or ``(..., P)`` (rows:
-  Σ applied to each row). A 2-d ``V`` whose first dimension is P is read as columns.
-* ``sqrt_matmul(Z)`` — L Z for a square-root factor ``L`` (P x r) with ``L L^T = Σ``; ``Z`` of
-  shape ``(r,)``, ``(r, m)`` or ``(..., r)``; ``r = sqrt_cols`` (the rank for low-rank, P for
-  diagonal/Kronecker/dense).
-* ``sqrt_t_matmul(V)`` — L^T V, the transpose (``(P,)``/``(P, m)``/``(..., P)`` to r).
-* ``diagonal()`` — ``(P,)``; ``to_dense()`` — ``(P, P)`` (small P only).
-* ``param_groups()`` — the finest partition of the parameters into groups with zero
-  cross-covariance, each with an operator over that group (used by the layer-structured path).
-* ``bind(layout)`` — check against a model's parameter layout (P, names, shapes) and return an
-  operator whose flat order is that layout's; raises a clear error on any mismatch.
-* ``block(name)`` — the covariance of one parameter tensor (an operator over
-  ``layout.sub([name])``); ``marginal(index)`` — the covariance of any flat coordinates.
-* ``.to(dtype/device)``.
+* **columns** (as a matrix acts): ``S.matmul(V)`` / ``S @ V`` for ``V`` of shape ``(P,)`` or
+  ``(P, m)``; ``sqrt_matmul(Z)`` = L Z for ``Z`` ``(r,)``/``(r, m)`` with the square-root factor
+  ``L`` (P x r, ``L L^T = Σ``, ``r = sqrt_cols``); ``sqrt_t_matmul(V)`` = L^T V;
+* **rows** (one vector per row, what the engine uses): ``matmul_rows(V)`` ``(n, P) -> (n, P)``,
+  also written ``V @ S`` for ``V`` of shape ``(..., P)``; ``sqrt_rows(Z)`` ``(n, r) -> (n, P)``
+  (rows of ``Z L^T``); ``sqrt_t_rows(V)`` ``(n, P) -> (n, r)`` (rows of ``V L``);
+  ``quadratic_rows(V)`` ``(n, P) -> (n,)`` (``v_i^T Σ v_i``).
 
-Subclasses implement the row forms ``_matmul_rows`` (``(n, P) -> (n, P)``), ``_sqrt_rows``
-(``(n, r) -> (n, P)``), ``_sqrt_t_rows`` (``(n, P) -> (n, r)``), ``diagonal`` and ``_apply``.
+and ``diagonal()`` ``(P,)``, ``to_dense()`` ``(P, P)`` (small P only), ``sqrt_dense()``.
+Structure: ``param_groups()`` — the finest partition of the parameters into mutually
+uncorrelated groups (used by the layer-structured path); ``bind(layout)`` — checked against a
+model's parameter layout; ``block(name)`` / ``marginal(index)`` — the covariance of one
+parameter tensor / of any flat coordinates; ``.to(dtype/device)``.
+
+**Writing an operator.** A subclass calls ``super().__init__(num_params, sqrt_cols)`` (``None``
+while the size is not known, e.g. before :meth:`bind`), implements the row hooks
+``_matmul_rows``, ``_sqrt_rows``, ``_sqrt_t_rows`` and ``diagonal``, and :meth:`_fields`: its
+constructor's keyword arguments. From those the base class derives ``dtype``, ``device``,
+``.to(...)``, ``__repr__`` and copies: a copy is ``type(self)(**fields, check=False)``.
+
+**Validation.** Every constructor takes ``check=True``: the defining tensors are checked
+(finite, shapes, and positive semi-definite — a covariance with a clearly negative eigenvalue is
+refused with its smallest eigenvalue named). ``check=False`` skips the value checks, for huge
+operators whose check would cost a factorization, or when the tensors are known to be valid
+(copies and restrictions of a checked operator are made so).
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-import contextvars
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pushforward.core.layout import ParamLayout
 
-__all__ = ["CovarianceOperator", "ParamGroup", "check_finite"]
+__all__ = ["CovarianceOperator", "ParamGroup"]
 
 
 @dataclass(frozen=True)
@@ -48,71 +54,22 @@ class ParamGroup:
     operator: CovarianceOperator
 
 
-#: True while an operator derives another from its own, already validated tensors.
-_TRUSTED = contextvars.ContextVar("pushforward_trusted_covariance", default=False)
-
-#: Methods that only derive operators from validated tensors: value checks are skipped inside.
-_DERIVING = ("bind", "to", "_apply", "block", "marginal", "param_groups")
-
-
-@contextlib.contextmanager
-def trusted() -> Iterator[None]:
-    """Skip value checks (finite, non-negative, symmetric) of operators built in this block."""
-    token = _TRUSTED.set(True)
-    try:
-        yield
-    finally:
-        _TRUSTED.reset(token)
-
-
-def is_trusted() -> bool:
-    """Whether value checks are currently skipped (see :func:`trusted`)."""
-    return _TRUSTED.get()
-
-
-def _deriving(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with trusted():
-            return method(*args, **kwargs)
-
-    wrapper.__pushforward_deriving__ = True  # type: ignore[attr-defined]
-    return wrapper
-
-
 class CovarianceOperator(abc.ABC):
     """A symmetric positive semi-definite P x P covariance, applied without forming it."""
 
     #: The parameter layout this operator's flat order refers to (None: any layout of size P).
     layout: ParamLayout | None = None
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        for name in _DERIVING:
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "__pushforward_deriving__", False):
-                setattr(cls, name, _deriving(method))
+    def __init__(self, num_params: int | None, sqrt_cols: int | None = None) -> None:
+        self._num_params = num_params
+        self._sqrt_cols = num_params if sqrt_cols is None else sqrt_cols
 
-    # -- sizes -----------------------------------------------------------------------
-    @property
+    # -- what a subclass provides ---------------------------------------------------------
     @abc.abstractmethod
-    def num_params(self) -> int:
-        """P."""
+    def _fields(self) -> dict[str, Any]:
+        """The constructor's keyword arguments that rebuild this operator (``check`` aside):
+        tensors, operators, mappings or sequences of them, and static values."""
 
-    @property
-    @abc.abstractmethod
-    def sqrt_cols(self) -> int:
-        """r, the number of columns of the square-root factor used by ``sqrt_matmul``."""
-
-    @property
-    @abc.abstractmethod
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    @abc.abstractmethod
-    def device(self) -> torch.device: ...
-
-    # -- row forms implemented by subclasses -----------------------------------------
     @abc.abstractmethod
     def _matmul_rows(self, V: Tensor) -> Tensor:
         """``(n, P) -> (n, P)``: rows of ``V Σ``."""
@@ -120,11 +77,6 @@ class CovarianceOperator(abc.ABC):
     @abc.abstractmethod
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         """``(n, r) -> (n, P)``: rows of ``Z L^T``."""
-
-    def _sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
-        """``out[:] = Z L^T`` for rows ``Z (n, r)``; ``Z`` may be ``out`` itself when ``r = P``
-        (subclasses may avoid the temporary)."""
-        out.copy_(self._sqrt_rows(Z))
 
     @abc.abstractmethod
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
@@ -134,53 +86,141 @@ class CovarianceOperator(abc.ABC):
     def diagonal(self) -> Tensor:
         """``(P,)``: the variances."""
 
-    @abc.abstractmethod
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> CovarianceOperator:
-        """A copy with ``fn`` applied to every defining tensor (for ``.to``)."""
-
-    # -- public products ---------------------------------------------------------------
-    def matmul(self, V: Tensor) -> Tensor:
-        """Σ V; see the module docstring for the accepted shapes."""
-        return _dispatch(V, self.num_params, self._matmul_rows, "matmul")
-
-    def sqrt_matmul(self, Z: Tensor) -> Tensor:
-        """L Z with ``L L^T = Σ``, ``L`` of shape ``(P, sqrt_cols)``."""
-        return _dispatch(Z, self.sqrt_cols, self._sqrt_rows, "sqrt_matmul")
-
-    def sqrt_t_matmul(self, V: Tensor) -> Tensor:
-        """L^T V."""
-        return _dispatch(V, self.num_params, self._sqrt_t_rows, "sqrt_t_matmul")
-
-    def quadratic_rows(self, V: Tensor) -> Tensor:
-        """``(n, P) -> (n,)``: ``v_i^T Σ v_i`` for each row (subclasses may do it cheaper)."""
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
+        """``(n, P) -> (n,)``; subclasses override it where it is cheaper."""
         return (V * self._matmul_rows(V)).sum(-1)
 
-    def matmul_flops(self) -> float:
-        """Estimated floating-point operations of ``Σ v`` for one vector (used by the planner;
-        subclasses with structure override it)."""
-        return 2.0 * self.num_params * self.num_params
+    # -- sizes, dtype, device: derived ----------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """P."""
+        if self._num_params is None:
+            raise ValueError(self._unsized())
+        return self._num_params
 
-    def sqrt_flops(self) -> float:
-        """Estimated floating-point operations of ``L z`` (or ``L^T v``) for one vector."""
-        return 2.0 * self.num_params * self.sqrt_cols
+    @property
+    def sqrt_cols(self) -> int:
+        """r, the number of columns of the square-root factor used by ``sqrt_matmul``."""
+        if self._sqrt_cols is None:
+            raise ValueError(self._unsized())
+        return self._sqrt_cols
+
+    def _unsized(self) -> str:
+        return (
+            f"{type(self).__name__} has no size yet: call "
+            ".bind(functional_model.layout) first (or give its size)"
+        )
+
+    def tensors(self) -> list[Tensor]:
+        """The floating-point defining tensors (of this operator and those it is made of)."""
+        return [
+            t for t in _leaves(self._fields()) if isinstance(t, Tensor) and t.is_floating_point()
+        ]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def version(self) -> tuple[int, ...]:
+        """Identity and in-place version of every defining tensor: equal versions mean equal
+        values (used to cache work that depends on them)."""
+        return tuple(v for t in self.tensors() for v in (id(t), t._version))
+
+    # -- public products ----------------------------------------------------------------
+    def matmul(self, V: Tensor) -> Tensor:
+        """Σ V for columns ``V`` of shape ``(P,)`` or ``(P, m)``; rows: :meth:`matmul_rows`
+        or ``V @ S``."""
+        return _columns(V, self._num_params, self._matmul_rows, "matmul")
+
+    __matmul__ = matmul
+
+    def __rmatmul__(self, V: Tensor) -> Tensor:
+        """``V @ S``: Σ applied to each row of ``V`` ``(..., P)`` (Σ is symmetric)."""
+        if not isinstance(V, Tensor) or V.dim() < 1:
+            raise TypeError("V @ S needs a tensor V of shape (..., P)")
+        flat = V.reshape(-1, V.shape[-1])
+        return self.matmul_rows(flat).reshape(V.shape)
+
+    def sqrt_matmul(self, Z: Tensor) -> Tensor:
+        """L Z for columns ``Z`` ``(r,)``/``(r, m)``: ``(P,)``/``(P, m)``."""
+        return _columns(Z, self.sqrt_cols, self._sqrt_rows, "sqrt_matmul")
+
+    def sqrt_t_matmul(self, V: Tensor) -> Tensor:
+        """L^T V for columns ``V`` ``(P,)``/``(P, m)``: ``(r,)``/``(r, m)``."""
+        return _columns(V, self._num_params, self._sqrt_t_rows, "sqrt_t_matmul")
+
+    def matmul_rows(self, V: Tensor) -> Tensor:
+        """``(n, P) -> (n, P)``: each row times Σ."""
+        return self._matmul_rows(_rows(V, self._num_params, "matmul_rows"))
+
+    def sqrt_rows(self, Z: Tensor) -> Tensor:
+        """``(n, r) -> (n, P)``: rows of ``Z L^T`` (row ``i`` is ``L z_i``)."""
+        return self._sqrt_rows(_rows(Z, self.sqrt_cols, "sqrt_rows"))
+
+    def sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
+        """``out[:] = Z L^T`` for rows ``Z (n, r)`` into ``out (n, P)``; ``Z`` may be ``out``
+        itself when ``r = P`` (operators that can avoid the temporary do)."""
+        out.copy_(self.sqrt_rows(Z))
+
+    def sqrt_t_rows(self, V: Tensor) -> Tensor:
+        """``(n, P) -> (n, r)``: rows of ``V L``."""
+        return self._sqrt_t_rows(_rows(V, self._num_params, "sqrt_t_rows"))
+
+    def quadratic_rows(self, V: Tensor) -> Tensor:
+        """``(n, P) -> (n,)``: ``v_i^T Σ v_i`` for each row."""
+        return self._quadratic_rows(_rows(V, self._num_params, "quadratic_rows"))
 
     def to_dense(self) -> Tensor:
         """The P x P matrix (small P only)."""
-        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
-        return self._matmul_rows(eye)
+        return self._matmul_rows(torch.eye(self.num_params, dtype=self.dtype, device=self.device))
 
     def sqrt_dense(self) -> Tensor:
         """The P x r square-root factor L (small P only)."""
         eye = torch.eye(self.sqrt_cols, dtype=self.dtype, device=self.device)
         return self._sqrt_rows(eye).T
 
-    @_deriving
-    def to(self, *args, **kwargs) -> CovarianceOperator:
-        """Move/cast every defining tensor, like ``Tensor.to``."""
-        return self._apply(lambda t: t.to(*args, **kwargs))
+    # -- costs (for the planner and the memory budget) --------------------------------------
+    def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector."""
+        return 2.0 * self.num_params * self.num_params
+
+    def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` (or ``L^T v``) for one vector."""
+        return self.matmul_flops()
+
+    def workspace_bytes(self, rows: int) -> int:
+        """Bytes of temporaries (beyond input and result) when applied to ``rows`` rows, and of
+        what it caches for that (e.g. a factor); the default: one more ``(rows, P)`` tensor."""
+        return rows * self.num_params * self.dtype.itemsize
+
+    # -- copies --------------------------------------------------------------------------
+    def _rebuild(self, fields: dict[str, Any]) -> CovarianceOperator:
+        """An operator of this class from ``fields`` (no value checks), with this layout."""
+        out = type(self)(**fields, check=False)
+        out.layout = self.layout
+        return out
+
+    def _apply(
+        self, fn: Callable[[Tensor], Tensor], index_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> CovarianceOperator:
+        """A copy with ``fn`` applied to every floating-point defining tensor and ``index_fn``
+        (default: none) to the integer ones (indices)."""
+        return self._rebuild(_map(self._fields(), fn, index_fn))
+
+    def to(self, *args: Any, **kwargs: Any) -> CovarianceOperator:
+        """Move/cast every defining tensor, like ``Tensor.to`` (differentiable); indices move
+        with the device and keep their integer dtype."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self._apply(
+            lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            None if device is None else (lambda t: t.to(device=device)),
+        )
 
     # -- structure -----------------------------------------------------------------------
-    @_deriving
     def bind(self, layout: ParamLayout) -> CovarianceOperator:
         """This operator checked against ``layout`` (in ``layout``'s flat order).
 
@@ -193,11 +233,10 @@ class CovarianceOperator(abc.ABC):
             )
         if self.layout == layout:
             return self
-        bound = self._apply(lambda t: t)
+        bound = self._rebuild(self._fields())
         bound.layout = layout
         return bound
 
-    @_deriving
     def param_groups(self) -> list[ParamGroup]:
         """Finest known partition into uncorrelated parameter groups (default: one group).
 
@@ -206,24 +245,14 @@ class CovarianceOperator(abc.ABC):
         layout = self._require_layout()
         return [ParamGroup(layout.names, self)]
 
-    @_deriving
+    @abc.abstractmethod
     def marginal(self, index: Tensor) -> CovarianceOperator:
         """The covariance of the flat coordinates ``index`` (a 1-d integer tensor of size n):
-        the n x n operator ``S Σ S^T`` for the row selector ``S``, unbound.
+        the n x n operator ``S Σ S^T`` for the row selector ``S``, unbound. Operators without
+        a cheaper restriction return :class:`~pushforward.covariance.marginal.Marginal`."""
 
-        The default keeps this operator and selects coordinates around each product (exact;
-        ``sqrt_cols`` unchanged); subclasses return a smaller operator where they can.
-        """
-        from pushforward.covariance.marginal import Marginal
-
-        return Marginal(self, index)
-
-    @_deriving
     def block(self, name: str) -> CovarianceOperator:
-        """The covariance of parameter ``name`` alone, bound to ``layout.sub([name])``.
-
-        Requires a bound layout; the layer-structured path uses it for one weight's block.
-        """
+        """The covariance of parameter ``name`` alone, bound to ``layout.sub([name])``."""
         layout = self._require_layout()
         if name not in layout.shapes:
             raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
@@ -238,31 +267,74 @@ class CovarianceOperator(abc.ABC):
         return self.layout
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(P={self.num_params}, sqrt_cols={self.sqrt_cols}, dtype={self.dtype})"
+        size = (
+            f"P={self._num_params}, sqrt_cols={self._sqrt_cols}"
+            if self._num_params is not None
+            else "unbound"
+        )
+        tensors = self.tensors()
+        dtype = f", dtype={tensors[0].dtype}" if tensors else ""
+        return f"{type(self).__name__}({size}{dtype})"
 
 
-def _dispatch(V: Tensor, size: int, rows_fn: Callable[[Tensor], Tensor], what: str) -> Tensor:
+# -- helpers ---------------------------------------------------------------------------------------
+def _leaves(value: Any):
+    """Tensors and static values in a field tree, operators expanded into their fields."""
+    if isinstance(value, CovarianceOperator):
+        yield from _leaves(value._fields())
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _map(
+    value: Any, fn: Callable[[Tensor], Tensor], index_fn: Callable[[Tensor], Tensor] | None
+) -> Any:
+    """``fn`` applied to every floating-point tensor of a field tree and ``index_fn`` to the
+    others (operators copied with ``_apply``)."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point():
+            return fn(value)
+        return value if index_fn is None else index_fn(value)
+    if isinstance(value, CovarianceOperator):
+        return value._apply(fn, index_fn)
+    if isinstance(value, Mapping):
+        return {k: _map(v, fn, index_fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map(v, fn, index_fn) for v in value)
+    return value
+
+
+_ROW_FORMS = {"matmul": "matmul_rows", "sqrt_matmul": "sqrt_rows", "sqrt_t_matmul": "sqrt_t_rows"}
+
+
+def _columns(V: Any, size: int | None, rows_fn: Callable[[Tensor], Tensor], what: str) -> Tensor:
+    """A column product: ``V`` ``(size,)`` or ``(size, m)``, through the row form."""
     if not isinstance(V, Tensor):
         raise TypeError(f"{what} expects a tensor, got {type(V).__name__}")
-    if V.dim() == 1:
-        if V.shape[0] != size:
-            raise ValueError(f"{what}: expected a vector of size {size}, got {tuple(V.shape)}")
-        return rows_fn(V.unsqueeze(0)).squeeze(0)
-    if V.dim() == 2 and V.shape[0] == size:
-        return rows_fn(V.T).T
-    if V.shape[-1] != size:
+    if V.dim() not in (1, 2) or (size is not None and V.shape[0] != size):
+        want = "P" if size is None else size
         raise ValueError(
-            f"{what}: expected shape ({size},), ({size}, m) or (..., {size}); got {tuple(V.shape)}"
+            f"{what}: expected a vector ({want},) or columns ({want}, m), got shape "
+            f"{tuple(V.shape)}; for rows use {_ROW_FORMS[what]} (or V @ S for matmul)"
         )
-    lead = V.shape[:-1]
-    out = rows_fn(V.reshape(-1, size))
-    return out.reshape(*lead, out.shape[-1])
+    if V.dim() == 1:
+        return rows_fn(V.unsqueeze(0)).squeeze(0)
+    return rows_fn(V.T).T
 
 
-def check_finite(name: str, t: Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``t`` has NaN or infinite entries."""
-    if is_trusted():
-        return
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf)")
+def _rows(V: Any, size: int | None, what: str) -> Tensor:
+    """``V`` checked to be rows ``(n, size)``."""
+    if not isinstance(V, Tensor):
+        raise TypeError(f"{what} expects a tensor, got {type(V).__name__}")
+    if V.dim() != 2 or (size is not None and V.shape[1] != size):
+        raise ValueError(
+            f"{what}: expected rows of shape (n, {'P' if size is None else size}), got "
+            f"{tuple(V.shape)}"
+        )
+    return V

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ class Subset(CovarianceOperator):
         inner: the operator over the ``s`` selected coordinates, in the order of ``indices``.
         indices: ``(s,)`` distinct flat indices in ``[0, num_params)``, any order.
         num_params: P.
+        check: unused (``inner`` was checked when it was made); the indices are always checked.
 
     ``E`` is the ``(P, s)`` embedding with ``E[indices[j], j] = 1``; the square-root factor is
     ``E L_s`` (``sqrt_cols = inner.sqrt_cols``). laplace-torch's ``SubnetLaplace`` is converted
@@ -30,7 +31,9 @@ class Subset(CovarianceOperator):
     :class:`Diagonal` or :class:`Isotropic`, else one group.
     """
 
-    def __init__(self, inner: CovarianceOperator, indices: Tensor, num_params: int) -> None:
+    def __init__(
+        self, inner: CovarianceOperator, indices: Tensor, num_params: int, *, check: bool = True
+    ) -> None:
         if not isinstance(inner, CovarianceOperator):
             raise TypeError(
                 f"Subset inner must be a CovarianceOperator, got {type(inner).__name__}"
@@ -41,17 +44,16 @@ class Subset(CovarianceOperator):
                 f"Subset has {indices.numel()} indices but its inner operator has size "
                 f"{inner.num_params}"
             )
+        super().__init__(int(num_params), inner.sqrt_cols)
         self.inner = inner
         self.indices = indices.to(inner.device)
-        self._num_params = int(num_params)
 
-    @property
-    def num_params(self) -> int:
-        return self._num_params
+    def _fields(self) -> dict[str, Any]:
+        return {"inner": self.inner, "indices": self.indices, "num_params": self._num_params}
 
-    @property
-    def sqrt_cols(self) -> int:
-        return self.inner.sqrt_cols
+    def workspace_bytes(self, rows: int) -> int:
+        gathered = rows * self.inner.num_params * self.dtype.itemsize
+        return 2 * gathered + self.inner.workspace_bytes(rows)
 
     def matmul_flops(self) -> float:
         return self.inner.matmul_flops()
@@ -59,28 +61,20 @@ class Subset(CovarianceOperator):
     def sqrt_flops(self) -> float:
         return self.inner.sqrt_flops()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
     def _embed(self, X: Tensor) -> Tensor:
         """``(n, s) -> (n, P)`` with zeros outside ``indices``."""
         return X.new_zeros(X.shape[0], self.num_params).index_copy(1, self.indices, X)
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
-        return self._embed(self.inner._matmul_rows(V[:, self.indices]))
+        return self._embed(self.inner.matmul_rows(V[:, self.indices]))
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
-        return self._embed(self.inner._sqrt_rows(Z))
+        return self._embed(self.inner.sqrt_rows(Z))
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
-        return self.inner._sqrt_t_rows(V[:, self.indices])
+        return self.inner.sqrt_t_rows(V[:, self.indices])
 
-    def quadratic_rows(self, V: Tensor) -> Tensor:
+    def _quadratic_rows(self, V: Tensor) -> Tensor:
         return self.inner.quadratic_rows(V[:, self.indices])
 
     def diagonal(self) -> Tensor:
@@ -94,16 +88,12 @@ class Subset(CovarianceOperator):
         inner_pos = position[index]
         kept = (inner_pos >= 0).nonzero().reshape(-1)
         if kept.numel() == 0:
-            return Isotropic(torch.zeros((), dtype=self.dtype, device=self.device), index.numel())
-        return Subset(self.inner.marginal(inner_pos[kept]), kept, index.numel())
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            return Isotropic(zero, index.numel(), check=False)
+        return Subset(self.inner.marginal(inner_pos[kept]), kept, index.numel(), check=False)
 
     def param_groups(self) -> list[ParamGroup]:
         layout = self._require_layout()
         if isinstance(self.inner, (Diagonal, Isotropic)):
             return [ParamGroup((n,), self.block(n)) for n in layout.names]
         return [ParamGroup(layout.names, self)]
-
-    def _apply(self, fn: Callable[[Tensor], Tensor]) -> Subset:
-        out = Subset(self.inner._apply(fn), self.indices, self.num_params)
-        out.layout = self.layout
-        return out

@@ -23,11 +23,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pushforward.core.budget import parse_memory
 from pushforward.core.chunking import RowChunk
+from pushforward.core.cost import Budget, measure_cost, row_bytes
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
-from pushforward.products.vjp import iter_row_chunks, reverse_chunk_size
+from pushforward.core.options import Options
+from pushforward.products.vjp import iter_row_chunks
 
 __all__ = ["outer_product_sum", "softmax_hessian_factor"]
 
@@ -82,12 +83,13 @@ def outer_product_sum(
         ``(S,)`` or ``(S, S)``, detached.
     """
     params = fm.params(False)
-    itemsize = params[fm.param_names[0]].element_size()
+    cost = measure_cost(fm, inputs)
     size = fm.num_params if indices is None else len(indices)
-    held = (size if diagonal else size * size) * itemsize
-    budget = parse_memory(memory_budget, inputs.device)
-    extra = 0 if diagonal else size * itemsize
-    chunk_size = reverse_chunk_size(fm, inputs, max(budget - held, 1), extra_row_bytes=extra)
+    held = (size if diagonal else size * size) * cost.itemsize
+    budget = Budget.of(Options(memory_budget=memory_budget).budget_bytes(inputs.device))
+    per = row_bytes(cost, 0 if diagonal else size * cost.itemsize)
+    chunk_size = budget.chunk(per, held)
+    budget.require(budget.peak(held, chunk_size, per), "the curvature sum")
     with torch.no_grad():
         chunks = iter_row_chunks(
             fm,

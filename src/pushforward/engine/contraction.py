@@ -3,13 +3,21 @@
 Two kinds of pieces arrive:
 
 * **rows** ``J^T e`` (one P-vector per (batch element, position, output)), from reverse mode:
-  :class:`RowAccumulator` turns them into ``e^T J S J^T e'`` with the covariance operator;
+  :class:`RowAccumulator` turns them into ``e^T J S J^T e'`` with the covariance operator,
+  group by group of the covariance's uncorrelated parameter groups;
 * **columns** ``J L z`` (the Jacobian times columns of the covariance's square-root factor), from
   forward mode: :class:`ColumnAccumulator` sums their outer products, since
   ``J S J^T = sum_j (J L e_j)(J L e_j)^T``.
+
+A joint covariance within groups of ``q`` batch elements (see :mod:`pushforward.engine.problem`)
+needs the rows of a whole group together: :class:`GroupRows` keeps the pieces of a group that
+arrive over several chunks (each row multiplied by the square-root factor once) until the group
+is complete.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,41 +26,37 @@ from pushforward.core.chunking import RowChunk
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.problem import Problem
 
-__all__ = ["ChunkedResult", "ColumnAccumulator", "RowAccumulator", "gram"]
+__all__ = ["ChunkedResult", "ColumnAccumulator", "GroupRows", "RowAccumulator", "gram"]
 
 
-def gram(cov: CovarianceOperator, A: Tensor, B: Tensor | None = None) -> Tensor:
-    """``A S B^T`` batched: ``A (..., m, P)``, ``B (..., n, P)`` (default ``A``) -> ``(..., m, n)``.
-
-    Uses the square-root factor when it has fewer columns than P (``(A L)(B L)^T``).
-    """
+def gram(cov: CovarianceOperator, A: Tensor) -> Tensor:
+    """``A S A^T`` batched: ``A (..., m, P)`` -> ``(..., m, m)``, each row multiplied by the
+    covariance once (through the square-root factor when it is thinner than P)."""
     P = A.shape[-1]
-    lead = A.shape[:-2]
-    if cov.sqrt_cols < P:
-        WA = cov._sqrt_t_rows(A.reshape(-1, P)).reshape(*A.shape[:-1], -1)
-        WB = WA if B is None else cov._sqrt_t_rows(B.reshape(-1, P)).reshape(*B.shape[:-1], -1)
-        return WA @ WB.transpose(-1, -2)
-    other = A if B is None else B
-    S_other = cov._matmul_rows(other.reshape(-1, P)).reshape(*lead, other.shape[-2], P)
-    return A @ S_other.transpose(-1, -2)
+    flat = A.reshape(-1, P)
+    if cov.sqrt_cols <= P:
+        W = cov.sqrt_t_rows(flat).reshape(*A.shape[:-1], -1)
+        return W @ W.transpose(-1, -2)
+    SA = cov.matmul_rows(flat).reshape(A.shape)
+    return A @ SA.transpose(-1, -2)
 
 
 class ChunkedResult:
-    """Outputs ``f`` and per-example results gathered chunk by chunk of (example, row) pairs.
+    """Outputs ``f`` and canonical results gathered chunk by chunk of (example, row) pairs.
 
-    Subclasses contract their chunks into ``(b, r)`` variances or ``(b, positions, S, S)``
-    covariances and :meth:`put` them; the joint covariance is theirs to assemble.
+    Subclasses contract their chunks into ``(b, r)`` variances, ``(b, positions, S, S)``
+    covariances or per-group joint blocks, and :meth:`put` them.
     """
 
     def __init__(self, problem: Problem) -> None:
         p = self.problem = problem
         self.f: Tensor | None = None
-        shape = {"variance": (p.B, p.rows_per_sample), "covariance": (p.B, p.T, p.S, p.S)}
-        self.out = (
-            torch.zeros(shape[p.kind], dtype=p.dtype, device=p.inputs.device)
-            if p.kind in shape
-            else None
-        )
+        shape = {
+            "variance": (p.B, p.rows_per_sample),
+            "covariance": (p.B, p.T, p.S, p.S),
+            "joint": (p.groups, p.group_size * p.rows_per_sample, p.group_size * p.rows_per_sample),
+        }[p.kind]
+        self.out = torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
 
     def store_outputs(self, chunk: RowChunk, f: Tensor) -> None:
         """Keep the chunk's outputs ``f`` ``(b, *f_b)`` (once per example)."""
@@ -64,7 +68,8 @@ class ChunkedResult:
     def positions(self, chunk: RowChunk) -> slice:
         """The chunk's positions; a covariance chunk must hold whole positions (all S rows)."""
         S = self.problem.S
-        assert chunk.rows.start % S == 0 and chunk.rows.stop % S == 0, "chunk splits a position"
+        if chunk.rows.start % S or chunk.rows.stop % S:
+            raise AssertionError("a chunk of a per-example covariance splits a position")
         return slice(chunk.rows.start // S, chunk.rows.stop // S)
 
     def put(self, chunk: RowChunk, values: Tensor) -> None:
@@ -75,13 +80,48 @@ class ChunkedResult:
             self.out[chunk.samples, self.positions(chunk)] = values
 
     def outputs(self) -> Tensor:
-        assert self.f is not None, "empty batch"
+        if self.f is None:
+            raise ValueError("no outputs were computed: the batch is empty")
         return self.f.reshape(self.problem.B, *self.problem.sample_shape)
 
-    def per_example(self) -> Tensor:
-        """The canonical variance ``(B, T, S)`` or per-example covariance ``(B, T, S, S)``."""
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(f, canonical result)``."""
         p = self.problem
-        return self.out.reshape(p.B, p.T, p.S) if p.kind == "variance" else self.out
+        out = self.out.reshape(p.B, p.T, p.S) if p.kind == "variance" else self.out
+        return self.outputs(), out
+
+
+class GroupRows:
+    """Rows of the groups of a joint covariance, contracted when a group is complete.
+
+    :meth:`add` takes a chunk's transformed rows ``W`` ``(b, r, w)`` (rows already multiplied by
+    a square-root factor, so the group's block is ``W W^T``); chunks holding whole groups are
+    contracted at once, a group split over several chunks is kept until its last chunk.
+    """
+
+    def __init__(self, problem: Problem, store: Callable[[int, Tensor], None]) -> None:
+        self.problem = problem
+        self.store = store
+        self.pending: list[tuple[RowChunk, Tensor]] = []
+
+    def add(self, chunk: RowChunk, W: Tensor) -> None:
+        p = self.problem
+        q, R = p.group_size, p.rows_per_sample
+        start, stop = chunk.samples.start, chunk.samples.stop
+        whole = start % q == 0 and (stop - start) % q == 0 and chunk.rows == slice(0, R)
+        if whole and not self.pending:
+            G = W.reshape((stop - start) // q, q * R, W.shape[-1])
+            self.store(start // q, G @ G.transpose(-1, -2))
+            return
+        self.pending.append((chunk, W))
+        if stop % q == 0 and chunk.rows.stop == R:  # the group's last chunk
+            group = start // q
+            full = W.new_zeros(q, R, W.shape[-1])
+            for c, piece in self.pending:
+                full[c.samples.start - group * q : c.samples.stop - group * q, c.rows] = piece
+            self.pending.clear()
+            G = full.reshape(1, q * R, -1)
+            self.store(group, G @ G.transpose(-1, -2))
 
 
 class RowAccumulator(ChunkedResult):
@@ -90,17 +130,17 @@ class RowAccumulator(ChunkedResult):
     Rows arrive per parameter, ``{name: (b, r, *shape)}``, and are contracted group by group of
     the covariance's uncorrelated parameter groups (no concatenation into P-vectors unless a
     group spans several tensors). For ``covariance`` every chunk must hold whole positions (all
-    S rows of a position); for ``joint`` the rows (or ``rows L`` when the square-root factor is
-    thinner than P) of all examples are kept until :meth:`result`.
+    S rows of a position); for ``joint`` each row is multiplied by the square-root factor once
+    and the group blocks are formed as their groups complete.
     """
 
-    def __init__(self, problem: Problem, chunk_rows: int) -> None:
+    def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
-        p = problem
-        self.chunk_rows = max(1, chunk_rows)
-        self.groups = p.cov.param_groups()
-        self.thin = p.cov.sqrt_cols < p.P
-        self.stored: Tensor | None = None
+        self.groups = problem.cov.param_groups()
+        self.joint = [GroupRows(problem, self._add_blocks) for _ in self.groups]
+
+    def _add_blocks(self, first: int, blocks: Tensor) -> None:
+        self.out[first : first + blocks.shape[0]] += blocks
 
     def _group_rows(self, rows: dict[str, Tensor], b: int, r: int):
         for group in self.groups:
@@ -124,27 +164,8 @@ class RowAccumulator(ChunkedResult):
                 sum(gram(op, X.reshape(b, n, p.S, -1)) for op, X in self._group_rows(rows, b, r)),
             )
         else:
-            flat = p.fm.flatten(rows)
-            P = flat.shape[-1]
-            if self.stored is None:
-                width = p.cov.sqrt_cols if self.thin else P
-                self.stored = flat.new_zeros(p.B, p.rows_per_sample, width)
-            kept = p.cov._sqrt_t_rows(flat.reshape(-1, P)).reshape(b, r, -1) if self.thin else flat
-            self.stored[chunk.samples, chunk.rows] = kept
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        p = self.problem
-        if p.kind != "joint":
-            return self.outputs(), self.per_example()
-        assert self.stored is not None
-        W = self.stored.reshape(p.B * p.rows_per_sample, -1)
-        if self.thin:
-            return self.outputs(), W @ W.T
-        parts = [
-            gram(p.cov, W[i : i + self.chunk_rows], W)
-            for i in range(0, W.shape[0], self.chunk_rows)
-        ]
-        return self.outputs(), torch.cat(parts)
+            for acc, (op, X) in zip(self.joint, self._group_rows(rows, b, r), strict=True):
+                acc.add(chunk, op.sqrt_t_rows(X.reshape(b * r, -1)).reshape(b, r, -1))
 
 
 class ColumnAccumulator:
@@ -152,22 +173,23 @@ class ColumnAccumulator:
 
     def __init__(self, problem: Problem) -> None:
         p = self.problem = problem
+        q = p.group_size * p.rows_per_sample
         shape = {
             "variance": (p.B, p.T, p.S),
             "covariance": (p.B, p.T, p.S, p.S),
-            "joint": (p.B * p.rows_per_sample,) * 2,
+            "joint": (p.groups, q, q),
         }[p.kind]
         self.out = torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
 
     def add(self, W: Tensor) -> None:
-        kind = self.problem.kind
-        if kind == "variance":
+        p = self.problem
+        if p.kind == "variance":
             self.out = self.out + (W * W).sum(0)
-        elif kind == "covariance":
+        elif p.kind == "covariance":
             self.out = self.out + torch.einsum("nbts,nbtu->btsu", W, W)
         else:
-            flat = W.reshape(W.shape[0], -1)
-            self.out = self.out + flat.T @ flat
+            grouped = W.reshape(W.shape[0], p.groups, -1)
+            self.out = self.out + torch.einsum("ngi,ngj->gij", grouped, grouped)
 
     def result(self) -> Tensor:
         return self.out

@@ -1,77 +1,160 @@
 """The strategy planner: estimate every applicable strategy, pick the cheapest that fits.
 
-``plan(model, x, cov, ...)`` measures the model once (activation bytes and FLOPs of a one-example
-forward), asks each strategy for its estimate (passes, FLOPs, peak working memory, chunk size)
-and picks the exact strategy with the fewest estimated FLOPs whose memory fits the budget.
-``print(plan)`` says which, why, and why each other strategy was rejected.
+``plan(model, x, cov, ...)`` measures the model once per input signature (activation bytes and
+FLOPs of a one-example forward), asks each strategy for its estimate (work, peak memory, chunk
+size, and what it prepared) and picks the exact strategy with the least estimated work whose
+memory fits the budget. ``print(plan)`` says which, why, and why each other strategy was
+rejected.
+
+Plans are immutable and self-contained: executing one runs exactly what was estimated. They are
+cached per model (``settings.plan_cache``) under a key of everything a plan depends on — the
+input shapes and static arguments, the kind of result and selected outputs' shape, the
+covariance operator's identity and the versions of its tensors, the options and the settings —
+so a repeated call (the inner loop of an acquisition optimizer) skips planning, tracing and
+measuring and only rebinds its inputs.
+
+Under ``strategy="auto"`` a strategy that fails at run time for a reason of the transform
+machinery (an op without a batching rule or forward-mode derivative, an old-style
+``autograd.Function``, a layer structure that does not hold for this batch) falls through to
+the next one in the plan's order, with one :class:`~pushforward.PushforwardFallbackWarning`;
+the plan remembers the failure and ``print(plan)`` shows it. A named strategy raises.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pushforward.core.budget import format_bytes
-from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.errors import MemoryBudgetError, PushforwardFallbackWarning
+from pushforward.core.fallback import TRANSFORM_ERRORS, raise_if_random
+from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.core.inputs import Inputs
+from pushforward.core.options import Options, check_generator
+from pushforward.core.settings import settings
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.problem import Kind, Problem
 from pushforward.engine.strategies import STRATEGIES
-from pushforward.engine.strategies.strategy import Estimate, NotApplicable, Strategy
+from pushforward.engine.strategies.strategy import Estimate, NotApplicable
 
-__all__ = ["Plan", "plan", "plan_problem"]
+__all__ = ["Plan", "make_plan", "plan", "plan_problem"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The chosen strategy for one problem, with every alternative's estimate or rejection."""
+    """The chosen strategy for one problem, with every alternative's estimate or rejection.
+
+    Attributes:
+        problem: what is computed.
+        estimate: the chosen strategy's estimate (with what it prepared).
+        candidates: every strategy's estimate, chosen first, then the fallback order.
+        rejected: ``(strategy, reason)`` for the strategies that cannot compute the problem.
+        named: the strategy was named by the caller (no fallback).
+        key: the plan-cache key (run-time failures are remembered under it).
+    """
 
     problem: Problem
-    strategy: Strategy
     estimate: Estimate
-    candidates: dict[str, Estimate] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
+    candidates: tuple[Estimate, ...]
+    rejected: tuple[tuple[str, str], ...] = ()
+    named: bool = False
+    key: Any = None
 
     @property
     def name(self) -> str:
-        return self.strategy.name
+        return self.estimate.strategy
 
     @property
     def chunk_size(self) -> int:
         return self.estimate.chunk_size
 
-    def execute(self) -> tuple[Tensor, Tensor]:
-        """Run the chosen strategy: ``(f, result)`` in the user's shapes."""
-        f, result = self.run_canonical()
-        return f, self.problem.user_result(result)
+    def fallbacks(self) -> list[Estimate]:
+        """The strategies tried in order under ``auto``: the chosen one, then every other
+        exact one that fits the budget, cheapest first."""
+        if self.named:
+            return [self.estimate]
+        budget = self.problem.budget.total
+        rest = [
+            e for e in self.candidates if e is not self.estimate and e.exact and e.memory <= budget
+        ]
+        return [self.estimate, *sorted(rest, key=lambda e: e.flops)]
 
-    def run_canonical(self) -> tuple[Tensor, Tensor]:
-        """Run the chosen strategy: ``(f, result)`` with the result in canonical layout."""
+    def failures(self) -> dict[str, str]:
+        """Strategies of this plan that failed at run time, with why."""
+        return self.problem.fm.cache.failures.get(self.key, {}) if self.key is not None else {}
+
+    def execute(self) -> tuple[Tensor, ...]:
+        """Run the plan: ``(f, result)`` in the user's shapes (a Monte Carlo strategy adds the
+        result's standard error: ``(f, result, stderr)``)."""
+        f, *results = self.run_canonical()
+        return (f, *(self.problem.user_result(r) for r in results))
+
+    def run_canonical(self) -> tuple[Tensor, ...]:
+        """Run the plan: ``(f, result, ...)`` with the results in canonical layout."""
         p = self.problem
-        with torch.set_grad_enabled(p.differentiable):
-            if not p.differentiable:
-                p.inputs = p.inputs.detach()
-            return self.strategy.run(p, self.estimate)
+        failed = self.failures()
+        order = [e for e in self.fallbacks() if e.strategy not in failed] or [self.estimate]
+        first_error: BaseException | None = None
+        for i, est in enumerate(order):
+            try:
+                with torch.set_grad_enabled(p.differentiable):
+                    return STRATEGIES[est.strategy].run(p, est)
+            except TRANSFORM_ERRORS as err:
+                raise_if_random(err)
+                if self.named or i == len(order) - 1:
+                    if first_error is not None:
+                        raise err from first_error
+                    raise
+                first_error = first_error or err
+                self._record_failure(est.strategy, err, order[i + 1].strategy)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _record_failure(self, strategy: str, err: BaseException, nxt: str) -> None:
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+        if self.key is not None:
+            self.problem.fm.cache.failures.setdefault(self.key, {})[strategy] = reason
+        warnings.warn(
+            f"pushforward: strategy {strategy!r} failed for this model ({reason}); falling back "
+            f"to {nxt!r} (exact). print(plan) shows the plan and the failure.",
+            PushforwardFallbackWarning,
+            stacklevel=4,
+        )
+
+    def with_call(
+        self, inputs: Inputs, outputs: Tensor | None, generator: torch.Generator | None
+    ) -> Plan:
+        """This plan for another call with the same signature (cache hit)."""
+        return replace(self, problem=self.problem.with_call(inputs, outputs, generator))
 
     def __str__(self) -> str:
         p = self.problem
         lines = [
             f"Plan: {p.describe()}",
-            f"  memory budget {format_bytes(p.budget)}",
+            f"  {p.budget.describe()}; settings: {settings.current().describe()}",
             f"  -> {self.estimate.summary()}",
         ]
-        others = [e for n, e in self.candidates.items() if n != self.name]
+        failed = self.failures()
+        others = [e for e in self.candidates if e is not self.estimate]
         if others or self.rejected:
             lines.append("  not chosen:")
         for e in others:
-            why = "over the memory budget" if e.memory > p.budget else "more work"
+            why = "over the memory budget" if e.memory > p.budget.total else "more work"
+            if why == "more work" and e.flops == self.estimate.flops:
+                why = "same work"
             if not e.exact:
                 why = "not exact (Monte Carlo); ask for it by name"
             lines.append(f"    {e.summary()}  [{why}]")
-        for n, reason in self.rejected.items():
+        for n, reason in self.rejected:
             lines.append(f"    {n}: not applicable: {reason}")
+        order = [e.strategy for e in self.fallbacks()]
+        if len(order) > 1:
+            lines.append(f"  fallback order: {' -> '.join(order)}")
+        for n, reason in failed.items():
+            lines.append(f"  failed at run time: {n} ({reason}); the next one in order ran")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -88,6 +171,8 @@ def plan(
     memory_budget: int | str | None = None,
     differentiable: bool = False,
     progress: bool = False,
+    chunk_size: int | None = None,
+    group_size: int | None = None,
     n_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Plan:
@@ -95,54 +180,134 @@ def plan(
 
     Args:
         kind: ``"variance"`` (per-example diagonal), ``"covariance"`` (per-example K x K) or
-            ``"joint"`` (across all examples).
-        strategy: ``"auto"`` or a strategy name (``explicit``, ``reverse``, ``forward``,
-            ``last_layer``, ...); a named strategy that cannot handle the problem raises
-            ``ValueError`` saying why.
+            ``"joint"`` (across examples: the whole batch, or within groups of ``group_size``
+            consecutive examples).
+        strategy: ``"auto"`` or a strategy name (``structured``, ``reverse``, ``forward``,
+            ``explicit``, ``monte_carlo``; ``last_layer`` is ``structured``'s one-forward case for
+            a posterior on the linear head); a named strategy
+            that cannot handle the problem raises ``ValueError`` saying why.
+        memory_budget, differentiable, progress, chunk_size: see
+            :class:`~pushforward.core.options.Options`.
         n_samples: samples drawn by a Monte Carlo strategy (``monte_carlo``; default 100).
         generator: ``torch.Generator`` for a Monte Carlo strategy's draws.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains the choice, ``plan.execute()`` runs it.
     """
-    problem = Problem.build(
-        model, x, cov, kind, outputs, memory_budget, differentiable, progress, n_samples, generator
+    options = Options(
+        strategy=strategy,
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        chunk_size=chunk_size,
     )
-    return plan_problem(problem, strategy)
+    return make_plan(
+        model,
+        x,
+        cov,
+        kind,
+        options,
+        outputs=outputs,
+        group_size=group_size,
+        n_samples=n_samples,
+        generator=generator,
+    )
+
+
+def make_plan(
+    model: FunctionalModel | torch.nn.Module,
+    x: Any,
+    cov: CovarianceOperator,
+    kind: Kind,
+    options: Options,
+    *,
+    outputs: Tensor | None = None,
+    group_size: int | None = None,
+    n_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Plan:
+    """:func:`plan` with the options as one value; reuses a cached plan when one fits."""
+    fm = as_functional_model(model)
+    inputs = fm.prepare(x)
+    check_generator(generator, inputs.device)
+    if not isinstance(cov, CovarianceOperator):
+        raise TypeError(f"cov must be a pushforward covariance operator, got {type(cov).__name__}")
+    current = settings.current()
+    key = (
+        kind,
+        inputs.signature(with_batch=True),
+        None if outputs is None else tuple(getattr(outputs, "shape", ())),
+        id(cov),
+        cov.version(),
+        options,
+        group_size,
+        n_samples,
+        current,
+    )
+    cache = fm.cache.plans
+    found = cache.get(key) if current.plan_cache else None
+    if found is not None:
+        cache.move_to_end(key)
+        return found.with_call(inputs, outputs, generator)
+    problem = Problem.build(
+        fm,
+        inputs,
+        cov,
+        kind,
+        options,
+        outputs=outputs,
+        group_size=group_size,
+        n_samples=n_samples,
+        generator=generator,
+    )
+    chosen = replace(plan_problem(problem, options.strategy), key=key)
+    if current.plan_cache:
+        cache[key] = chosen
+        while len(cache) > current.plan_cache:
+            cache.popitem(last=False)
+    return chosen
 
 
 def plan_problem(problem: Problem, strategy: str = "auto", exclude: tuple[str, ...] = ()) -> Plan:
-    """:func:`plan` for a built :class:`Problem` (strategies in ``exclude`` are not considered)."""
+    """The plan for a built :class:`Problem` (strategies in ``exclude`` are not considered)."""
     if strategy != "auto":
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose from {['auto', *STRATEGIES]}")
-        chosen = STRATEGIES[strategy]()
+            names = ["auto", *STRATEGIES]
+            raise ValueError(f"unknown strategy {strategy!r}; choose from {names}")
         try:
-            est = chosen.estimate(problem)
+            est = STRATEGIES[strategy].estimate(problem, _subplan)
         except NotApplicable as err:
             raise ValueError(f"strategy {strategy!r} cannot compute this problem: {err}") from None
-        if est.memory > problem.budget:
-            raise ValueError(
-                f"strategy {strategy!r} needs about {format_bytes(est.memory)} even with its "
-                f"smallest chunks, over the memory budget of {format_bytes(problem.budget)}; "
-                "raise memory_budget or use strategy='auto'"
-            )
-        return Plan(problem, chosen, est, {strategy: est})
-    candidates: dict[str, Estimate] = {}
-    rejected: dict[str, str] = {}
-    for name, cls in STRATEGIES.items():
+        problem.budget.require(est.memory, f"strategy {strategy!r}")
+        return Plan(problem, est, (est,), named=True)
+    candidates: list[Estimate] = []
+    rejected: list[tuple[str, str]] = []
+    for name, strat in STRATEGIES.items():
         if name in exclude:
             continue
         try:
-            candidates[name] = cls().estimate(problem)
+            candidates.append(strat.estimate(problem, _subplan))
         except NotApplicable as err:
-            rejected[name] = str(err)
-    fitting = [e for e in candidates.values() if e.exact and e.memory <= problem.budget]
+            rejected.append((name, str(err)))
+    exact = [e for e in candidates if e.exact]
+    fitting = [e for e in exact if e.memory <= problem.budget.total]
     if not fitting:
-        need = min((e.memory for e in candidates.values() if e.exact), default=0)
-        raise MemoryError(
-            f"no exact strategy fits the memory budget of {format_bytes(problem.budget)} "
-            f"(the smallest needs about {format_bytes(need)}); raise memory_budget"
+        need = min((e.memory for e in exact), default=0)
+        raise MemoryBudgetError(
+            f"no exact strategy fits the memory budget of {format_bytes(problem.budget.total)} "
+            f"(the smallest needs about {format_bytes(need)}); raise memory_budget",
+            problem.budget.total,
+            need,
         )
     best = min(fitting, key=lambda e: e.flops)
-    return Plan(problem, STRATEGIES[best.strategy](), best, candidates, rejected)
+    ordered = [best, *[e for e in candidates if e is not best]]
+    return Plan(problem, best, tuple(ordered), tuple(rejected))
+
+
+def _subplan(problem: Problem, exclude: tuple[str, ...]) -> Plan:
+    return plan_problem(problem, "auto", exclude)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -1,4 +1,4 @@
-"""One functional-variance problem: the model, inputs, covariance, what is asked, and budgets.
+"""One functional-covariance problem: the model, inputs, covariance, what is asked, the budget.
 
 Canonical layout used by every strategy (whatever the user's output shape):
 
@@ -10,100 +10,193 @@ Canonical layout used by every strategy (whatever the user's output shape):
   ``T * S`` rows.
 
 Results in canonical layout: variance ``(B, T, S)``, per-example covariance ``(B, T, S, S)``,
-joint covariance ``(B*T*S, B*T*S)`` (batch-major, then position, then output).
+joint covariance ``(G, q*T*S, q*T*S)`` over ``G = B / q`` groups of ``q = group_size``
+consecutive batch elements (batch element, then position, then output); ``q = B`` is the
+joint covariance across the whole batch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from pushforward.api.sampling import check_generator, check_n_samples
-from pushforward.core.budget import ModelCost, measure_cost, parse_memory
 from pushforward.core.chunking import RowChunk
-from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.core.cost import Budget, ModelCost, measure_cost
+from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
+from pushforward.core.options import Options
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.products.vjp import example_output_shape, one_hot_cotangents
+from pushforward.products.vjp import one_hot_cotangents
 
-__all__ = ["Kind", "Problem"]
+__all__ = ["Kind", "Problem", "bind_covariance", "canonical_outputs"]
 
 Kind = Literal["variance", "covariance", "joint"]
+KINDS = ("variance", "covariance", "joint")
 
 
-@dataclass
+def bind_covariance(
+    fm: FunctionalModel, cov: Any, dtype: torch.dtype, device: torch.device
+) -> CovarianceOperator:
+    """``cov`` checked against ``fm``'s parameter layout and cast to ``dtype`` on ``device``.
+
+    The bound operator is remembered per (operator, version) in ``fm.cache`` unless the cast
+    would be recorded by autograd (a cached graph could be used once only)."""
+    if not isinstance(cov, CovarianceOperator):
+        raise TypeError(f"cov must be a pushforward covariance operator, got {type(cov).__name__}")
+    key = (id(cov), dtype, device)
+    version = cov.version()
+    found = fm.cache.bound.get(key)
+    if found is not None and found[0]() is cov and found[1] == version:
+        return found[2]
+    bound = cov.bind(fm.layout)
+    recorded = False
+    if bound.dtype != dtype or bound.device != device:
+        recorded = torch.is_grad_enabled() and any(t.requires_grad for t in bound.tensors())
+        bound = bound.to(dtype=dtype, device=device)  # differentiable, like Tensor.to
+    if not recorded:
+        fm.cache.bound[key] = (weakref.ref(cov), version, bound)
+    return bound
+
+
+def canonical_outputs(
+    outputs: Any, example_shape: torch.Size, K: int, device: torch.device
+) -> Tensor | None:
+    """``outputs`` (``(*example_dims, S)`` indices into the K outputs) as ``(B, T, S)`` long."""
+    if outputs is None:
+        return None
+    if not isinstance(outputs, Tensor) or outputs.dtype not in (torch.int32, torch.int64):
+        raise TypeError("outputs must be an integer index tensor of shape (*example_dims, S)")
+    if outputs.shape[:-1] != example_shape or outputs.dim() != len(example_shape) + 1:
+        raise ValueError(
+            f"outputs has shape {tuple(outputs.shape)}; expected (*example_dims, S) = "
+            f"({', '.join(map(str, example_shape))}, S)"
+        )
+    if outputs.shape[-1] == 0:
+        raise ValueError("outputs selects no output (its last dimension S is 0)")
+    if outputs.min() < 0 or outputs.max() >= K:
+        raise ValueError(f"outputs must index the {K} outputs (0 <= index < {K})")
+    B = example_shape[0]
+    return outputs.to(device=device, dtype=torch.long).reshape(B, -1, outputs.shape[-1])
+
+
+@dataclass(frozen=True)
 class Problem:
+    """What is asked, with everything a strategy needs to estimate and run it.
+
+    Attributes:
+        fm: the model.
+        inputs: the batch (detached unless ``options.differentiable``).
+        cov: the covariance, bound to ``fm.layout`` and in the output's dtype and device.
+        kind: ``"variance"``, ``"covariance"`` (per example) or ``"joint"``.
+        outputs: the selected outputs ``(B, T, S)`` or ``None`` for all K.
+        example_shape: the user's example dimensions ``(B, ...)``.
+        output_shape: the output dimensions (``output_dims`` of them).
+        cost: the model's measured per-example costs.
+        options: how to run (strategy, budget, differentiable, progress, chunk cap).
+        budget: the memory budget and chunk rules.
+        group_size: ``kind="joint"``: batch elements per group (``B``: the whole batch).
+        n_samples: Monte Carlo strategies: samples to draw (``None``: their default).
+        generator: Monte Carlo strategies: source of the draws.
+    """
+
     fm: FunctionalModel
     inputs: Inputs
     cov: CovarianceOperator
     kind: Kind
-    outputs: Tensor | None  # canonical (B, T, S) long, or None for all K outputs
-    sample_shape: torch.Size  # one batch element's output shape (without the batch dim)
-    example_shape: torch.Size  # user's example dims (B, ...)
+    outputs: Tensor | None
+    example_shape: torch.Size
     output_shape: torch.Size
-    dtype: torch.dtype
-    budget: int
-    differentiable: bool
-    progress: bool
     cost: ModelCost
-    n_samples: int | None = None  # Monte Carlo strategies: samples to draw (None: their default)
-    generator: torch.Generator | None = None  # Monte Carlo strategies: source of the draws
+    options: Options
+    budget: Budget
+    group_size: int
+    n_samples: int | None = None
+    generator: torch.Generator | None = None
 
     @classmethod
     def build(
         cls,
-        model: FunctionalModel | torch.nn.Module,
-        x: Any,
+        fm: FunctionalModel,
+        inputs: Inputs,
         cov: CovarianceOperator,
         kind: Kind,
+        options: Options,
+        *,
         outputs: Tensor | None = None,
-        memory_budget: int | str | None = None,
-        differentiable: bool = False,
-        progress: bool = False,
+        group_size: int | None = None,
         n_samples: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Problem:
-        fm = as_functional_model(model)
-        inputs = fm.prepare(x)
-        if n_samples is not None:
-            n_samples = check_n_samples(n_samples)
-        check_generator(generator, inputs.device)
-        if not isinstance(cov, CovarianceOperator):
-            raise TypeError(
-                f"cov must be a pushforward covariance operator, got {type(cov).__name__}"
-            )
-        cov = cov.bind(fm.layout)
-        sample_shape, dtype = example_output_shape(fm, inputs)
-        example_shape, output_shape = fm.split_shape(torch.Size((inputs.batch_size, *sample_shape)))
-        if cov.dtype != dtype or cov.device != inputs.device:
-            cov = cov.to(dtype=dtype, device=inputs.device)  # differentiable, like Tensor.to
-        K = math.prod(output_shape)
-        canonical = None
-        if outputs is not None:
-            canonical = _check_outputs(outputs, example_shape, K, inputs.device)
+        """A problem for prepared ``inputs`` (see :meth:`FunctionalModel.prepare`)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose from {list(KINDS)}")
+        cost = measure_cost(fm, inputs)
+        example_shape, output_shape = fm.split_shape(
+            torch.Size((inputs.batch_size, *cost.output_shape))
+        )
+        B = inputs.batch_size
+        q = _group_size(group_size, kind, B)
+        cov = bind_covariance(fm, cov, cost.output_dtype, inputs.device)
         return cls(
             fm=fm,
-            inputs=inputs,
+            inputs=inputs if options.differentiable else inputs.detach(),
             cov=cov,
             kind=kind,
-            outputs=canonical,
-            sample_shape=sample_shape,
+            outputs=canonical_outputs(outputs, example_shape, output_shape.numel(), inputs.device),
             example_shape=example_shape,
             output_shape=output_shape,
-            dtype=dtype,
-            budget=parse_memory(memory_budget, inputs.device),
-            differentiable=differentiable,
-            progress=progress,
-            cost=measure_cost(fm, inputs),
+            cost=cost,
+            options=options,
+            budget=Budget.of(options.budget_bytes(inputs.device), options.chunk_size),
+            group_size=q,
             n_samples=n_samples,
             generator=generator,
         )
 
+    def with_call(
+        self, inputs: Inputs, outputs: Tensor | None, generator: torch.Generator | None
+    ) -> Problem:
+        """The same problem for another call's inputs, selected outputs and generator (same
+        shapes): what a cached plan runs on."""
+        return replace(
+            self,
+            inputs=inputs if self.options.differentiable else inputs.detach(),
+            outputs=canonical_outputs(outputs, self.example_shape, self.K, inputs.device),
+            generator=generator,
+        )
+
+    def rebased(self, other: Problem) -> Problem:
+        """This problem (of a sub-model) for the call of ``other``: its inputs, selected outputs
+        and generator."""
+        return replace(self, inputs=other.inputs, outputs=other.outputs, generator=other.generator)
+
+    def restricted(self, fm: FunctionalModel, cov: CovarianceOperator) -> Problem:
+        """The same question about a sub-model (some of the parameters) with its covariance."""
+        return replace(self, fm=fm, cov=cov, cost=measure_cost(fm, self.inputs))
+
     # -- sizes ----------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> torch.Size:
+        """One batch element's output shape (without the batch dimension)."""
+        return self.cost.output_shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cost.output_dtype
+
+    @property
+    def differentiable(self) -> bool:
+        return self.options.differentiable
+
+    @property
+    def progress(self) -> bool:
+        return self.options.progress
+
     @property
     def B(self) -> int:
         return self.inputs.batch_size
@@ -129,13 +222,26 @@ class Problem:
         return self.T * self.S
 
     @property
+    def groups(self) -> int:
+        """Joint covariance: the number of groups ``B / group_size``."""
+        return self.B // self.group_size
+
+    @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.cost.itemsize
 
     def result_bytes(self) -> int:
         n = self.B * self.T * self.S
-        size = {"variance": n, "covariance": n * self.S, "joint": n * n}[self.kind]
+        size = {
+            "variance": n,
+            "covariance": n * self.S,
+            "joint": n * self.group_size * self.rows_per_sample,
+        }[self.kind]
         return size * self.itemsize
+
+    def outputs_bytes(self) -> int:
+        """Bytes of the model outputs ``f`` of the whole batch."""
+        return self.B * self.cost.output_bytes
 
     # -- rows -----------------------------------------------------------------------------
     def row_index(self, chunk: RowChunk) -> Tensor:
@@ -168,7 +274,7 @@ class Problem:
     def user_result(self, result: Tensor) -> Tensor:
         """Canonical result -> the user's shape."""
         if self.kind == "joint":
-            return result
+            return result[0] if self.group_size == self.B else result
         lead = self.example_shape
         if self.kind == "variance":
             if self.outputs is None:
@@ -177,27 +283,30 @@ class Problem:
         return result.reshape(*lead, self.S, self.S)
 
     def describe(self) -> str:
-        what = {
-            "variance": "variance",
-            "covariance": "per-example covariance",
-            "joint": "joint covariance",
-        }
+        if self.kind == "joint" and self.group_size < self.B:
+            what = f"joint covariance within {self.groups} groups of {self.group_size}"
+        else:
+            what = {
+                "variance": "variance",
+                "covariance": "per-example covariance",
+                "joint": "joint covariance",
+            }[self.kind]
         sel = f"{self.S} selected of {self.K}" if self.outputs is not None else f"{self.K}"
         return (
-            f"{what[self.kind]} for {self.B} x {self.T} examples x {sel} outputs, "
+            f"{what} for {self.B} x {self.T} examples x {sel} outputs, "
             f"P={self.P:,}, {type(self.cov).__name__} covariance (sqrt columns r={self.cov.sqrt_cols:,})"
         )
 
 
-def _check_outputs(outputs: Tensor, example_shape: torch.Size, K: int, device) -> Tensor:
-    if not isinstance(outputs, Tensor) or outputs.dtype not in (torch.int32, torch.int64):
-        raise TypeError("outputs must be an integer index tensor of shape (*example_dims, S)")
-    if outputs.shape[:-1] != example_shape or outputs.dim() != len(example_shape) + 1:
+def _group_size(group_size: int | None, kind: Kind, B: int) -> int:
+    if group_size is None:
+        return B if kind == "joint" else 1
+    if kind != "joint":
+        raise ValueError("group_size applies to joint covariances (kind='joint') only")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if B % group_size:
         raise ValueError(
-            f"outputs has shape {tuple(outputs.shape)}; expected (*example_dims, S) = "
-            f"({', '.join(map(str, example_shape))}, S)"
+            f"group_size={group_size} does not divide the batch of {B} examples into groups"
         )
-    if outputs.numel() and (outputs.min() < 0 or outputs.max() >= K):
-        raise ValueError(f"outputs must index the {K} outputs (0 <= index < {K})")
-    B = example_shape[0]
-    return outputs.to(device=device, dtype=torch.long).reshape(B, -1, outputs.shape[-1])
+    return group_size

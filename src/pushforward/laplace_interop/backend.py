@@ -70,19 +70,19 @@ import torch
 from laplace.curvature.curvlinops import CurvlinopsEF, CurvlinopsGGN
 from torch import Tensor, nn
 
-from pushforward.core.budget import parse_memory
 from pushforward.core.chunking import RowChunk
+from pushforward.core.cost import measure_cost
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
+from pushforward.core.options import Options
 from pushforward.curvature.row_sums import outer_product_sum, softmax_hessian_factor
 from pushforward.laplace_interop.adapters import PREFIX, MappingInput, laplace_inputs
 from pushforward.laplace_interop.convert import _subnet_selection
 from pushforward.products.vjp import (
     collect_rows,
-    example_output_shape,
     iter_row_chunks,
     one_hot_cotangents,
-    reverse_chunk_size,
+    row_chunk_size,
 )
 
 __all__ = ["PushforwardEF", "PushforwardGGN"]
@@ -131,7 +131,7 @@ class _PushforwardCurvature:
 
     def _init_engine(self, memory_budget: int | str | None) -> None:
         if memory_budget is not None:
-            parse_memory(memory_budget)  # validate now rather than at the first batch
+            Options(memory_budget=memory_budget)  # validate now rather than at the first batch
         self.memory_budget = memory_budget
         self._models: dict[str, tuple[object, FunctionalModel, Tensor | None]] = {}
 
@@ -194,8 +194,11 @@ class _PushforwardCurvature:
         """``(f (B, *f_b), rows (B, R, S))``: rows ``J_n^T u_nr`` restricted to laplace-torch's
         parameters, computed in chunks bounded by ``memory_budget``."""
         fm, inputs = target.fm, target.inputs
-        budget = parse_memory(self.memory_budget, inputs.device)
-        chunk_size = reverse_chunk_size(fm, inputs, budget)
+        itemsize = measure_cost(fm, inputs).itemsize
+        result = inputs.batch_size * rows_per_sample * target.size * itemsize
+        chunk_size = row_chunk_size(
+            fm, inputs, Options(memory_budget=self.memory_budget), result, "laplace-torch's rows"
+        )
         with torch.set_grad_enabled(differentiable):
             inputs = inputs if differentiable else inputs.detach()
             chunks = iter_row_chunks(
@@ -207,7 +210,8 @@ class _PushforwardCurvature:
 
     def _one_hot_rows(self, target: _Target, differentiable: bool) -> tuple[Tensor, Tensor]:
         """Full Jacobians ``(B, *f_b, S)`` and outputs ``(B, *f_b)``."""
-        shape, dtype = example_output_shape(target.fm, target.inputs)
+        cost = measure_cost(target.fm, target.inputs)
+        shape, dtype = cost.output_shape, cost.output_dtype
         rows = math.prod(shape)
 
         def make(chunk: RowChunk) -> Tensor:
@@ -272,7 +276,8 @@ class _PushforwardCurvature:
             outputs = outputs[:, None]
         if outputs.ndim != 2 or outputs.shape[0] != target.inputs.batch_size:
             raise ValueError("Output selectors must match the input batch size.")
-        shape, dtype = example_output_shape(target.fm, target.inputs)
+        cost = measure_cost(target.fm, target.inputs)
+        shape, dtype = cost.output_shape, cost.output_dtype
         index = outputs.to(target.inputs.device, torch.long)
 
         def make(chunk: RowChunk) -> Tensor:

@@ -55,6 +55,7 @@ What differs from laplace-torch, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -65,10 +66,10 @@ import torch
 from torch import Tensor
 
 from pushforward.api.predictive import predictive
-from pushforward.api.sampling import check_n_samples
 from pushforward.api.variance import functional_covariance, functional_variance
-from pushforward.core.budget import chunk_budget, parse_memory
+from pushforward.core.cost import Budget
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.kronecker import Kronecker
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.strategies import STRATEGIES
@@ -96,21 +97,17 @@ class _Options:
             raise ValueError(
                 f"unknown mc_sampling {self.mc_sampling!r}; choose from {list(MC_SAMPLING)}"
             )
-        if self.strategy != "auto" and self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r}; choose from {['auto', *STRATEGIES]}"
-            )
-        parse_memory(self.memory_budget)
+        names = ["auto", *STRATEGIES]
+        if self.strategy not in names:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {names}")
+        self.engine(False)  # validates the memory budget now
         return self
 
     def engine(self, differentiable: bool) -> dict[str, Any]:
-        """Keyword arguments of :func:`functional_variance` / :func:`functional_covariance`."""
-        return dict(
-            strategy=self.strategy,
-            memory_budget=self.memory_budget,
-            progress=self.progress,
-            differentiable=differentiable,
-        )
+        """Keyword arguments of :func:`functional_variance` / :func:`functional_covariance`
+        (the fields of an :class:`~pushforward.core.options.Options`)."""
+        options = Options(self.strategy, self.memory_budget, differentiable, self.progress)
+        return dataclasses.asdict(options)
 
 
 def glm_predictive(
@@ -222,7 +219,7 @@ def _predict(
         return _moments(fm, x, cov, joint, diagonal_output, engine)
     if link_approx != "mc":
         return predictive(fm, x, cov, link=link_approx, **engine)
-    n_samples = check_n_samples(n_samples)
+    n_samples = check_positive_int(n_samples, "n_samples")
     if options.mc_sampling == "weight":
         if diagonal_output:
             raise ValueError(
@@ -297,9 +294,11 @@ def _output_space_mc(
         scale = torch.linalg.cholesky(var.reshape(-1, K, K))  # (N, K, K)
     mean = f.reshape(-1, K, 1)
     z = torch.randn((K, n_samples), generator=generator, dtype=f.dtype, device=f.device)
-    budget = parse_memory(engine["memory_budget"], f.device)
+    budget = Budget.of(Options(memory_budget=engine["memory_budget"]).budget_bytes(f.device))
+    held = (f.numel() + K * n_samples + var.numel()) * f.element_size()  # total, z, factor
     per_sample = 3 * f.numel() * f.element_size()  # a draw, its softmax and the sum's update
-    chunk = max(1, chunk_budget(budget) // per_sample)
+    chunk = budget.chunk(per_sample, held, at_most=n_samples)
+    budget.require(budget.peak(held, chunk, per_sample), "the Monte Carlo predictive")
     total = torch.zeros_like(mean[..., 0])
     for start in range(0, n_samples, chunk):
         zc = z[:, start : start + chunk]
@@ -405,7 +404,7 @@ def _mapping_input(
         output_fn=fm.output_fn,
     )
     if isinstance(cov, Kronecker):  # its blocks are keyed by parameter name
-        cov = Kronecker([cov.factors(n) for n in fm.param_names])
+        cov = Kronecker([cov.blocks[n] for n in fm.param_names], check=False)
     return wrapped, cov.bind(wrapped.layout)
 
 

@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.core.budget import parse_memory
 from pushforward.core.chunking import RowChunk
+from pushforward.core.cost import measure_cost
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.core.options import Options
 from pushforward.products.vjp import (
     collect_rows,
-    example_output_shape,
     iter_row_chunks,
     one_hot_cotangents,
-    reverse_chunk_size,
+    row_chunk_size,
 )
 
 __all__ = ["jacobian"]
@@ -35,14 +35,22 @@ def jacobian(
 
     Each example's rows come from its own backward passes (``vmap`` over examples), so the work
     is linear in the batch size; ``chunk_size`` bounds the rows computed at once (default: as
-    many as ``memory_budget`` allows). The result itself has ``f.numel() * P`` entries.
+    many as ``memory_budget`` allows). The result itself has ``f.numel() * P`` entries and
+    counts against ``memory_budget``.
 
     Returns:
         ``(f, J)`` with ``J.shape == f.shape + (P,)``.
     """
+    options = Options(
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
     fm = as_functional_model(model)
     inputs = fm.prepare(x)
-    shape, dtype = example_output_shape(fm, inputs)
+    cost = measure_cost(fm, inputs)
+    shape, dtype = cost.output_shape, cost.output_dtype
     rows_per_sample = math.prod(shape)
 
     def make(chunk: RowChunk) -> Tensor:
@@ -50,14 +58,16 @@ def jacobian(
         index = torch.arange(chunk.rows.start, chunk.rows.stop, device=inputs.device).expand(b, -1)
         return one_hot_cotangents(index, shape, dtype)
 
-    if chunk_size is None:
-        chunk_size = reverse_chunk_size(fm, inputs, parse_memory(memory_budget, inputs.device))
+    rows = inputs.batch_size * rows_per_sample
+    chunk = row_chunk_size(
+        fm, inputs, options, rows * cost.param_bytes, f"the Jacobian of {rows:,} outputs"
+    )
     with torch.set_grad_enabled(differentiable):
         inputs = inputs if differentiable else inputs.detach()
         params = fm.params(differentiable)
         f, J = collect_rows(
             iter_row_chunks(
-                fm, params, inputs, rows_per_sample, make, chunk_size, progress, "jacobian rows"
+                fm, params, inputs, rows_per_sample, make, chunk, progress, "jacobian rows"
             ),
             inputs.batch_size,
             rows_per_sample,

@@ -15,14 +15,15 @@ from torch import Tensor
 from torch.func import jvp as func_jvp
 from torch.func import vmap
 
-from pushforward.core.budget import chunk_budget, measure_cost, parse_memory
 from pushforward.core.chunking import progress_bar
+from pushforward.core.cost import Budget, measure_cost, tangent_bytes
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
+from pushforward.core.options import Options
 
-__all__ = ["batched_jvp", "forward_chunk_size", "jvp", "push_tangents"]
+__all__ = ["batched_jvp", "jvp", "push_tangents"]
 
 
 def _jvp_vmapped(fm: FunctionalModel, params, inputs: Inputs, tangents, safe: bool):
@@ -102,15 +103,6 @@ def push_tangents(
     return _FORWARD(fm, fm, params, inputs, tangents)
 
 
-def forward_chunk_size(fm: FunctionalModel, inputs: Inputs, budget: int) -> int:
-    """How many tangents to push at once within ``budget`` bytes."""
-    cost = measure_cost(fm, inputs)
-    itemsize = cost.param_bytes // max(fm.num_params, 1)
-    per_tangent = inputs.batch_size * (2 * cost.activation_bytes + cost.output_numel * itemsize)
-    per_tangent += 2 * cost.param_bytes
-    return max(1, int(chunk_budget(budget) // max(per_tangent, 1)))
-
-
 def _as_tangent_batch(fm: FunctionalModel, v: Tensor | Mapping[str, Tensor], batched: bool):
     d = fm.as_dict(v) if isinstance(v, Mapping) else fm.unflatten(_check_flat(fm, v, batched))
     for name, t in d.items():
@@ -175,27 +167,47 @@ def batched_jvp(
 
     Args:
         tangents: ``(n, P)`` or ``{name: (n, *shape)}``.
-        chunk_size: tangents pushed at once (default: as many as ``memory_budget`` allows).
+        chunk_size: at most this many tangents pushed at once (default: as many as
+            ``memory_budget`` allows).
+        memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates, the
+            result ``(n, *f.shape)`` included (default: half of the available memory).
 
     Returns:
         ``(f, JV)`` with ``JV.shape == (n, *f.shape)``.
     """
+    options = Options(
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
     fm = as_functional_model(model)
     inputs = fm.prepare(x)
     tangents = _as_tangent_batch(fm, tangents, batched=True)
     n = next(iter(tangents.values())).shape[0]
-    if chunk_size is None:
-        chunk_size = forward_chunk_size(fm, inputs, parse_memory(memory_budget, inputs.device))
-    starts = range(0, n, chunk_size)
+    cost = measure_cost(fm, inputs)
+    B = inputs.batch_size
+    budget = Budget.of(options.budget_bytes(inputs.device), options.chunk_size)
+    held = (n + 1) * B * cost.output_bytes  # the result and f
+    per = tangent_bytes(cost, B)
+    chunk = budget.chunk(per, held, at_most=n)
+    budget.require(budget.peak(held, chunk, per), f"batched_jvp of {n:,} tangents")
     with torch.set_grad_enabled(differentiable):
         inputs = inputs if differentiable else inputs.detach()
         params = fm.params(differentiable)
-        f, parts = None, []
+        if n == 0:
+            f = fm.call(params, inputs.args, inputs.kwargs)
+            return f, f.new_zeros((0, *f.shape))
+        starts = range(0, n, chunk)
+        out: Tensor | None = None
+        parts = []
         for s in progress_bar(starts, progress, "jvp chunks", total=len(starts)):
-            chunk = {k: t[s : s + chunk_size] for k, t in tangents.items()}
-            f, jv = push_tangents(fm, params, inputs, chunk)
-            parts.append(jv)
-    if f is None:
-        f = fm.call(fm.params(differentiable), inputs.args, inputs.kwargs)
-        return f, f.new_zeros((0, *f.shape))
-    return f, torch.cat(parts)
+            part = {k: t[s : s + chunk] for k, t in tangents.items()}
+            f, jv = push_tangents(fm, params, inputs, part)
+            if differentiable:
+                parts.append(jv)
+                continue
+            if out is None:
+                out = jv.new_empty(n, *jv.shape[1:])
+            out[s : s + jv.shape[0]] = jv
+    return f, torch.cat(parts) if differentiable else out

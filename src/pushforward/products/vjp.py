@@ -18,20 +18,20 @@ from torch import Tensor
 from torch.func import vjp as func_vjp
 from torch.func import vmap
 
-from pushforward.core.budget import chunk_budget, measure_cost, parse_memory
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
+from pushforward.core.cost import Budget, measure_cost, row_bytes
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
+from pushforward.core.options import Options
 
 __all__ = [
     "collect_rows",
-    "example_output_shape",
     "iter_row_chunks",
     "one_hot_cotangents",
     "per_example_vjp",
-    "reverse_chunk_size",
+    "row_chunk_size",
     "sample_rows",
 ]
 
@@ -143,28 +143,18 @@ def sample_rows(
     return f, fm.flatten(grads) if flat else grads
 
 
-def example_output_shape(fm: FunctionalModel, inputs: Inputs) -> tuple[torch.Size, torch.dtype]:
-    """Shape (without the batch dimension) and dtype of one example's output."""
-    one = inputs.slice(0, 1)
-    with torch.no_grad():
-        out = fm.call(fm.params(False), one.detach().args, one.detach().kwargs)
-    fm.split_shape(out.shape)
-    return out.shape[1:], out.dtype
-
-
-def reverse_chunk_size(
-    fm: FunctionalModel, inputs: Inputs, budget: int, extra_row_bytes: int = 0
+def row_chunk_size(
+    fm: FunctionalModel, inputs: Inputs, options: Options, result_bytes: int, what: str
 ) -> int:
-    """How many rows (P-vectors) to compute at once within ``budget`` bytes.
-
-    A row costs its P-vector (gradient dict, flat copy, one more for what the caller does with
-    it), a backward through one example's activations and its cotangent; each example in the
-    chunk costs a forward.
-    """
+    """Rows (P-vectors) computed at once within the budget, next to a ``result_bytes`` result
+    and the outputs; raises :class:`~pushforward.MemoryBudgetError` when one row does not fit."""
     cost = measure_cost(fm, inputs)
-    itemsize = cost.param_bytes // max(fm.num_params, 1)
-    per_row = 3 * cost.param_bytes + 2 * cost.activation_bytes + cost.output_numel * itemsize
-    return max(1, int(chunk_budget(budget) // (per_row + extra_row_bytes)))
+    budget = Budget.of(options.budget_bytes(inputs.device), options.chunk_size)
+    held = result_bytes + inputs.batch_size * cost.output_bytes
+    per = row_bytes(cost)
+    chunk = budget.chunk(per, held)
+    budget.require(budget.peak(held, chunk, per), what)
+    return chunk
 
 
 def one_hot_cotangents(index: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
@@ -185,6 +175,7 @@ def iter_row_chunks(
     progress: bool = False,
     desc: str = "rows",
     flat: bool = True,
+    group_size: int = 1,
 ) -> Iterator[tuple[RowChunk, Tensor, Tensor | dict[str, Tensor]]]:
     """Run :func:`sample_rows` over chunks of (example, row) pairs.
 
@@ -192,7 +183,7 @@ def iter_row_chunks(
     ``(b, r, P)`` (or per parameter with ``flat=False``) for the ``b`` examples and ``r`` rows
     of ``chunk``.
     """
-    chunks = row_chunks(inputs.batch_size, rows_per_sample, chunk_size)
+    chunks = row_chunks(inputs.batch_size, rows_per_sample, chunk_size, group_size)
     for chunk in progress_bar(chunks, progress, desc, total=len(chunks)):
         sub = inputs.slice(chunk.samples.start, chunk.samples.stop)
         f, rows = sample_rows(fm, params, sub, make_cotangents(chunk), flat=flat)
@@ -213,15 +204,25 @@ def per_example_vjp(
 
     Args:
         cotangents: ``u`` of the output's shape ``(*example_dims, *output_shape)``.
-        chunk_size: rows computed at once (default: as many as ``memory_budget`` allows).
+        chunk_size: at most this many rows computed at once (default: as many as
+            ``memory_budget`` allows).
+        memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates, the
+            ``(N, P)`` result included (default: half of the available memory).
 
     Returns:
         ``(f, rows)`` with ``rows.shape == (N, P)``, ``N = prod(example_dims)`` (row-major
         over the example dimensions, e.g. batch then token).
     """
+    options = Options(
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
     fm = as_functional_model(model)
     inputs = fm.prepare(x)
-    shape, dtype = example_output_shape(fm, inputs)
+    cost = measure_cost(fm, inputs)
+    shape, dtype = cost.output_shape, cost.output_dtype
     example_shape, output_shape = fm.split_shape(torch.Size((inputs.batch_size, *shape)))
     if cotangents.shape != (*example_shape, *output_shape):
         raise ValueError(
@@ -239,13 +240,13 @@ def per_example_vjp(
         cot[:, torch.arange(len(rows)), rows] = ub[:, rows]
         return cot.view(ub.shape[0], len(rows), *shape)
 
-    if chunk_size is None:
-        chunk_size = reverse_chunk_size(fm, inputs, parse_memory(memory_budget, inputs.device))
+    result = B * tokens * cost.param_bytes
+    chunk = row_chunk_size(fm, inputs, options, result, f"per_example_vjp of {B * tokens:,} rows")
     with torch.set_grad_enabled(differentiable):
         inputs = inputs if differentiable else inputs.detach()
         params = fm.params(differentiable)
         f, out = collect_rows(
-            iter_row_chunks(fm, params, inputs, tokens, make, chunk_size, progress, "vjp rows"),
+            iter_row_chunks(fm, params, inputs, tokens, make, chunk, progress, "vjp rows"),
             B,
             tokens,
             fm.num_params,
@@ -265,5 +266,6 @@ def collect_rows(
         rows_out[chunk.samples, chunk.rows] = rows
         if chunk.rows.start == 0:
             f_out[chunk.samples] = f
-    assert f_out is not None and rows_out is not None, "empty batch"
+    if f_out is None or rows_out is None:
+        raise ValueError("no rows to collect: the batch is empty or has no rows per example")
     return f_out, rows_out

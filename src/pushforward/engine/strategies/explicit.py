@@ -11,71 +11,80 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pushforward.core.budget import chunk_budget
-from pushforward.core.chunking import RowChunk, progress_bar
+from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
+from pushforward.core.cost import tangent_bytes
 from pushforward.engine.contraction import RowAccumulator
 from pushforward.engine.problem import Problem
-from pushforward.engine.strategies.reverse import fixed_bytes
-from pushforward.engine.strategies.strategy import TRAFFIC, Estimate, Strategy
+from pushforward.engine.strategies.reverse import held_bytes
+from pushforward.engine.strategies.strategy import Estimate, Strategy, SubPlanner, traffic
 from pushforward.products.jvp import push_tangents
 
 __all__ = ["ExplicitStrategy"]
 
 
-def _tangent_bytes(p: Problem, examples: int) -> int:
-    return (
-        examples * (2 * p.cost.activation_bytes + p.cost.output_numel * p.itemsize)
-        + 2 * p.P * p.itemsize
+def _block_bytes(p: Problem) -> int:
+    """One example's Jacobian block, its selected rows and the contraction's temporaries."""
+    return (p.T * p.K + 2 * p.rows_per_sample) * p.P * p.itemsize + p.cov.workspace_bytes(
+        p.rows_per_sample
     )
+
+
+def _tangents_at_once(p: Problem, examples: int, held: int) -> int:
+    per = tangent_bytes(p.cost, examples, outputs=2)  # unit tangent, its output and its column
+    return p.budget.chunk(per, held, at_most=p.P)
 
 
 class ExplicitStrategy(Strategy):
     name = "explicit"
 
-    def estimate(self, problem: Problem) -> Estimate:
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        """Chunks: ``chunk_size`` unit tangents pushed at once through blocks of
+        ``state`` examples (the blocks take at most half the room)."""
         p = problem
-        per_example = 3 * p.T * p.K * p.P * p.itemsize  # J block, selected rows, Σ applied
-        room = chunk_budget(p.budget, fixed_bytes(p))
-        examples = int(max(1, min(p.B, room // (2 * per_example))))
-        block = examples * per_example
-        memory = fixed_bytes(p) + block + _tangent_bytes(p, examples)
+        held = held_bytes(p)
+        per_example = _block_bytes(p) + tangent_bytes(p.cost, 1, outputs=2)
+        examples = p.budget.chunk(2 * per_example, held, at_most=p.B)
+        blocks = held + examples * _block_bytes(p)
+        tangents = _tangents_at_once(p, examples, blocks)
+        memory = blocks + tangents * tangent_bytes(p.cost, examples, outputs=2)
         F = p.cost.forward_flops
         rows = p.B * p.rows_per_sample
-        flops = p.B * p.P * 3 * F + rows * (p.cov.matmul_flops() + TRAFFIC * p.P)
-        return Estimate(self.name, flops, memory, examples, f"{p.P:,} JVPs per example chunk")
+        flops = p.B * p.P * 3 * F + rows * (p.cov.matmul_flops() + traffic() * p.P)
+        passes = f"{p.P:,} JVPs per block of {examples:,} examples"
+        return Estimate(self.name, flops, memory, tangents, passes, state=examples)
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
         p = problem
         params = p.fm.params(p.differentiable)
-        examples = estimate.chunk_size
-        room = max(
-            1, chunk_budget(p.budget, fixed_bytes(p)) - examples * 3 * p.T * p.K * p.P * p.itemsize
-        )
-        tangents_at_once = int(max(1, min(p.P, room // _tangent_bytes(p, examples))))
-        acc = RowAccumulator(p, chunk_rows=examples * p.rows_per_sample)
-        starts = range(0, p.B, examples)
-        for start in progress_bar(
-            starts, p.progress, "explicit Jacobian blocks", total=len(starts)
+        examples, tangents_at_once = estimate.state, estimate.chunk_size
+        acc = RowAccumulator(p)
+        q = p.group_size if p.kind == "joint" else 1
+        chunks = row_chunks(p.B, p.rows_per_sample, examples * p.rows_per_sample, q)
+        for chunk in progress_bar(
+            chunks, p.progress, "explicit Jacobian blocks", total=len(chunks)
         ):
-            stop = min(start + examples, p.B)
-            sub = p.inputs.slice(start, stop)
+            sub = p.inputs.slice(chunk.samples.start, chunk.samples.stop)
             f, J = self._block(p, params, sub, tangents_at_once)
-            chunk = RowChunk(slice(start, stop), slice(0, p.rows_per_sample))
-            rows = _select_rows(p, J, chunk)
-            acc.add(chunk, f, p.fm.unflatten(rows))
+            whole = RowChunk(chunk.samples, slice(0, p.rows_per_sample))
+            acc.add(whole, f, p.fm.unflatten(_select_rows(p, J, whole)))
         return acc.result()
 
     @staticmethod
     def _block(p: Problem, params, sub, tangents_at_once: int) -> tuple[Tensor, Tensor]:
         """``(f, J)`` for the examples of ``sub``: ``J (b, T, K, P)`` by unit-tangent JVPs."""
-        columns, f = [], None
+        J, f = None, None
         for c0 in range(0, p.P, tangents_at_once):
             c1 = min(c0 + tangents_at_once, p.P)
             unit = torch.zeros(c1 - c0, p.P, dtype=p.dtype, device=sub.device)
             unit[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
             f, JV = push_tangents(p.fm, params, sub, p.fm.unflatten(unit))
-            columns.append(JV.reshape(c1 - c0, sub.batch_size, p.T, p.K))
-        J = torch.cat(columns).permute(1, 2, 3, 0)
+            column = JV.reshape(c1 - c0, sub.batch_size, p.T, p.K).permute(1, 2, 3, 0)
+            if p.differentiable:
+                J = column if J is None else torch.cat([J, column], dim=-1)
+                continue
+            if J is None:
+                J = column.new_empty(sub.batch_size, p.T, p.K, p.P)
+            J[..., c0:c1] = column
         return f, J
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pushforward.core.budget import chunk_budget
 from pushforward.core.chunking import progress_bar
+from pushforward.core.cost import tangent_bytes
 from pushforward.engine.contraction import ColumnAccumulator
 from pushforward.engine.problem import Problem
-from pushforward.engine.strategies.strategy import TRAFFIC, Estimate, Strategy
+from pushforward.engine.strategies.strategy import Estimate, Strategy, SubPlanner, traffic
 from pushforward.products.jvp import push_tangents
 
 __all__ = ["ForwardStrategy", "unit_rows"]
@@ -31,20 +31,25 @@ def unit_rows(start: int, stop: int, size: int, dtype: torch.dtype, device) -> T
 class ForwardStrategy(Strategy):
     name = "forward"
 
-    def estimate(self, problem: Problem) -> Estimate:
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
         p = problem
         r = p.cov.sqrt_cols
-        fixed = 2 * p.result_bytes() + p.B * p.cost.output_numel * p.itemsize
-        # tangent activations and outputs for every example, plus the tangent itself (flat + dict)
-        per_tangent = p.B * (2 * p.cost.activation_bytes + 2 * p.cost.output_numel * p.itemsize)
-        per_tangent += 2 * p.P * p.itemsize
-        chunk = int(max(1, min(r, chunk_budget(p.budget, fixed) // per_tangent)))
+        held = 2 * p.result_bytes() + p.outputs_bytes()  # the sum and its update, f
+        # per column: the unit draw, its tangent, the tangent's activations and outputs
+        per = tangent_bytes(p.cost, p.B, outputs=2, extra_numbers=r)
+        per += p.cov.workspace_bytes(1)
+        chunk = p.budget.chunk(per, held, at_most=r)
         F = p.cost.forward_flops
-        flops = r * (3 * F * p.B + p.cov.sqrt_flops() + TRAFFIC * p.P)
+        flops = r * (3 * F * p.B + p.cov.sqrt_flops() + traffic() * p.P)
         n = p.B * p.rows_per_sample
-        flops += r * {"variance": n, "covariance": n * p.S, "joint": n * n}[p.kind] * 2
+        pairs = {
+            "variance": n,
+            "covariance": n * p.S,
+            "joint": n * p.group_size * p.rows_per_sample,
+        }
+        flops += r * pairs[p.kind] * 2
         return Estimate(
-            self.name, flops, fixed + chunk * per_tangent, chunk, f"{r:,} JVPs (sqrt columns)"
+            self.name, flops, p.budget.peak(held, chunk, per), chunk, f"{r:,} JVPs (sqrt columns)"
         )
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
@@ -57,7 +62,7 @@ class ForwardStrategy(Strategy):
         for start in progress_bar(starts, p.progress, "forward columns", total=len(starts)):
             stop = min(start + chunk, r)
             Z = unit_rows(start, stop, r, p.dtype, p.inputs.device)
-            tangents = p.fm.unflatten(p.cov._sqrt_rows(Z))
+            tangents = p.fm.unflatten(p.cov.sqrt_rows(Z))
             f, JV = push_tangents(p.fm, params, p.inputs, tangents)
             acc.add(p.select(JV.reshape(stop - start, p.B, p.T, p.K)))
         if f is None:  # r == 0: a zero covariance

@@ -10,11 +10,20 @@ moments, never ``n x B x K``. Not exact, so ``auto`` never picks it: ask for it 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import torch
 from torch import Tensor
 
-from pushforward.api.sampling import perturbation_chunks, sample_bytes, sample_chunk_size
 from pushforward.engine.problem import Problem
-from pushforward.engine.strategies.strategy import TRAFFIC, Estimate, NotApplicable, Strategy
+from pushforward.engine.strategies.strategy import (
+    Estimate,
+    NotApplicable,
+    Strategy,
+    SubPlanner,
+    traffic,
+)
+from pushforward.products.perturbations import perturbation_chunks, sample_bytes
 
 __all__ = ["DEFAULT_SAMPLES", "MonteCarloStrategy", "RunningMoments"]
 
@@ -46,8 +55,12 @@ class RunningMoments:
         self.count += c
 
     def stderr(self) -> Tensor:
-        """Standard error of the mean: ``sqrt(s^2 / n)`` with the unbiased sample variance."""
-        assert self.m2 is not None and self.count > 1
+        """Standard error of the mean: ``sqrt(s^2 / n)`` with the unbiased sample variance
+        (infinite from a single observation)."""
+        if self.m2 is None:
+            raise ValueError("no observations")
+        if self.count < 2:
+            return torch.full_like(self.m2, float("inf"))
         return (self.m2 / ((self.count - 1) * self.count)).sqrt()
 
 
@@ -59,7 +72,7 @@ class MonteCarloStrategy(Strategy):
     def samples(problem: Problem) -> int:
         return DEFAULT_SAMPLES if problem.n_samples is None else problem.n_samples
 
-    def estimate(self, problem: Problem) -> Estimate:
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
         p = problem
         if p.kind != "variance":
             raise NotApplicable(
@@ -67,32 +80,35 @@ class MonteCarloStrategy(Strategy):
                 "sample covariances use functional_samples"
             )
         n = self.samples(p)
-        if n < 2:
-            raise NotApplicable(f"a standard error needs n_samples >= 2, got {n}")
         # running mean and squared deviations, the chunk's statistics, and f
-        held = 4 * p.result_bytes() + p.B * p.cost.output_numel * p.itemsize
-        chunk = min(n, sample_chunk_size(p.fm, p.inputs, p.cov, p.budget, held))
-        memory = held + chunk * sample_bytes(p.fm, p.inputs, p.cov)
+        held = 4 * p.result_bytes() + p.outputs_bytes()
+        per = sample_bytes(p.cost, p.B, p.cov)
+        chunk = p.budget.chunk(per, held, at_most=n)
+        memory = p.budget.peak(held, chunk, per)
         flops = n * (
-            3 * p.cost.forward_flops * p.B + p.cov.sqrt_flops() + TRAFFIC * p.cov.sqrt_cols
+            3 * p.cost.forward_flops * p.B + p.cov.sqrt_flops() + traffic() * p.cov.sqrt_cols
         )
         flops += n * p.B * p.rows_per_sample * 4
         return Estimate(
             self.name, flops, memory, chunk, f"{n:,} JVPs (random draws, not exact)", exact=False
         )
 
-    def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
-        f, var, _ = self.run_with_stderr(problem, estimate)
-        return f, var
-
-    def run_with_stderr(
-        self, problem: Problem, estimate: Estimate
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(f, var, stderr)``, ``var`` and ``stderr`` in canonical layout ``(B, T, S)``."""
+    def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor, Tensor]:
+        """``(f, var, stderr)``, ``var`` and its standard error in canonical layout
+        ``(B, T, S)``."""
         p = problem
         moments = RunningMoments()
         f = None
-        for f_chunk, W in perturbation_chunks(
+        for chunk_f, W in self.chunks(p, estimate):
+            f = chunk_f
+            moments.add(p.select(W).square())
+        return f, moments.mean, moments.stderr()
+
+    def chunks(self, problem: Problem, estimate: Estimate) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(f, W)`` chunk by chunk: ``f`` the outputs, ``W (c, B, T, K)`` the chunk's
+        perturbations ``J L z_i`` (``n_samples`` in all, ``estimate.chunk_size`` at a time)."""
+        p = problem
+        for f, W in perturbation_chunks(
             p.fm,
             p.fm.params(p.differentiable),
             p.inputs,
@@ -102,8 +118,4 @@ class MonteCarloStrategy(Strategy):
             p.generator,
             p.progress,
         ):
-            f = f_chunk
-            w = p.select(W.reshape(W.shape[0], p.B, p.T, p.K))
-            moments.add(w.square())
-        assert f is not None and moments.mean is not None
-        return f, moments.mean, moments.stderr()
+            yield f, W.reshape(W.shape[0], p.B, p.T, p.K)

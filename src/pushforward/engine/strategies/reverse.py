@@ -2,60 +2,63 @@
 
 Every asked-for (example, output) pair is one row ``J(x_b)^T e_k``, computed by ``vmap`` over
 examples of ``torch.func.vjp``; at most ``chunk_size`` rows are alive at once. Cost: one
-backward per row (K per example, or S with selected outputs), whatever the covariance's rank.
+backward per row (K per example, or S with selected outputs), whatever the covariance's rank;
+each row is multiplied by the covariance once.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from pushforward.core.budget import chunk_budget
+from pushforward.core.cost import row_bytes
 from pushforward.engine.contraction import RowAccumulator
 from pushforward.engine.problem import Problem
-from pushforward.engine.strategies.strategy import TRAFFIC, Estimate, Strategy
+from pushforward.engine.strategies.strategy import Estimate, Strategy, SubPlanner, traffic
 from pushforward.products.vjp import iter_row_chunks
 
-__all__ = ["ReverseStrategy", "row_bytes"]
+__all__ = ["ReverseStrategy", "held_bytes", "row_chunk"]
 
 
-def row_bytes(problem: Problem) -> int:
-    """Working bytes of one row: its P-vector (gradient dict, flat copy, the covariance applied),
-    a backward through one example's activations, and its one-hot cotangent."""
-    p = problem
-    return 3 * p.P * p.itemsize + 2 * p.cost.activation_bytes + p.cost.output_numel * p.itemsize
-
-
-def fixed_bytes(problem: Problem) -> int:
-    """Bytes held for the whole run: the result, outputs ``f`` and (joint) the kept rows."""
-    p = problem
-    held = p.result_bytes() + p.B * p.cost.output_numel * p.itemsize
+def held_bytes(p: Problem) -> int:
+    """Bytes held for the whole run: the result, the outputs ``f`` and, for a joint covariance,
+    one group's rows (multiplied by the square-root factor) while the group fills."""
+    held = p.result_bytes() + p.outputs_bytes()
     if p.kind == "joint":
-        held += p.B * p.rows_per_sample * min(p.cov.sqrt_cols, p.P) * p.itemsize
+        held += p.group_size * p.rows_per_sample * p.cov.sqrt_cols * p.itemsize
     return held
+
+
+def row_chunk(p: Problem, per_row: int, held: int) -> int:
+    """Rows per chunk: per-example covariances need whole positions, joint covariances whole
+    groups or the rows of one group."""
+    rows = p.B * p.rows_per_sample
+    chunk = p.budget.chunk(per_row, held, at_most=rows)
+    if p.kind == "covariance":
+        chunk = max(p.S, chunk // p.S * p.S)
+    return chunk
 
 
 class ReverseStrategy(Strategy):
     name = "reverse"
 
-    def estimate(self, problem: Problem) -> Estimate:
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
         p = problem
         rows = p.B * p.rows_per_sample
-        per_row = row_bytes(p)
-        fixed = fixed_bytes(p)
-        chunk = max(1, chunk_budget(p.budget, fixed) // per_row)
-        if p.kind == "covariance":  # whole positions per chunk
-            chunk = max(p.S, chunk // p.S * p.S)
-        chunk = min(chunk, rows)
+        per_row = row_bytes(p.cost, p.cov.workspace_bytes(1) + p.cov.sqrt_cols * p.itemsize)
+        held = held_bytes(p)
+        chunk = row_chunk(p, per_row, held)
         F = p.cost.forward_flops
-        flops = p.B * F + rows * (2 * F + p.cov.matmul_flops() + TRAFFIC * p.P)
+        flops = p.B * F + rows * (2 * F + p.cov.matmul_flops() + traffic() * p.P)
         if p.kind == "joint":
-            flops += rows * rows * min(p.cov.sqrt_cols, p.P) * 2
-        return Estimate(self.name, flops, fixed + chunk * per_row, int(chunk), f"{rows:,} VJP rows")
+            flops += rows * p.group_size * p.rows_per_sample * min(p.cov.sqrt_cols, p.P) * 2
+        return Estimate(
+            self.name, flops, p.budget.peak(held, chunk, per_row), chunk, f"{rows:,} VJP rows"
+        )
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
         p = problem
         params = p.fm.params(p.differentiable)
-        acc = RowAccumulator(p, estimate.chunk_size)
+        acc = RowAccumulator(p)
         for chunk, f, rows in iter_row_chunks(
             p.fm,
             params,
@@ -66,6 +69,7 @@ class ReverseStrategy(Strategy):
             p.progress,
             "reverse rows",
             flat=False,
+            group_size=p.group_size if p.kind == "joint" else 1,
         ):
             acc.add(chunk, f, rows)
         return acc.result()

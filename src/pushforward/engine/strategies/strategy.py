@@ -1,21 +1,37 @@
-"""What every strategy provides: an estimate (cost, memory, chunking) and a run."""
+"""What every strategy provides: an estimate (cost, memory, chunking, prepared state) and a run.
+
+Strategies are stateless: what estimating finds and running needs (the structured strategy's
+split of the parameters, its sub-plan for the rest) travels in :attr:`Estimate.state`, so a plan
+runs exactly what it estimated, as often as it is executed.
+"""
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
 from pushforward.core.budget import format_bytes
+from pushforward.core.settings import settings
 from pushforward.engine.problem import Problem
 
-__all__ = ["TRAFFIC", "Estimate", "NotApplicable", "Strategy"]
+if TYPE_CHECKING:  # pragma: no cover
+    from pushforward.engine.planner import Plan
 
-#: FLOP-equivalents charged per element of a materialized P-sized row (or tangent): such rows
-#: are written, read back and contracted at memory bandwidth, far slower than matmul FLOPs.
-TRAFFIC = 8.0
+__all__ = ["Estimate", "NotApplicable", "Strategy", "SubPlanner", "traffic"]
+
+#: Plans a sub-problem (the structured strategy's generic remainder) with the strategies not in
+#: the excluded tuple; given to :meth:`Strategy.estimate` by the planner.
+SubPlanner = Callable[[Problem, tuple[str, ...]], "Plan"]
+
+
+def traffic() -> float:
+    """FLOP-equivalents per element of a materialized parameter-sized vector
+    (``settings.traffic``)."""
+    return settings.current().traffic
 
 
 class NotApplicable(Exception):
@@ -28,11 +44,12 @@ class Estimate:
 
     Attributes:
         strategy: the strategy's name.
-        flops: estimated floating-point operations.
-        memory: estimated peak working memory in bytes (result included).
+        flops: estimated work in FLOP-equivalents (memory traffic included).
+        memory: estimated peak of what the computation allocates, in bytes (result included).
         chunk_size: rows, tangents or examples processed at once (meaning per strategy).
         passes: what is computed, in words (e.g. ``"2,560 VJP rows"``).
         exact: whether the result is exact (not a Monte Carlo estimate).
+        state: what the strategy prepared while estimating and uses when running.
     """
 
     strategy: str
@@ -41,6 +58,7 @@ class Estimate:
     chunk_size: int
     passes: str
     exact: bool = True
+    state: Any = field(default=None, compare=False, repr=False)
 
     def summary(self) -> str:
         return (
@@ -56,10 +74,10 @@ class Strategy(abc.ABC):
     exact: ClassVar[bool] = True
 
     @abc.abstractmethod
-    def estimate(self, problem: Problem) -> Estimate:
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
         """Cost and memory for ``problem``; raises :class:`NotApplicable` with the reason."""
 
     @abc.abstractmethod
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
         """``(f, result)``: ``f`` in the user's output shape, ``result`` in canonical layout
-        (see :mod:`pushforward.engine.problem`)."""
+        (see :mod:`pushforward.engine.problem`). Runs under the problem's grad mode."""

@@ -4,10 +4,24 @@ Per example, one forward pass with a zero *probe* added to every matched layer's
 backward per output direction (all directions of a chunk at once with ``vmap``) give
 ``G = df/dz`` at every matched layer; with the captured layer inputs ``a`` each layer's Jacobian
 is ``G ⊗ a`` and its covariance block is contracted in closed form or from the layer's own
-gradient rows (see :mod:`pushforward.engine.structure.layer_contractions`). No per-example gradient w.r.t. all P
-parameters is ever formed. Parameters the analysis cannot prove to be a layer's weight or bias
-(and covariance groups spanning several layers) go through the generic strategies on a
-sub-model, and the two uncorrelated contributions are added.
+gradient rows (see :mod:`pushforward.engine.structure.layer_contractions`). No per-example
+gradient w.r.t. all P parameters is ever formed. Parameters the analysis cannot prove to be a
+layer's weight or bias (and covariance groups spanning several layers) go through the generic
+strategies on a sub-model, and the two uncorrelated contributions are added.
+
+**The head.** When a linear layer's output *is* the model output (same memory), its own ``G`` is
+the one-hot direction: backward passes start at its input with cotangent ``W[k]``, and when
+every posterior parameter sits on that head (last-layer Laplace) no backward pass is needed at
+all — one batched forward gives the head's inputs (the ``last_layer`` strategy name means this).
+
+**Proof per call.** The analysis is traced once per input signature, on one example; every call
+re-proves what it relies on: the tap raises when a matched parameter is used by any other
+operation, twice, or not at all; the one-forward head path checks the batch's output is the
+head's output tensor; the head shortcut under ``vmap`` (where Python control flow cannot depend
+on the data) checks the outputs equal the head's outputs, and the per-example loop (the fallback
+for data-dependent control flow) does not take the shortcut at all. A failed proof raises
+:class:`~pushforward.engine.structure.tracing.StructureError`, and ``auto`` falls through to the
+next strategy.
 """
 
 from __future__ import annotations
@@ -19,69 +33,89 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from pushforward.core.budget import chunk_budget, measure_cost
-from pushforward.core.chunking import RowChunk, progress_bar
+from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.kernels import transform_kernels
 from pushforward.covariance.block_diagonal import BlockDiagonal
 from pushforward.covariance.operator import ParamGroup
-from pushforward.engine.contraction import ChunkedResult, gram
+from pushforward.engine.contraction import ChunkedResult
 from pushforward.engine.problem import Problem
-from pushforward.engine.strategies.strategy import TRAFFIC, Estimate, NotApplicable, Strategy
+from pushforward.engine.strategies.strategy import (
+    Estimate,
+    NotApplicable,
+    Strategy,
+    SubPlanner,
+    traffic,
+)
 from pushforward.engine.structure.layer_contractions import (
     GroupContraction,
     OneHot,
     contraction_for,
 )
-from pushforward.engine.structure.tracing import Analysis, LayerCall, LayerTap, analyze
-from pushforward.products.vjp import row_chunks
+from pushforward.engine.structure.tracing import (
+    Analysis,
+    LayerCall,
+    LayerTap,
+    StructureError,
+    analyze,
+    is_same_memory,
+)
 
-__all__ = ["StructuredStrategy"]
+__all__ = ["LastLayerStrategy", "StructuredStrategy"]
 
 
-@dataclass
-class _Layout:
+@dataclass(frozen=True)
+class Split:
     """The split of a problem into layer-structured groups and a generic remainder.
 
-    ``head``: the linear layer whose output is the model output, when its per-example positions
-    line up with the problem's (T positions, K outputs). Backward passes then start at the
-    head's *input* with cotangent ``W[k]`` instead of at the output with ``e_k``: the head's
-    own ``G`` is the one-hot direction itself.
+    Attributes:
+        analysis: where the posterior parameters are used (traced on one example).
+        input_shapes: each matched layer's input shape in a one-example forward.
+        contractions: one per covariance group that sits on one matched layer.
+        generic: the plan for the other parameters (``None``: there are none).
+        head: the linear layer whose output is the model output, when its positions line up
+            with the problem's (T positions, K outputs).
+        head_only: every contraction is on the head and nothing is generic: one forward pass.
     """
 
     analysis: Analysis
-    contractions: list[GroupContraction]
-    input_shapes: list[torch.Size]
-    generic_names: tuple[str, ...]
-    generic_groups: list[ParamGroup]
+    input_shapes: tuple[torch.Size, ...]
+    contractions: tuple[GroupContraction, ...]
+    generic: object | None
     head: LayerCall | None
+    head_only: bool
+
+    @property
+    def generic_names(self) -> tuple[str, ...]:
+        """The parameters that go through the generic sub-plan."""
+        return () if self.generic is None else self.generic.problem.fm.param_names
 
 
-def _analysis(p: Problem) -> tuple[Analysis, list[torch.Size]]:
-    """Trace one example (cached per input signature on the FunctionalModel)."""
-    signature = tuple((tuple(t.shape[1:]), t.dtype) for t in p.inputs.tensors())
-    cache = p.fm.__dict__.setdefault("_structure_cache", {})
-    if signature not in cache:
+def _analysis(p: Problem) -> tuple[Analysis, tuple[torch.Size, ...]]:
+    """Trace one example (cached per input signature in the model's cache)."""
+    key = p.inputs.signature()
+    found = p.fm.cache.structures.get(key)
+    if found is None:
         one = p.inputs.slice(0, 1).detach()
         params = {n: t.detach() for n, t in p.fm.params(False).items()}
         with transform_kernels(safe_attention=True):
             result = analyze(lambda q: p.fm.call(q, one.args, one.kwargs), params)
             shapes = _input_shapes(p, result, params, one)
-        cache[signature] = (result, shapes)
-    return cache[signature]
+        found = p.fm.cache.structures[key] = (result, shapes)
+    return found
 
 
-def _input_shapes(p: Problem, analysis: Analysis, params, one) -> list[torch.Size]:
+def _input_shapes(p: Problem, analysis: Analysis, params, one) -> tuple[torch.Size, ...]:
     """Each matched layer's input shape in a one-example forward."""
     tap = LayerTap(analysis, params)
     probes = [torch.zeros(c.output_shape, dtype=p.dtype, device=one.device) for c in analysis.calls]
     with torch.no_grad(), tap.active(probes):
         p.fm.call(params, one.args, one.kwargs)
-    return [t.shape for t in tap.inputs]
+    return tuple(t.shape for t in tap.inputs)
 
 
-def _split(p: Problem) -> _Layout:
+def _split(p: Problem, subplan: SubPlanner) -> Split:
     analysis, shapes = _analysis(p)
     joint = p.kind == "joint"
     contractions, generic = [], []
@@ -100,7 +134,6 @@ def _split(p: Problem) -> _Layout:
             "no covariance group is a single layer's weight/bias used once"
             + (f" ({why})" if why else " (the covariance couples layers)")
         )
-    names = tuple(n for g in generic for n in g.names)
     head = analysis.head
     if head is not None:
         width = head.weight_shape[0] if head.kind == "addmm" else head.weight_shape[-1]
@@ -108,12 +141,25 @@ def _split(p: Problem) -> _Layout:
         a_shape = shapes[head.index]
         if out != p.K or a_shape[-1] != width or a_shape.numel() != p.T * width:
             head = None
-    return _Layout(analysis, contractions, shapes, names, generic, head)
+    sub = _generic_plan(p, generic, subplan) if generic else None
+    head_only = head is not None and sub is None and all(c.call is head for c in contractions)
+    return Split(analysis, shapes, tuple(contractions), sub, head, head_only)
 
 
-def _head_cotangents(p: Problem, layout: _Layout, params, chunk: RowChunk) -> Tensor:
+def _generic_plan(p: Problem, groups: list[ParamGroup], subplan: SubPlanner):
+    """The generic strategies' plan for the parameters outside the matched layers."""
+    fm = p.fm
+    names = [n for g in groups for n in g.names]
+    sub_fm = FunctionalModel(
+        fm.module, params=names, output_dims=fm.output_dims, output_fn=fm.output_fn
+    )
+    sub_cov = BlockDiagonal({tuple(g.names): g.operator for g in groups}).bind(sub_fm.layout)
+    return subplan(p.restricted(sub_fm, sub_cov), ("structured",))
+
+
+def _head_cotangents(p: Problem, split: Split, params, chunk: RowChunk) -> Tensor:
     """``(b, r, *a_head)``: cotangents at the head's input, ``W[k]`` at each row's position."""
-    head = layout.head
+    head = split.head
     weight = params[head.weight_name] if head.weight_name else head.weight_value
     rows = weight.T if head.kind == "addmm" else weight  # (K, width)
     index = p.row_index(chunk)
@@ -122,129 +168,198 @@ def _head_cotangents(p: Problem, layout: _Layout, params, chunk: RowChunk) -> Te
     width = rows.shape[1]
     u = rows.new_zeros(b, r, p.T, width)
     u.scatter_(2, t.view(b, r, 1, 1).expand(b, r, 1, width), rows[k].unsqueeze(2))
-    return u.reshape(b, r, *layout.input_shapes[head.index])
-
-
-def _generic_plan(p: Problem, layout: _Layout):
-    """The generic strategies' plan for the parameters outside the matched layers."""
-    from pushforward.engine.planner import plan_problem
-
-    fm = p.fm
-    sub_fm = FunctionalModel(
-        fm.module,
-        params=list(layout.generic_names),
-        output_dims=fm.output_dims,
-        output_fn=fm.output_fn,
-    )
-    sub_cov = BlockDiagonal({tuple(g.names): g.operator for g in layout.generic_groups}).bind(
-        sub_fm.layout
-    )
-    sub = replace(p, fm=sub_fm, cov=sub_cov, cost=measure_cost(sub_fm, p.inputs))
-    return plan_problem(sub, exclude=("structured",))
+    return u.reshape(b, r, *split.input_shapes[head.index])
 
 
 class StructuredStrategy(Strategy):
     name = "structured"
 
-    def __init__(self) -> None:
-        self._layout: _Layout | None = None
-        self._generic = None
-
-    def estimate(self, problem: Problem) -> Estimate:
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
         p = problem
-        layout = self._layout = _split(p)
-        per_row = 2 * p.cost.activation_bytes + p.cost.output_numel * p.itemsize
-        flops = p.B * p.cost.forward_flops + p.B * p.rows_per_sample * p.cost.forward_flops
-        rows_bytes = 0
-        for c in layout.contractions:
+        split = _split(p, subplan)
+        rows = p.B * p.rows_per_sample
+        held = p.result_bytes() + p.outputs_bytes()
+        if split.head_only:
+            per_row = p.itemsize * 8  # indices and one-hot bookkeeping
+            per_example = p.cost.activation_bytes + p.cost.output_bytes
+            flops = p.B * p.cost.forward_flops
+            passes = "1 forward pass (every posterior group sits on the head)"
+        else:
+            per_row = 2 * p.cost.activation_bytes + p.cost.output_bytes
+            per_example = 0
+            # a backward to the layer outputs only: no parameter gradients (about one forward)
+            flops = p.B * p.cost.forward_flops + rows * p.cost.forward_flops
+            passes = f"{rows:,} backward directions through {len(split.contractions)} layer groups"
+        for c in split.contractions:
             z = math.prod(c.call.output_shape)
             per_row += 2 * z * p.itemsize
             size = sum(math.prod(c.op.layout.shapes[n]) for n in c.names)
-            if not c.closed_form:
-                per_row += 2 * size * p.itemsize
+            if c.closed_form:
+                flops += rows * 4 * z + p.B * 2 * size
+            else:
                 out = c.call.weight_shape[1 if c.call.kind == "addmm" else 0]
                 positions = max(1, z // out)
-                work = 2 * size * positions + c.op.matmul_flops() + TRAFFIC * size
-                flops += p.B * p.rows_per_sample * work
-                rows_bytes += size
-            else:
-                flops += p.B * p.rows_per_sample * 4 * z + p.B * 2 * size
-        held = p.result_bytes() + p.B * p.cost.output_numel * p.itemsize
+                flops += rows * (2 * size * positions + c.op.matmul_flops() + traffic() * size)
+                per_row += 2 * size * p.itemsize + c.op.workspace_bytes(1)
         if p.kind == "joint":
-            held += p.B * p.rows_per_sample * rows_bytes * p.itemsize
-            flops += (p.B * p.rows_per_sample) ** 2 * rows_bytes * 2
-        chunk = max(1, chunk_budget(p.budget, held) // per_row)
+            q = p.group_size * p.rows_per_sample
+            flops += rows * q * 4 * len(split.contractions)
+            # a group's layer inputs and directions are kept until it is complete
+            held += p.group_size * per_row * p.rows_per_sample // 2
+        chunk = p.budget.chunk(per_row + per_example // max(p.rows_per_sample, 1), held, rows)
         if p.kind == "covariance":
             chunk = max(p.S, chunk // p.S * p.S)
-        chunk = min(chunk, p.B * p.rows_per_sample)
-        memory = held + chunk * per_row
-        passes = f"{p.B * p.rows_per_sample:,} backward directions through {len(layout.contractions)} layer groups"
-        if layout.generic_names:
-            sub = self._generic = _generic_plan(p, layout)
+        memory = p.budget.peak(held, chunk, per_row) + per_example * max(
+            1, chunk // max(p.rows_per_sample, 1)
+        )
+        if split.generic is not None:
+            sub = split.generic
             flops += sub.estimate.flops
             memory = max(memory, sub.estimate.memory + p.result_bytes())
-            passes += f" + {sub.name} for {len(layout.generic_names)} other tensors"
-        return Estimate(self.name, flops, memory, int(chunk), passes)
+            passes += f" + {sub.name} for {len(sub.problem.fm.param_names)} other tensors"
+        return Estimate(self.name, flops, memory, int(chunk), passes, state=split)
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
         p = problem
-        layout = self._layout or _split(p)
+        split: Split = estimate.state
         params = p.fm.params(p.differentiable)
-        acc = _Accumulator(p, layout.contractions)
-        chunks = row_chunks(p.B, p.rows_per_sample, estimate.chunk_size)
-        head = layout.head
+        acc = _Accumulator(p, split.contractions)
+        q = p.group_size if p.kind == "joint" else 1
+        chunks = row_chunks(p.B, p.rows_per_sample, estimate.chunk_size, q)
         for chunk in progress_bar(chunks, p.progress, "structured directions", total=len(chunks)):
             sub = p.inputs.slice(chunk.samples.start, chunk.samples.stop)
-            if head is None:
-                f, inputs, G = _TAPPED(
-                    p.fm, p, layout.analysis, params, sub, p.cotangents(chunk), None
-                )
+            if split.head_only:
+                f, inputs = _head_forward(p, split, params, sub)
+                G = dict.fromkeys(range(len(split.analysis.calls)))
             else:
-                cot = _head_cotangents(p, layout, params, chunk)
-                f, inputs, G = _TAPPED(p.fm, p, layout.analysis, params, sub, cot, head.index)
-                index = p.row_index(chunk)
-                G[head.index] = OneHot(
-                    index, torch.Size((*index.shape, *head.output_shape)), p.dtype
-                )
+                f, inputs, G = _directions(p, split, params, sub, chunk)
+            index = p.row_index(chunk) if split.head is not None else None
+            if split.head is not None and (split.head_only or G[split.head.index] is None):
+                shape = torch.Size((*index.shape, *split.head.output_shape))
+                G[split.head.index] = OneHot(index, shape, p.dtype)
             acc.add(
                 chunk,
                 f,
-                [(c, inputs[c.call.index], G[c.call.index]) for c in layout.contractions],
+                [(c, inputs[c.call.index], G[c.call.index]) for c in split.contractions],
                 params,
             )
         f, result = acc.result()
-        if layout.generic_names:
-            generic = self._generic or _generic_plan(p, layout)
+        if split.generic is not None:
+            generic = replace(split.generic, problem=split.generic.problem.rebased(p))
             _, rest = generic.run_canonical()
             result = result + rest
         return f, result
 
 
-def _tapped_vmapped(p: Problem, analysis: Analysis, params, inputs, cotangents, start: int | None):
-    def one(tensors, cot):
-        args, kwargs = inputs.with_tensors([t.unsqueeze(0) for t in tensors])
-        return _tapped_example(p, analysis, params, args, kwargs, cot, start)
+class LastLayerStrategy(StructuredStrategy):
+    """The structured strategy's one-forward case, by name: every posterior parameter is the
+    weight or bias of the linear layer whose output is the model's output (last-layer Laplace).
+    Refuses (saying why) any other problem."""
+
+    name = "last_layer"
+
+    def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        _require_head_only(problem)
+        est = super().estimate(problem, subplan)
+        if not est.state.head_only:
+            raise NotApplicable("the head's positions do not line up with the model's outputs")
+        return replace(est, strategy=self.name)
+
+
+def _require_head_only(p: Problem) -> None:
+    """Raise :class:`NotApplicable` unless every posterior parameter sits on the head."""
+    analysis, _ = _analysis(p)
+    for name in p.fm.param_names:
+        if name in analysis.unmatched:
+            raise NotApplicable(
+                f"{name} is {analysis.unmatched[name]}: the head is called 2 times or its "
+                "parameters are tied or used elsewhere (a closed form through the features "
+                "needs each used once)"
+            )
+    calls = {analysis.matched[n].index for n in p.fm.param_names}
+    if len(calls) > 1:
+        raise NotApplicable(
+            "the posterior's parameters do not all belong to one module (the closed form "
+            "through the features needs them on the linear head)"
+        )
+    if analysis.head is None or analysis.head.index not in calls:
+        raise NotApplicable(
+            "the layer of the posterior's parameters is not the model output (the model "
+            "transforms its output)"
+        )
+
+
+def _head_forward(p: Problem, split: Split, params, sub) -> tuple[Tensor, list[Tensor]]:
+    """One batched forward with the tap: the outputs and every matched layer's inputs, after
+    proving that the model's output is the head's output tensor."""
+    tap = LayerTap(split.analysis, params)
+    probes = [
+        torch.zeros(c.output_shape, dtype=p.dtype, device=sub.device) for c in split.analysis.calls
+    ]
+    with tap.active(probes):
+        f = p.fm.call(params, sub.args, sub.kwargs)
+    tap.check_complete()
+    if not is_same_memory(tap.outputs[split.head.index], f):
+        raise StructureError(
+            "the model's output is not its last linear layer's output in this batch "
+            "(data-dependent control flow after the head?)"
+        )
+    return f, [t.unsqueeze(1) for t in tap.inputs]  # (b, 1, ...) as one example's shapes
+
+
+def _directions(p: Problem, split: Split, params, sub, chunk: RowChunk):
+    """``(f, [a_l], [G_l])`` for the chunk's directions, the head's ``G`` left ``None`` when the
+    backward passes started at its input."""
+    calls = split.analysis.calls
+    head = split.head
+    f, inputs, G, mode = _TAPPED(
+        p.fm, p, split, params, sub, chunk, head.index if head is not None else None
+    )
+    G = list(G)
+    if head is not None and mode == "shortcut":
+        G[head.index] = None
+    return f, inputs, dict(zip(range(len(calls)), G, strict=True))
+
+
+def _tapped_vmapped(p: Problem, split: Split, params, sub, chunk: RowChunk, head: int | None):
+    """All examples of the chunk at once (``vmap``): Python control flow cannot depend on an
+    example's values here, so the head shortcut is proven by the outputs equalling the head's."""
+    cot = _head_cotangents(p, split, params, chunk) if head is not None else p.cotangents(chunk)
+
+    def one(tensors, c):
+        args, kwargs = sub.with_tensors([t.unsqueeze(0) for t in tensors])
+        return _tapped_example(p, split.analysis, params, args, kwargs, c, head)
 
     with transform_kernels(safe_attention=True):
-        return vmap(one, randomness="error")(inputs.tensors(), cotangents)
+        f, inputs, G, z = vmap(one, randomness="error")(sub.tensors(), cot)
+    if head is not None and not torch.equal(f, z.reshape(f.shape)):
+        raise StructureError(
+            "the model's output differs from its last linear layer's output for some examples "
+            "(data-dependent control flow after the head?)"
+        )
+    return f, inputs, G, "shortcut" if head is not None else "output"
 
 
-def _tapped_loop(p: Problem, analysis: Analysis, params, inputs, cotangents, start: int | None):
+def _tapped_loop(p: Problem, split: Split, params, sub, chunk: RowChunk, head: int | None):
+    """Example by example (the fallback when ``vmap`` cannot run the model, e.g. data-dependent
+    control flow): backward passes start at the output, no head shortcut."""
+    cot = p.cotangents(chunk)
     results = []
     with transform_kernels(safe_attention=True):
-        for b in range(inputs.batch_size):
-            one = inputs.slice(b, b + 1)
+        for b in range(sub.batch_size):
+            one = sub.slice(b, b + 1)
             results.append(
-                _tapped_example(p, analysis, params, one.args, one.kwargs, cotangents[b], start)
+                _tapped_example(p, split.analysis, params, one.args, one.kwargs, cot[b], None)
             )
+    n = len(split.analysis.calls)
     f = torch.stack([r[0] for r in results])
-    a = [torch.stack([r[1][i] for r in results]) for i in range(len(analysis.calls))]
-    G = [torch.stack([r[2][i] for r in results]) for i in range(len(analysis.calls))]
-    return f, a, G
+    a = [torch.stack([r[1][i] for r in results]) for i in range(n)]
+    G = [torch.stack([r[2][i] for r in results]) for i in range(n)]
+    return f, a, G, "output"
 
 
 def _tapped_example(p: Problem, analysis: Analysis, params, args, kwargs, cot, start: int | None):
-    """One example: ``(f, [a_l], [G_l (c, *z_l)])`` for the chunk's directions ``cot`` — at the
+    """One example: ``(f, [a_l], [G_l (c, *z_l)], z_head)`` for the directions ``cot`` — at the
     model output, or at the input of layer call ``start`` (the head)."""
     tap = LayerTap(analysis, params)
     probes = [
@@ -254,14 +369,14 @@ def _tapped_example(p: Problem, analysis: Analysis, params, args, kwargs, cot, s
     def f(pr):
         with tap.active(pr):
             out = p.fm.call(params, args, kwargs).squeeze(0)
-        if any(t is None for t in tap.inputs):
-            raise RuntimeError("a matched layer did not run (data-dependent control flow?)")
+        tap.check_complete()
         layer_inputs = list(tap.inputs)
-        return (out if start is None else layer_inputs[start]), (out, layer_inputs)
+        head_out = out if start is None else tap.outputs[start]
+        return (out if start is None else layer_inputs[start]), (out, layer_inputs, head_out)
 
-    _, vjp_fn, (out, layer_inputs) = vjp(f, probes, has_aux=True)
+    _, vjp_fn, (out, layer_inputs, head_out) = vjp(f, probes, has_aux=True)
     (G,) = vmap(vjp_fn)(cot)
-    return out, layer_inputs, list(G)
+    return out, layer_inputs, list(G), head_out
 
 
 _TAPPED = Ladder(
@@ -273,10 +388,12 @@ _TAPPED = Ladder(
 class _Accumulator(ChunkedResult):
     """Canonical results from per-group contractions, chunk by chunk."""
 
-    def __init__(self, p: Problem, contractions: list[GroupContraction]) -> None:
+    def __init__(self, p: Problem, contractions: tuple[GroupContraction, ...]) -> None:
         super().__init__(p)
         self.contractions = contractions
-        self.rows: list[list[tuple[RowChunk, Tensor]]] = [[] for _ in contractions]
+        self.pending: list[list[tuple[RowChunk, Tensor, Tensor | OneHot]]] = [
+            [] for _ in contractions
+        ]
 
     def add(self, chunk: RowChunk, f: Tensor, layers, params) -> None:
         p = self.problem
@@ -286,20 +403,38 @@ class _Accumulator(ChunkedResult):
         elif p.kind == "covariance":
             self.put(chunk, sum(c.covariance(a, G, params, p.S) for c, a, G in layers))
         else:
-            for store, (c, a, G) in zip(self.rows, layers, strict=True):
-                store.append((chunk, c.rows(a, G, params)))
+            for i, (c, a, G) in enumerate(layers):
+                self._joint(i, c, chunk, a, G, params)
 
-    def result(self) -> tuple[Tensor, Tensor]:
+    def _joint(self, i: int, c: GroupContraction, chunk: RowChunk, a, G, params) -> None:
+        """Contract whole groups at once; keep the pieces of a group split over chunks."""
         p = self.problem
-        if p.kind != "joint":
-            return self.outputs(), self.per_example()
-        n = p.B * p.rows_per_sample
-        total = torch.zeros(n, n, dtype=p.dtype, device=p.inputs.device)
-        for store, c in zip(self.rows, self.contractions, strict=True):
-            full = None
-            for chunk, R in store:
-                if full is None:
-                    full = R.new_zeros(p.B, p.rows_per_sample, R.shape[-1])
-                full[chunk.samples, chunk.rows] = R
-            total = total + gram(c.op, full.reshape(n, -1))
-        return self.outputs(), total
+        q, R = p.group_size, p.rows_per_sample
+        start, stop = chunk.samples.start, chunk.samples.stop
+        whole = start % q == 0 and (stop - start) % q == 0 and chunk.rows == slice(0, R)
+        pending = self.pending[i]
+        if whole and not pending:
+            self.out[start // q : stop // q] += c.joint(a, G, params, q)
+            return
+        pending.append((chunk, a, G))
+        if stop % q or chunk.rows.stop != R:
+            return
+        group = start // q
+        a_full = torch.cat([x for ch, x, _ in pending if ch.rows.start == 0])
+        G_full = _assemble(pending, group * q, q, R)
+        pending.clear()
+        self.out[group : group + 1] += c.joint(a_full, G_full, params, q)
+
+
+def _assemble(pieces, first: int, q: int, R: int) -> Tensor | OneHot:
+    """The directions ``(q, R, ...)`` of one group from its chunks' pieces."""
+    G0 = pieces[0][2]
+    if isinstance(G0, OneHot):
+        index = G0.index.new_zeros(q, R)
+        for ch, _, G in pieces:
+            index[ch.samples.start - first : ch.samples.stop - first, ch.rows] = G.index
+        return OneHot(index, torch.Size((q, R, *G0.shape[2:])), G0.dtype)
+    full = G0.new_zeros(q, R, *G0.shape[2:])
+    for ch, _, G in pieces:
+        full[ch.samples.start - first : ch.samples.stop - first, ch.rows] = G
+    return full

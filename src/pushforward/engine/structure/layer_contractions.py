@@ -16,6 +16,12 @@ layer's parameters is determined by the layer input ``a_n`` and ``G_nj = d f_nj 
   layer's per-example weight-gradient rows are formed (``vmap`` of the operation's own VJP —
   exact for any stride, padding, dilation and groups) and contracted with the block's operator.
 
+Joint covariances within groups of ``q`` consecutive examples (:meth:`GroupContraction.joint`)
+pair every direction of an example with every direction of the others in its group: for a
+linear layer applied once, ``(G_nj B G_ml^T)(a_n^T A a_m)`` for Kronecker blocks and
+``sum_o G_nj,o G_ml,o sum_i V_oi a_ni a_mi`` for diagonal ones — q² small products per group,
+never a parameter-sized row; elsewhere from the rows, each multiplied by the covariance once.
+
 Shapes: ``a`` is ``(b, *a_n)`` and ``G`` is ``(b, c, *z_n)`` for ``b`` examples and ``c``
 output directions, where ``a_n``/``z_n`` are one example's shapes inside the model (they keep a
 singleton batch dimension). At the model's output layer ``G`` is one-hot and is passed as a
@@ -32,7 +38,7 @@ from torch.func import vjp, vmap
 
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.isotropic import Isotropic
-from pushforward.covariance.kronecker import Kronecker, KroneckerEigen, KroneckerFactors
+from pushforward.covariance.kronecker_blocks import KroneckerEigen, KroneckerFactors
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.contraction import gram
 from pushforward.engine.structure.tracing import LayerCall
@@ -56,6 +62,24 @@ class OneHot:
 
 def _dense(G: Tensor | OneHot) -> Tensor:
     return G.dense() if isinstance(G, OneHot) else G
+
+
+def _grouped(x: Tensor, q: int) -> Tensor:
+    """``(b, ...)`` -> ``(b / q, q, ...)``."""
+    return x.reshape(x.shape[0] // q, q, *x.shape[1:])
+
+
+def _pairs(cov: Tensor) -> Tensor:
+    """``(g, q, c, q, c)`` -> ``(g, q*c, q*c)``."""
+    g, q, c = cov.shape[:3]
+    return cov.reshape(g, q * c, q * c)
+
+
+def _same_output(index: Tensor) -> Tensor:
+    """``(g, q, c)`` output indices -> ``(g, q, c, q, c)`` indicator of equal outputs."""
+    flat = index.reshape(index.shape[0], -1)
+    same = flat.unsqueeze(-1) == flat.unsqueeze(-2)
+    return same.reshape(*index.shape, *index.shape[1:])
 
 
 class GroupContraction:
@@ -107,6 +131,13 @@ class GroupContraction:
         R = self.rows(a, G, params)
         b, c, P = R.shape
         return gram(self.op, R.reshape(b, c // S, S, P))
+
+    def joint(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor], q: int) -> Tensor:
+        """``(b / q, q c, q c)``: covariance between all directions of the examples of each
+        group of ``q`` consecutive examples."""
+        R = self.rows(a, G, params)
+        b, c, P = R.shape
+        return gram(self.op, R.reshape(b // q, q * c, P))
 
 
 def _linear_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
@@ -198,6 +229,14 @@ class _BiasDiagonal(GroupContraction):
         R = R.reshape(b, c // S, S, out)
         return torch.einsum("btso,o,btuo->btsu", R, v, R)
 
+    def joint(self, a, G, params, q):
+        v = self.op.diagonal()
+        if isinstance(G, OneHot) and self.call.kind != "conv":
+            k = _grouped(G.index % v.shape[0], q)  # (g, q, c)
+            return _pairs(_same_output(k).to(v.dtype) * v[k][..., None, None])
+        R = _grouped(_bias_rows(self.call, _dense(G)), q)  # (g, q, c, out)
+        return _pairs(torch.einsum("gnjo,o,gmlo->gnjml", R, v, R))
+
 
 class _LinearDiagonal(GroupContraction):
     """Linear/addmm weight applied once per example, diagonal block."""
@@ -229,6 +268,18 @@ class _LinearDiagonal(GroupContraction):
         G = G.reshape(b, c // S, S, -1)
         return torch.einsum("btso,bo,btuo->btsu", G, w, G)
 
+    def joint(self, a, G, params, q):
+        V = self.op.diagonal().reshape(self.call.weight_shape)
+        V = V.T if self.call.kind == "addmm" else V  # (out, in)
+        a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
+        W = torch.einsum("gni,oi,gmi->gnmo", a, V, a)  # (g, q, q, out)
+        if isinstance(G, OneHot):
+            k = _grouped(G.index, q)  # (g, q, c)
+            picked = W.permute(0, 1, 3, 2).gather(2, k.unsqueeze(-1).expand(*k.shape, q))
+            return _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
+        Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
+        return _pairs(torch.einsum("gnjo,gnmo,gmlo->gnjml", Gg, W, Gg))
+
 
 class _LinearKronecker(GroupContraction):
     """Linear/addmm weight applied once per example, Kronecker block (factors or eigen form)."""
@@ -239,8 +290,7 @@ class _LinearKronecker(GroupContraction):
         """``(Fg, s)`` for a factor pair: the output-side factor and ``a^T A a`` per example; or
         ``(Qg, u)`` for the eigen form: output-side eigenvectors and ``u_bo = sum_i M_oi
         (Q_a^T a_b)_i^2``."""
-        (name,) = self.names
-        block = self.op.factors(name)
+        block = self.op
         a = a.reshape(a.shape[0], -1)
         transposed = self.call.kind == "addmm"  # weight stored (in, out)
         if isinstance(block, KroneckerFactors):
@@ -258,7 +308,7 @@ class _LinearKronecker(GroupContraction):
         return Qg, (a_hat * a_hat) @ M.T
 
     def _eigen(self) -> bool:
-        return isinstance(self.op.factors(self.names[0]), KroneckerEigen)
+        return isinstance(self.op, KroneckerEigen)
 
     def variance(self, a, G, params):
         Fg, s = self._parts(a)
@@ -282,6 +332,37 @@ class _LinearKronecker(GroupContraction):
         b, c = G.shape[:2]
         G = G.reshape(b, c // S, S, -1)
         return s[:, None, None, None] * torch.einsum("btso,op,btup->btsu", G, Fg, G)
+
+    def joint(self, a, G, params, q):
+        block = self.op
+        transposed = self.call.kind == "addmm"
+        a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
+        if isinstance(block, KroneckerFactors):
+            Fg, Fa = (
+                (block.in_factor, block.out_factor)
+                if transposed
+                else (block.out_factor, block.in_factor)
+            )
+            s = torch.einsum("gni,ij,gmj->gnm", a, Fa, a)  # (g, q, q)
+            if isinstance(G, OneHot):
+                k = _grouped(G.index, q)  # (g, q, c)
+                flat = k.reshape(k.shape[0], -1)
+                H = Fg[flat.unsqueeze(-1), flat.unsqueeze(-2)].reshape(*k.shape, *k.shape[1:])
+            else:
+                Gg = _grouped(G.reshape(*G.shape[:2], -1), q)
+                H = torch.einsum("gnjo,op,gmlp->gnjml", Gg, Fg, Gg)
+            return _pairs(H * s[:, :, None, :, None])
+        if transposed:
+            Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
+        else:
+            Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
+        a_hat = a @ Qa
+        U = torch.einsum("gni,oi,gmi->gnmo", a_hat, M, a_hat)  # (g, q, q, out)
+        if isinstance(G, OneHot):
+            g_hat = Qg[_grouped(G.index, q)]  # (g, q, c, out)
+        else:
+            g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Qg
+        return _pairs(torch.einsum("gnjo,gnmo,gmlo->gnjml", g_hat, U, g_hat))
 
 
 class _EmbeddingDiagonal(GroupContraction):
@@ -323,21 +404,17 @@ def contraction_for(
 ) -> GroupContraction | None:
     """The contraction for a covariance group on one layer call, or None if the group must go
     through the generic strategies (embeddings with a non-diagonal block, or any embedding in a
-    joint covariance)."""
+    joint covariance: their rows are vocabulary-sized)."""
     if call.kind == "embedding":
         if joint or not (_diagonal_like(op) and names == (call.weight_name,)):
             return None
         return _EmbeddingDiagonal(call, names, op)
-    if joint:
-        return GroupContraction(call, names, op)
     if names == (call.bias_name,) and _diagonal_like(op):
         return _BiasDiagonal(call, names, op)
     once = call.kind in ("linear", "addmm") and a_example_shape.numel() == a_example_shape[-1]
     if once and names == (call.weight_name,):
         if _diagonal_like(op):
             return _LinearDiagonal(call, names, op)
-        if isinstance(op, Kronecker) and isinstance(
-            op.factors(names[0]), (KroneckerFactors, KroneckerEigen)
-        ):
+        if isinstance(op, (KroneckerFactors, KroneckerEigen)):
             return _LinearKronecker(call, names, op)
     return GroupContraction(call, names, op)

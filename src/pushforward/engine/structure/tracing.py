@@ -32,7 +32,13 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Analysis", "LayerCall", "LayerTap", "analyze"]
+__all__ = ["Analysis", "LayerCall", "LayerTap", "StructureError", "analyze", "is_same_memory"]
+
+
+class StructureError(RuntimeError):
+    """The layer structure found by :func:`analyze` does not hold for this forward pass (the
+    structured strategy falls through to the next strategy)."""
+
 
 #: Supported layer functions: kind and the names of their leading positional arguments.
 _SIGNATURES: dict[Callable, tuple[str, tuple[str, ...]]] = {
@@ -215,12 +221,12 @@ def analyze(
         for n in call.names:
             matched[n] = call
         unmodified = out._version == version  # no in-place op changed it afterwards
-        if call.kind in ("linear", "addmm") and unmodified and _is_same_memory(out, output):
+        if call.kind in ("linear", "addmm") and unmodified and is_same_memory(out, output):
             head = call
     return Analysis(calls, matched, unmatched, head)
 
 
-def _is_same_memory(z: Tensor, output: Tensor) -> bool:
+def is_same_memory(z: Tensor, output: Tensor) -> bool:
     """``output`` is ``z`` reinterpreted (same data, same row-major element order)."""
     return (
         isinstance(output, Tensor)
@@ -246,12 +252,14 @@ class LayerTap(TorchFunctionMode):
         self.slot_of = {id(params[n]): (call.index, n) for n, call in analysis.matched.items()}
         self.probes: Sequence[Tensor] = ()
         self.inputs: list[Tensor | None] = []
+        self.outputs: list[Tensor | None] = []
         self.seen: list[int] = []
 
     @contextlib.contextmanager
     def active(self, probes: Sequence[Tensor]) -> Iterator[LayerTap]:
         self.probes = probes
         self.inputs = [None] * len(self.analysis.calls)
+        self.outputs = [None] * len(self.analysis.calls)
         self.seen = [0] * len(self.analysis.calls)
         with self:
             yield self
@@ -268,15 +276,22 @@ class LayerTap(TorchFunctionMode):
         calls = {index for index, _ in hits}
         bound = _bind(func, args, kwargs) if func in _SIGNATURES else None
         if len(calls) != 1 or bound is None:
-            raise RuntimeError(
+            raise StructureError(
                 f"parameters {sorted(n for _, n in hits)} are used by {getattr(func, '__name__', func)} "
                 "in a way the layer analysis did not see (data-dependent control flow?)"
             )
         (index,) = calls
         self.seen[index] += 1
         if self.seen[index] > 1:
-            raise RuntimeError(
+            raise StructureError(
                 "a matched layer ran twice in one forward pass (data-dependent control flow?)"
             )
         self.inputs[index] = bound["input"]
-        return func(*args, **kwargs) + self.probes[index]
+        out = func(*args, **kwargs) + self.probes[index]
+        self.outputs[index] = out
+        return out
+
+    def check_complete(self) -> None:
+        """Raise unless every matched layer ran (once) in the forward pass just made."""
+        if any(t is None for t in self.inputs):
+            raise StructureError("a matched layer did not run (data-dependent control flow?)")

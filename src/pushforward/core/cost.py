@@ -1,0 +1,194 @@
+"""The cost model: what one unit of work costs, and how many units fit in a chunk.
+
+Every chunked loop of the library — forward-mode tangents, reverse-mode rows, samples, layer
+directions, curvature sums — takes its chunk size from :meth:`Budget.chunk`, and every unit's
+memory from the functions here, so that one set of formulas decides whether a computation fits
+``memory_budget``:
+
+* a model's per-example costs are *measured* once per input signature (:func:`measure_cost`:
+  the bytes autograd saves in a one-example forward, the output's size, the FLOPs), not guessed
+  from its modules;
+* :func:`tangent_bytes` — one forward-mode tangent pushed through some examples;
+  :func:`row_bytes` — one reverse-mode row (a P-vector ``J(x_b)^T u``);
+* :class:`Budget` — the budget, ``settings.chunk_target`` (a chunk uses at most that much even
+  under a larger budget) and the caller's ``chunk_size`` cap, turned into chunk sizes; a need
+  above the budget raises :class:`~pushforward.MemoryBudgetError`.
+
+The estimates are deliberately on the safe side: the measured peak of a call stays under its
+estimate (``tests/test_cost.py`` checks this with PyTorch's allocator statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pushforward.core.budget import format_bytes
+from pushforward.core.errors import MemoryBudgetError
+from pushforward.core.inputs import Inputs
+from pushforward.core.settings import settings
+
+__all__ = [
+    "Budget",
+    "ModelCost",
+    "measure_cost",
+    "row_bytes",
+    "tangent_bytes",
+]
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Measured per-example costs of one model on one input signature.
+
+    Attributes:
+        activation_bytes: bytes autograd saves for backward in a one-example forward, plus the
+            output.
+        output_shape: one batch element's output shape (without the batch dimension).
+        output_dtype: the output's dtype.
+        num_params: P, the selected parameters.
+        itemsize: bytes per element of the parameters.
+        forward_flops: floating-point operations of a one-example forward (matmuls,
+            convolutions and attention as counted by ``torch.utils.flop_counter``; at least
+            one operation per saved activation element).
+    """
+
+    activation_bytes: int
+    output_shape: torch.Size
+    output_dtype: torch.dtype
+    num_params: int
+    itemsize: int
+    forward_flops: float
+
+    @property
+    def output_numel(self) -> int:
+        """Elements of one batch element's output (all its positions and outputs)."""
+        return self.output_shape.numel()
+
+    @property
+    def output_bytes(self) -> int:
+        return self.output_numel * self.itemsize
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of one flat parameter vector."""
+        return self.num_params * self.itemsize
+
+
+def measure_cost(fm, inputs: Inputs) -> ModelCost:
+    """Run ``fm`` on the first example with saved-tensor hooks and a FLOP counter; cached per
+    input signature in ``fm.cache``."""
+    key = inputs.signature()
+    found = fm.cache.costs.get(key)
+    if found is None:
+        found = fm.cache.costs[key] = _measure(fm, inputs)
+    return found
+
+
+def _measure(fm, inputs: Inputs) -> ModelCost:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = 0
+    seen: set[int] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            saved += t.untyped_storage().nbytes()
+        return t
+
+    one = inputs.slice(0, 1).detach()
+    params = {n: p.detach().requires_grad_(True) for n, p in fm.params(False).items()}
+    # parameters, buffers and inputs are not per-example activations
+    for t in [*params.values(), *fm.module.parameters(), *fm.module.buffers(), *one.tensors()]:
+        seen.add(t.untyped_storage().data_ptr())
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+        out = fm.call(params, one.args, one.kwargs)
+    fm.split_shape(out.shape)
+    itemsize = next(iter(params.values())).element_size()
+    activation_bytes = int(saved) + out.numel() * out.element_size()
+    return ModelCost(
+        activation_bytes=activation_bytes,
+        output_shape=out.shape[1:],
+        output_dtype=out.dtype,
+        num_params=fm.num_params,
+        itemsize=itemsize,
+        forward_flops=float(max(counter.get_total_flops(), activation_bytes // itemsize)),
+    )
+
+
+def tangent_bytes(cost: ModelCost, examples: int, outputs: int = 1, extra_numbers: int = 0) -> int:
+    """Working bytes of one forward-mode tangent pushed through ``examples`` examples: the
+    tangent activations next to the primal ones (twice the activations), ``outputs``
+    output-sized tensors per example (the tangent's output and what the caller keeps of it),
+    the tangent itself as a flat vector and as per-parameter views copied by ``vmap`` (``2P``),
+    and ``extra_numbers`` more (e.g. a random draw of ``r`` numbers)."""
+    per_example = 2 * cost.activation_bytes + outputs * cost.output_bytes
+    return examples * per_example + (2 * cost.num_params + extra_numbers) * cost.itemsize
+
+
+def row_bytes(cost: ModelCost, extra: int = 0) -> int:
+    """Working bytes of one reverse-mode row ``J(x_b)^T u``: a backward through one example's
+    activations (their gradients next to them), its cotangent, and its P-vector three times
+    (the per-parameter gradients, the flat row and what the caller makes of it), plus
+    ``extra`` bytes."""
+    return 2 * cost.activation_bytes + cost.output_bytes + 3 * cost.param_bytes + extra
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A memory budget, and the chunk sizes it allows.
+
+    Attributes:
+        total: the budget in bytes: the most a call may allocate, its result included.
+        chunk_target: bytes one chunk may use even when the budget allows more
+            (``settings.chunk_target`` when the budget was made).
+        cap: the caller's ``chunk_size`` (at most this many units per chunk), or ``None``.
+    """
+
+    total: int
+    chunk_target: int
+    cap: int | None = None
+
+    @classmethod
+    def of(cls, total: int, cap: int | None = None) -> Budget:
+        """A budget of ``total`` bytes with the current ``settings.chunk_target``."""
+        return cls(total, settings.current().chunk_target, cap)
+
+    def chunk(self, per_unit: int, held: int = 0, at_most: int | None = None) -> int:
+        """Units per chunk: as many ``per_unit``-byte units as fit next to ``held`` bytes,
+        within the chunk target, the cap and ``at_most`` — at least 1 (:meth:`peak` tells
+        whether even that fits)."""
+        room = min(self.total - held, self.chunk_target)
+        n = max(1, room // max(per_unit, 1))
+        for limit in (self.cap, at_most):
+            if limit is not None:
+                n = min(n, max(1, limit))
+        return int(n)
+
+    @staticmethod
+    def peak(held: int, chunk: int, per_unit: int) -> int:
+        """Estimated peak of a chunked computation: what it holds plus one chunk."""
+        return held + chunk * per_unit
+
+    def require(self, need: int, what: str) -> None:
+        """Raise :class:`MemoryBudgetError` when ``need`` bytes exceed the budget."""
+        if need > self.total:
+            raise MemoryBudgetError(
+                f"{what} needs about {format_bytes(need)} even with its smallest chunks, over the "
+                f"memory budget of {format_bytes(self.total)}; raise memory_budget",
+                self.total,
+                need,
+            )
+
+    def describe(self) -> str:
+        cap = "" if self.cap is None else f", chunk_size <= {self.cap:,}"
+        return (
+            f"memory budget {format_bytes(self.total)} (chunks up to "
+            f"{format_bytes(min(self.total, self.chunk_target))}{cap})"
+        )
