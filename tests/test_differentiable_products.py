@@ -72,9 +72,9 @@ def test_batched_jvp_gradcheck():
 
 def test_gradient_through_fallback_paths():
     """The reverse-mode emulation of jvp and the autograd loop are differentiable too."""
-    from test_products import CustomOpModel, ItemModel
+    from test_products import CustomOpModel, OldStyleModel
 
-    for cls in (CustomOpModel, ItemModel):
+    for cls in (CustomOpModel, OldStyleModel):
         torch.manual_seed(0)
         fm = pf.FunctionalModel(cls().double())
         x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)

@@ -133,8 +133,34 @@ class CustomOpModel(nn.Module):
         return self.b(NoForwardAD.apply(self.a(x)))
 
 
+class OldStyleSin(torch.autograd.Function):
+    """sin(x) as an old-style autograd.Function (no setup_context): no torch.func transform
+    can run it (as BackPACK's hooks), only plain autograd."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.cos(x)
+
+
+class OldStyleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(OldStyleSin.apply(self.a(x)))
+
+
 class ItemModel(nn.Module):
-    """Data-dependent control flow (``.item()``), which vmap cannot batch."""
+    """Data-dependent control flow (``.item()``), which vmap cannot batch as such: the
+    examples are split into groups reading the same value."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,7 +171,24 @@ class ItemModel(nn.Module):
         return h * 2 if h.sum().item() > -1e9 else h
 
 
-@pytest.mark.parametrize("model_cls", [CustomOpModel, ItemModel])
+def test_data_dependent_control_flow_stays_on_the_fast_path():
+    """Python control flow on values (``.item()``) splits a vmap batch into groups of examples
+    that read the same value: exact, and no fallback."""
+    from zoo import brute_force_jacobian
+
+    torch.manual_seed(0)
+    fm = pf.FunctionalModel(ItemModel().double())
+    x = torch.randn(3, 3, dtype=torch.float64)
+    _, J_ref = brute_force_jacobian(fm, x)
+    v = torch.randn(fm.num_params, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PushforwardFallbackWarning)
+        _, jv = pf.jvp(fm, x, v)
+        _, J = pf.jacobian(fm, x)
+    assert rel_err(jv, J_ref @ v) < TOL and rel_err(J, J_ref) < TOL
+
+
+@pytest.mark.parametrize("model_cls", [CustomOpModel, OldStyleModel])
 def test_fallbacks_are_exact_and_warn_once(model_cls):
     from zoo import brute_force_jacobian
 
@@ -165,11 +208,14 @@ def test_fallbacks_are_exact_and_warn_once(model_cls):
     assert rel_err(jv2, J_ref @ v) < TOL and rel_err(J2, J_ref) < TOL
 
 
-def test_transformer_forward_mode_falls_back_to_math_attention():
+def test_transformer_forward_mode_runs_on_math_attention_without_a_fallback():
+    """Fused attention kernels have no forward-mode derivative: forward mode uses the math
+    backend from the start (issue 13: attention models stay on the fast path, no warning)."""
     case, _f_ref, J_ref = zoo_reference("transformer_encoder")
     fm = pf.FunctionalModel(case.fm.module)  # fresh wrapper: no remembered fallback
     v = torch.randn(fm.num_params, dtype=torch.float64)
-    with pytest.warns(pf.PushforwardFallbackWarning, match="math attention"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PushforwardFallbackWarning)
         _, jv = pf.jvp(fm, case.x, v)
     assert rel_err(jv, J_ref @ v) < TOL
 

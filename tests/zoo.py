@@ -1,5 +1,5 @@
-"""A zoo of small float64 models covering what the engine must handle, and a brute-force
-reference Jacobian (a plain autograd loop over every output entry of a full-batch forward).
+"""A zoo of small float64 models covering what the engine must handle; the brute-force
+reference Jacobian is :func:`pushforward.testing.brute_force_jacobian`.
 
 Each case builds a :class:`pushforward.FunctionalModel` and an input batch. Sizes are tiny so
 the brute force stays fast; every case is deterministic (seeded).
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pushforward import FunctionalModel
-from pushforward.core.inputs import Inputs
+from pushforward.testing import brute_force_jacobian
 
 DTYPE = torch.float64
 
@@ -230,24 +230,4 @@ def _to_dtype(x):
     return x
 
 
-def brute_force_jacobian(fm: FunctionalModel, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f, J)`` with ``J.shape == f.shape + (P,)``: one ``torch.autograd.grad`` per output
-    entry of a single full-batch forward (no torch.func, no batch slicing)."""
-    inputs = Inputs.from_user(x)
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in fm.params(False).items()}
-    with torch.enable_grad():
-        f = fm.call(params, inputs.args, inputs.kwargs)
-        rows = []
-        for entry in f.reshape(-1):
-            grads = torch.autograd.grad(
-                entry, list(params.values()), retain_graph=True, allow_unused=True
-            )
-            rows.append(
-                torch.cat(
-                    [
-                        (torch.zeros_like(p) if g is None else g).reshape(-1)
-                        for g, p in zip(grads, params.values(), strict=True)
-                    ]
-                )
-            )
-    return f.detach(), torch.stack(rows).reshape(*f.shape, fm.num_params)
+__all__ = ["FACTORIES", "Case", "brute_force_jacobian", "make_case"]

@@ -124,11 +124,12 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
 
 def tangent_bytes(cost: ModelCost, examples: int, outputs: int = 1, extra_numbers: int = 0) -> int:
     """Working bytes of one forward-mode tangent pushed through ``examples`` examples: the
-    tangent activations next to the primal ones (twice the activations), ``outputs``
+    tangent activations next to the primal ones and the operations' temporaries (three times
+    the activations), ``outputs``
     output-sized tensors per example (the tangent's output and what the caller keeps of it),
     the tangent itself as a flat vector and as per-parameter views copied by ``vmap`` (``2P``),
     and ``extra_numbers`` more (e.g. a random draw of ``r`` numbers)."""
-    per_example = 2 * cost.activation_bytes + outputs * cost.output_bytes
+    per_example = 3 * cost.activation_bytes + outputs * cost.output_bytes
     return examples * per_example + (2 * cost.num_params + extra_numbers) * cost.itemsize
 
 

@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 
 from pushforward.core.errors import BatchCouplingError, PushforwardFallbackWarning
 
-__all__ = ["TRANSFORM_ERRORS", "Ladder", "PushforwardFallbackWarning", "raise_if_random"]
+__all__ = [
+    "TRANSFORM_ERRORS",
+    "Ladder",
+    "PushforwardFallbackWarning",
+    "first_line",
+    "raise_if_random",
+]
 
 R = TypeVar("R")
 
@@ -52,9 +58,11 @@ class Ladder:
 
     def __call__(self, fm: Any, *args: Any, **kwargs: Any) -> Any:
         """Run the first method that works for ``fm`` (a FunctionalModel, whose cache remembers
-        it) on ``args``/``kwargs``."""
+        it) on ``args``/``kwargs``. One warning, once a slower method has worked, names what
+        failed and why; when every method fails, the last failure is raised (no warning)."""
         state: dict[str, int] = fm.cache.methods
         start = state.get(self.key, 0)
+        failures: list[str] = []
         for i in range(start, len(self.methods)):
             name, method = self.methods[i]
             try:
@@ -63,20 +71,22 @@ class Ladder:
                 raise_if_random(err)
                 if i == len(self.methods) - 1:
                     raise
-                nxt = self.methods[i + 1][0]
+                failures.append(f"via {name} ({type(err).__name__}: {first_line(err)})")
+                continue
+            state[self.key] = i
+            if failures:
                 warnings.warn(
-                    f"pushforward: {self.key} products via {name} failed for this model "
-                    f"({type(err).__name__}: {_first_line(err)}); falling back to {nxt} "
-                    "(exact, slower). This warning is shown once per model.",
+                    f"pushforward: {self.key} products {'; '.join(failures)} failed for this "
+                    f"model; used {name} instead (exact, slower). This warning is shown once "
+                    "per model.",
                     PushforwardFallbackWarning,
                     stacklevel=3,
                 )
-                continue
-            state[self.key] = i
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters)."""
     text = str(err).strip().splitlines()
     return text[0][:200] if text else ""

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from pushforward.core.errors import BatchCouplingError
 from pushforward.core.inputs import Inputs
-from pushforward.core.layout import ParamLayout
+from pushforward.core.layout import ParamLayout, match_names
 
 __all__ = [
     "BatchCouplingError",
@@ -180,14 +180,14 @@ class FunctionalModel:
         bad = [w for w in wanted if not isinstance(w, str)]
         if bad:
             raise TypeError(f"params must list parameter names (strings), got {bad[:3]}")
-        chosen = [n for n, _ in named if any(n == w or n.startswith(w + ".") for w in wanted)]
-        unknown = [w for w in wanted if not any(n == w or n.startswith(w + ".") for n, _ in named)]
+        all_names = [n for n, _ in named]
+        chosen, unknown = match_names(all_names, wanted)
         if unknown:
             raise ValueError(
                 f"unknown parameter names or prefixes {unknown}; the model has "
-                f"{[n for n, _ in named][:20]}{' ...' if len(named) > 20 else ''}"
+                f"{all_names[:20]}{' ...' if len(all_names) > 20 else ''}"
             )
-        return chosen
+        return list(chosen)
 
     def _owners(self) -> list[nn.Module]:
         return [

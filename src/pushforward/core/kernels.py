@@ -11,6 +11,12 @@
   row ``p`` as constant (zero gradient) but its forward-mode derivative does not, so forward and
   reverse mode would disagree. Inside the block the padding positions' outputs are detached, so
   both modes give the reverse-mode (laplace-torch) Jacobian.
+
+:func:`transform_kernels` also holds :data:`TRANSFORM_LOCK` for its duration: PyTorch's
+forward-mode AD levels and its global kernel flags are shared by all threads, so two threads
+running ``torch.func`` transforms at once corrupt each other's results ("forward AD level with an
+invalid index", wrong values). The library's transformed computations therefore run one at a
+time per process; plain autograd and everything else run concurrently.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+#: Held while a ``torch.func`` transform of this library runs (re-entrant: transforms nest).
+TRANSFORM_LOCK = threading.RLock()
+
 __all__ = [
+    "TRANSFORM_LOCK",
     "consistent_embedding",
     "decomposed_layer_norm",
     "transform_kernels",
@@ -129,8 +139,9 @@ def decomposed_layer_norm() -> Iterator[None]:
 def transform_kernels(safe_attention: bool) -> contextlib.ExitStack:
     """The kernel context for a transformed computation: :func:`consistent_embedding`,
     :func:`transform_safe_kernels` when ``safe_attention``, and :func:`decomposed_layer_norm` when
-    grad mode is on (the result will be differentiated again)."""
+    grad mode is on (the result will be differentiated again); under :data:`TRANSFORM_LOCK`."""
     stack = contextlib.ExitStack()
+    stack.enter_context(TRANSFORM_LOCK)
     stack.enter_context(consistent_embedding())
     if safe_attention:
         stack.enter_context(transform_safe_kernels())

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["ParamLayout"]
+__all__ = ["ParamLayout", "match_names"]
+
+
+def match_names(names: Sequence[str], wanted: Iterable[str]) -> tuple[tuple[str, ...], list[str]]:
+    """``(hits, missing)``: the entries of ``names`` equal to, or under the prefix ``w.`` of, any
+    ``w`` in ``wanted`` (``"head"`` matches ``"head.weight"`` and ``"head.bias"``), in the order
+    of ``names``; and the entries of ``wanted`` that match nothing."""
+    wanted = list(wanted)
+
+    def hit(n: str, w: str) -> bool:
+        return n == w or n.startswith(w + ".")
+
+    missing = [w for w in wanted if not any(hit(n, w) for n in names)]
+    return tuple(n for n in names if any(hit(n, w) for w in wanted)), missing
 
 
 @dataclass(frozen=True)
@@ -55,19 +68,6 @@ class ParamLayout:
             raise KeyError(f"unknown parameters {sorted(unknown)}")
         kept = tuple(n for n in self.names if n in wanted)
         return ParamLayout(kept, {n: self.shapes[n] for n in kept})
-
-    def resolve(self, names_or_prefixes: Iterable[str]) -> tuple[str, ...]:
-        """Parameter names matching any of ``names_or_prefixes`` (exact or ``prefix.``)."""
-        wanted = list(names_or_prefixes)
-        hits = tuple(n for n in self.names if any(n == w or n.startswith(w + ".") for w in wanted))
-        missing = [
-            w for w in wanted if not any(n == w or n.startswith(w + ".") for n in self.names)
-        ]
-        if missing:
-            raise KeyError(
-                f"no parameter named or prefixed {missing}; parameters: {list(self.names)}"
-            )
-        return hits
 
     def index(self, names: Iterable[str]) -> Tensor:
         """Flat indices of ``names`` (in this layout's order)."""

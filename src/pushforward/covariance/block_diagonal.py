@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.core.layout import ParamLayout
+from pushforward.core.layout import ParamLayout, match_names
 from pushforward.covariance.isotropic import Isotropic
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator, ParamGroup
@@ -79,15 +79,13 @@ class BlockDiagonal(CovarianceOperator):
         resolved: list[tuple[BlockKey, tuple[str, ...], CovarianceOperator]] = []
         for key, op in self._spec.items():
             wanted = [key] if isinstance(key, str) else list(key)
-            names = []
-            for w in wanted:
-                hits = [n for n in layout.names if n == w or n.startswith(w + ".")]
-                if not hits:
-                    raise ValueError(
-                        f"BlockDiagonal key {key!r}: no selected parameter is named or prefixed "
-                        f"{w!r}; selected parameters: {list(layout.names)}"
-                    )
-                names += hits
+            hits, missing = match_names(layout.names, wanted)
+            if missing:
+                raise ValueError(
+                    f"BlockDiagonal key {key!r}: no selected parameter is named or prefixed "
+                    f"{missing[0]!r}; selected parameters: {list(layout.names)}"
+                )
+            names = list(hits)
             for n in names:
                 if n in owner and owner[n] != key:
                     raise ValueError(

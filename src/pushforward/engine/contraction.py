@@ -184,12 +184,16 @@ class ColumnAccumulator:
     def add(self, W: Tensor) -> None:
         p = self.problem
         if p.kind == "variance":
-            self.out = self.out + (W * W).sum(0)
+            part = (W * W).sum(0)
         elif p.kind == "covariance":
-            self.out = self.out + torch.einsum("nbts,nbtu->btsu", W, W)
+            part = torch.einsum("nbts,nbtu->btsu", W, W)
         else:
-            grouped = W.reshape(W.shape[0], p.groups, -1)
-            self.out = self.out + torch.einsum("ngi,ngj->gij", grouped, grouped)
+            grouped = W.reshape(W.shape[0], p.groups, -1).transpose(0, 1)  # (G, n, q*R)
+            if not torch.is_grad_enabled():  # accumulate in place: no (G, q*R, q*R) temporary
+                self.out.baddbmm_(grouped.transpose(1, 2), grouped)
+                return
+            part = grouped.transpose(1, 2) @ grouped
+        self.out = self.out + part if torch.is_grad_enabled() else self.out.add_(part)
 
     def result(self) -> Tensor:
         return self.out

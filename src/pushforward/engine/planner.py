@@ -23,6 +23,7 @@ the plan remembers the failure and ``print(plan)`` shows it. A named strategy ra
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from pushforward.core.budget import format_bytes
 from pushforward.core.errors import MemoryBudgetError, PushforwardFallbackWarning
-from pushforward.core.fallback import TRANSFORM_ERRORS, raise_if_random
+from pushforward.core.fallback import TRANSFORM_ERRORS, first_line, raise_if_random
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options, check_generator
@@ -101,8 +102,10 @@ class Plan:
         first_error: BaseException | None = None
         for i, est in enumerate(order):
             try:
-                with torch.set_grad_enabled(p.differentiable):
-                    return STRATEGIES[est.strategy].run(p, est)
+                if first_error is None:
+                    with torch.set_grad_enabled(p.differentiable):
+                        return STRATEGIES[est.strategy].run(p, est)
+                return self._fallback_run(est, first_error, order[0].strategy)
             except TRANSFORM_ERRORS as err:
                 raise_if_random(err)
                 if self.named or i == len(order) - 1:
@@ -110,19 +113,35 @@ class Plan:
                         raise err from first_error
                     raise
                 first_error = first_error or err
-                self._record_failure(est.strategy, err, order[i + 1].strategy)
+                if self.key is not None:
+                    self.problem.fm.cache.failures.setdefault(self.key, {})[est.strategy] = (
+                        f"{type(err).__name__}: {first_line(err)}"
+                    )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _record_failure(self, strategy: str, err: BaseException, nxt: str) -> None:
-        reason = f"{type(err).__name__}: {_first_line(err)}"
-        if self.key is not None:
-            self.problem.fm.cache.failures.setdefault(self.key, {})[strategy] = reason
+    def _fallback_run(self, est: Estimate, error: BaseException, failed: str) -> tuple[Tensor, ...]:
+        """Run ``est`` after ``failed`` raised ``error``; one warning says both, and what the
+        fallback itself had to step down to."""
+        p = self.problem
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PushforwardFallbackWarning)
+            with torch.set_grad_enabled(p.differentiable):
+                result = STRATEGIES[est.strategy].run(p, est)
+        inner = []
+        for w in caught:
+            if issubclass(w.category, PushforwardFallbackWarning):
+                inner.append(str(w.message).removeprefix("pushforward: "))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        extra = f" (inside it, {'; '.join(inner)})" if inner else ""
         warnings.warn(
-            f"pushforward: strategy {strategy!r} failed for this model ({reason}); falling back "
-            f"to {nxt!r} (exact). print(plan) shows the plan and the failure.",
+            f"pushforward: strategy {failed!r} failed for this model "
+            f"({type(error).__name__}: {first_line(error)}); fell back to {est.strategy!r} "
+            f"(exact){extra}. print(plan) shows the plan and the failure.",
             PushforwardFallbackWarning,
             stacklevel=4,
         )
+        return result
 
     def with_call(
         self, inputs: Inputs, outputs: Tensor | None, generator: torch.Generator | None
@@ -245,10 +264,10 @@ def make_plan(
         current,
     )
     cache = fm.cache.plans
-    found = cache.get(key) if current.plan_cache else None
-    if found is not None:
+    entry = cache.get(key) if current.plan_cache else None
+    if entry is not None and entry[0]() is cov:  # ids of freed objects are reused: check it
         cache.move_to_end(key)
-        return found.with_call(inputs, outputs, generator)
+        return entry[1].with_call(inputs, outputs, generator)
     problem = Problem.build(
         fm,
         inputs,
@@ -262,7 +281,7 @@ def make_plan(
     )
     chosen = replace(plan_problem(problem, options.strategy), key=key)
     if current.plan_cache:
-        cache[key] = chosen
+        cache[key] = (weakref.ref(cov), chosen)
         while len(cache) > current.plan_cache:
             cache.popitem(last=False)
     return chosen
@@ -306,8 +325,3 @@ def plan_problem(problem: Problem, strategy: str = "auto", exclude: tuple[str, .
 
 def _subplan(problem: Problem, exclude: tuple[str, ...]) -> Plan:
     return plan_problem(problem, "auto", exclude)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else ""

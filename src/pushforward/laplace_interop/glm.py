@@ -541,6 +541,10 @@ def accelerate(
                 "__module__": __name__,
                 "__qualname__": f"accelerated.{cls.__qualname__}",
                 "_laplace_class": cls,
+                # laplace-torch's Laplace(...) factory picks a class by ``_key`` among all
+                # subclasses of its base class, this one included: a key of its own keeps the
+                # factory from ever returning it (accelerate changes only the object given)
+                "_key": ("pushforward.accelerate", getattr(cls, "_key", None)),
             },
         )
     la.__class__ = accelerated

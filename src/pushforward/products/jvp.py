@@ -26,14 +26,14 @@ from pushforward.core.options import Options
 __all__ = ["batched_jvp", "jvp", "push_tangents"]
 
 
-def _jvp_vmapped(fm: FunctionalModel, params, inputs: Inputs, tangents, safe: bool):
+def _jvp_vmapped(fm: FunctionalModel, params, inputs: Inputs, tangents):
     def f(p):
         return fm.call(p, inputs.args, inputs.kwargs)
 
     def one(t):
         return func_jvp(f, (params,), (t,))
 
-    with transform_kernels(safe_attention=safe):
+    with transform_kernels(safe_attention=True):
         return vmap(one, out_dims=(None, 0), randomness="error")(tangents)
 
 
@@ -79,14 +79,12 @@ def _double_backward(fm: FunctionalModel, params, inputs: Inputs, tangents):
     return f, torch.stack(out)
 
 
+#: The fused attention kernels have no forward-mode derivative, so forward mode always runs with
+#: the math attention backend (the kernel layer, :mod:`pushforward.core.kernels`).
 _FORWARD = Ladder(
     "forward-mode",
     [
-        ("torch.func.jvp", lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t, safe=False)),
-        (
-            "torch.func.jvp with math attention",
-            lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t, safe=True),
-        ),
+        ("torch.func.jvp", lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t)),
         ("a loop of torch.func.jvp", _jvp_loop),
         ("reverse-mode emulation (double backward)", _double_backward),
     ],

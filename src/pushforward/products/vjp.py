@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.func import vjp as func_vjp
 from torch.func import vmap
 
+from pushforward.core.branching import vmap_examples
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
 from pushforward.core.cost import Budget, measure_cost, row_bytes
 from pushforward.core.fallback import Ladder
@@ -48,7 +49,7 @@ def _rows_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tenso
         return out, grads
 
     with transform_kernels(safe_attention=True):
-        return vmap(one, randomness="error")(inputs.tensors(), cotangents)
+        return vmap_examples(one, [inputs.tensors(), cotangents])
 
 
 def _rows_loop_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from pushforward.core.branching import vmap_examples
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel
@@ -322,8 +323,9 @@ def _directions(p: Problem, split: Split, params, sub, chunk: RowChunk):
 
 
 def _tapped_vmapped(p: Problem, split: Split, params, sub, chunk: RowChunk, head: int | None):
-    """All examples of the chunk at once (``vmap``): Python control flow cannot depend on an
-    example's values here, so the head shortcut is proven by the outputs equalling the head's."""
+    """All examples of the chunk at once (``vmap``; examples whose Python control flow reads
+    different values run as separate groups): every example of a group runs one program, so
+    the head shortcut is proven by the outputs equalling the head's."""
     cot = _head_cotangents(p, split, params, chunk) if head is not None else p.cotangents(chunk)
 
     def one(tensors, c):
@@ -331,7 +333,7 @@ def _tapped_vmapped(p: Problem, split: Split, params, sub, chunk: RowChunk, head
         return _tapped_example(p, split.analysis, params, args, kwargs, c, head)
 
     with transform_kernels(safe_attention=True):
-        f, inputs, G, z = vmap(one, randomness="error")(sub.tensors(), cot)
+        f, inputs, G, z = vmap_examples(one, [sub.tensors(), cot])
     if head is not None and not torch.equal(f, z.reshape(f.shape)):
         raise StructureError(
             "the model's output differs from its last linear layer's output for some examples "
