@@ -64,7 +64,7 @@ from harness.report import format_seconds, machine_info
 from harness.worker import measure_call
 
 from pushforward.api.predictive import predictive
-from pushforward.core.budget import format_bytes
+from pushforward.core.units import format_bytes
 from pushforward.laplace_interop import PushforwardGGN, from_laplace
 
 __all__ = [

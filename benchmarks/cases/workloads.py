@@ -70,6 +70,12 @@ TITLES: dict[str, str] = {
     "of 256 (laplace-torch's default backend builds each batch's (256, 100, P) Jacobian)",
     "w7-grad-x": "W7: gradient of the summed GLM variance w.r.t. the inputs x (Bayesian "
     "optimization), MLP 784-256-256-10, B=32, diagonal posterior",
+    "estimate": "Memory estimate vs measured peak (the planner's plan on W1/W3/W4/W6)",
+    "planner": "The planner's choice vs the fastest strategy, every exact strategy named",
+    "overhead": "Per-call overhead with a cached plan: joint covariances within groups of 4, "
+    "B=12, MLP 6-50-50-1 (P=2,851), Kronecker S",
+    "joint-reverse": "Joint 512 x 512 covariance, MLP 6-200-200-1, Kronecker S: reverse rows "
+    "(each row multiplied by S once) and the planner's choice",
 }
 
 SCALING_BATCHES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)

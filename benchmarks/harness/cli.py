@@ -12,7 +12,8 @@ __all__ = ["build_parser", "main"]
 
 def _bench(args: argparse.Namespace) -> int:
     from harness import Options, load_cases, run_benchmarks, select
-    from pushforward.core.budget import format_bytes, parse_memory
+    from pushforward.core.budget import parse_memory
+    from pushforward.core.units import format_bytes
 
     try:
         cases = select(load_cases(), args.cases)

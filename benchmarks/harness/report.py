@@ -20,7 +20,7 @@ import torch
 from cases.workloads import TITLES
 
 import pushforward
-from pushforward.core.budget import format_bytes
+from pushforward.core.units import format_bytes
 
 __all__ = [
     "format_seconds",
@@ -226,6 +226,79 @@ def _sweep_table(results: list[dict[str, Any]], options: dict[str, Any]) -> list
     return lines
 
 
+def _estimate_table(results: list[dict[str, Any]]) -> list[str]:
+    """Estimated peak (the plan's) vs the measured peaks of each ``estimate/`` case."""
+    lines = [
+        "| workload | strategy | estimated peak | allocator peak (one call) | RSS peak above "
+        "baseline | allocator / estimate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        info = r.get("info", {})
+        if r["status"] != "ok" or "estimated_bytes" not in info:
+            lines.append(f"| `{_method_key(r)}` | — | {_cell(r['message'][:200])} | | | |")
+            continue
+        est, alloc = info["estimated_bytes"], info["allocator_peak_bytes"]
+        lines.append(
+            f"| `{_method_key(r)}` | {info.get('strategy', '')} | {format_bytes(est)} | "
+            f"{format_bytes(alloc)} | {format_bytes(_memory(r))} | {alloc / max(est, 1):.2f} |"
+        )
+    lines += [
+        "",
+        "The allocator peak is PyTorch's own count of what one call allocated "
+        "(`pushforward.testing.peak_memory`); the RSS peak adds the allocator's and the C "
+        "library's behaviour. The estimate must bound the allocator peak.",
+    ]
+    return lines
+
+
+def _planner_table(results: list[dict[str, Any]]) -> list[str]:
+    """Per problem: every strategy's median time, the planner's choice and the fastest."""
+    problems: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        problem, strategy = r["id"].split("/")[1:3]
+        problems.setdefault(problem, {})[strategy] = r
+    lines = [
+        "| problem | planner's choice | fastest measured | times (median) | choice is fastest |",
+        "|---|---|---|---|---|",
+    ]
+    for problem, runs in problems.items():
+        ok = {s: r for s, r in runs.items() if r["status"] == "ok"}
+        choice = next((r["info"].get("planner_choice") for r in runs.values() if r.get("info")), "")
+        fastest = min(ok, key=lambda s: ok[s]["time_median_s"]) if ok else "—"
+        times = ", ".join(
+            f"{s} {format_seconds(r['time_median_s'])}" if r["status"] == "ok" else f"{s} failed"
+            for s, r in runs.items()
+        )
+        same = choice == fastest or (
+            choice in ok and ok[choice]["time_median_s"] <= 1.1 * ok[fastest]["time_median_s"]
+        )
+        verdict = "yes" if same else "**no**"
+        lines.append(f"| {problem} | {choice} | {fastest} | {times} | {verdict} |")
+    lines += ["", "“yes” when the choice is the fastest or within 10 % of it."]
+    return lines
+
+
+def _overhead_table(results: list[dict[str, Any]]) -> list[str]:
+    """The public call's time minus the strategy's own, per call."""
+    by = {r["id"].split("/")[1]: r for r in results if r["status"] == "ok"}
+    lines = _fixed_table(results)
+    if "public-call" in by and "strategy-run" in by:
+        calls = 200
+        public = by["public-call"]["time_median_s"] / calls
+        bare = by["strategy-run"]["time_median_s"] / calls
+        lines += [
+            "",
+            f"Per call: public {public * 1e3:.3f} ms, the strategy's own work {bare * 1e3:.3f} ms: "
+            f"overhead {(public - bare) * 1e3:.3f} ms.",
+        ]
+    return lines
+
+
+#: Workloads whose report section is not the plain table.
+_SECTIONS = {"estimate": _estimate_table, "planner": _planner_table, "overhead": _overhead_table}
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The Markdown report of a run (header, then one section per workload)."""
     options = payload["options"]
@@ -236,7 +309,10 @@ def markdown(payload: dict[str, Any]) -> str:
         sizes = _sizes(results, sweep)
         if sizes:
             lines += [sizes, ""]
-        lines += _sweep_table(results, options) if sweep else _fixed_table(results)
+        if workload in _SECTIONS:
+            lines += _SECTIONS[workload](results)
+        else:
+            lines += _sweep_table(results, options) if sweep else _fixed_table(results)
         if any(_contended(r) for r in results if r["status"] == "ok"):
             lines += [
                 "",

@@ -1,18 +1,8 @@
 """Linearized function samples ``f(x) + J(x) L z``: one JVP per sample for the whole batch.
 
-A weight-space draw ``θ* + L z`` (``z ~ N(0, I_r)``, ``L L^T = S`` the covariance's square-root
-factor with ``r = cov.sqrt_cols`` columns) pushed through the model linearized at θ* moves every
-output by ``J(x) L z``. One Jacobian-vector product gives that for all inputs of the batch at
-once, whatever the number of outputs K. Because one sample is one weight perturbation shared by
-every input, the samples are joint *function* samples: across inputs their covariance is the
-joint ``J S J^T``, not just its per-example blocks.
-
-Draws are reproducible and independent of chunking: one call
-``torch.randint(2**62, (n_samples,), generator=generator)`` gives a seed per sample, and sample
-``i`` is ``torch.randn(r, generator=torch.Generator(device).manual_seed(seed_i))``, whatever
-``chunk_size`` is. Per-sample streams let the draws of a chunk be generated on all CPU cores
-at once (PyTorch's CPU generator is sequential; for a diagonal covariance the r = P normal
-numbers per sample would otherwise dominate the cost).
+Each sample is one weight-space draw ``θ* + L z`` pushed through the model linearized at θ*
+(see :mod:`pushforward.products.perturbations` for how the draws are made: one seed per sample,
+independent of chunking), so the samples are joint across the inputs of a batch.
 """
 
 from __future__ import annotations

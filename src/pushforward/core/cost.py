@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pushforward.core.budget import format_bytes
 from pushforward.core.errors import MemoryBudgetError
 from pushforward.core.inputs import Inputs
 from pushforward.core.settings import settings
+from pushforward.core.units import format_bytes
 
 __all__ = [
     "Budget",

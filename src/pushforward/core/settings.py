@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pushforward.core.units import format_bytes, parse_bytes
+
 __all__ = ["Settings", "settings"]
 
 
@@ -47,8 +49,6 @@ class Settings:
     plan_cache: int = 64
 
     def describe(self) -> str:
-        from pushforward.core.budget import format_bytes
-
         return (
             f"chunk target {format_bytes(self.chunk_target)}, traffic factor {self.traffic:g}, "
             f"default budget fraction {self.budget_fraction:g}, plan cache {self.plan_cache}"
@@ -62,15 +62,13 @@ _CURRENT: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
 
 
 def _validated(base: Settings, overrides: dict[str, Any]) -> Settings:
-    from pushforward.core.budget import parse_memory
-
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unknown settings {unknown}; the settings are {sorted(names)}")
     values = dict(overrides)
     if "chunk_target" in values:
-        values["chunk_target"] = parse_memory(values["chunk_target"])
+        values["chunk_target"] = parse_bytes(values["chunk_target"], "chunk_target")
     if "traffic" in values:
         t = values["traffic"]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:

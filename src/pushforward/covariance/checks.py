@@ -20,6 +20,7 @@ __all__ = [
     "cached",
     "check_finite",
     "check_index",
+    "check_lowrank",
     "check_matrix",
     "check_names",
     "check_nonnegative",
@@ -152,6 +153,29 @@ def cached(store: dict[str, Any], key: str, fn: Callable[[], T], *inputs: Tensor
         with torch.no_grad():
             store[key] = fn()
     return store[key]
+
+
+def check_lowrank(
+    owner: str, U: Tensor, eigvals: Tensor, diag: Tensor | None, check: bool
+) -> tuple[int, int]:
+    """``(P, k)`` of a low-rank-plus-diagonal form ``U diag(eigvals) U^T + diag(diag)``: shapes
+    always, and with ``check`` finite values and non-negative ``eigvals``."""
+    tensors = {"U": U, "eigvals": eigvals} | ({} if diag is None else {"diag": diag})
+    common_dtype_device(owner, tensors)
+    if U.dim() != 2:
+        raise ValueError(f"{owner} U must have shape (P, k), got {tuple(U.shape)}")
+    P, k = U.shape
+    for name, t, shape in (("eigvals", eigvals, (k,)), ("diag", diag, (P,))):
+        if t is not None and t.shape != shape:
+            raise ValueError(
+                f"{owner} {name} must have shape {shape} to match U (P={P}, k={k}), got "
+                f"{tuple(t.shape)}"
+            )
+    if check:
+        for name, t in tensors.items():
+            check_finite(f"{owner} {name}", t)
+        check_nonnegative(f"{owner} eigvals", eigvals)
+    return P, k
 
 
 def check_names(owner: str, names: Sequence[str], layout: ParamLayout) -> None:

@@ -9,10 +9,9 @@ from torch import Tensor
 
 from pushforward.covariance.checks import (
     cached,
-    check_finite,
     check_index,
+    check_lowrank,
     check_nonnegative,
-    common_dtype_device,
 )
 from pushforward.covariance.operator import CovarianceOperator
 
@@ -38,25 +37,9 @@ class LowRank(CovarianceOperator):
     def __init__(
         self, U: Tensor, eigvals: Tensor, diag: Tensor | None = None, *, check: bool = True
     ) -> None:
-        tensors = {"U": U, "eigvals": eigvals} | ({} if diag is None else {"diag": diag})
-        common_dtype_device("LowRank", tensors)
-        if U.dim() != 2:
-            raise ValueError(f"LowRank U must have shape (P, k), got {tuple(U.shape)}")
-        P, k = U.shape
-        if eigvals.shape != (k,):
-            raise ValueError(
-                f"LowRank eigvals must have shape ({k},) to match U (P={P}, k={k}), got {tuple(eigvals.shape)}"
-            )
-        if diag is not None and diag.shape != (P,):
-            raise ValueError(
-                f"LowRank diag must have shape ({P},) to match U (P={P}, k={k}), got {tuple(diag.shape)}"
-            )
-        if check:
-            for name, t in tensors.items():
-                check_finite(f"LowRank {name}", t)
-            check_nonnegative("LowRank eigvals", eigvals)
-            if diag is not None:
-                check_nonnegative("LowRank diag", diag)
+        P, k = check_lowrank("LowRank", U, eigvals, diag, check)
+        if check and diag is not None:
+            check_nonnegative("LowRank diag", diag)
         super().__init__(P, k + (0 if diag is None else P))
         self.U, self.eigvals, self.diag = U, eigvals, diag
         self._cache: dict[str, Tensor] = {}

@@ -9,9 +9,7 @@ from torch import Tensor
 
 from pushforward.covariance.checks import (
     cached,
-    check_finite,
-    check_nonnegative,
-    common_dtype_device,
+    check_lowrank,
 )
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator
@@ -45,30 +43,12 @@ class LowRankPrecision(CovarianceOperator):
     """
 
     def __init__(self, U: Tensor, eigvals: Tensor, diag: Tensor, *, check: bool = True) -> None:
-        tensors = {"U": U, "eigvals": eigvals, "diag": diag}
-        common_dtype_device("LowRankPrecision", tensors)
-        if U.dim() != 2:
-            raise ValueError(f"LowRankPrecision U must have shape (P, k), got {tuple(U.shape)}")
-        P, k = U.shape
-        if eigvals.shape != (k,):
+        P, _ = check_lowrank("LowRankPrecision", U, eigvals, diag, check)
+        if check and bool((diag <= 0).any()):
             raise ValueError(
-                f"LowRankPrecision eigvals must have shape ({k},) to match U (P={P}, k={k}), "
-                f"got {tuple(eigvals.shape)}"
+                f"LowRankPrecision diag (the diagonal precision) has {int((diag <= 0).sum())} "
+                "entries <= 0; it must be positive for the precision to be invertible"
             )
-        if diag.shape != (P,):
-            raise ValueError(
-                f"LowRankPrecision diag must have shape ({P},) to match U (P={P}, k={k}), "
-                f"got {tuple(diag.shape)}"
-            )
-        if check:
-            for name, t in tensors.items():
-                check_finite(f"LowRankPrecision {name}", t)
-            check_nonnegative("LowRankPrecision eigvals", eigvals)
-            if bool((diag <= 0).any()):
-                raise ValueError(
-                    f"LowRankPrecision diag (the diagonal precision) has {int((diag <= 0).sum())} "
-                    "entries <= 0; it must be positive for the precision to be invertible"
-                )
         super().__init__(P)
         self.U, self.eigvals, self.diag = U, eigvals, diag
         self._cache: dict[str, Any] = {}

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from pushforward.core.chunking import RowChunk
+from pushforward.core.einsum import einsum
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.problem import Problem
 
@@ -186,7 +187,7 @@ class ColumnAccumulator:
         if p.kind == "variance":
             part = (W * W).sum(0)
         elif p.kind == "covariance":
-            part = torch.einsum("nbts,nbtu->btsu", W, W)
+            part = einsum("nbts,nbtu->btsu", W, W)
         else:
             grouped = W.reshape(W.shape[0], p.groups, -1).transpose(0, 1)  # (G, n, q*R)
             if not torch.is_grad_enabled():  # accumulate in place: no (G, q*R, q*R) temporary

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.core.budget import format_bytes
 from pushforward.core.errors import MemoryBudgetError, PushforwardFallbackWarning
 from pushforward.core.fallback import TRANSFORM_ERRORS, first_line, raise_if_random
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options, check_generator
 from pushforward.core.settings import settings
+from pushforward.core.units import format_bytes
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.problem import Kind, Problem
 from pushforward.engine.strategies import STRATEGIES

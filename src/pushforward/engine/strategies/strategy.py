@@ -10,22 +10,32 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from pushforward.core.budget import format_bytes
 from pushforward.core.settings import settings
+from pushforward.core.units import format_bytes
 from pushforward.engine.problem import Problem
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pushforward.engine.planner import Plan
+__all__ = ["Estimate", "NotApplicable", "Strategy", "SubPlan", "SubPlanner", "traffic"]
 
-__all__ = ["Estimate", "NotApplicable", "Strategy", "SubPlanner", "traffic"]
+
+class SubPlan(Protocol):
+    """What a strategy needs of a plan for a sub-problem (the planner's ``Plan``)."""
+
+    problem: Problem
+    estimate: Estimate
+
+    @property
+    def name(self) -> str: ...
+
+    def run_canonical(self) -> tuple[Tensor, ...]: ...
+
 
 #: Plans a sub-problem (the structured strategy's generic remainder) with the strategies not in
 #: the excluded tuple; given to :meth:`Strategy.estimate` by the planner.
-SubPlanner = Callable[[Problem, tuple[str, ...]], "Plan"]
+SubPlanner = Callable[[Problem, tuple[str, ...]], SubPlan]
 
 
 def traffic() -> float:

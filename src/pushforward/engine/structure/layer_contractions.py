@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from pushforward.core.einsum import einsum
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.isotropic import Isotropic
 from pushforward.covariance.kronecker_blocks import KroneckerEigen, KroneckerFactors
@@ -147,7 +148,7 @@ def _linear_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
     a = a.reshape(b, -1, a.shape[-1])  # (b, positions, in)
     G = G.reshape(b, c, a.shape[1], -1)  # (b, c, positions, out)
     pattern = "bcto,bti->bcio" if call.kind == "addmm" else "bcto,bti->bcoi"
-    return torch.einsum(pattern, G, a).reshape(b, c, -1)
+    return einsum(pattern, G, a).reshape(b, c, -1)
 
 
 def _conv_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
@@ -173,7 +174,7 @@ def _conv_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
     out = call.weight_shape[0]
     cols = cols.reshape(b, groups, -1, cols.shape[-1])  # (b, g, C_in/g * k, L)
     grads = G.reshape(b, c, groups, out // groups, cols.shape[-1])  # (b, c, g, out/g, L)
-    return torch.einsum("bcgol,bgil->bcgoi", grads, cols).reshape(b, c, -1)
+    return einsum("bcgol,bgil->bcgoi", grads, cols).reshape(b, c, -1)
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:
@@ -227,7 +228,7 @@ class _BiasDiagonal(GroupContraction):
         R = _bias_rows(self.call, _dense(G))
         b, c, out = R.shape
         R = R.reshape(b, c // S, S, out)
-        return torch.einsum("btso,o,btuo->btsu", R, v, R)
+        return einsum("btso,o,btuo->btsu", R, v, R)
 
     def joint(self, a, G, params, q):
         v = self.op.diagonal()
@@ -235,7 +236,7 @@ class _BiasDiagonal(GroupContraction):
             k = _grouped(G.index % v.shape[0], q)  # (g, q, c)
             return _pairs(_same_output(k).to(v.dtype) * v[k][..., None, None])
         R = _grouped(_bias_rows(self.call, _dense(G)), q)  # (g, q, c, out)
-        return _pairs(torch.einsum("gnjo,o,gmlo->gnjml", R, v, R))
+        return _pairs(einsum("gnjo,o,gmlo->gnjml", R, v, R))
 
 
 class _LinearDiagonal(GroupContraction):
@@ -255,7 +256,7 @@ class _LinearDiagonal(GroupContraction):
         if isinstance(G, OneHot):
             return w.gather(1, G.index)
         G = G.reshape(*G.shape[:2], -1)
-        return torch.einsum("bco,bo->bc", G * G, w)
+        return einsum("bco,bo->bc", G * G, w)
 
     def covariance(self, a, G, params, S):
         w = self._weights(a)
@@ -266,19 +267,19 @@ class _LinearDiagonal(GroupContraction):
             return same * w.gather(1, G.index).reshape(b, c // S, S).unsqueeze(-1)
         b, c = G.shape[:2]
         G = G.reshape(b, c // S, S, -1)
-        return torch.einsum("btso,bo,btuo->btsu", G, w, G)
+        return einsum("btso,bo,btuo->btsu", G, w, G)
 
     def joint(self, a, G, params, q):
         V = self.op.diagonal().reshape(self.call.weight_shape)
         V = V.T if self.call.kind == "addmm" else V  # (out, in)
         a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
-        W = torch.einsum("gni,oi,gmi->gnmo", a, V, a)  # (g, q, q, out)
+        W = einsum("gni,oi,gmi->gnmo", a, V, a)  # (g, q, q, out)
         if isinstance(G, OneHot):
             k = _grouped(G.index, q)  # (g, q, c)
             picked = W.permute(0, 1, 3, 2).gather(2, k.unsqueeze(-1).expand(*k.shape, q))
             return _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
         Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
-        return _pairs(torch.einsum("gnjo,gnmo,gmlo->gnjml", Gg, W, Gg))
+        return _pairs(einsum("gnjo,gnmo,gmlo->gnjml", Gg, W, Gg))
 
 
 class _LinearKronecker(GroupContraction):
@@ -299,7 +300,7 @@ class _LinearKronecker(GroupContraction):
                 if transposed
                 else (block.out_factor, block.in_factor)
             )
-            return Fg, torch.einsum("bi,ij,bj->b", a, Fa, a)
+            return Fg, einsum("bi,ij,bj->b", a, Fa, a)
         if transposed:
             Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
         else:
@@ -314,11 +315,11 @@ class _LinearKronecker(GroupContraction):
         Fg, s = self._parts(a)
         if self._eigen():
             g_hat = Fg[G.index] if isinstance(G, OneHot) else G.reshape(*G.shape[:2], -1) @ Fg
-            return torch.einsum("bco,bo->bc", g_hat * g_hat, s)
+            return einsum("bco,bo->bc", g_hat * g_hat, s)
         if isinstance(G, OneHot):
             return s[:, None] * Fg.diagonal()[G.index]
         G = G.reshape(*G.shape[:2], -1)
-        return s[:, None] * torch.einsum("bco,op,bcp->bc", G, Fg, G)
+        return s[:, None] * einsum("bco,op,bcp->bc", G, Fg, G)
 
     def covariance(self, a, G, params, S):
         Fg, s = self._parts(a)
@@ -326,12 +327,12 @@ class _LinearKronecker(GroupContraction):
             g_hat = Fg[G.index] if isinstance(G, OneHot) else G.reshape(*G.shape[:2], -1) @ Fg
             b, c, out = g_hat.shape
             g_hat = g_hat.reshape(b, c // S, S, out)
-            return torch.einsum("btso,bo,btuo->btsu", g_hat, s, g_hat)
+            return einsum("btso,bo,btuo->btsu", g_hat, s, g_hat)
         if isinstance(G, OneHot):
             return s[:, None, None, None] * _flat_pairs(Fg, G.index, S)
         b, c = G.shape[:2]
         G = G.reshape(b, c // S, S, -1)
-        return s[:, None, None, None] * torch.einsum("btso,op,btup->btsu", G, Fg, G)
+        return s[:, None, None, None] * einsum("btso,op,btup->btsu", G, Fg, G)
 
     def joint(self, a, G, params, q):
         block = self.op
@@ -343,26 +344,26 @@ class _LinearKronecker(GroupContraction):
                 if transposed
                 else (block.out_factor, block.in_factor)
             )
-            s = torch.einsum("gni,ij,gmj->gnm", a, Fa, a)  # (g, q, q)
+            s = einsum("gni,ij,gmj->gnm", a, Fa, a)  # (g, q, q)
             if isinstance(G, OneHot):
                 k = _grouped(G.index, q)  # (g, q, c)
                 flat = k.reshape(k.shape[0], -1)
                 H = Fg[flat.unsqueeze(-1), flat.unsqueeze(-2)].reshape(*k.shape, *k.shape[1:])
             else:
                 Gg = _grouped(G.reshape(*G.shape[:2], -1), q)
-                H = torch.einsum("gnjo,op,gmlp->gnjml", Gg, Fg, Gg)
+                H = einsum("gnjo,op,gmlp->gnjml", Gg, Fg, Gg)
             return _pairs(H * s[:, :, None, :, None])
         if transposed:
             Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
         else:
             Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
         a_hat = a @ Qa
-        U = torch.einsum("gni,oi,gmi->gnmo", a_hat, M, a_hat)  # (g, q, q, out)
+        U = einsum("gni,oi,gmi->gnmo", a_hat, M, a_hat)  # (g, q, q, out)
         if isinstance(G, OneHot):
             g_hat = Qg[_grouped(G.index, q)]  # (g, q, c, out)
         else:
             g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Qg
-        return _pairs(torch.einsum("gnjo,gnmo,gmlo->gnjml", g_hat, U, g_hat))
+        return _pairs(einsum("gnjo,gnmo,gmlo->gnjml", g_hat, U, g_hat))
 
 
 class _EmbeddingDiagonal(GroupContraction):
@@ -380,19 +381,19 @@ class _EmbeddingDiagonal(GroupContraction):
             keep = (ids != (pad if pad >= 0 else pad + self.call.weight_shape[0])).to(G.dtype)
             same = same * keep.unsqueeze(-1) * keep.unsqueeze(-2)
         V = self.op.diagonal().reshape(self.call.weight_shape)
-        shared = torch.einsum("btu,bcud->bctd", same, G)
+        shared = einsum("btu,bcud->bctd", same, G)
         return G, V[ids], shared
 
     def variance(self, a, G, params):
         G, Vsel, shared = self._parts(a, _dense(G))
-        return torch.einsum("bctd,btd,bctd->bc", G, Vsel, shared)
+        return einsum("bctd,btd,bctd->bc", G, Vsel, shared)
 
     def covariance(self, a, G, params, S):
         G, Vsel, shared = self._parts(a, _dense(G))
         b, c, T, d = G.shape
         G = G.reshape(b, c // S, S, T, d)
         shared = shared.reshape(b, c // S, S, T, d)
-        return torch.einsum("bxstd,btd,bxutd->bxsu", G, Vsel, shared)
+        return einsum("bxstd,btd,bxutd->bxsu", G, Vsel, shared)
 
 
 def contraction_for(
