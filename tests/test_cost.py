@@ -73,7 +73,7 @@ def test_products_keep_the_budget():
     case, f_ref, _ = zoo_reference("cnn_batchnorm_eval")
     fm, x = case.fm, case.x
     V = torch.randn(40, fm.num_params, dtype=torch.float64)
-    cov = make_cov("lowrank", fm)
+    cov, kron = make_cov("lowrank", fm), make_cov("kron", fm)
     ran = []
     for name, call in {
         "batched_jvp": lambda budget: pf.batched_jvp(fm, x, V, memory_budget=budget),
@@ -83,6 +83,9 @@ def test_products_keep_the_budget():
         ),
         "functional_samples": lambda budget: pf.functional_samples(
             fm, x, cov, 40, memory_budget=budget, generator=torch.Generator().manual_seed(0)
+        ),
+        "functional_samples_kron": lambda budget: pf.functional_samples(
+            fm, x, kron, 40, memory_budget=budget, generator=torch.Generator().manual_seed(0)
         ),
     }.items():
         full, _ = peak_memory(lambda call=call: call("1GB"))

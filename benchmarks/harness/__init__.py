@@ -5,7 +5,7 @@ its own; the runner (:mod:`~harness.runner`) repeats it for a median, enforces a
 and a memory limit, and records a case that runs out of either instead of dropping it; the
 report (:mod:`~harness.report`) writes JSON, Markdown and a PNG plot. Cases live in
 the ``cases_*`` modules, registered with :func:`~harness.registry.register`, on the
-workloads of :mod:`~cases.workloads`. Command line: ``pushforward bench``.
+workloads of :mod:`~cases.workloads`. Command line: ``python benchmarks/run.py`` (``make bench``).
 """
 
 from harness.registry import Case, Context, load_cases, register, select

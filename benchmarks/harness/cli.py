@@ -18,7 +18,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         cases = select(load_cases(), args.cases)
     except ValueError as err:
-        print(f"pushforward bench: {err}", file=sys.stderr)
+        print(f"benchmarks/run.py: {err}", file=sys.stderr)
         return 2
     if args.list:
         width = max(len(c.id) for c in cases)
