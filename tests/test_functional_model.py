@@ -199,3 +199,17 @@ def test_differentiable_false_detaches_results():
     assert not f.requires_grad and not jv.requires_grad and not J.requires_grad
     f, jv = pf.jvp(fm, x, torch.ones(fm.num_params, dtype=torch.float64), differentiable=True)
     assert f.requires_grad and jv.requires_grad
+
+
+def test_pickle_and_copies_start_with_a_fresh_cache_and_lock():
+    import copy
+    import pickle
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fm = pf.FunctionalModel(model)
+    cov = pf.Diagonal(torch.full((fm.num_params,), 0.1, dtype=torch.float64))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = pf.functional_variance(fm, x, cov)[1]
+    for other in (pickle.loads(pickle.dumps(fm)), copy.deepcopy(fm)):
+        assert not other.cache.plans and other._lock is not fm._lock
+        assert torch.allclose(pf.functional_variance(other, x, cov)[1], want)

@@ -155,6 +155,19 @@ class FunctionalModel:
             )
         self.layout = ParamLayout(tuple(names), {n: named[n].shape for n in names})
 
+    # -- copies ---------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without its cache and lock (a copy starts with a fresh cache and
+        takes the lock of its own module)."""
+        state = dict(self.__dict__)
+        del state["cache"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.cache = ModelCache()
+        self._lock = module_lock(self.module)
+
     # -- parameter selection ---------------------------------------------------------
     def _select(self, params: ParamSelection, example_input: Any) -> list[str]:
         named = list(self.module.named_parameters())
