@@ -12,8 +12,7 @@ __all__ = ["build_parser", "main"]
 
 def _bench(args: argparse.Namespace) -> int:
     from harness import Options, load_cases, run_benchmarks, select
-    from pushforward.core.budget import parse_memory
-    from pushforward.core.units import format_bytes
+    from harness.lib import format_bytes, parse_memory
 
     try:
         cases = select(load_cases(), args.cases)

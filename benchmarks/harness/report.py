@@ -20,7 +20,7 @@ import torch
 from cases.workloads import TITLES
 
 import pushforward
-from pushforward.core.units import format_bytes
+from harness.lib import format_bytes
 
 __all__ = [
     "format_seconds",
@@ -238,10 +238,12 @@ def _estimate_table(results: list[dict[str, Any]]) -> list[str]:
         if r["status"] != "ok" or "estimated_bytes" not in info:
             lines.append(f"| `{_method_key(r)}` | — | {_cell(r['message'][:200])} | | | |")
             continue
-        est, alloc = info["estimated_bytes"], info["allocator_peak_bytes"]
+        est, alloc = info["estimated_bytes"], info.get("allocator_peak_bytes")
+        measured = "—" if alloc is None else format_bytes(alloc)
+        ratio = "—" if alloc is None else f"{alloc / max(est, 1):.2f}"
         lines.append(
             f"| `{_method_key(r)}` | {info.get('strategy', '')} | {format_bytes(est)} | "
-            f"{format_bytes(alloc)} | {format_bytes(_memory(r))} | {alloc / max(est, 1):.2f} |"
+            f"{measured} | {format_bytes(_memory(r))} | {ratio} |"
         )
     lines += [
         "",

@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from harness import report
+from harness.lib import available_memory, format_bytes
 from harness.procmem import busy_cpu_seconds, rss_bytes
 from harness.registry import Case
-from pushforward.core.budget import available_memory
-from pushforward.core.units import format_bytes
 
 __all__ = ["MIN_AVAILABLE_BYTES", "STARTUP_LIMIT_S", "Options", "run_benchmarks", "run_case"]
 
