@@ -27,16 +27,20 @@ from pushforward.engine.structure.tracing import LayerCall
 __all__ = ["accumulate_diagonal", "is_linear_once"]
 
 
-def is_linear_once(call: LayerCall, a: Tensor) -> bool:
-    """A linear layer applied once per example (``a`` is ``(b, *a_n)`` with one position)."""
-    return call.kind in ("linear", "addmm") and a[0].numel() == a.shape[-1]
+def is_linear_once(call: LayerCall) -> bool:
+    """A linear layer applied once per example (its output in one example is one vector)."""
+    return call.kind in ("linear", "addmm") and math.prod(call.output_shape[:-1]) == 1
 
 
 def _rows_bytes(layers: Layers, sweep: Sweep, itemsize: int) -> int:
-    """Bytes per row of the layer rows formed where no closed form applies (an upper bound:
-    every matched weight is counted)."""
+    """Bytes per row of the layer rows formed where no closed form applies."""
     shapes = sweep.fm.param_shapes
-    size = sum(math.prod(shapes[n]) for c in layers.calls for n in c.names)
+    size = sum(
+        math.prod(shapes[n])
+        for c in layers.calls
+        for n in c.names
+        if not (is_linear_once(c) and n == c.weight_name)
+    )
     return 2 * size * itemsize
 
 
@@ -63,15 +67,19 @@ def accumulate_diagonal(sweep: Sweep, data, what: str = "the curvature's diagona
 
 def _add_layer(sums: dict[str, Tensor], call: LayerCall, a: Tensor, G: Tensor, params) -> None:
     b, r = G.shape[:2]
-    once = is_linear_once(call, a)
-    for name in call.names:
-        if once and name == call.weight_name:
-            g2 = G.reshape(b, r, -1).square().sum(1)  # (b, out)
+    if is_linear_once(call):
+        # G is this chunk's own tensor: square it in place (no second chunk-sized allocation)
+        g2 = G.square_().sum(1).reshape(b, -1)  # (b, out)
+        if call.weight_name is not None:
             d = g2.T @ a.reshape(b, -1).square()  # (out, in)
-            sums[name] += d.T if call.kind == "addmm" else d
-        elif call.kind in ("linear", "addmm") and name == call.bias_name:
+            sums[call.weight_name] += d.T if call.kind == "addmm" else d
+        if call.bias_name is not None:
+            sums[call.bias_name] += g2.sum(0)
+        return
+    for name in call.names:
+        if call.kind in ("linear", "addmm") and name == call.bias_name:
             rows = G.reshape(b, r, -1, G.shape[-1]).sum(2)  # summed over positions
-            sums[name] += rows.square().sum((0, 1))
+            sums[name] += rows.square_().sum((0, 1))
         else:
             rows = GroupContraction(call, (name,), None).rows(a, G, params)
-            sums[name] += rows.square().sum((0, 1)).reshape(sums[name].shape)
+            sums[name] += rows.square_().sum((0, 1)).reshape(sums[name].shape)

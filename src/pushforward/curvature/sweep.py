@@ -38,7 +38,13 @@ from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
 from pushforward.curvature.data import Batch, Batches
 from pushforward.curvature.likelihoods import Likelihood
-from pushforward.engine.structure.tracing import Analysis, LayerCall, LayerTap, analyze
+from pushforward.engine.structure.tracing import (
+    Analysis,
+    LayerCall,
+    LayerTap,
+    StructureError,
+    analyze,
+)
 
 __all__ = ["Layers", "Piece", "RowKind", "Sweep"]
 
@@ -73,11 +79,14 @@ class Layers:
         analysis: the traced layer structure (``None``: everything generic).
         calls: the matched layer calls (forward order).
         generic: parameters whose per-example rows are formed (not on a matched layer).
+        head: the linear layer call whose output is the model's output (same memory, its
+            outputs lined up with the model's), if any.
     """
 
     analysis: Analysis | None
     calls: tuple[LayerCall, ...]
     generic: tuple[str, ...]
+    head: LayerCall | None = None
 
     def z_numel(self) -> int:
         """Entries of all matched layers' outputs in one example."""
@@ -162,7 +171,13 @@ class Sweep:
         with transform_kernels(safe_attention=True):
             analysis = analyze(lambda q: self.fm.call(q, one.args, one.kwargs), params)
         generic = tuple(n for n in names if n not in analysis.matched)
-        return Layers(analysis, tuple(analysis.calls), generic)
+        head = analysis.head
+        if head is not None:
+            out = head.weight_shape[-1] if head.kind == "addmm" else head.weight_shape[0]
+            f_b = measure_cost(self.fm, inputs).output_shape
+            if out != f_b[-1] or math.prod(head.output_shape) != f_b.numel():
+                head = None
+        return Layers(analysis, tuple(analysis.calls), generic, head)
 
     # -- shapes and costs ----------------------------------------------------------------
     def output_split(self, cost: ModelCost) -> tuple[int, int]:
@@ -290,6 +305,8 @@ def _example(sweep: Sweep, layers: Layers, params, sub: Inputs, rows: slice, nK,
 
 def _tapped_vmapped(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
     """All examples of a chunk at once (``vmap``)."""
+    if not layers.generic:
+        return _tapped_batched(sweep, layers, params, sub, y, noise, rows, nK)
 
     def one(tensors, y_b, noise_b):
         return _example(sweep, layers, params, sub, rows, nK, tensors, y_b, noise_b)
@@ -297,6 +314,66 @@ def _tapped_vmapped(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
     in_dims = (0, 0, None if noise is None else 0)
     with transform_kernels(safe_attention=True):
         return vmap(one, in_dims=in_dims, randomness="error")(sub.tensors(), y, noise)
+
+
+def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
+    """Every parameter on a matched layer: the forward runs under ``vmap`` over examples (so
+    every example is proven to run the traced layers), the backward passes start from the
+    whole chunk, all rows at once (an example's output gradients at its own layer outputs are
+    those of its own cotangent: examples are independent).
+
+    When the model's output is a matched linear layer's output (the *head*), its output
+    gradients are the cotangent rows themselves and the backward passes start at its input,
+    with the rows times its weight."""
+    fm = sweep.fm
+    dtype = next(iter(params.values())).dtype
+    b = sub.batch_size
+    head = layers.head
+    calls = [c for c in layers.calls if c is not head]
+
+    def one(tensors, probes):
+        args, kwargs = sub.with_tensors([t.unsqueeze(0) for t in tensors])
+        tap = LayerTap(layers.analysis, params)
+        full = list(probes)
+        if head is not None:
+            full.insert(head.index, torch.zeros(head.output_shape, dtype=dtype, device=sub.device))
+        with tap.active(full):
+            out = fm.call(params, args, kwargs)[0]
+        tap.check_complete()
+        if head is None:
+            return out, (out, list(tap.inputs), out)
+        return tap.inputs[head.index], (out, list(tap.inputs), tap.outputs[head.index])
+
+    def forward(probes):
+        start, aux = vmap(one, randomness="error")(sub.tensors(), probes)
+        return start, aux
+
+    probes = [torch.zeros(b, *c.output_shape, dtype=dtype, device=sub.device) for c in calls]
+    with transform_kernels(safe_attention=True):
+        _, pull, (f, a, z) = vjp(forward, probes, has_aux=True)
+        in_dims = (0, 0, None if noise is None else 0)
+        cot = vmap(lambda f_b, y_b, z_b: sweep.cotangents(f_b, y_b, z_b, rows), in_dims=in_dims)(
+            f.reshape(b, *nK), y, noise
+        )  # (b, r, n, K)
+        r = cot.shape[1]
+        G: list[Tensor | None] = [None] * len(layers.calls)
+        if head is None:
+            start = cot.transpose(0, 1).reshape(r, *f.shape)
+        else:
+            if not torch.equal(f, z.reshape(f.shape)):
+                raise StructureError(
+                    "the model's output differs from its last linear layer's output for some "
+                    "examples (data-dependent control flow after the head?)"
+                )
+            weight = params[head.weight_name] if head.weight_name else head.weight_value
+            rows_out = cot.reshape(b, r, *head.output_shape)
+            G[head.index] = rows_out
+            # d<f, u>/d(head input) = u W (Linear, weight (K, in)) or u W^T (Conv1D, (in, K))
+            start = (rows_out @ (weight.T if head.kind == "addmm" else weight)).transpose(0, 1)
+        (Gs,) = vmap(pull)(start)
+    for call, g in zip(calls, Gs, strict=True):
+        G[call.index] = g.transpose(0, 1)
+    return f, a, G, {}
 
 
 def _tapped_loop(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
