@@ -11,6 +11,11 @@
 
 from pushforward.curvature.likelihoods import CrossEntropy, Gaussian, Likelihood, OutputHessian
 from pushforward.curvature.operators import GGN, CurvatureOperator, EmpiricalFisher
+from pushforward.curvature.posterior import (
+    laplace_posterior,
+    log_marginal_likelihood,
+    optimize_prior_precision,
+)
 
 __all__ = [
     "GGN",
@@ -20,4 +25,7 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "OutputHessian",
+    "laplace_posterior",
+    "log_marginal_likelihood",
+    "optimize_prior_precision",
 ]

@@ -366,7 +366,7 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
                     "examples (data-dependent control flow after the head?)"
                 )
             weight = params[head.weight_name] if head.weight_name else head.weight_value
-            rows_out = cot.reshape(b, r, *head.output_shape)
+            rows_out = cot.reshape(b, r, *head.output_shape).contiguous()
             G[head.index] = rows_out
             # d<f, u>/d(head input) = u W (Linear, weight (K, in)) or u W^T (Conv1D, (in, K))
             start = (rows_out @ (weight.T if head.kind == "addmm" else weight)).transpose(0, 1)
