@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from pushforward.curvature.sweep import Layers, Piece, Sweep
+from pushforward.curvature.sweep import Layers, Sweep
 from pushforward.engine.structure.layer_contractions import GroupContraction
 from pushforward.engine.structure.tracing import LayerCall
 

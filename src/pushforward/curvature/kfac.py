@@ -178,9 +178,7 @@ def _rows_bytes(layers: Layers, sweep: Sweep, itemsize: int) -> int:
     """Per-row bytes of what the factors form: the positions' gradients, unfolded patches and
     generic layers' rows (an upper bound)."""
     shapes = sweep.fm.param_shapes
-    rows = sum(
-        math.prod(shapes[n]) for c in layers.calls if not kfac_supported(c) for n in c.names
-    )
+    rows = sum(math.prod(shapes[n]) for c in layers.calls if not kfac_supported(c) for n in c.names)
     return 2 * (layers.z_numel() + rows) * itemsize
 
 
@@ -198,7 +196,7 @@ def accumulate_kfac(
     shapes = fm.param_shapes
     # the factors and generic blocks (an upper bound: every tensor's out^2 + in^2 or numel^2)
     held = 0
-    for name, shape in shapes.items():
+    for shape in shapes.values():
         n = math.prod(shape)
         sides = shape[0] ** 2 + (n // shape[0]) ** 2 if len(shape) > 1 else n * n
         held += (sides if generic == "dense" or len(shape) > 1 else n) * itemsize

@@ -62,9 +62,9 @@ def lanczos(
             break
         betas.append(float(beta))
         Q[:, j + 1] = w / beta
-        if iterations is None and steps >= k and steps % check_every == 0:
-            if _converged(alphas, betas, k, tol):
-                break
+        checkpoint = iterations is None and steps >= k and steps % check_every == 0
+        if checkpoint and _converged(alphas, betas, k, tol):
+            break
     theta, S = _ritz(alphas, betas)
     top = min(k, steps)
     vectors = Q[:, :steps] @ S[:, :top].to(dtype)

@@ -328,7 +328,9 @@ class CurvatureOperator:
         if method == "lanczos":
             if iterations is not None:
                 check_positive_int(iterations, "iterations")
-            return lanczos(self.matvec, self.num_params, k, iterations=iterations, tol=tol, **common)
+            return lanczos(
+                self.matvec, self.num_params, k, iterations=iterations, tol=tol, **common
+            )
         if method == "randomized":
             return randomized(
                 self.matmat,
@@ -444,9 +446,9 @@ def kfac_operator(
         call, G = layer.call, layer.G * output_scale
         if call.weight_name is not None:
             A = layer.A * input_scale
-            if call.kind == "addmm":  # weight stored (in, out)
-                blocks[call.weight_name] = KroneckerFactors(A, G, check=False)
-            elif call.kind == "embedding":  # weight (vocab, d): the token side is "out"
+            if call.kind in ("addmm", "embedding"):
+                # the input side is the weight's first dimension: Conv1D stores (in, out), an
+                # embedding's rows are its tokens
                 blocks[call.weight_name] = KroneckerFactors(A, G, check=False)
             else:
                 blocks[call.weight_name] = KroneckerFactors(G, A, check=False)
@@ -460,7 +462,9 @@ def kfac_operator(
             blocks[name] = Diagonal(total.reshape(-1), check=False)
     missing = [n for n in fm.param_names if n not in blocks]
     for name in missing:  # parameters the data never reached (e.g. an unused layer)
-        blocks[name] = Diagonal(fm.params(False)[name].new_zeros(math.prod(shapes[name])), check=False)
+        blocks[name] = Diagonal(
+            fm.params(False)[name].new_zeros(math.prod(shapes[name])), check=False
+        )
     return Kronecker({n: blocks[n] for n in fm.param_names}, check=False).bind(fm.layout)
 
 

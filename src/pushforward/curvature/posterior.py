@@ -158,7 +158,9 @@ class Spectrum:
         d = torch.as_tensor(delta).to(device=like.device, dtype=like.dtype)
         if d.dim() == 1 and d.shape[0] == 1:
             d = d[0]
-        if d.dim() > 1 or (d.dim() == 1 and d.shape[0] not in (self.size, len(self._layout_names()))):
+        if d.dim() > 1 or (
+            d.dim() == 1 and d.shape[0] not in (self.size, len(self._layout_names()))
+        ):
             raise ValueError(
                 f"prior precision must be a scalar, one value per parameter tensor or one per "
                 f"parameter ({self.size}); got shape {tuple(d.shape)}"
@@ -321,7 +323,9 @@ def laplace_posterior(
         A covariance operator for ``functional_variance``, ``predictive``, samples, ...
     """
     spectrum = _spectrum(curvature, layout)
-    s = _scale(1.0 if n_data is None else float(n_data), sigma_noise, temperature, spectrum.reference())
+    s = _scale(
+        1.0 if n_data is None else float(n_data), sigma_noise, temperature, spectrum.reference()
+    )
     if damping and spectrum.kind != "kron":
         raise ValueError("damping applies to Kronecker (K-FAC) posteriors only")
     return spectrum.covariance(s, prior_precision, damping)
