@@ -81,7 +81,13 @@ class Likelihood:
         return f.numel()
 
     def prepare_targets(self, y: Tensor, f_shape: torch.Size) -> Tensor:
-        """``y`` of a batch reshaped to ``(B, n, ...)`` (checked against ``f (B, n, K)``)."""
+        """``y`` of a batch for outputs ``f (B, n, K)``: one value per position ``(B, n)``, one
+        per output ``(B, n, K)``, else as given (its first dimension is the batch)."""
+        B, n, K = f_shape
+        if y.numel() == B * n:
+            return y.reshape(B, n)
+        if y.numel() == B * n * K:
+            return y.reshape(B, n, K)
         return y
 
 
@@ -224,8 +230,10 @@ class OutputHessian(Likelihood):
 
     Args:
         hessian: ``(f, y) -> (n, K, K)`` for one example's outputs ``f (n, K)`` and target ``y``
-            (``vmap``-able: tensor operations only), symmetric positive semi-definite (negative
-            eigenvalues are clamped to zero in :meth:`factor`).
+            (``(n,)`` when the targets hold one value per position, ``(n, K)`` one per output,
+            else the example's slice of the batch's targets; ``vmap``-able: tensor operations
+            only), symmetric positive semi-definite (negative eigenvalues are clamped to zero in
+            :meth:`factor`).
         nll: optional ``(f, y) -> scalar``, one example's NLL: gives the gradient (empirical
             Fisher) and the loss (marginal likelihood).
     """

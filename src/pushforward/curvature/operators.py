@@ -240,7 +240,8 @@ class CurvatureOperator:
             if kind == "exact":
                 return lik.hessian_product(f, y, v)
             C = sweep.cotangents(f, y, noise, slice(0, self.rows.count(lik, *f.shape)))
-            return torch.einsum("rnk,cnk,rnl->cnl", C, v, C)
+            # rows span all of the example's positions: sum_r c_r <c_r, v>
+            return torch.einsum("cr,rnl->cnl", torch.einsum("rnk,cnk->cr", C, v), C)
 
         return product
 
