@@ -13,9 +13,11 @@ for a diagonal GGN. These backends compute per-example rows ``J(x_n)^T u`` (``vm
 of ``torch.func.vjp``, see :mod:`pushforward.products.vjp`) in chunks bounded by ``memory_budget``:
 
 * ``diag``: ``sum_n sum_r (J_n^T u_nr)^2`` with ``u_n`` the rows of a factor of the loss Hessian
-  w.r.t. the outputs (softmax: ``sqrt(p_r)(e_r - p)``; squared error: the identity's rows), of
-  sampled output gradients (``stochastic=True``) or the loss gradient (empirical Fisher): only
-  ``chunk x P`` entries exist at a time (:mod:`pushforward.curvature.row_sums`);
+  w.r.t. the outputs, or the loss gradient (empirical Fisher), through the layer structure
+  (:mod:`pushforward.curvature.diagonal`: a linear layer's ``sum G^2 ⊗ a^2`` in closed form,
+  per-example rows only for other parameters); with ``stochastic=True`` from sampled output
+  gradients drawn as laplace-torch draws them, in per-example rows of ``chunk x P`` entries
+  (:mod:`pushforward.curvature.row_sums`);
 * ``full``: the ``P x P`` sum, accumulated chunk by chunk;
 * ``jacobians``/``last_layer_jacobians``/``selected_output_jacobians``/``gradients``: laplace's
   shapes and order, memory linear in the batch (their result's own size);
@@ -96,6 +98,7 @@ from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
 from pushforward.curvature.data import Batch as DataBatch
+from pushforward.curvature.diagonal import accumulate_diagonal
 from pushforward.curvature.kfac import APPROXIMATIONS, KFACFactors, accumulate_kfac
 from pushforward.curvature.likelihoods import CrossEntropy, Gaussian, Likelihood
 from pushforward.curvature.operators import GGN, EmpiricalFisher
@@ -364,9 +367,24 @@ class _PushforwardCurvature:
             )
         return used
 
-    # -- Kronecker factors -------------------------------------------------------------
+    # -- through the layer structure ---------------------------------------------------
     def _likelihood(self) -> Likelihood:
         return CrossEntropy() if self.likelihood == "classification" else Gaussian()
+
+    def _sweep(self, fm: FunctionalModel, rows: RowKind) -> Sweep:
+        budget = Options(memory_budget=self.memory_budget).budget_bytes(fm.device)
+        return Sweep(fm, self._likelihood(), rows, structured=True, budget=budget, progress=False)
+
+    def _structured_diagonal(self, target: _Target, y: Tensor, rows: RowKind) -> Tensor:
+        """The batch's diagonal through the layer structure (closed forms per layer, see
+        :mod:`pushforward.curvature.diagonal`), at laplace-torch's parameters."""
+        fm = target.fm
+        batch = DataBatch(0, target.inputs, y.to(fm.device))
+        sums, _ = accumulate_diagonal(self._sweep(fm, rows), [batch], "laplace-torch's diag")
+        flat = fm.flatten(sums)
+        return flat if target.indices is None else flat[target.indices]
+
+    # -- Kronecker factors -------------------------------------------------------------
 
     def _kron(
         self, x: Batch, y: Tensor, N: int, rows: RowKind, approx: str, scale: float
@@ -386,15 +404,8 @@ class _PushforwardCurvature:
         self._check_outputs(f)
         loss = self.factor * self.lossfunc(f, y)
         fm = target.fm
-        sweep = Sweep(
-            fm,
-            self._likelihood(),
-            rows,
-            structured=True,
-            budget=Options(memory_budget=self.memory_budget).budget_bytes(fm.device),
-            progress=False,
-        )
         batch = DataBatch(0, target.inputs, y.to(fm.device))
+        sweep = self._sweep(fm, rows)
         factors = accumulate_kfac(sweep, [batch], approx, "dense", "laplace-torch's kron")
         return loss.detach(), self._laplace_kron(fm, factors, N, scale)
 
@@ -538,6 +549,8 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         if self.stochastic:
             u = self._mc_output_gradients(f, samples)
             H = self._sum(target, u.shape[1], lambda c: u[c.samples, c.rows], diagonal)
+        elif diagonal:
+            H = self._structured_diagonal(target, y, RowKind("exact"))
         elif self.likelihood == "regression":
             eye = torch.eye(K, dtype=f.dtype, device=f.device)
             H = self._sum(target, K, lambda c: eye[c.rows].expand(_count(c), -1, -1), diagonal)
@@ -618,9 +631,13 @@ class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
     def _ef(self, x: Batch, y: Tensor, diagonal: bool) -> tuple[Tensor, Tensor]:
         target = self._target(x, False)
         f = self._outputs(target)
+        loss = self.factor * self.lossfunc(f, y)
+        if diagonal:
+            return loss.detach(), self._ef_scale * self._structured_diagonal(
+                target, y, RowKind("ef")
+            )
         g = self._output_gradients(f, y).unsqueeze(1)  # (B, 1, *f_b)
         H = self._sum(target, 1, lambda c: g[c.samples], diagonal)
-        loss = self.factor * self.lossfunc(f, y)
         return loss.detach(), self.factor * H
 
     def diag(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
