@@ -6,6 +6,10 @@ object whose ``__iter__`` starts afresh. A batch is ``(x, y)`` — ``x`` a tenso
 positional tensors or a mapping of keyword arguments (a Hugging Face batch) — or a mapping that
 holds the targets under ``target_key`` (``"labels"``) next to the model's keyword arguments.
 Tensors are moved to the model's device.
+
+Small data sets are kept after the first complete pass (up to ``cache_bytes`` of tensors, on
+the device): products that pass over the data many times (Lanczos) then skip the loader's own
+per-example work (a ``TensorDataset`` indexes every example in Python).
 """
 
 from __future__ import annotations
@@ -38,9 +42,17 @@ class Batches:
         data: a re-iterable collection of batches.
         device: where the model is.
         target_key: the targets' key in mapping batches.
+        cache_bytes: keep the batches after a complete pass when their tensors take at most this
+            many bytes (0: never).
     """
 
-    def __init__(self, data: Iterable, device: torch.device, target_key: str = "labels") -> None:
+    def __init__(
+        self,
+        data: Iterable,
+        device: torch.device,
+        target_key: str = "labels",
+        cache_bytes: int = 0,
+    ) -> None:
         if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
             raise TypeError(
                 "data must be a re-iterable collection of (x, y) batches (a DataLoader or a "
@@ -52,8 +64,27 @@ class Batches:
                 "per product, so pass a DataLoader or a list of batches"
             )
         self.data, self.device, self.target_key = data, torch.device(device), target_key
+        self.cache_bytes = cache_bytes
+        self._kept: list[Batch] | None = None
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._kept is not None:
+            yield from self._kept
+            return
+        kept: list[Batch] | None = [] if self.cache_bytes > 0 else None
+        size = 0
+        for batch in self._batches():
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in [*batch.inputs.tensors(), batch.y])
+                if size <= self.cache_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._kept = kept
+
+    def _batches(self) -> Iterator[Batch]:
         for index, batch in enumerate(self.data):
             x, y = self._split(batch, index)
             inputs = Inputs.from_user(x).map(lambda t: t.to(self.device))

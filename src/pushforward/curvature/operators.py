@@ -54,6 +54,9 @@ from pushforward.products.jvp import push_tangents
 
 __all__ = ["GGN", "CurvatureOperator", "EmpiricalFisher"]
 
+#: At most this many bytes of data are kept between passes (and at most 1/8 of the budget).
+CACHE_BYTES = 256 * 2**20
+
 
 class CurvatureOperator:
     """A curvature ``P x P`` over a data set (see the module docstring).
@@ -81,9 +84,11 @@ class CurvatureOperator:
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.fm = as_functional_model(model)
         self.likelihood = as_likelihood(likelihood)
-        self.data = Batches(data, self.fm.device, target_key)
         self.reduction = reduction
         self.options = Options(memory_budget=memory_budget, progress=progress)
+        # small data sets are kept on the device after the first pass (Lanczos passes often)
+        cache = min(self._budget() // 8, CACHE_BYTES)
+        self.data = Batches(data, self.fm.device, target_key, cache)
         self.rows = rows
         self._stats: tuple[int, float, int] | None = None
 
@@ -373,6 +378,9 @@ class GGN(CurvatureOperator):
         progress: tqdm progress bars over the data.
         target_key: the targets' key in mapping batches.
         seed: seeds the Monte Carlo draws.
+
+    Data of at most ``min(memory_budget / 8, 256 MB)`` is kept on the model's device after the
+    first complete pass (later passes skip the loader).
     """
 
     def __init__(
