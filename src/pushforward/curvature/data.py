@@ -75,7 +75,9 @@ class Batches:
         size = 0
         for batch in self._batches():
             if kept is not None:
-                size += sum(t.numel() * t.element_size() for t in [*batch.inputs.tensors(), batch.y])
+                size += sum(
+                    t.numel() * t.element_size() for t in [*batch.inputs.tensors(), batch.y]
+                )
                 if size <= self.cache_bytes:
                     kept.append(batch)
                 else:
