@@ -100,7 +100,7 @@ def randomized(
     power_iterations: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` largest eigenpairs by randomized subspace iteration (see the module
-    docstring); ``power_iterations + 1`` products with ``k + oversample`` columns."""
+    docstring); ``power_iterations + 2`` products with ``k + oversample`` columns."""
     width = min(size, k + oversample)
     Y = matmat(torch.randn(size, width, generator=generator, dtype=dtype, device=device))
     for _ in range(power_iterations):

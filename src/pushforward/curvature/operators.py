@@ -331,13 +331,19 @@ class CurvatureOperator:
             raise ValueError(f"k={k} exceeds the number of parameters P={self.num_params}")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         common = {"dtype": self.dtype, "device": self.device, "generator": generator}
+        P, itemsize = self.num_params, torch.finfo(self.dtype).bits // 8
+        budget = Budget.of(self._budget())
         if method == "lanczos":
             if iterations is not None:
                 check_positive_int(iterations, "iterations")
+            steps = min(P, iterations if iterations is not None else 10 * k + 20)
+            budget.require((steps + 4) * P * itemsize, f"Lanczos' basis of {steps} vectors")
             return lanczos(
-                self.matvec, self.num_params, k, iterations=iterations, tol=tol, **common
+                self.matvec, P, k, iterations=iterations, max_iterations=steps, tol=tol, **common
             )
         if method == "randomized":
+            width = min(P, k + oversample)
+            budget.require(5 * width * P * itemsize, f"a sketch of {width} columns")
             return randomized(
                 self.matmat,
                 self.num_params,
