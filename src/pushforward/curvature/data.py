@@ -86,6 +86,10 @@ class Batches:
         if kept is not None:
             self._kept = kept
 
+    def __len__(self) -> int:
+        """The number of batches (when the data says)."""
+        return len(self.data)  # type: ignore[arg-type]
+
     def _batches(self) -> Iterator[Batch]:
         for index, batch in enumerate(self.data):
             x, y = self._split(batch, index)

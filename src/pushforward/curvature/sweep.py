@@ -213,7 +213,8 @@ class Sweep:
             what: names the computation in a :class:`~pushforward.MemoryBudgetError`.
         """
         params = self.fm.params(False)
-        batches = progress_bar(data, self.progress, "curvature: batches")
+        total = len(data) if hasattr(data.data, "__len__") else None
+        batches = progress_bar(data, self.progress, "curvature: batches", total=total)
         for batch in batches:
             yield from self._batch(batch, params, held, extra_row_bytes, what)
 
