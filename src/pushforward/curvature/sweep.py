@@ -213,7 +213,10 @@ class Sweep:
             what: names the computation in a :class:`~pushforward.MemoryBudgetError`.
         """
         params = self.fm.params(False)
-        total = len(data) if hasattr(data.data, "__len__") else None
+        try:
+            total = len(data)
+        except TypeError:  # the loader does not know its length
+            total = None
         batches = progress_bar(data, self.progress, "curvature: batches", total=total)
         for batch in batches:
             yield from self._batch(batch, params, held, extra_row_bytes, what)
