@@ -420,3 +420,35 @@ def test_data_and_argument_errors():
     pairs = GGN(dict_case.fm, [(dict_case.x, yd)])
     assert rel(mapped.diagonal(), pairs.diagonal()) <= EXACT
     assert mapped.n_data == len(yd)
+
+
+class Skips(nn.Module):
+    """A layer that only some examples run (data-dependent control flow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        z = self.l2(torch.tanh(self.l1(x)))
+        return self.l3(z) if x.sum() > 0 else z
+
+
+def test_examples_that_leave_the_traced_layers():
+    """The layer analysis is traced on example 0 (which runs ``l3``); example 2 skips it. The
+    diagonal starts again from per-example rows (exact, with a warning); K-FAC, whose blocks are
+    the layers', refuses. (The branch reads one example's values: the reference is built example
+    by example, and examples 0 and 1 take the same branch so the batch-coupling check, which
+    compares the first two, passes.)"""
+    torch.manual_seed(0)
+    model = Skips().to(DT)
+    x = torch.randn(4, 3, dtype=DT).abs() + 0.1
+    x[2] = -x[2]
+    fm = pf.FunctionalModel(model)
+    y = torch.tensor([0, 1, 1, 0])
+    H = sum(reference(fm, x[i : i + 1], y[i : i + 1], "classification") for i in range(4))
+    op = GGN(fm, [(x, y)])
+    with pytest.warns(pf.PushforwardFallbackWarning, match="every parameter's per-example rows"):
+        assert rel(op.diagonal(), H.diagonal()) <= EXACT
+    with pytest.raises(RuntimeError, match="needs every example to run the traced layers"):
+        op.kfac()

@@ -24,6 +24,7 @@ Results are in the model's dtype and device, detached.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch.func import vjp, vmap
 
 from pushforward.core.chunking import progress_bar
 from pushforward.core.cost import Budget, measure_cost, tangent_bytes
+from pushforward.core.errors import PushforwardFallbackWarning
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
@@ -50,6 +52,7 @@ from pushforward.curvature.kfac import KFACFactors, accumulate_kfac
 from pushforward.curvature.likelihoods import Likelihood, as_likelihood
 from pushforward.curvature.lowrank import lanczos, randomized
 from pushforward.curvature.sweep import RowKind, Sweep
+from pushforward.engine.structure.tracing import StructureError
 from pushforward.products.jvp import push_tangents
 
 __all__ = ["GGN", "CurvatureOperator", "EmpiricalFisher"]
@@ -196,7 +199,7 @@ class CurvatureOperator:
             n, K = sweep.output_split(cost)
             B = inputs.batch_size
             y = self.likelihood.prepare_targets(batch.y, torch.Size((B, n, K)))
-            noise = sweep._noise(batch.index, B, n, K, cost.output_dtype, inputs.device)
+            noise = sweep.noise(batch.index, B, n, K, cost.output_dtype, inputs.device)
             budget = Budget.of(self._budget())
             # per (column, example): the tangent's activations and outputs, a backward row
             per = tangent_bytes(cost, 1, outputs=3) + 2 * cost.activation_bytes
@@ -270,7 +273,16 @@ class CurvatureOperator:
     # -- structured results --------------------------------------------------------------
     def diagonal(self) -> Tensor:
         """``(P,)``: the diagonal (exact, or the Monte Carlo estimate for ``mc_samples``)."""
-        sums, count = accumulate_diagonal(self._sweep(), self.data)
+        try:
+            sums, count = accumulate_diagonal(self._sweep(), self.data)
+        except StructureError as err:
+            warnings.warn(
+                f"pushforward: {err}; computing the diagonal from every parameter's per-example "
+                "rows instead (exact, slower)",
+                PushforwardFallbackWarning,
+                stacklevel=2,
+            )
+            sums, count = accumulate_diagonal(self._sweep(structured=False), self.data)
         return self.fm.flatten(sums) * self._scale(count)
 
     def dense(self) -> Tensor:

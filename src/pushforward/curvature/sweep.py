@@ -135,8 +135,12 @@ class Sweep:
         rows: which rows each example gets.
         structured: trace the layer structure (``False``: every parameter's rows are formed,
             as for a dense curvature).
-        memory_budget: bytes or e.g. ``"2GB"`` bounding the chunks (``None``: the default).
+        budget: the memory budget in bytes.
         progress: a progress bar over the batches.
+    An example that does not run the traced layers (data-dependent control flow: a matched
+    layer skipped or run twice) raises
+    :class:`~pushforward.engine.structure.tracing.StructureError`; a consumer whose result does
+    not depend on the layer structure (the diagonal) can start again with ``structured=False``.
     """
 
     def __init__(
@@ -230,7 +234,7 @@ class Sweep:
         B = inputs.batch_size
         y = lik.prepare_targets(batch.y, torch.Size((B, n, K)))
         R = self.rows.count(lik, n, K)
-        noise = self._noise(batch.index, B, n, K, cost.output_dtype, inputs.device)
+        noise = self.noise(batch.index, B, n, K, cost.output_dtype, inputs.device)
         budget = Budget.of(self.budget)
         per_row = self.row_bytes(layers, cost) + extra_row_bytes(layers, cost)
         per_example = cost.activation_bytes + 2 * cost.output_bytes
@@ -239,23 +243,18 @@ class Sweep:
         for chunk in row_chunks(B, R, chunk_size):
             s = chunk.samples
             sub = inputs.slice(s.start, s.stop)
-            with torch.no_grad():
-                f, a, G, rows = _TAPPED(
-                    fm,
-                    self,
-                    layers,
-                    params,
-                    sub,
-                    y[s],
-                    None if noise is None else noise[s],
-                    chunk.rows,
-                    (n, K),
-                )
-            yield Piece(
-                batch.index, chunk, layers, f.reshape(-1, n, K), y[s], list(a), list(G), rows
-            )
+            try:
+                with torch.no_grad():
+                    f, a, G, rows = _TAPPED(
+                        fm, self, layers, params, sub, y[s], _part(noise, s), chunk.rows, (n, K)
+                    )
+            except StructureError as err:
+                raise StructureError(
+                    f"{what} needs every example to run the traced layers: {err}"
+                ) from err
+            yield Piece(batch.index, chunk, layers, f.reshape(-1, n, K), y[s], a, G, rows)
 
-    def _noise(self, index: int, B: int, n: int, K: int, dtype, device) -> Tensor | None:
+    def noise(self, index: int, B: int, n: int, K: int, dtype, device) -> Tensor | None:
         """The random numbers of batch ``index``'s sampled targets ``(B, mc, ...)``."""
         if self.rows.kind != "mc":
             return None
@@ -279,6 +278,10 @@ class Sweep:
         t, k = index // r, index % r
         onehot = (t.unsqueeze(-1) == torch.arange(n, device=f.device)).to(f.dtype)  # (c, n)
         return onehot.unsqueeze(-1) * factor[t, k].unsqueeze(1)
+
+
+def _part(noise: Tensor | None, samples: slice) -> Tensor | None:
+    return None if noise is None else noise[samples]
 
 
 def _example(sweep: Sweep, layers: Layers, params, sub: Inputs, rows: slice, nK, tensors, y, noise):
