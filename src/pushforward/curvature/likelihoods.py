@@ -15,6 +15,9 @@ and is written so that ``torch.func.vmap`` runs it over the examples of a batch:
   Hessian);
 * :meth:`Likelihood.loss` — the batch's summed NLL in laplace-torch's convention.
 
+The built-in likelihoods also take leading dimensions (``f (..., n, K)``, one example per
+leading index; ``batched = True``), so a whole chunk of examples is handled without ``vmap``.
+
 Built in: :class:`CrossEntropy` (``"classification"``: softmax cross-entropy, with an ignored
 target index for padded tokens), :class:`Gaussian` (``"regression"``: unit noise variance —
 σ² enters the posterior and the marginal likelihood as ``sigma_noise``, as in laplace-torch, so
@@ -39,6 +42,8 @@ class Likelihood:
 
     #: ``"classification"``, ``"regression"`` or ``"custom"``.
     kind = "custom"
+    #: The methods take leading (example) dimensions before ``(n, K)`` (else ``vmap`` is used).
+    batched = False
 
     def rows_per_position(self, K: int) -> int:
         """``r``, the rows of :meth:`factor` per position."""
@@ -108,6 +113,7 @@ class CrossEntropy(Likelihood):
     """
 
     kind = "classification"
+    batched = True
 
     def __init__(self, ignore_index: int = -100) -> None:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -121,17 +127,17 @@ class CrossEntropy(Likelihood):
         return (y != self.ignore_index).to(dtype)
 
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
-        p = torch.softmax(f, dim=-1)  # (n, K)
+        p = torch.softmax(f, dim=-1)  # (..., n, K)
         s = p.sqrt()
         K = f.shape[-1]
-        C = torch.diag_embed(s) - s.unsqueeze(-1) * p.unsqueeze(-2)  # (n, K, K), rows r
+        C = torch.diag_embed(s) - s.unsqueeze(-1) * p.unsqueeze(-2)  # (..., n, K, K), rows r
         if K > 1:
             # Householder H = I - v v^T / (1 + s_0) with v = s + e_0 maps s to -e_0; s^T C = 0,
             # so row 0 of H C is zero and rows 1.. are a factor of the same Hessian
-            v = torch.cat([s[:, :1] + 1, s[:, 1:]], dim=-1)
-            vC = torch.einsum("nr,nrk->nk", v, C)
-            C = (C - v.unsqueeze(-1) * (vC / (1 + s[:, :1])).unsqueeze(-2))[:, 1:]
-        return C * self._mask(y, f.dtype)[:, None, None]
+            v = torch.cat([s[..., :1] + 1, s[..., 1:]], dim=-1)
+            vC = (v.unsqueeze(-1) * C).sum(-2)  # v^T C per position
+            C = (C - v.unsqueeze(-1) * (vC / (1 + s[..., :1])).unsqueeze(-2))[..., 1:, :]
+        return C * self._mask(y, f.dtype)[..., None, None]
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
         p = torch.softmax(f, dim=-1)  # (n, K)
@@ -142,7 +148,7 @@ class CrossEntropy(Likelihood):
         p = torch.softmax(f, dim=-1)
         mask = self._mask(y, f.dtype)
         onehot = F.one_hot(y.clamp_min(0).long(), f.shape[-1]).to(f.dtype)
-        return (p - onehot) * mask[:, None]
+        return (p - onehot) * mask[..., None]
 
     def noise_shape(self, n: int, K: int) -> tuple[int, ...]:
         return (n,)
@@ -154,7 +160,7 @@ class CrossEntropy(Likelihood):
         p = torch.softmax(f, dim=-1)
         # inverse CDF: the first class whose cumulative probability exceeds the uniform draw
         drawn = (p.cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp_max(f.shape[-1] - 1)
-        return (p - F.one_hot(drawn, f.shape[-1]).to(f.dtype)) * self._mask(y, f.dtype)[:, None]
+        return (p - F.one_hot(drawn, f.shape[-1]).to(f.dtype)) * self._mask(y, f.dtype)[..., None]
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(
@@ -190,10 +196,11 @@ class Gaussian(Likelihood):
     """
 
     kind = "regression"
+    batched = True
 
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
-        n, K = f.shape
-        return torch.eye(K, dtype=f.dtype, device=f.device).expand(n, K, K)
+        K = f.shape[-1]
+        return torch.eye(K, dtype=f.dtype, device=f.device).expand(*f.shape, K)
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return v

@@ -265,19 +265,24 @@ class Sweep:
         return self.likelihood.draw_noise(shape, generator, dtype, device)
 
     def cotangents(self, f: Tensor, y: Tensor, noise: Tensor | None, rows: slice) -> Tensor:
-        """``(r, n, K)``: one example's cotangent rows ``rows`` (``f (n, K)``, ``vmap``-able)."""
+        """``(..., r, n, K)``: the cotangent rows ``rows`` of examples ``f (..., n, K)`` — one
+        example (under ``vmap``), or leading example dimensions for a batched likelihood."""
         lik, kind = self.likelihood, self.rows.kind
         if kind == "ef":
-            return lik.gradient(f, y).unsqueeze(0)
+            return lik.gradient(f, y).unsqueeze(-3)
         if kind == "mc":
             scale = 1 / math.sqrt(self.rows.mc_samples)
-            return vmap(lambda z: lik.sampled_gradient(f, y, z))(noise[rows]) * scale
-        factor = lik.factor(f, y)  # (n, r, K)
-        n, r = factor.shape[:2]
+            lead = f.dim() - 2
+            draws = noise[(slice(None),) * lead + (rows,)]  # (..., r, *noise_shape)
+            if lik.batched:
+                return lik.sampled_gradient(f.unsqueeze(-3), y.unsqueeze(lead), draws) * scale
+            return vmap(lambda z: lik.sampled_gradient(f, y, z))(draws) * scale
+        factor = lik.factor(f, y)  # (..., n, r, K)
+        n, r = factor.shape[-3:-1]
         index = torch.arange(rows.start, rows.stop, device=f.device)
         t, k = index // r, index % r
         onehot = (t.unsqueeze(-1) == torch.arange(n, device=f.device)).to(f.dtype)  # (c, n)
-        return onehot.unsqueeze(-1) * factor[t, k].unsqueeze(1)
+        return onehot.unsqueeze(-1) * factor[..., t, k, :].unsqueeze(-2)
 
 
 def _part(noise: Tensor | None, samples: slice) -> Tensor | None:
@@ -358,10 +363,13 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
     probes = [torch.zeros(b, *c.output_shape, dtype=dtype, device=sub.device) for c in calls]
     with transform_kernels(safe_attention=True):
         _, pull, (f, a, z) = vjp(forward, probes, has_aux=True)
-        in_dims = (0, 0, None if noise is None else 0)
-        cot = vmap(lambda f_b, y_b, z_b: sweep.cotangents(f_b, y_b, z_b, rows), in_dims=in_dims)(
-            f.reshape(b, *nK), y, noise
-        )  # (b, r, n, K)
+        if sweep.likelihood.batched:
+            cot = sweep.cotangents(f.reshape(b, *nK), y, noise, rows)  # (b, r, n, K)
+        else:
+            in_dims = (0, 0, None if noise is None else 0)
+            cot = vmap(
+                lambda f_b, y_b, z_b: sweep.cotangents(f_b, y_b, z_b, rows), in_dims=in_dims
+            )(f.reshape(b, *nK), y, noise)
         r = cot.shape[1]
         G: list[Tensor | None] = [None] * len(layers.calls)
         if head is None:
@@ -376,7 +384,10 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
             rows_out = cot.reshape(b, r, *head.output_shape).contiguous()
             G[head.index] = rows_out
             # d<f, u>/d(head input) = u W (Linear, weight (K, in)) or u W^T (Conv1D, (in, K))
-            start = (rows_out @ (weight.T if head.kind == "addmm" else weight)).transpose(0, 1)
+            start = rows_out @ (weight.T if head.kind == "addmm" else weight)
+            # rows first and contiguous: the backward's matrix products then batch the rows of
+            # all examples into one product with each weight (not one per row)
+            start = start.transpose(0, 1).contiguous()
         (Gs,) = vmap(pull)(start)
     for call, g in zip(calls, Gs, strict=True):
         G[call.index] = g.transpose(0, 1)
