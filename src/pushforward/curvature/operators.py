@@ -94,6 +94,7 @@ class CurvatureOperator:
         self.data = Batches(data, self.fm.device, target_key, cache)
         self.rows = rows
         self._stats: tuple[int, float, int] | None = None
+        self._stats_key: tuple = ()
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -149,7 +150,11 @@ class CurvatureOperator:
         return self._statistics()[2]
 
     def _statistics(self) -> tuple[int, float, int]:
-        if self._stats is None:
+        """``(N, loss, outputs)``, computed again when the parameters changed (in place or
+        replaced)."""
+        key = tuple((t.data_ptr(), t._version) for t in self.fm.params(False).values())
+        if self._stats is None or self._stats_key != key:
+            self._stats_key = key
             count, loss, outputs = 0, 0.0, 0
             params = self.fm.params(False)
             with torch.no_grad():
