@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import jvp as func_jvp
 from torch.func import vjp, vmap
 
 from pushforward.core.chunking import progress_bar
-from pushforward.core.cost import Budget, measure_cost, tangent_bytes
+from pushforward.core.cost import Budget, measure_cost
 from pushforward.core.errors import PushforwardFallbackWarning
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
@@ -206,14 +207,17 @@ class CurvatureOperator:
             y = self.likelihood.prepare_targets(batch.y, torch.Size((B, n, K)))
             noise = sweep.noise(batch.index, B, n, K, cost.output_dtype, inputs.device)
             budget = Budget.of(self._budget())
-            # per (column, example): the tangent's activations and outputs, a backward row
-            per = tangent_bytes(cost, 1, outputs=3) + 2 * cost.activation_bytes
-            units = budget.chunk(per, held + 2 * m * fm.num_params * itemsize)
-            cols = max(1, min(m, units))
-            rows = max(1, min(B, units // cols))
+            # one column through one example: its forward-mode activations next to the primal
+            # ones, the backward through them, the outputs; per column: the tangent, the
+            # gradient and the result (P each)
+            per_pair = 3 * cost.activation_bytes + 3 * cost.output_bytes
+            per_col = 3 * fm.num_params * itemsize
+            cols = budget.chunk(B * per_pair + per_col, held, at_most=m)
+            rows = B
+            if held + B * per_pair + per_col > budget.total or cols == 1:
+                rows = budget.chunk(per_pair, held + per_col, at_most=B)
             budget.require(
-                budget.peak(held, cols * rows, per) + 2 * cols * fm.num_params * itemsize,
-                "the curvature's matrix-vector products",
+                held + cols * (rows * per_pair + per_col), "the curvature's matrix-vector products"
             )
             count += B
             for s in range(0, B, rows):
@@ -230,19 +234,24 @@ class CurvatureOperator:
     def _product_chunk(self, sweep, params, sub: Inputs, y, noise, start, tangents, nK) -> Tensor:
         """``(c, P)``: the chunk's share of the curvature times the c tangents."""
         fm = self.fm
-        with torch.no_grad():
-            f, JV = push_tangents(fm, params, sub, tangents)  # (c, b, *f_b)
-            b = sub.batch_size
+        b = sub.batch_size
+        nz = None if noise is None else noise[start : start + b]
+        product = self._output_product(sweep)
+        in_dims = (0, 0, None if nz is None else 0, 0)
+
+        def output_space(f: Tensor, JV: Tensor) -> Tensor:
+            """``(c, b, *f_b)``: the output-space curvature times ``J V``."""
             c = JV.shape[0]
-            fv = f.reshape(b, *nK)
             Vb = JV.reshape(c, b, *nK).transpose(0, 1)  # (b, c, n, K)
-            nz = None if noise is None else noise[start : start + b]
-            HV = vmap(self._output_product(sweep), in_dims=(0, 0, None if nz is None else 0, 0))(
-                fv, y, nz, Vb
-            )
-            cot = HV.transpose(0, 1).reshape(JV.shape)
-            with transform_kernels(safe_attention=True):
-                grads = _PULL(fm, fm, params, sub, cot)
+            HV = vmap(product, in_dims=in_dims)(f.reshape(b, *nK), y, nz, Vb)
+            return HV.transpose(0, 1).reshape(JV.shape)
+
+        single = next(iter(tangents.values())).shape[0] == 1
+        with torch.no_grad(), transform_kernels(safe_attention=True):
+            if single:
+                grads = _SINGLE(fm, fm, params, sub, tangents, output_space)
+            else:
+                grads = _separate(fm, params, sub, tangents, output_space)
         return fm.flatten(grads)
 
     def _output_product(self, sweep: Sweep):
@@ -515,4 +524,33 @@ def _pull_loop(fm: FunctionalModel, params, sub: Inputs, cot: Tensor) -> dict[st
 _PULL = Ladder(
     "curvature products",
     [("vmap of torch.func.vjp", _pull_vmapped), ("a loop of torch.func.vjp", _pull_loop)],
+)
+
+
+def _separate(fm: FunctionalModel, params, sub: Inputs, tangents, output_space) -> dict:
+    """``J^T H J V`` for ``c`` tangents: all of them through one forward-mode pass (``vmap``),
+    then all cotangents through one backward pass."""
+    f, JV = push_tangents(fm, params, sub, tangents)  # (c, b, *f_b)
+    return _PULL(fm, fm, params, sub, output_space(f, JV))
+
+
+def _fused(fm: FunctionalModel, params, sub: Inputs, tangents, output_space) -> dict:
+    """One tangent: the forward-mode pass is itself recorded for the backward pass (one forward
+    with dual numbers, one backward; no ``vmap`` over a single column)."""
+    tangent = {k: t[0] for k, t in tangents.items()}
+
+    def forward(p):
+        return func_jvp(lambda q: fm.call(q, sub.args, sub.kwargs), (p,), (tangent,))
+
+    f, pull, Jv = vjp(forward, params, has_aux=True)
+    (grads,) = pull(output_space(f, Jv.unsqueeze(0))[0])
+    return {k: g.unsqueeze(0) for k, g in grads.items()}
+
+
+_SINGLE = Ladder(
+    "curvature matrix-vector products",
+    [
+        ("a forward-mode pass inside torch.func.vjp", _fused),
+        ("torch.func.jvp, then torch.func.vjp", _separate),
+    ],
 )
