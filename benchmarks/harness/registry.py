@@ -38,6 +38,7 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.pushforward",
     "cases.laplace_oneline",
     "cases.engine",
+    "cases.curvature",
 )
 
 

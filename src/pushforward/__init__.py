@@ -11,6 +11,7 @@ the planner, the strategies and the layer structure), ``api`` (the functions bel
 the operator contract, for this library's tests and yours).
 """
 
+from pushforward import curvature
 from pushforward.api.predictive import RegressionPredictive, predictive
 from pushforward.api.sampling import functional_samples
 from pushforward.api.variance import (
@@ -102,6 +103,8 @@ __all__ = [
     "BatchCouplingError",
     "MemoryBudgetError",
     "PushforwardFallbackWarning",
+    # curvature and Laplace posteriors (pushforward.curvature)
+    "curvature",
     # laplace-torch
     "PushforwardEF",
     "PushforwardGGN",
