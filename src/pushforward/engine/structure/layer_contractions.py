@@ -75,6 +75,21 @@ def _pairs(cov: Tensor) -> Tensor:
     return cov.reshape(g, q * c, q * c)
 
 
+def _pair_products(a: Tensor) -> Tensor:
+    """``(g, q, i)`` -> ``(g, q, q, i)``: ``a_n * a_m`` for every pair of a group."""
+    return a.unsqueeze(2) * a.unsqueeze(1)
+
+
+def _sandwich(G: Tensor, W: Tensor) -> Tensor:
+    """``sum_o G[g,n,j,o] W[g,n,m,o] G[g,m,l,o]``: ``(g, q, c, o)`` and ``(g, q, q, o)`` ->
+    ``(g, q, c, q, c)``, as one broadcast product and one batched matmul (a three-operand
+    ``einsum`` would search a contraction path at every call)."""
+    g, q, c, o = G.shape
+    T = (G.unsqueeze(3) * W.unsqueeze(2)).permute(0, 3, 1, 2, 4)  # (g, m, n, j, o)
+    out = T.reshape(g, q, q * c, o) @ G.transpose(-1, -2)  # (g, m, n j, l)
+    return out.reshape(g, q, q, c, c).permute(0, 2, 3, 1, 4)
+
+
 def _same_output(index: Tensor) -> Tensor:
     """``(g, q, c)`` output indices -> ``(g, q, c, q, c)`` indicator of equal outputs."""
     flat = index.reshape(index.shape[0], -1)
@@ -234,8 +249,9 @@ class _BiasDiagonal(GroupContraction):
         if isinstance(G, OneHot) and self.call.kind != "conv":
             k = _grouped(G.index % v.shape[0], q)  # (g, q, c)
             return _pairs(_same_output(k).to(v.dtype) * v[k][..., None, None])
-        R = _grouped(_bias_rows(self.call, _dense(G)), q)  # (g, q, c, out)
-        return _pairs(torch.einsum("gnjo,o,gmlo->gnjml", R, v, R))
+        R = _bias_rows(self.call, _dense(G))  # (b, c, out)
+        R = R.reshape(R.shape[0] // q, q * R.shape[1], R.shape[2])  # (g, q c, out)
+        return (R * v) @ R.transpose(-1, -2)
 
 
 class _LinearDiagonal(GroupContraction):
@@ -272,13 +288,13 @@ class _LinearDiagonal(GroupContraction):
         V = self.op.diagonal().reshape(self.call.weight_shape)
         V = V.T if self.call.kind == "addmm" else V  # (out, in)
         a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
-        W = torch.einsum("gni,oi,gmi->gnmo", a, V, a)  # (g, q, q, out)
+        W = _pair_products(a) @ V.T  # (g, q, q, out)
         if isinstance(G, OneHot):
             k = _grouped(G.index, q)  # (g, q, c)
             picked = W.permute(0, 1, 3, 2).gather(2, k.unsqueeze(-1).expand(*k.shape, q))
             return _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
         Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
-        return _pairs(torch.einsum("gnjo,gnmo,gmlo->gnjml", Gg, W, Gg))
+        return _pairs(_sandwich(Gg, W))
 
 
 class _LinearKronecker(GroupContraction):
@@ -343,26 +359,27 @@ class _LinearKronecker(GroupContraction):
                 if transposed
                 else (block.out_factor, block.in_factor)
             )
-            s = torch.einsum("gni,ij,gmj->gnm", a, Fa, a)  # (g, q, q)
+            s = (a @ Fa) @ a.transpose(-1, -2)  # (g, q, q)
             if isinstance(G, OneHot):
                 k = _grouped(G.index, q)  # (g, q, c)
                 flat = k.reshape(k.shape[0], -1)
                 H = Fg[flat.unsqueeze(-1), flat.unsqueeze(-2)].reshape(*k.shape, *k.shape[1:])
             else:
-                Gg = _grouped(G.reshape(*G.shape[:2], -1), q)
-                H = torch.einsum("gnjo,op,gmlp->gnjml", Gg, Fg, Gg)
+                Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
+                Gf = Gg.reshape(Gg.shape[0], -1, Gg.shape[-1])  # (g, q c, out)
+                H = ((Gf @ Fg) @ Gf.transpose(-1, -2)).reshape(*Gg.shape[:3], *Gg.shape[1:3])
             return _pairs(H * s[:, :, None, :, None])
         if transposed:
             Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
         else:
             Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
         a_hat = a @ Qa
-        U = torch.einsum("gni,oi,gmi->gnmo", a_hat, M, a_hat)  # (g, q, q, out)
+        U = _pair_products(a_hat) @ M.T  # (g, q, q, out)
         if isinstance(G, OneHot):
             g_hat = Qg[_grouped(G.index, q)]  # (g, q, c, out)
         else:
             g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Qg
-        return _pairs(torch.einsum("gnjo,gnmo,gmlo->gnjml", g_hat, U, g_hat))
+        return _pairs(_sandwich(g_hat, U))
 
 
 class _EmbeddingDiagonal(GroupContraction):
