@@ -37,6 +37,7 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.products",
     "cases.pushforward",
     "cases.laplace_oneline",
+    "cases.botorch",
 )
 
 

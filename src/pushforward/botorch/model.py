@@ -137,6 +137,7 @@ class PushforwardModel(Model, FantasizeMixin):
         width = _num_outputs(fm, num_outputs)
         self._fm = fm
         self._cov = cov.bind(fm.layout)
+        self._cov_tensors = tuple(self._cov.tensors())
         self._width = width
         self._selection: tuple[int, ...] = tuple(range(width))
         self._conditioning: _Conditioning | None = None
@@ -264,7 +265,7 @@ class PushforwardModel(Model, FantasizeMixin):
 
     def _differentiable(self, X: Tensor) -> bool:
         return torch.is_grad_enabled() and (
-            X.requires_grad or any(t.requires_grad for t in self._cov.tensors())
+            X.requires_grad or any(t.requires_grad for t in self._cov_tensors)
         )
 
     def _joint(self, Z: Tensor, group: int, selection: tuple[int, ...] | None) -> tuple:
@@ -299,7 +300,9 @@ class PushforwardModel(Model, FantasizeMixin):
         if cond is None:
             batch = X.shape[:-2]
             f, cov = self._joint(X.reshape(-1, d), q, selection)
-            mean = f[:, list(selection)].reshape(*batch, q, s)
+            if selection != tuple(range(self._width)):
+                f = f[:, list(selection)]
+            mean = f.reshape(*batch, q, s)
             return mean, cov.reshape(*batch, q * s, q * s)
         # conditioned: the joint covariance of each t-batch with its conditioning points
         n, m = cond.X.shape[-2], self._width
