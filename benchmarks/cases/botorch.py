@@ -13,7 +13,9 @@ noise to its posterior, so for the same acquisition the pushforward model does t
 * ``bo-acqf``: one ``optimize_acqf(qLogEI, q=4, num_restarts=10, raw_samples=512)`` (seeded; the
   same raw samples and MC base samples for both models). LaplaceBoTorch is run with BoTorch's
   defaults (its raw-sample evaluation is one joint posterior over all 2,048 points) and with
-  ``options={"init_batch_limit": 128}`` (four joint posteriors of 512 points).
+  ``options={"init_batch_limit": 128}`` (four joint posteriors of 512 points); the pushforward
+  model with both options too (with the defaults, BoTorch's own qLogEI evaluation of the 512 x
+  4 raw samples and 512 MC samples is most of its peak memory).
 * ``bo-posterior``: one posterior plus the gradient of its summed mean and variance w.r.t. X for
   512 x 1 and 128 x 4 candidates (the same 512 points).
 * ``bo-overhead``: MLP 6-50-50-1 (P = 2,951), Kronecker posterior, 10 candidates (10 x 1 x 6):
@@ -150,6 +152,12 @@ register(
     method=f"{_OPTIMIZE} on PushforwardModel.from_laplace(la)",
     library="pushforward",
 )(lambda ctx: _optimize(ctx, "pushforward", {}))
+register(
+    "bo-acqf/pushforward-chunked",
+    workload="bo-acqf",
+    method=f"{_OPTIMIZE} on PushforwardModel.from_laplace(la), options={{'init_batch_limit': 128}}",
+    library="pushforward",
+)(lambda ctx: _optimize(ctx, "pushforward", {"init_batch_limit": 128}))
 register(
     "bo-acqf/laplace-bayesopt",
     workload="bo-acqf",

@@ -7,6 +7,13 @@ acquisition functions, and :class:`PathwiseThompsonSampling` / :func:`thompson_c
 do Thompson sampling in continuous spaces by maximizing sample functions with gradients.
 """
 
+try:
+    import botorch  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "pushforward.botorch needs BoTorch 0.18 (Python >= 3.11): pip install 'pushforward[bo]'"
+    ) from err
+
 from pushforward.botorch.model import PosteriorSource, PushforwardModel
 from pushforward.botorch.paths import PathwiseSampler, SamplePaths
 from pushforward.botorch.thompson import PathwiseThompsonSampling, thompson_candidates
