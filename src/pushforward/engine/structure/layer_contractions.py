@@ -80,14 +80,21 @@ def _pair_products(a: Tensor) -> Tensor:
     return a.unsqueeze(2) * a.unsqueeze(1)
 
 
-def _sandwich(G: Tensor, W: Tensor) -> Tensor:
-    """``sum_o G[g,n,j,o] W[g,n,m,o] G[g,m,l,o]``: ``(g, q, c, o)`` and ``(g, q, q, o)`` ->
-    ``(g, q, c, q, c)``, as one broadcast product and one batched matmul (a three-operand
-    ``einsum`` would search a contraction path at every call)."""
-    g, q, c, o = G.shape
-    T = (G.unsqueeze(3) * W.unsqueeze(2)).permute(0, 3, 1, 2, 4)  # (g, m, n, j, o)
-    out = T.reshape(g, q, q * c, o) @ G.transpose(-1, -2)  # (g, m, n j, l)
-    return out.reshape(g, q, q, c, c).permute(0, 2, 3, 1, 4)
+def _weighted_pairs(G: Tensor, a: Tensor, M: Tensor) -> Tensor:
+    """``sum_{o,i} G[g,n,j,o] M[o,i] a[g,n,i] a[g,m,i] G[g,m,l,o]`` for the examples ``n, m`` of
+    each group: ``G (g, q, c, o)``, ``a (g, q, i)``, ``M (o, i)`` -> ``(g, q c, q c)``.
+
+    Only the pairs ``n <= m`` are contracted (the result is symmetric), each as a broadcast
+    product, one matmul with ``M`` and one batched matmul (a three-operand ``einsum`` would
+    search a contraction path at every call)."""
+    g, q, c = G.shape[:3]
+    n, m = torch.triu_indices(q, q, device=G.device)
+    U = (a[:, n] * a[:, m]) @ M.T  # (g, pairs, o)
+    pairs = (G[:, n] * U.unsqueeze(2)) @ G[:, m].transpose(-1, -2)  # (g, pairs, c, c)
+    full = pairs.new_zeros(g, q, q, c, c)
+    full[:, n, m] = pairs
+    full[:, m, n] = pairs.transpose(-1, -2)
+    return full.transpose(2, 3).reshape(g, q * c, q * c)
 
 
 def _same_output(index: Tensor) -> Tensor:
@@ -288,13 +295,12 @@ class _LinearDiagonal(GroupContraction):
         V = self.op.diagonal().reshape(self.call.weight_shape)
         V = V.T if self.call.kind == "addmm" else V  # (out, in)
         a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
-        W = _pair_products(a) @ V.T  # (g, q, q, out)
         if isinstance(G, OneHot):
+            W = _pair_products(a) @ V.T  # (g, q, q, out)
             k = _grouped(G.index, q)  # (g, q, c)
             picked = W.permute(0, 1, 3, 2).gather(2, k.unsqueeze(-1).expand(*k.shape, q))
             return _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
-        Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
-        return _pairs(_sandwich(Gg, W))
+        return _weighted_pairs(_grouped(G.reshape(*G.shape[:2], -1), q), a, V)
 
 
 class _LinearKronecker(GroupContraction):
@@ -373,13 +379,11 @@ class _LinearKronecker(GroupContraction):
             Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
         else:
             Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
-        a_hat = a @ Qa
-        U = _pair_products(a_hat) @ M.T  # (g, q, q, out)
         if isinstance(G, OneHot):
             g_hat = Qg[_grouped(G.index, q)]  # (g, q, c, out)
         else:
             g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Qg
-        return _pairs(_sandwich(g_hat, U))
+        return _weighted_pairs(g_hat, a @ Qa, M)
 
 
 class _EmbeddingDiagonal(GroupContraction):
