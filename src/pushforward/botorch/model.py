@@ -139,7 +139,8 @@ class PushforwardModel(Model, FantasizeMixin):
         self._cov = cov.bind(fm.layout)
         self._cov_tensors = tuple(self._cov.tensors())
         self._width = width
-        self._selection: tuple[int, ...] = tuple(range(width))
+        self._all = tuple(range(width))
+        self._selection: tuple[int, ...] = self._all
         self._conditioning: _Conditioning | None = None
         self._engine = {"strategy": strategy, "memory_budget": memory_budget}
         self.likelihood = likelihood
@@ -272,7 +273,7 @@ class PushforwardModel(Model, FantasizeMixin):
         """``(f (N, m), covariance (N / group, group s, group s))`` of the rows of ``Z``."""
         N = Z.shape[0]
         outputs = None
-        if selection is not None and selection != tuple(range(self._width)):
+        if selection is not None and selection != self._all:
             outputs = torch.tensor(selection, device=Z.device).expand(N, len(selection))
         f, cov = functional_covariance(
             self._fm,
@@ -300,7 +301,7 @@ class PushforwardModel(Model, FantasizeMixin):
         if cond is None:
             batch = X.shape[:-2]
             f, cov = self._joint(X.reshape(-1, d), q, selection)
-            if selection != tuple(range(self._width)):
+            if selection != self._all:
                 f = f[:, list(selection)]
             mean = f.reshape(*batch, q, s)
             return mean, cov.reshape(*batch, q * s, q * s)
@@ -343,8 +344,11 @@ class PushforwardModel(Model, FantasizeMixin):
                     "observation_noise=True needs the model's noise: pass noise=... (or use "
                     "PushforwardModel.from_laplace, which reads la.sigma_noise)"
                 )
-            selection = self._selection if local is None else [self._selection[i] for i in local]
-            noise = self.noise[list(selection)].to(cov).expand(mean_shape)
+            selection = (
+                self._selection if local is None else tuple(self._selection[i] for i in local)
+            )
+            noise = self.noise if selection == self._all else self.noise[list(selection)]
+            return cov + torch.diag(noise.repeat(mean_shape[-2]).to(cov.dtype))
         else:
             raise TypeError(
                 f"observation_noise must be a bool or a tensor, got {type(observation_noise)}"
