@@ -44,14 +44,14 @@ class Config:
     """Sizes of a run."""
 
     n_init: int = 10
-    iterations: int = 15
+    iterations: int = 20
     q: int = 4
     hidden: int = 100
     epochs: int = 1000
     marglik_steps: int = 100
     num_restarts: int = 10
     raw_samples: int = 512
-    seed: int = 0
+    seeds: int = 3
 
 
 TINY = Config(
@@ -63,6 +63,7 @@ TINY = Config(
     marglik_steps=10,
     num_restarts=2,
     raw_samples=32,
+    seeds=1,
 )
 
 
@@ -115,14 +116,16 @@ def fit_surrogate(X: Tensor, Y: Tensor, cfg: Config, seed: int):
     return PushforwardModel.from_laplace(la, outcome_transform=standardize)
 
 
-def propose(method: str, X: Tensor, Y: Tensor, bounds: Tensor, cfg: Config, step: int) -> Tensor:
-    """``q`` new points ``(q, 6)`` by ``method``."""
+def propose(
+    method: str, X: Tensor, Y: Tensor, bounds: Tensor, cfg: Config, seed: int, step: int
+) -> Tensor:
+    """``q`` new points ``(q, 6)`` by ``method`` at iteration ``step`` of the run ``seed``."""
     from botorch.acquisition.logei import qLogExpectedImprovement
     from botorch.optim import optimize_acqf
 
     from pushforward.botorch import thompson_candidates
 
-    seed = cfg.seed * 1000 + step
+    seed = seed * 1000 + step
     if method == "random":
         g = torch.Generator().manual_seed(seed)
         return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(cfg.q, 6, generator=g, dtype=DTYPE)
@@ -152,10 +155,10 @@ METHODS = {
 }
 
 
-def run(cfg: Config) -> dict[str, dict[str, list]]:
-    """Every method's evaluations and best-so-far curve."""
+def run(cfg: Config, seed: int) -> dict[str, dict]:
+    """Every method's evaluations and best-so-far curve for one seed (initial design)."""
     f, bounds = objective()
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     X0 = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(cfg.n_init, 6, generator=g, dtype=DTYPE)
     Y0 = f(X0).unsqueeze(-1)
     results = {}
@@ -163,23 +166,24 @@ def run(cfg: Config) -> dict[str, dict[str, list]]:
         X, Y = X0.clone(), Y0.clone()
         start = time.perf_counter()
         for step in range(cfg.iterations):
-            new = propose(method, X, Y, bounds, cfg, step)
+            new = propose(method, X, Y, bounds, cfg, seed, step)
             X, Y = torch.cat([X, new]), torch.cat([Y, f(new).unsqueeze(-1)])
             print(
-                f"{method:>8} iteration {step + 1}/{cfg.iterations}: best {Y.max().item():.4f} "
-                f"({time.perf_counter() - start:.1f} s)",
+                f"seed {seed} {method:>8} iteration {step + 1}/{cfg.iterations}: best "
+                f"{Y.max().item():.4f} ({time.perf_counter() - start:.1f} s)",
                 flush=True,
             )
         values = Y.squeeze(-1).tolist()
         results[method] = {
             "values": values,
-            "best": torch.tensor(values).cummax(0).values.tolist(),
+            "best": torch.tensor(values, dtype=DTYPE).cummax(0).values.tolist(),
             "seconds": time.perf_counter() - start,
         }
     return results
 
 
-def plot(results: dict[str, dict[str, list]], cfg: Config, path: Path) -> None:
+def plot(runs: list[dict[str, dict]], cfg: Config, path: Path) -> None:
+    """Best value found against evaluations: the mean over seeds, their range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,12 +191,19 @@ def plot(results: dict[str, dict[str, list]], cfg: Config, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, label in METHODS.items():
-        best = results[method]["best"]
-        ax.plot(range(1, len(best) + 1), best, label=label)
+        best = torch.tensor([r[method]["best"] for r in runs], dtype=DTYPE)  # (seeds, evaluations)
+        x = range(1, best.shape[1] + 1)
+        (line,) = ax.plot(x, best.mean(0), label=label)
+        if len(runs) > 1:
+            ax.fill_between(
+                x, best.min(0).values, best.max(0).values, color=line.get_color(), alpha=0.15
+            )
     ax.axhline(OPTIMUM, color="gray", linestyle="--", linewidth=1, label="global maximum")
     ax.axvline(cfg.n_init, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("evaluations")
-    ax.set_ylabel("best value found")
+    ax.set_ylabel(
+        "best value found" + (f" (mean and range of {len(runs)} seeds)" if len(runs) > 1 else "")
+    )
     ax.set_title(
         f"Hartmann6: MLP 6-{cfg.hidden}-{cfg.hidden}-1 + Kronecker Laplace, q={cfg.q}", fontsize=10
     )
@@ -206,26 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds; make test)")
     parser.add_argument("--out", default="examples/results/bo_hartmann", help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--iterations", type=int, help="BO iterations (default 15; tiny 2)")
+    parser.add_argument("--seeds", type=int, help="independent runs (default 3; tiny 1)")
+    parser.add_argument("--iterations", type=int, help="BO iterations (default 20; tiny 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
     cfg = TINY if args.tiny else Config()
-    changes = {"seed": args.seed}
-    if args.iterations is not None:
-        changes["iterations"] = args.iterations
+    changes = {k: v for k, v in (("seeds", args.seeds), ("iterations", args.iterations)) if v}
     cfg = Config(**{**asdict(cfg), **changes})
-    results = run(cfg)
+    runs = [run(cfg, seed) for seed in range(cfg.seeds)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(results, cfg, out / "bo_hartmann.png")
-    payload = {"config": asdict(cfg), "tiny": args.tiny, "optimum": OPTIMUM, "methods": results}
+    plot(runs, cfg, out / "bo_hartmann.png")
+    payload = {"config": asdict(cfg), "tiny": args.tiny, "optimum": OPTIMUM, "runs": runs}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     for method, label in METHODS.items():
-        r = results[method]
+        finals = [r[method]["best"][-1] for r in runs]
+        seconds = sum(r[method]["seconds"] for r in runs)
         print(
-            f"{label}: best {r['best'][-1]:.4f} after {len(r['best'])} evaluations ({r['seconds']:.1f} s)"
+            f"{label}: best after {len(runs[0][method]['best'])} evaluations "
+            f"{sum(finals) / len(finals):.4f} (mean of {len(runs)}; {seconds:.1f} s)"
         )
     print(f"wrote {out / 'bo_hartmann.png'} and {out / 'results.json'}")
     return 0
