@@ -146,6 +146,7 @@ class PushforwardModel(Model, FantasizeMixin):
         self.likelihood = likelihood
         self.noise: Tensor | None
         self.register_buffer("noise", _noise(noise, width, fm))
+        self._noise_matrices: dict[tuple, Tensor] = {}
         if outcome_transform is not None:
             self.outcome_transform = outcome_transform.eval()
         if input_transform is not None:
@@ -347,8 +348,7 @@ class PushforwardModel(Model, FantasizeMixin):
             selection = (
                 self._selection if local is None else tuple(self._selection[i] for i in local)
             )
-            noise = self.noise if selection == self._all else self.noise[list(selection)]
-            return cov + torch.diag(noise.repeat(mean_shape[-2]).to(cov.dtype))
+            return cov + self._noise_matrix(selection, mean_shape[-2], cov.dtype)
         else:
             raise TypeError(
                 f"observation_noise must be a bool or a tensor, got {type(observation_noise)}"
@@ -366,6 +366,19 @@ class PushforwardModel(Model, FantasizeMixin):
             generator: ``torch.Generator`` (on the network's device) for the draws.
         """
         return SamplePaths(self, n, generator)
+
+    def _noise_matrix(self, selection: tuple[int, ...], q: int, dtype: torch.dtype) -> Tensor:
+        """``(q s, q s)`` diagonal of the noise variances of ``selection`` at q points (kept per
+        shape while the noise buffer is unchanged)."""
+        noise = self.noise
+        key = (selection, q, dtype, noise.data_ptr(), noise._version)
+        found = self._noise_matrices.get(key)
+        if found is None or noise.requires_grad:
+            picked = noise if selection == self._all else noise[list(selection)]
+            found = torch.diag(picked.repeat(q).to(dtype))
+            if not noise.requires_grad:
+                self._noise_matrices = {key: found}
+        return found
 
     # -- outputs ---------------------------------------------------------------------------
     def subset_output(self, idcs: list[int]) -> PushforwardModel:
