@@ -214,14 +214,25 @@ def plot(runs: list[dict[str, dict]], cfg: Config, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``--help``); torch's thread count is restored afterwards."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds; make test)")
     parser.add_argument("--out", default="examples/results/bo_hartmann", help="output directory")
     parser.add_argument("--seeds", type=int, help="independent runs (default 3; tiny 1)")
     parser.add_argument("--iterations", type=int, help="BO iterations (default 20; tiny 2)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    warnings.filterwarnings("ignore")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Run the searches, write the plot and the numbers."""
     cfg = TINY if args.tiny else Config()
     changes = {k: v for k, v in (("seeds", args.seeds), ("iterations", args.iterations)) if v}
     cfg = Config(**{**asdict(cfg), **changes})

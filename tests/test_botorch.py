@@ -61,6 +61,15 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small products: one thread is fastest (and immune to oversubscribed cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_net(d: int = 3, m: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

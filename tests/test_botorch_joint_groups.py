@@ -23,6 +23,15 @@ D = torch.float64
 SLOW = {"gpt2_tiny", "transformer_encoder"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small products: one thread is fastest (and immune to oversubscribed cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def blocks(joint: torch.Tensor, B: int, q: int) -> torch.Tensor:
     """The ``(B/q, q n, q n)`` diagonal blocks of a ``(B n, B n)`` joint covariance."""
     n = joint.shape[0] // B
