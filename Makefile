@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench,demo,hf,laplace]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench,demo,hf,laplace,bo]'
 	# laplace-torch pulls torchvision, which does not import beside the CPU build
 	# of torch 2.13.0 and is not needed at run time (torchmetrics skips it).
 	$(PY) -m pip uninstall -y -q torchvision

@@ -39,6 +39,7 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.laplace_oneline",
     "cases.engine",
     "cases.curvature",
+    "cases.botorch",
 )
 
 

@@ -14,6 +14,7 @@ from pushforward.covariance.lowrank import LowRank
 from pushforward.covariance.lowrank_precision import LowRankPrecision
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator, ParamGroup
+from pushforward.covariance.precision_update import PrecisionUpdate
 from pushforward.covariance.subset import Subset
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "LowRankPrecision",
     "Marginal",
     "ParamGroup",
+    "PrecisionUpdate",
     "Subset",
 ]

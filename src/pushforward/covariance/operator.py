@@ -127,8 +127,13 @@ class CovarianceOperator(abc.ABC):
 
     def version(self) -> tuple[int, ...]:
         """Identity and in-place version of every defining tensor: equal versions mean equal
-        values (used to cache work that depends on them)."""
-        return tuple(v for t in self.tensors() for v in (id(t), t._version))
+        values (used to cache work that depends on them). Operators are immutable (copies are
+        new operators), so the defining tensors are listed once and only their in-place
+        versions are read at each call."""
+        tensors = self.__dict__.get("_defining_tensors")
+        if tensors is None:
+            tensors = self._defining_tensors = tuple(self.tensors())
+        return tuple(v for t in tensors for v in (id(t), t._version))
 
     # -- public products ----------------------------------------------------------------
     def matmul(self, V: Tensor) -> Tensor:

@@ -313,13 +313,66 @@ def _directions(p: Problem, split: Split, params, sub, chunk: RowChunk):
     backward passes started at its input."""
     calls = split.analysis.calls
     head = split.head
-    f, inputs, G, mode = _TAPPED(
+    ladder = _TAPPED_BATCHED if _batch_first(split) else _TAPPED
+    f, inputs, G, mode = ladder(
         p.fm, p, split, params, sub, chunk, head.index if head is not None else None
     )
     G = list(G)
     if head is not None and mode == "shortcut":
         G[head.index] = None
     return f, inputs, dict(zip(range(len(calls)), G, strict=True))
+
+
+def _batch_first(split: Split) -> bool:
+    """Every matched layer's input and output lead with the example's batch dimension (size 1
+    in the one-example trace), so a batched forward gives them as ``(b, ...)``."""
+    return all(
+        c.output_shape[:1] == (1,) and shape[:1] == (1,)
+        for c, shape in zip(split.analysis.calls, split.input_shapes, strict=True)
+    )
+
+
+def _tapped_batched(p: Problem, split: Split, params, sub, chunk: RowChunk, head: int | None):
+    """One batched forward with per-example probes ``(b, ...)`` and one backward per row of the
+    chunk for all its examples together: the examples are independent (checked when the inputs
+    were prepared), so the gradient of ``sum_b <u_b, f_b>`` w.r.t. example ``b``'s probe is its
+    own direction ``G_b``. No per-example transform; the head's directions are the one-hot rows
+    when the output is proven to be the head's output tensor."""
+    calls = split.analysis.calls
+    b = chunk.samples.stop - chunk.samples.start
+    tap = LayerTap(split.analysis, params)
+    with torch.enable_grad():
+        probes = [
+            torch.zeros(b, *c.output_shape[1:], dtype=p.dtype, device=sub.device).requires_grad_()
+            for c in calls
+        ]
+        with transform_kernels(safe_attention=True), tap.active(probes):
+            f = p.fm.call(params, sub.args, sub.kwargs)
+        tap.check_complete()
+        if any(out.shape != probe.shape for out, probe in zip(tap.outputs, probes, strict=True)):
+            raise StructureError("a matched layer's batched output is not (batch, ...)")
+        cot = p.cotangents(chunk).transpose(0, 1)  # (r, b, *sample_shape)
+        G = torch.autograd.grad(
+            f,
+            probes,
+            cot if cot.shape[0] > 1 else cot[0],
+            create_graph=p.differentiable,
+            allow_unused=True,
+            is_grads_batched=cot.shape[0] > 1,
+        )
+    if cot.shape[0] == 1:
+        G = [None if g is None else g.unsqueeze(0) for g in G]
+    G = [
+        torch.zeros(b, cot.shape[0], *c.output_shape, dtype=p.dtype, device=sub.device)
+        if g is None
+        else g.transpose(0, 1).unsqueeze(2)  # (b, r, 1, ...) as one example's shapes
+        for c, g in zip(calls, G, strict=True)
+    ]
+    inputs = [t.unsqueeze(1) for t in tap.inputs]
+    if not p.differentiable:
+        f, inputs, G = f.detach(), [t.detach() for t in inputs], [g.detach() for g in G]
+    shortcut = head is not None and is_same_memory(tap.outputs[head], f)
+    return f, inputs, G, "shortcut" if shortcut else "output"
 
 
 def _tapped_vmapped(p: Problem, split: Split, params, sub, chunk: RowChunk, head: int | None):
@@ -384,6 +437,14 @@ def _tapped_example(p: Problem, analysis: Analysis, params, args, kwargs, cot, s
 _TAPPED = Ladder(
     "layer-structured",
     [("vmap over examples", _tapped_vmapped), ("a loop over examples", _tapped_loop)],
+)
+_TAPPED_BATCHED = Ladder(
+    "layer-structured, batch-first layers",
+    [
+        ("one batched backward per direction", _tapped_batched),
+        ("vmap over examples", _tapped_vmapped),
+        ("a loop over examples", _tapped_loop),
+    ],
 )
 
 

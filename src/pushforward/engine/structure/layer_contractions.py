@@ -76,6 +76,28 @@ def _pairs(cov: Tensor) -> Tensor:
     return cov.reshape(g, q * c, q * c)
 
 
+def _pair_products(a: Tensor) -> Tensor:
+    """``(g, q, i)`` -> ``(g, q, q, i)``: ``a_n * a_m`` for every pair of a group."""
+    return a.unsqueeze(2) * a.unsqueeze(1)
+
+
+def _weighted_pairs(G: Tensor, a: Tensor, M: Tensor) -> Tensor:
+    """``sum_{o,i} G[g,n,j,o] M[o,i] a[g,n,i] a[g,m,i] G[g,m,l,o]`` for the examples ``n, m`` of
+    each group: ``G (g, q, c, o)``, ``a (g, q, i)``, ``M (o, i)`` -> ``(g, q c, q c)``.
+
+    Only the pairs ``n <= m`` are contracted (the result is symmetric), each as a broadcast
+    product, one matmul with ``M`` and one batched matmul (a three-operand ``einsum`` would
+    search a contraction path at every call)."""
+    g, q, c = G.shape[:3]
+    n, m = torch.triu_indices(q, q, device=G.device)
+    U = (a[:, n] * a[:, m]) @ M.T  # (g, pairs, o)
+    pairs = (G[:, n] * U.unsqueeze(2)) @ G[:, m].transpose(-1, -2)  # (g, pairs, c, c)
+    full = pairs.new_zeros(g, q, q, c, c)
+    full[:, n, m] = pairs
+    full[:, m, n] = pairs.transpose(-1, -2)
+    return full.transpose(2, 3).reshape(g, q * c, q * c)
+
+
 def _same_output(index: Tensor) -> Tensor:
     """``(g, q, c)`` output indices -> ``(g, q, c, q, c)`` indicator of equal outputs."""
     flat = index.reshape(index.shape[0], -1)
@@ -235,8 +257,9 @@ class _BiasDiagonal(GroupContraction):
         if isinstance(G, OneHot) and self.call.kind != "conv":
             k = _grouped(G.index % v.shape[0], q)  # (g, q, c)
             return _pairs(_same_output(k).to(v.dtype) * v[k][..., None, None])
-        R = _grouped(_bias_rows(self.call, _dense(G)), q)  # (g, q, c, out)
-        return _pairs(einsum("gnjo,o,gmlo->gnjml", R, v, R))
+        R = _bias_rows(self.call, _dense(G))  # (b, c, out)
+        R = R.reshape(R.shape[0] // q, q * R.shape[1], R.shape[2])  # (g, q c, out)
+        return (R * v) @ R.transpose(-1, -2)
 
 
 class _LinearDiagonal(GroupContraction):
@@ -273,13 +296,12 @@ class _LinearDiagonal(GroupContraction):
         V = self.op.diagonal().reshape(self.call.weight_shape)
         V = V.T if self.call.kind == "addmm" else V  # (out, in)
         a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
-        W = einsum("gni,oi,gmi->gnmo", a, V, a)  # (g, q, q, out)
         if isinstance(G, OneHot):
+            W = _pair_products(a) @ V.T  # (g, q, q, out)
             k = _grouped(G.index, q)  # (g, q, c)
             picked = W.permute(0, 1, 3, 2).gather(2, k.unsqueeze(-1).expand(*k.shape, q))
             return _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
-        Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
-        return _pairs(einsum("gnjo,gnmo,gmlo->gnjml", Gg, W, Gg))
+        return _weighted_pairs(_grouped(G.reshape(*G.shape[:2], -1), q), a, V)
 
 
 class _LinearKronecker(GroupContraction):
@@ -344,26 +366,25 @@ class _LinearKronecker(GroupContraction):
                 if transposed
                 else (block.out_factor, block.in_factor)
             )
-            s = einsum("gni,ij,gmj->gnm", a, Fa, a)  # (g, q, q)
+            s = (a @ Fa) @ a.transpose(-1, -2)  # (g, q, q)
             if isinstance(G, OneHot):
                 k = _grouped(G.index, q)  # (g, q, c)
                 flat = k.reshape(k.shape[0], -1)
                 H = Fg[flat.unsqueeze(-1), flat.unsqueeze(-2)].reshape(*k.shape, *k.shape[1:])
             else:
-                Gg = _grouped(G.reshape(*G.shape[:2], -1), q)
-                H = einsum("gnjo,op,gmlp->gnjml", Gg, Fg, Gg)
+                Gg = _grouped(G.reshape(*G.shape[:2], -1), q)  # (g, q, c, out)
+                Gf = Gg.reshape(Gg.shape[0], -1, Gg.shape[-1])  # (g, q c, out)
+                H = ((Gf @ Fg) @ Gf.transpose(-1, -2)).reshape(*Gg.shape[:3], *Gg.shape[1:3])
             return _pairs(H * s[:, :, None, :, None])
         if transposed:
             Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
         else:
             Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
-        a_hat = a @ Qa
-        U = einsum("gni,oi,gmi->gnmo", a_hat, M, a_hat)  # (g, q, q, out)
         if isinstance(G, OneHot):
             g_hat = Qg[_grouped(G.index, q)]  # (g, q, c, out)
         else:
             g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Qg
-        return _pairs(einsum("gnjo,gnmo,gmlo->gnjml", g_hat, U, g_hat))
+        return _weighted_pairs(g_hat, a @ Qa, M)
 
 
 class _EmbeddingDiagonal(GroupContraction):
