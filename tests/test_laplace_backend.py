@@ -15,6 +15,7 @@ defaults, checked with their own tolerance or reference:
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -214,6 +215,19 @@ def test_last_layer_jacobians(model_name):
     assert abs(loss.item() - backend.lossfunc(f_ref, y).item()) <= EXACT * loss.item()
     S, _ = backend.selected_output_jacobians(X, torch.ones(len(X), dtype=torch.long))
     assert_close(S, Js_ref[:, 1:2], EXACT)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_last_layer_fit_leaves_plain_features(structure):
+    """laplace-torch's feature hook on the last layer must not record the engine's vmap/jvp
+    tensors: after the fit its ``_features`` copy (and so the Laplace object pickles)."""
+    make, likelihood, _ = MODELS["regression"]
+    la, loader = fit(make, likelihood, "last_layer", structure, PushforwardGGN)
+    X, _ = next(iter(loader))
+    features = copy.deepcopy(la.model._features)  # a transform-wrapped tensor cannot be copied
+    assert all(type(v) is torch.Tensor for v in features.values())
+    f_var = la(X)[1]
+    assert torch.isfinite(f_var).all()
 
 
 def test_enable_backprop_to_inputs():

@@ -18,16 +18,6 @@ DIAG_EF_ON_MAPPINGS = (
     "'What laplace-torch checks by exact class or name'). The test asserts the refusal"
 )
 
-PICKLING = (
-    "a Laplace object fitted with PushforwardGGN/EF cannot be pickled (the backend caches a "
-    "FunctionalModel holding a threading.RLock: TypeError), and a last-layer one keeps a "
-    "functorch-wrapped tensor in laplace-torch's FeatureExtractor._features after fit (its hook "
-    "on the last layer fires inside the backend's vmap: dill raises 'Cannot access storage of "
-    "TensorWrapper'); where dill does save it, the loaded copy deadlocks at its first "
-    "prediction (the lock restored as held). Reported with a reproducer in "
-    "docs_laplace_suite.md."
-)
-
 EXPECTED: list[tuple[tuple[str, ...], str, str, str]] = [
     (
         ("backends", "both"),
@@ -42,25 +32,6 @@ EXPECTED: list[tuple[tuple[str, ...], str, str, str]] = [
         DIAG_EF_ON_MAPPINGS + "; without the refusal, fit reads the default dict_key_y "
         "'labels', which the test's loader (keys 'test_input_key'/'test_label_key') lacks: "
         "KeyError.",
-    ),
-    (
-        ("backends", "both"),
-        "tests/test_curv_backends_curvlinops.py::test_full_ggn_stochastic",
-        "known-bug",
-        "PushforwardGGN.full refuses the mc_samples keyword that CurvlinopsGGN.full accepts "
-        "(TypeError): issue 13, item 2.",
-    ),
-    (
-        ("backends", "both"),
-        "tests/test_serialization.py::test_map_location[*LLLaplace-*]",
-        "known-bug",
-        PICKLING,
-    ),
-    (
-        ("backends", "both"),
-        "tests/test_serialization.py::test_map_location[*SubnetLaplace-*]",
-        "known-bug",
-        PICKLING,
     ),
 ]
 

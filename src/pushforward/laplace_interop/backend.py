@@ -79,10 +79,12 @@ What laplace-torch checks by exact class or name, and how these backends get thr
 
 from __future__ import annotations
 
+import copy
 import importlib.machinery
 import math
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +141,23 @@ class _Target:
     def size(self) -> int:
         """Length of laplace-torch's parameter vector."""
         return self.fm.num_params if self.indices is None else len(self.indices)
+
+
+def _without_hooks(layer: nn.Module) -> nn.Module:
+    """``layer`` without its forward hooks: a shallow copy sharing its parameters and buffers.
+
+    laplace-torch's ``FeatureExtractor`` records the last layer's input in ``_features`` from a
+    forward hook on that layer. Called through the engine's ``vmap``/``jvp``, the hook would store
+    a transform-wrapped tensor there, which outlives the call (laplace-torch's pickling then fails
+    with "Cannot access storage of TensorWrapper"). The engine never needs the hook's record.
+    """
+    view = copy.copy(layer)
+    view._forward_hooks = OrderedDict()
+    view._forward_hooks_with_kwargs = OrderedDict()
+    view._forward_hooks_always_called = OrderedDict()
+    view._forward_pre_hooks = OrderedDict()
+    view._forward_pre_hooks_with_kwargs = OrderedDict()
+    return view
 
 
 class _PushforwardCurvature:
@@ -207,7 +226,9 @@ class _PushforwardCurvature:
             )
         layer = self.model.last_layer
         fm, _ = self._cached(
-            "last_layer", layer, lambda: (FunctionalModel(layer, params="all"), None)
+            "last_layer",
+            layer,
+            lambda: (FunctionalModel(_without_hooks(layer), params="all"), None),
         )
         return _Target(fm, fm.prepare(phi), None, f)
 
