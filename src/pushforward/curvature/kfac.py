@@ -26,11 +26,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pushforward.curvature.sweep import Layers, Piece, Sweep
 from pushforward.engine.structure.layer_contractions import GroupContraction
+from pushforward.engine.structure.patches import conv_patches
 from pushforward.engine.structure.tracing import LayerCall
 
 __all__ = ["KFACFactors", "accumulate_kfac", "kfac_supported"]
@@ -85,40 +85,10 @@ def _positions_first(call: LayerCall, a: Tensor, G: Tensor) -> tuple[Tensor, Ten
     if call.kind in ("linear", "addmm"):
         inn = a.shape[-1]
         return a.reshape(b, -1, inn), G.reshape(b, r, -1, G.shape[-1])
-    patches = _patches(call, a)  # (b, in_flat, O)
+    patches = conv_patches(call, a)  # (b, in_flat, O)
     out = call.weight_shape[0]
     g = G.reshape(b, r, out, -1)  # (b, r, out, O): channels first in a convolution's output
     return patches.transpose(1, 2), g.transpose(2, 3)
-
-
-def _patches(call: LayerCall, a: Tensor) -> Tensor:
-    """``(b, in * prod(kernel), O)``: the unfolded input patches of a 1-d/2-d convolution in the
-    weight's ``(in, *kernel)`` order, zero padding included."""
-    spatial = len(call.weight_shape) - 2
-    kernel = tuple(call.weight_shape[2:])
-    stride, dilation = (_ntuple(call.static.get(k, 1), spatial) for k in ("stride", "dilation"))
-    b = a.shape[0]
-    x = a.reshape(b, -1, *a.shape[a.dim() - spatial :])  # (b, C_in, *spatial)
-    pads = _paddings(call.static.get("padding", 0), kernel, dilation, spatial)
-    if spatial == 1:  # as a 2-d convolution of height 1
-        x = x.unsqueeze(2)
-        kernel, stride, dilation, pads = (1, *kernel), (1, *stride), (1, *dilation), [(0, 0), *pads]
-    x = F.pad(x, [p for pair in reversed(pads) for p in pair])
-    return F.unfold(x, kernel, dilation=dilation, stride=stride)
-
-
-def _ntuple(value, n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
-
-
-def _paddings(padding, kernel, dilation, n: int) -> list[tuple[int, int]]:
-    """``(before, after)`` zero padding per spatial dimension, as the convolution applies it."""
-    if padding == "valid":
-        return [(0, 0)] * n
-    if padding == "same":  # total d*(k-1), the extra one after (as PyTorch does)
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
-        return [(t // 2, t - t // 2) for t in totals]
-    return [(p, p) for p in _ntuple(padding, n)]
 
 
 def _layer_sums(call: LayerCall, a: Tensor, G: Tensor, approx: str, first: bool):

@@ -42,6 +42,7 @@ from pushforward.covariance.isotropic import Isotropic
 from pushforward.covariance.kronecker_blocks import KroneckerEigen, KroneckerFactors
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.contraction import gram
+from pushforward.engine.structure.patches import conv_patches
 from pushforward.engine.structure.tracing import LayerCall
 
 __all__ = ["GroupContraction", "OneHot", "contraction_for"]
@@ -177,40 +178,12 @@ def _conv_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
     """Per-example weight gradients of a 1-d/2-d convolution from unfolded inputs (one batched
     matmul; any stride, padding, dilation and groups): ``(b, c, out * in/groups * prod(k))``."""
     b, c = G.shape[:2]
-    spatial = len(call.weight_shape) - 2
-    kernel = tuple(call.weight_shape[2:])
-    stride, dilation = (_tuple(call.static.get(k, 1), spatial) for k in ("stride", "dilation"))
     groups = call.static.get("groups", 1)
-    x = a.reshape(b, -1, *a.shape[a.dim() - spatial :])  # (b, C_in, *spatial)
-    pads = _paddings(call.static.get("padding", 0), kernel, dilation, spatial)
-    if spatial == 1:  # as a 2-d convolution of height 1
-        x, kernel, stride, dilation, pads = (
-            x.unsqueeze(2),
-            (1, *kernel),
-            (1, *stride),
-            (1, *dilation),
-            [(0, 0), *pads],
-        )
-    x = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
-    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)  # (b, C_in*k, L)
+    cols = conv_patches(call, a)  # (b, C_in * k, L)
     out = call.weight_shape[0]
     cols = cols.reshape(b, groups, -1, cols.shape[-1])  # (b, g, C_in/g * k, L)
     grads = G.reshape(b, c, groups, out // groups, cols.shape[-1])  # (b, c, g, out/g, L)
     return einsum("bcgol,bgil->bcgoi", grads, cols).reshape(b, c, -1)
-
-
-def _tuple(value, n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
-
-
-def _paddings(padding, kernel, dilation, n: int) -> list[tuple[int, int]]:
-    """``(before, after)`` zero padding per spatial dimension, as the convolution applies it."""
-    if padding == "valid":
-        return [(0, 0)] * n
-    if padding == "same":  # total d*(k-1), the extra one after (as PyTorch does)
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
-        return [(t // 2, t - t // 2) for t in totals]
-    return [(p, p) for p in _tuple(padding, n)]
 
 
 def _bias_rows(call: LayerCall, G: Tensor) -> Tensor:
