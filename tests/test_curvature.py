@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from zoo import brute_force_jacobian, make_case
+from zoo import FACTORIES, brute_force_jacobian, make_case
 
 import pushforward as pf
 from pushforward.curvature import GGN, CrossEntropy, EmpiricalFisher, Gaussian, OutputHessian
@@ -92,22 +93,19 @@ def _zoo(name: str):
     return case.fm, case.x
 
 
+#: Every zoo model (the regression one is below) and GPT-2 with LoRA.
 CASES = {
-    "mlp": lambda: _zoo("mlp"),
-    "cnn_batchnorm_eval": lambda: _zoo("cnn_batchnorm_eval"),
-    "layernorm": lambda: _zoo("layernorm"),
-    "tied_embedding_lm": lambda: _zoo("tied_embedding_lm"),
-    "frozen_backbone_adapter": lambda: _zoo("frozen_backbone_adapter"),
-    "transformer_encoder": lambda: _zoo("transformer_encoder"),
+    **{name: partial(_zoo, name) for name in FACTORIES if name != "multi_output_regression"},
     "gpt2_lora": gpt2_lora,
 }
 
 
 def split(x, y, at: int):
     """Two batches of the data (tensor or mapping inputs)."""
-    if isinstance(x, dict):
-        first = {k: v[:at] for k, v in x.items()}
-        return [(first, y[:at]), ({k: v[at:] for k, v in x.items()}, y[at:])]
+    if isinstance(x, dict):  # non-tensor entries are static arguments, shared by both
+        first = {k: v[:at] if isinstance(v, Tensor) else v for k, v in x.items()}
+        second = {k: v[at:] if isinstance(v, Tensor) else v for k, v in x.items()}
+        return [(first, y[:at]), (second, y[at:])]
     return [(x[:at], y[:at]), (x[at:], y[at:])]
 
 
@@ -184,6 +182,30 @@ def test_monte_carlo_diagonal_within_standard_errors():
     assert torch.equal(mc.diagonal(), draws[0])
     assert rel(mc.dense().diagonal(), draws[0]) <= EXACT
     assert rel(mc.matvec(torch.ones(case.fm.num_params, dtype=DT)), mc.dense().sum(1)) <= EXACT
+
+
+@pytest.mark.parametrize("name", ["tied_embedding_lm", "gpt2_lora", "multi_output_regression"])
+def test_monte_carlo_diagonal_of_tokens_and_regression(name, quiet_fallbacks):
+    """Unbiased as well for token outputs with ignored targets (an ignored position draws no
+    sample) and for the Gaussian; the bias of counting the ignored positions is detectable."""
+    fm, x = CASES[name]() if name in CASES else _zoo(name)
+    f = fm(x)
+    if name == "multi_output_regression":
+        likelihood = Gaussian()
+        y = torch.randn(f.shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    else:
+        likelihood = CrossEntropy(ignore_index=-100)
+        y = ce_targets(f)
+    data = split(x, y, max(1, f.shape[0] // 2))
+    exact = GGN(fm, data, likelihood).diagonal()
+    draws = torch.stack(
+        [GGN(fm, data, likelihood, mc_samples=50, seed=s).diagonal() for s in range(12)]
+    )
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert ((mean - exact).abs() <= 5 * se + 1e-12 * exact.abs().max()).all()
+    if name != "multi_output_regression":
+        unmasked = GGN(fm, [(x, y.clamp_min(0))], likelihood).diagonal()
+        assert ((mean - unmasked).abs() > 5 * se + 1e-12 * exact.abs().max()).any()
 
 
 def _curvlinops_dense(model, loss, data, approx):

@@ -13,7 +13,7 @@ laplax on the same model, weights and data.
 * ``curv-lanczos`` — the 20 leading eigenpairs by 20 Lanczos steps (full reorthogonalization):
   ``GGN.lowrank(20, iterations=20)`` and laplax's ``lanczos`` (same rank, same steps).
 * ``curv-llm`` — a GPT-2 architecture (6 layers, d = 512, vocabulary 50,257; random weights from
-  a config) with peft LoRA r = 8 on every ``c_attn`` (the posterior's 196,608 parameters), 64
+  a config) with peft LoRA r = 8 on every ``c_attn`` (the posterior's 98,304 parameters), 64
   sequences x 128 tokens in batches of 8, next-token targets: Monte Carlo K-FAC and Monte Carlo
   diagonal (one sampled target per token), ``memory_budget="2GB"``. Peak memory above the model
   is the number to read; run with ``--repeats 1 --warmup 0 --time-limit 900``.
