@@ -10,18 +10,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = ROOT / "docs_curvature_section.md"
+README = ROOT / "README.md"
+HEADING = "## Curvature and Laplace posteriors"
 
 CHECK = """
 import sys
 example = sys.stdin.read()
-exec(compile(example, "docs_curvature_section.md example", "exec"), {"__name__": "readme"})
+exec(compile(example, "README curvature example", "exec"), {"__name__": "readme"})
 assert "laplace" not in sys.modules, "the example imported laplace-torch"
 """
 
 
 def test_standalone_example_runs_without_laplace_torch():
-    example = re.findall(r"```python\n(.*?)```", SECTION.read_text(), flags=re.S)[0]
+    section = README.read_text().split(HEADING, 1)[1]
+    example = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     assert "laplace" not in re.findall(r"^\s*(?:from|import) (\w+)", example, flags=re.M)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     src = str(ROOT / "src")
