@@ -356,13 +356,14 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
             return out, (out, list(tap.inputs), out)
         return tap.inputs[head.index], (out, list(tap.inputs), tap.outputs[head.index])
 
-    def forward(probes):
-        start, aux = vmap(one, randomness="error")(sub.tensors(), probes)
-        return start, aux
-
-    probes = [torch.zeros(b, *c.output_shape, dtype=dtype, device=sub.device) for c in calls]
+    probes = [
+        torch.zeros(b, *c.output_shape, dtype=dtype, device=sub.device, requires_grad=True)
+        for c in calls
+    ]
     with transform_kernels(safe_attention=True):
-        _, pull, (f, a, z) = vjp(forward, probes, has_aux=True)
+        with torch.enable_grad():
+            start_at, (f, a, z) = vmap(one, randomness="error")(sub.tensors(), probes)
+        f, a, z = f.detach(), [t.detach() for t in a], z.detach()
         if sweep.likelihood.batched:
             cot = sweep.cotangents(f.reshape(b, *nK), y, noise, rows)  # (b, r, n, K)
         else:
@@ -381,14 +382,13 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
                     "examples (data-dependent control flow after the head?)"
                 )
             weight = params[head.weight_name] if head.weight_name else head.weight_value
-            rows_out = cot.reshape(b, r, *head.output_shape).contiguous()
+            rows_out = cot.reshape(b, r, *head.output_shape)
             G[head.index] = rows_out
-            # d<f, u>/d(head input) = u W (Linear, weight (K, in)) or u W^T (Conv1D, (in, K))
-            start = rows_out @ (weight.T if head.kind == "addmm" else weight)
-            # rows first and contiguous: the backward's matrix products then batch the rows of
-            # all examples into one product with each weight (not one per row)
-            start = start.transpose(0, 1).contiguous()
-        (Gs,) = vmap(pull)(start)
+            # d<f, u>/d(head input) = u W (Linear, weight (K, in)) or u W^T (Conv1D, (in, K)),
+            # rows first: the backward's matrix products then batch the rows of all examples
+            # into one product with each weight (not one per row)
+            start = rows_out.transpose(0, 1) @ (weight.T if head.kind == "addmm" else weight)
+        Gs = torch.autograd.grad(start_at, probes, start, is_grads_batched=True)
     for call, g in zip(calls, Gs, strict=True):
         G[call.index] = g.transpose(0, 1)
     return f, a, G, {}
