@@ -129,14 +129,18 @@ class CrossEntropy(Likelihood):
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
         p = torch.softmax(f, dim=-1)  # (..., n, K)
         s = p.sqrt()
-        K = f.shape[-1]
-        C = torch.diag_embed(s) - s.unsqueeze(-1) * p.unsqueeze(-2)  # (..., n, K, K), rows r
-        if K > 1:
-            # Householder H = I - v v^T / (1 + s_0) with v = s + e_0 maps s to -e_0; s^T C = 0,
-            # so row 0 of H C is zero and rows 1.. are a factor of the same Hessian
-            v = torch.cat([s[..., :1] + 1, s[..., 1:]], dim=-1)
-            vC = (v.unsqueeze(-1) * C).sum(-2)  # v^T C per position
-            C = (C - v.unsqueeze(-1) * (vC / (1 + s[..., :1])).unsqueeze(-2))[..., 1:, :]
+        if f.shape[-1] == 1:
+            C = torch.zeros_like(f).unsqueeze(-1)  # the Hessian p - p^2 = 0
+        else:
+            # C = diag(s) - s p^T (rows r); the Householder H = I - v v^T / (1 + s_0) with
+            # v = s + e_0 maps s to -e_0 and s^T C = 0, so row 0 of H C is zero and its rows
+            # 1.. are s_r (e_r - w)^T with w = (p + s_0 e_0) / (1 + s_0)
+            s0 = s[..., :1]
+            w = p.clone()
+            w[..., :1] += s0
+            w /= 1 + s0
+            C = -s[..., 1:, None] * w.unsqueeze(-2)  # (..., n, K - 1, K)
+            C.diagonal(offset=1, dim1=-2, dim2=-1).add_(s[..., 1:])
         return C * self._mask(y, f.dtype)[..., None, None]
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:

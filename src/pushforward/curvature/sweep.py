@@ -279,6 +279,8 @@ class Sweep:
             return vmap(lambda z: lik.sampled_gradient(f, y, z))(draws) * scale
         factor = lik.factor(f, y)  # (..., n, r, K)
         n, r = factor.shape[-3:-1]
+        if n == 1:  # one position: the rows are the factor's
+            return factor[..., 0, rows, :].unsqueeze(-2)
         index = torch.arange(rows.start, rows.stop, device=f.device)
         t, k = index // r, index % r
         onehot = (t.unsqueeze(-1) == torch.arange(n, device=f.device)).to(f.dtype)  # (c, n)
@@ -382,12 +384,14 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
                     "examples (data-dependent control flow after the head?)"
                 )
             weight = params[head.weight_name] if head.weight_name else head.weight_value
-            rows_out = cot.reshape(b, r, *head.output_shape)
+            rows_out = cot.reshape(b, r, *head.output_shape).contiguous()  # its own memory
             G[head.index] = rows_out
             # d<f, u>/d(head input) = u W (Linear, weight (K, in)) or u W^T (Conv1D, (in, K)),
             # rows first: the backward's matrix products then batch the rows of all examples
             # into one product with each weight (not one per row)
-            start = rows_out.transpose(0, 1) @ (weight.T if head.kind == "addmm" else weight)
+            W = weight.T if head.kind == "addmm" else weight
+            u = rows_out.transpose(0, 1).reshape(-1, W.shape[0])  # (r * b * positions, K)
+            start = (u @ W).reshape(r, *start_at.shape)
         Gs = torch.autograd.grad(start_at, probes, start, is_grads_batched=True)
     for call, g in zip(calls, Gs, strict=True):
         G[call.index] = g.transpose(0, 1)
