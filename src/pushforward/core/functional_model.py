@@ -42,7 +42,8 @@ class ModelCache:
     Attributes:
         costs: measured per-example costs, per input signature
             (:func:`pushforward.core.cost.measure_cost`).
-        structures: the layer analysis of the structured strategy, per input signature.
+        structures: the layer analysis of the structured strategy and the curvature sweeps'
+            layer structure, per input signature.
         independence: input signatures whose examples were checked to be independent and
             deterministic (:meth:`FunctionalModel.check_examples`).
         methods: per fallback ladder, the index of the first method that worked.

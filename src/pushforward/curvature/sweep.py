@@ -155,15 +155,16 @@ class Sweep:
     ) -> None:
         self.fm, self.likelihood, self.rows = fm, likelihood, rows
         self.structured, self.budget, self.progress = structured, budget, progress
-        self._layers: dict[tuple, Layers] = {}
 
     # -- structure ---------------------------------------------------------------------
     def layers(self, inputs: Inputs) -> Layers:
-        """The layer structure for ``inputs``' signature (traced on one example, cached)."""
-        key = inputs.signature()
-        found = self._layers.get(key)
+        """The layer structure for ``inputs``' signature (traced on one example, cached in the
+        model's cache: every sweep over the same model and inputs shares it)."""
+        key = ("curvature sweep", self.structured, inputs.signature())
+        cache = self.fm.cache.structures
+        found = cache.get(key)
         if found is None:
-            found = self._layers[key] = self._trace(inputs)
+            found = cache[key] = self._trace(inputs)
         return found
 
     def _trace(self, inputs: Inputs) -> Layers:
