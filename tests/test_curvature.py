@@ -474,3 +474,26 @@ def test_examples_that_leave_the_traced_layers():
         assert rel(op.diagonal(), H.diagonal()) <= EXACT
     with pytest.raises(RuntimeError, match="needs every example to run the traced layers"):
         op.kfac()
+
+
+def test_structure_cached_across_operators_and_updates():
+    """The layer structure is traced once per model and input signature (kept in the model's
+    cache) and holds no parameter values: after an in-place update of every weight — the frozen
+    head weight included — a new operator on the same model gives the new parameters' exact
+    diagonal. The model's output is its last linear layer's (the backward passes start at that
+    head's input, from the factor's rows times its weight)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT)
+    fm = pf.FunctionalModel(model, params=lambda name, p: name != "2.weight")  # head bias only
+    x = torch.randn(5, 4, dtype=DT)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    first = GGN(fm, [(x, y)]).diagonal()
+    assert rel(first, reference(fm, x, y, "classification").diagonal()) <= EXACT
+    traced = len(fm.cache.structures)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.1)
+    again = GGN(fm, [(x, y)]).diagonal()
+    assert len(fm.cache.structures) == traced
+    assert rel(again, reference(fm, x, y, "classification").diagonal()) <= EXACT
+    assert rel(again, first) > 1e-3

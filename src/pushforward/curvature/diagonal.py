@@ -71,8 +71,11 @@ def _add_layer(sums: dict[str, Tensor], call: LayerCall, a: Tensor, G: Tensor, p
         # G is this chunk's own tensor: square it in place (no second chunk-sized allocation)
         g2 = G.square_().sum(1).reshape(b, -1)  # (b, out)
         if call.weight_name is not None:
-            d = g2.T @ a.reshape(b, -1).square()  # (out, in)
-            sums[call.weight_name] += d.T if call.kind == "addmm" else d
+            a2 = a.reshape(b, -1).square()  # (b, in)
+            if call.kind == "addmm":  # weight (in, out)
+                sums[call.weight_name].addmm_(a2.T, g2)
+            else:  # weight (out, in)
+                sums[call.weight_name].addmm_(g2.T, a2)
         if call.bias_name is not None:
             sums[call.bias_name] += g2.sum(0)
         return

@@ -17,7 +17,10 @@ backward per row to the probes gives the layer output gradients ``G = J_z^T u``;
 contract ``(a, G)`` in closed form (diagonal ``sum G^2 ⊗ a^2``, K-FAC ``sum a a^T`` and
 ``sum G G^T``). Other parameters get their per-example rows from the same backward pass. All
 examples of a chunk run at once (``vmap``), all rows of an example too; chunk sizes come from the
-cost model within ``memory_budget``.
+cost model within ``memory_budget``. When every parameter is on a matched layer, the forward is
+recorded by plain autograd (under ``vmap`` over examples) and one batched backward
+(``torch.autograd.grad(..., is_grads_batched=True)``) takes all rows of all examples of the chunk
+through it: each weight's products see ``rows x examples`` at once.
 """
 
 from __future__ import annotations
@@ -333,13 +336,15 @@ def _tapped_vmapped(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
 
 def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
     """Every parameter on a matched layer: the forward runs under ``vmap`` over examples (so
-    every example is proven to run the traced layers), the backward passes start from the
-    whole chunk, all rows at once (an example's output gradients at its own layer outputs are
-    those of its own cotangent: examples are independent).
+    every example is proven to run the traced layers) with the probes ``(b, *z_n)`` requiring
+    gradients, recorded by plain autograd; one batched backward (``is_grads_batched``) starts
+    from the whole chunk, all rows at once (an example's output gradients at its own layer
+    outputs are those of its own cotangent: examples are independent). The probes' gradients
+    come back rows first, ``(r, b, *z_n)``, and are handed on as ``(b, r, *z_n)`` views.
 
     When the model's output is a matched linear layer's output (the *head*), its output
-    gradients are the cotangent rows themselves and the backward passes start at its input,
-    with the rows times its weight."""
+    gradients are the cotangent rows themselves and the backward starts at its input, with the
+    rows times its weight (one ``(r * b * positions, K) x (K, in)`` product)."""
     fm = sweep.fm
     dtype = next(iter(params.values())).dtype
     b = sub.batch_size
