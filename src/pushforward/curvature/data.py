@@ -35,7 +35,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pushforward.core.collectives import Group, all_reduce_sum
 from pushforward.core.inputs import Inputs
 
-__all__ = ["Batch", "Batches", "distributed_sampler", "shard_total"]
+__all__ = [
+    "Batch",
+    "Batches",
+    "distributed_sampler",
+    "real_examples",
+    "refuse_accelerate_shards",
+    "shard_total",
+]
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,7 @@ class Batches:
         group, sampler = self.group, self.sampler
         if group is None or group.size == 1:
             return
-        if type(self.data).__module__.split(".")[0] == "accelerate":
-            raise TypeError(
-                "data is a DataLoader prepared by accelerate, which shards batches itself and "
-                "pads the last ones with repeated examples that cannot be told apart: build the "
-                "DataLoader with a torch DistributedSampler(dataset, "
-                "num_replicas=accelerator.num_processes, rank=accelerator.process_index) and "
-                "pass it without accelerator.prepare"
-            )
+        refuse_accelerate_shards(self.data)
         if isinstance(self.data, DataLoader) and sampler is None:
             if getattr(self.data, "_dataset_kind", None) == 1:  # an IterableDataset shards itself
                 return
@@ -187,6 +187,18 @@ def distributed_sampler(data: Any) -> DistributedSampler | None:
         if isinstance(sampler, DistributedSampler):
             return sampler
     return None
+
+
+def refuse_accelerate_shards(data: Any) -> None:
+    """Raise for a ``DataLoader`` prepared by accelerate (in a run of several processes)."""
+    if type(data).__module__.split(".")[0] == "accelerate":
+        raise TypeError(
+            "data is a DataLoader prepared by accelerate, which shards batches itself and pads "
+            "the last ones with repeated examples that cannot be told apart: build the "
+            "DataLoader with a torch DistributedSampler(dataset, "
+            "num_replicas=accelerator.num_processes, rank=accelerator.process_index) and pass "
+            "it without accelerator.prepare"
+        )
 
 
 def real_examples(sampler: DistributedSampler) -> int:

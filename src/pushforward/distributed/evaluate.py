@@ -46,7 +46,11 @@ from pushforward.core.cost import Budget
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.options import Options
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.curvature.data import distributed_sampler, real_examples
+from pushforward.curvature.data import (
+    distributed_sampler,
+    real_examples,
+    refuse_accelerate_shards,
+)
 from pushforward.distributed.joint import joint_rows
 from pushforward.engine.problem import bind_covariance
 
@@ -120,7 +124,7 @@ def evaluate(
             local.append(list(parts))
     if draws is not None:
         draws.finish()
-    order.check_count(seen)
+    order.check_count(seen, group)
     if joint:
         return _joint(fm, cov, local, order, group, root, options)
     gathered = [order.gather([p[i] for p in local], dim, group, root) for i, dim in enumerate(dims)]
@@ -135,6 +139,8 @@ class _Order:
     def __init__(self, loader: Iterable, group: Group | None) -> None:
         sampler = distributed_sampler(loader)
         size = 1 if group is None else group.size
+        if size > 1:
+            refuse_accelerate_shards(loader)
         if sampler is None and size > 1:
             raise ValueError(
                 "evaluate over several ranks needs a DataLoader with a DistributedSampler, whose "
@@ -158,12 +164,15 @@ class _Order:
         self.real = None if sampler is None else real_examples(sampler)
         self.total = None if sampler is None else len(sampler.dataset)  # type: ignore[arg-type]
 
-    def check_count(self, seen: int) -> None:
-        """The loader yielded every example its sampler gave, in order."""
-        if self.indices is not None and seen != len(self.indices):
+    def check_count(self, seen: int, group: Group | None) -> None:
+        """Every rank's loader yielded every example its sampler gave (checked together: a
+        rank that raised alone would leave the others waiting in the gather)."""
+        mine = self.indices is None or seen == len(self.indices)
+        if not group_min(int(mine), group):
             raise ValueError(
-                f"the loader yielded {seen} examples but its sampler gives {len(self.indices)} "
-                "(DataLoader(drop_last=True)?): the results cannot be put in dataset order"
+                f"a loader yielded fewer or more examples than its sampler gives (this rank: "
+                f"{seen} of {0 if self.indices is None else len(self.indices)}; "
+                "DataLoader(drop_last=True)?): the results cannot be put in dataset order"
             )
 
     def gather(
