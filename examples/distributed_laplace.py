@@ -1,9 +1,12 @@
 """A Laplace posterior fitted and evaluated data parallel, under accelerate or torchrun.
 
-Launch (two CPU processes; on GPUs, one per device — NCCL):
+Launch two processes (gloo on CPUs; on GPUs, one per device, NCCL):
 
-    accelerate launch --num_processes 2 --cpu examples/distributed_laplace.py
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_laplace.py
     torchrun --nproc_per_node 2 examples/distributed_laplace.py
+
+(``--multi_gpu`` selects accelerate's torchrun-based launcher; without GPUs the script's
+``Accelerator(cpu=True)`` runs over gloo. Add ``PYTHONPATH=src`` from a checkout.)
 
 1. Train a small classifier with DDP (``accelerator.prepare``), then take the module out of the
    DDP wrapper (``accelerator.unwrap_model``, i.e. ``.module``): forward-mode AD through DDP or
