@@ -12,6 +12,7 @@ errors must be raised on both ranks (no hang).
 
 from __future__ import annotations
 
+import time
 import traceback
 
 import pytest
@@ -28,6 +29,8 @@ from pushforward.distributed import evaluate
 DT = torch.float64
 TOL = 1e-10
 N, WORLD, BATCH = 23, 2, 4
+#: The ranks are killed after this long (a hang in a collective must not hang the suite).
+TIMEOUT_S = 120
 
 
 def problem() -> tuple[nn.Module, TensorDataset, tuple[pf.CovarianceOperator, ...]]:
@@ -114,6 +117,8 @@ def _worker(rank: int, store: str, folder: str) -> None:
         # this rank's own data only (process_group=None): its shard, padding left out
         local = GGN(model, loader, process_group=None)
         out["local_n_data"] = torch.tensor(local.n_data)
+        # Monte Carlo draws differ from one process's (seeded per batch), but not between ranks
+        out["mc_diag"] = GGN(model, loader, mc_samples=2).diagonal()
         torch.save({"results": out, "errors": errors(model, dataset, S)}, f"{folder}/{rank}.pt")
         dist.destroy_process_group()
     except Exception:
@@ -135,7 +140,13 @@ def ranks(tmp_path_factory, reference) -> list[dict]:
     takes most of a minute on a busy machine)."""
     folder = tmp_path_factory.mktemp("distributed")
     args = (str(folder / "store"), str(folder))
-    mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
+    context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="fork")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s (a collective hang?)")
     return [torch.load(folder / f"{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -153,6 +164,11 @@ def test_shards_and_padding(ranks, reference):
     assert [int(r["results"]["local_n_data"]) for r in ranks] == [12, 11]
     # the second draw with the advanced generator differs from the first
     assert not torch.allclose(reference["samples"], reference["samples_again"])
+
+
+def test_monte_carlo_curvature_is_the_same_on_every_rank(ranks):
+    first, second = (r["results"]["mc_diag"] for r in ranks)
+    assert torch.equal(first, second) and first.abs().sum() > 0
 
 
 def test_clear_errors_on_every_rank(ranks):

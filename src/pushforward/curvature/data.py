@@ -47,7 +47,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: its position in the data, the model inputs and the targets."""
+    """One batch: its position in the data (among every rank's batches when the data is
+    sharded), the model inputs and the targets."""
 
     index: int
     inputs: Inputs
@@ -159,7 +160,14 @@ class Batches:
                 if inputs.batch_size > left:
                     inputs, y = inputs.slice(0, left), y[:left]
                 left -= inputs.batch_size
-            yield Batch(index, inputs, y)
+            yield Batch(self._global_index(index), inputs, y)
+
+    def _global_index(self, index: int) -> int:
+        """A batch's index among every rank's batches (it seeds the batch's Monte Carlo draws:
+        the ranks' batches must not share them)."""
+        if self.group is None:
+            return index
+        return index * self.group.size + self.group.rank
 
     def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
         if isinstance(batch, Mapping):
