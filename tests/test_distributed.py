@@ -53,7 +53,11 @@ def results(loader: DataLoader, model: nn.Module, covs) -> dict[str, torch.Tenso
     S, S_diag = covs
     ggn = GGN(model, loader)
     diag = ggn.diagonal()
-    out = {"diag": diag, "kfac": ggn.kfac().to_dense()}
+    kfac = ggn.kfac()
+    out = {"diag": diag, "kfac": kfac.to_dense()}
+    for name in ("0.weight", "2.weight"):  # the factors themselves, not only their products
+        block = kfac.factors(name)
+        out[f"kfac_{name}_out"], out[f"kfac_{name}_in"] = block.out_factor, block.in_factor
     values, vectors = ggn.lowrank(3, iterations=12)
     out["lanczos_values"] = values
     out["lanczos_projector"] = vectors @ vectors.T
@@ -84,7 +88,7 @@ def results(loader: DataLoader, model: nn.Module, covs) -> dict[str, torch.Tenso
     return out
 
 
-def errors(model: nn.Module, dataset: TensorDataset, covs) -> dict[str, str]:
+def errors(model: nn.Module, dataset: TensorDataset, covs, early: GGN) -> dict[str, str]:
     """The clear errors, by name: the exception's type and message."""
     S = covs[0]
     found = {}
@@ -92,6 +96,7 @@ def errors(model: nn.Module, dataset: TensorDataset, covs) -> dict[str, str]:
     sharded = DataLoader(dataset, batch_size=BATCH, sampler=DistributedSampler(dataset))
     checks = {
         "ggn_plain_loader": lambda: GGN(model, plain),
+        "ggn_made_before_init": early.diagonal,
         "evaluate_plain_loader": lambda: evaluate(model, plain, S),
         "samples_without_generator": lambda: evaluate(model, sharded, S, "samples", n_samples=2),
         "joint_over_budget": lambda: evaluate(
@@ -101,7 +106,7 @@ def errors(model: nn.Module, dataset: TensorDataset, covs) -> dict[str, str]:
     for name, check in checks.items():
         try:
             check()
-        except (ValueError, pf.MemoryBudgetError) as err:
+        except (ValueError, RuntimeError) as err:  # MemoryBudgetError is a ValueError
             found[name] = f"{type(err).__name__}: {err}"
     return found
 
@@ -109,8 +114,10 @@ def errors(model: nn.Module, dataset: TensorDataset, covs) -> dict[str, str]:
 def _worker(rank: int, store: str, folder: str) -> None:
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
         model, dataset, S = problem()
+        # made before torch.distributed starts: "auto" resolved to a local computation
+        early = GGN(model, [dataset[:4]])
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
         sampler = DistributedSampler(dataset, shuffle=True, seed=3)
         loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
         out = results(loader, model, S)
@@ -119,7 +126,8 @@ def _worker(rank: int, store: str, folder: str) -> None:
         out["local_n_data"] = torch.tensor(local.n_data)
         # Monte Carlo draws differ from one process's (seeded per batch), but not between ranks
         out["mc_diag"] = GGN(model, loader, mc_samples=2).diagonal()
-        torch.save({"results": out, "errors": errors(model, dataset, S)}, f"{folder}/{rank}.pt")
+        found = errors(model, dataset, S, early)
+        torch.save({"results": out, "errors": found}, f"{folder}/{rank}.pt")
         dist.destroy_process_group()
     except Exception:
         with open(f"{folder}/{rank}.err", "w") as fh:
@@ -175,6 +183,7 @@ def test_clear_errors_on_every_rank(ranks):
     for found in ranks:
         errs = found["errors"]
         assert "without a DistributedSampler" in errs["ggn_plain_loader"]
+        assert "initialized after this object" in errs["ggn_made_before_init"]
         assert "needs a DataLoader with a DistributedSampler" in errs["evaluate_plain_loader"]
         assert "need generator=" in errs["samples_without_generator"]
         assert errs["joint_over_budget"].startswith("MemoryBudgetError")

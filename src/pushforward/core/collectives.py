@@ -32,6 +32,7 @@ __all__ = [
     "broadcast_bytes",
     "gather_rows",
     "group_min",
+    "refuse_late_start",
     "resolve_group",
 ]
 
@@ -87,6 +88,17 @@ def resolve_group(process_group: Any = AUTO) -> Group | None:
             "(call torch.distributed.init_process_group first, or pass process_group=None)"
         )
     return Group(process_group)
+
+
+def refuse_late_start() -> None:
+    """Raise when ``torch.distributed`` runs several processes now although ``"auto"`` found
+    none when it was resolved (summing this rank's data alone would be silently wrong)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            "torch.distributed was initialized after this object resolved process_group='auto' "
+            "(to a local computation): create it after init_process_group (or the Accelerator), "
+            "or pass process_group=None to sum this rank's data alone"
+        )
 
 
 def all_reduce_sum(tensors: list[Tensor], group: Group | None) -> list[Tensor]:

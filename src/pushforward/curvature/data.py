@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pushforward.core.collectives import Group, all_reduce_sum
+from pushforward.core.collectives import Group, all_reduce_sum, refuse_late_start
 from pushforward.core.inputs import Inputs
 
 __all__ = [
@@ -66,6 +66,9 @@ class Batches:
             many bytes (0: never).
         group: the process group whose ranks hold the other shards (``None``: all the data is
             here).
+        auto: ``group`` was resolved from ``process_group="auto"``: when it is ``None`` and
+            ``torch.distributed`` starts several processes later, passes raise instead of
+            summing this rank's data alone.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Batches:
         target_key: str = "labels",
         cache_bytes: int = 0,
         group: Group | None = None,
+        auto: bool = False,
     ) -> None:
         if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
             raise TypeError(
@@ -88,6 +92,7 @@ class Batches:
             )
         self.data, self.device, self.target_key = data, torch.device(device), target_key
         self.cache_bytes, self.group = cache_bytes, group
+        self._auto_local = auto and group is None
         self.sampler = distributed_sampler(data)
         self._check_sharding()
         self._kept: list[Batch] | None = None
@@ -119,6 +124,8 @@ class Batches:
         return all_reduce_sum(values, self.group)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._auto_local:
+            refuse_late_start()
         if self._kept is not None:
             yield from self._kept
             return

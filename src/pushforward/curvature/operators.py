@@ -103,7 +103,8 @@ class CurvatureOperator:
         # small data sets are kept on the device after the first pass (Lanczos passes often)
         cache = min(self._budget() // 8, CACHE_BYTES)
         self.group = resolve_group(process_group)
-        self.data = Batches(data, self.fm.device, target_key, cache, self.group)
+        auto = isinstance(process_group, str)
+        self.data = Batches(data, self.fm.device, target_key, cache, self.group, auto=auto)
         self.rows = rows
         self._stats: tuple[int, float, int] | None = None
         self._stats_key: tuple = ()
@@ -396,9 +397,10 @@ class CurvatureOperator:
         raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
 
     def __repr__(self) -> str:
+        ranks = "" if self.group is None else f", summed over {self.group.size} ranks"
         return (
             f"{type(self).__name__}(P={self.num_params}, {self.likelihood!r}, "
-            f"{self._describe_rows()}, reduction={self.reduction!r})"
+            f"{self._describe_rows()}, reduction={self.reduction!r}{ranks})"
         )
 
     def _describe_rows(self) -> str:
