@@ -196,3 +196,20 @@ def test_process_group_argument():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="not initialized"):
             GGN(nn.Linear(2, 2), [], process_group=object())
+
+
+def test_evaluate_without_a_group():
+    """One process: a plain loader in its order; a DistributedSampler's shard alone
+    (process_group=None) without its padding, joint covariance included."""
+    model, dataset, (S, _) = problem()
+    X = dataset.tensors[0]
+    f, var = evaluate(model, DataLoader(dataset, batch_size=5), S)
+    f_all, var_all = pf.functional_variance(model, X, S)
+    assert torch.allclose(var, var_all, rtol=1e-12, atol=0) and torch.allclose(f, f_all)
+    sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=1, shuffle=False)
+    shard = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
+    mine = X[1::WORLD]  # 11 examples; the sampler's 12th repeats example 0
+    f, joint = evaluate(model, shard, S, "covariance", joint=True, process_group=None)
+    _, want = pf.functional_covariance(model, mine, S, joint=True)
+    assert joint.shape == (33, 33) and torch.allclose(joint, want, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(f, model(mine))

@@ -175,6 +175,12 @@ class _Order:
                 "DataLoader(drop_last=True)?): the results cannot be put in dataset order"
             )
 
+    def result_count(self, local: int, group: Group | None) -> int:
+        """Examples in the result, given ``local`` examples computed here."""
+        if group is not None and self.total is not None:
+            return self.total
+        return local if self.real is None else min(self.real, local)
+
     def gather(
         self, parts: list[Tensor], dim: int, group: Group | None, root: int | None
     ) -> Tensor | None:
@@ -290,12 +296,11 @@ def _joint(
     if rows is None:
         raise ValueError("evaluate: this rank's loader yielded no batch")
     n, E, w = rows.shape
-    N = order.total if order.total is not None else n
+    N = order.result_count(n, group)
     size = 1 if group is None else group.size
     itemsize = rows.element_size()
-    budget = Budget.of(
-        group_min(Options(**_budget_option(options)).budget_bytes(rows.device), group)
-    )
+    mine = Options(memory_budget=options.get("memory_budget")).budget_bytes(rows.device)
+    budget = Budget.of(group_min(mine, group))
     gathered = (2 * N + size) * E * w  # the padded parts, their concatenation, the ordered rows
     extra = N * E * fm.num_params if w == fm.num_params and cov.sqrt_cols > w else 0
     budget.require(
@@ -312,7 +317,3 @@ def _joint(
         S = bind_covariance(fm, cov, A.dtype, A.device)
         return f, A @ S.matmul_rows(A).T
     return f, A @ A.T
-
-
-def _budget_option(options: dict) -> dict:
-    return {"memory_budget": options.get("memory_budget")}
