@@ -11,10 +11,12 @@ timed), and each timed call asks every rank for one more pass and waits for all 
 time is the slowest rank's pass plus a pipe round trip. The ranks' memory is in their own
 processes, not in the measured peak (``info["rank_peak_rss_bytes"]``).
 
-The setup makes a warm-up pass, then one that reports, per rank, the seconds spent inside ``torch.distributed``
-collectives (``info["comm_s"]``: the all-reduce of the result and its layout check, waiting for
-the slower rank included) and the seconds of one all-reduce of the result's size after a
-barrier (``info["allreduce_s"]``: the transfer alone).
+The setup makes a warm-up pass, then one that reports per rank its wall-clock and CPU seconds
+(``info["pass_s"]``, ``info["pass_cpu_s"]``: on a machine other jobs keep busy, the CPU seconds
+show how the work splits when the wall clock cannot), the seconds spent inside
+``torch.distributed`` collectives (``info["comm_s"]``: the all-reduce of the result and its
+layout check, waiting for the slower rank included) and the seconds of one all-reduce of the
+result's size after a barrier (``info["allreduce_s"]``: the transfer alone).
 """
 
 from __future__ import annotations
@@ -111,10 +113,10 @@ def _rank(rank: int, world: int, store: str, what: str, quick: bool, seed: int, 
     conn.send("ready")
     while (command := conn.recv()) != "stop":
         timer.seconds = 0.0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         compute()
-        seconds = time.perf_counter() - start
-        reply = {"s": seconds, "comm_s": timer.seconds}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        reply = {"s": seconds, "cpu_s": cpu, "comm_s": timer.seconds}
         if command == "measure" and world > 1:
             payload = timer.largest.clone()
             dist.barrier()
@@ -158,6 +160,7 @@ def _setup(ctx: Context, what: str, world: int) -> Callable[[], object]:
         processes=world,
         threads_per_process=1,
         pass_s=[round(r["s"], 4) for r in replies],
+        pass_cpu_s=[round(r["cpu_s"], 4) for r in replies],
         comm_s=[round(r["comm_s"], 4) for r in replies],
         allreduce_s=[round(r.get("allreduce_s", 0.0), 4) for r in replies],
         rank_peak_rss_bytes=[r["peak_rss_bytes"] for r in replies],
