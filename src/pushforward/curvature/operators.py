@@ -26,7 +26,9 @@ products, diagonal, K-FAC factors, the dense matrix, the number of examples, the
 output count — is all-reduced at the end of the pass (:meth:`~pushforward.curvature.data.Batches.total`):
 every rank gets the curvature of the union of the shards, as one process would on all the
 data. Lanczos and the randomized method run their (cheap) iterations on every rank with the
-reduced products, identically.
+reduced products, identically. Monte Carlo draws (``mc_samples``) are seeded per batch of every
+rank (no two ranks' batches share them): the estimate is the same on every rank, but not the
+draws one process would make.
 """
 
 from __future__ import annotations
