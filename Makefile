@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --readme README.md
+	$(PY) examples/bo_hartmann.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples tools
