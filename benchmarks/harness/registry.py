@@ -40,6 +40,7 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.engine",
     "cases.curvature",
     "cases.botorch",
+    "cases.llm_lora",
 )
 
 
