@@ -127,7 +127,7 @@ class Config:
     # Laplace
     curvature_batch: int = 50  # items per batch of the curvature passes
     token_fit_items: int = 500  # items whose every token enters the all-token MC-GGN
-    grid: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+    grid: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
     mc_samples: int = 1000  # logit samples of the "mc" link (from the output-space Gaussian)
     entropy_items: int = 50  # items per split whose per-token predictive entropy is computed
     entropy_samples: int = 20  # weight-space samples of the full-vocabulary predictive
@@ -149,13 +149,13 @@ class Config:
 CONFIGS = {
     "tiny": Config(
         size="tiny",
-        n_train=128,
-        n_val=32,
-        n_test=48,
-        n_pretrain=1000,
-        pretrain_steps=40,
-        pretrain_batch=32,
-        finetune_steps=20,
+        n_train=64,
+        n_val=16,
+        n_test=32,
+        n_pretrain=400,
+        pretrain_steps=25,
+        pretrain_batch=16,
+        finetune_steps=10,
         curvature_batch=32,
         token_fit_items=32,
         grid=(1.0, 10.0, 100.0),
@@ -836,6 +836,8 @@ METHODS = (
     ("Laplace-KFAC (all-token MC-GGN)", "kfac-all-tokens", "marglik", "probit"),
 )
 COLUMNS = ("accuracy", "NLL", "ECE", "Brier")
+#: The reliability diagram's rows.
+METHODS_IN_PLOT = ("MAP", "Laplace-diag", "Laplace-KFAC")
 
 
 def run(cfg: Config, out: Path, device: str = "cpu", laplace_torch: bool = True) -> dict:
@@ -936,9 +938,7 @@ def _run(cfg: Config, out: Path, device: torch.device, laplace_torch: bool) -> d
             }
 
     comparison = (
-        compare_laplace_torch(cfg, head, enc, data, posterior, curv, meter)
-        if laplace_torch
-        else None
+        compare_laplace_torch(cfg, head, enc, posterior, curv, meter) if laplace_torch else None
     )
 
     reliability_diagram(
@@ -970,9 +970,6 @@ def _run(cfg: Config, out: Path, device: torch.device, laplace_torch: bool) -> d
     return results
 
 
-METHODS_IN_PLOT = ("MAP", "Laplace-diag", "Laplace-KFAC")
-
-
 # --------------------------------------------------------------------------------------------
 # 9. The same job through laplace-torch
 # --------------------------------------------------------------------------------------------
@@ -982,7 +979,6 @@ def compare_laplace_torch(
     cfg: Config,
     head: AnswerHead,
     enc: dict[str, dict[str, Tensor]],
-    data: dict[str, list[dict]],
     posterior: dict,
     curv: dict,
     meter: Meter,
@@ -1008,7 +1004,8 @@ def compare_laplace_torch(
             dict_key_y="labels",
         )
         la.fit(loader)
-    with meter.step("laplace-torch: optimize_prior_precision (marglik)"):
+    with meter.step("laplace-torch: optimize_prior_precision (marglik)"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "By default `link_approx` is `probit`", UserWarning)
         la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
     lt = {}
     with (
