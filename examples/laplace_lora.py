@@ -24,9 +24,11 @@ Everything is generated here, offline and seeded; nothing is downloaded:
    vocabulary at every token ("all-token statistics"), as K-FAC.
 4. **prior precision** — :func:`~pushforward.curvature.optimize_prior_precision`: the marginal
    likelihood, and a grid search on the validation NLL of the probit predictive.
-5. **predict** — :func:`pushforward.predictive` over the four answer-letter logits (probit and
-   Monte Carlo links), and the per-token predictive entropy over the full vocabulary on the
-   items' text (``link="mc"``, outputs ``(B, T, V)``).
+5. **predict** — the answer letter: :func:`pushforward.predictive` over the four answer-letter
+   logits (probit link), and the Monte Carlo link from the exact ``4 x 4`` output covariance of
+   :func:`pushforward.functional_covariance`; the per-token predictive entropy over the full
+   vocabulary on the items' text: :func:`pushforward.predictive` with ``link="mc"`` on outputs
+   ``(B, T, V)`` (weight-space draws, one JVP each).
 
 The same job through laplace-torch (``Laplace(..., subset_of_weights="all",
 hessian_structure="kron")`` on the LoRA model, as the Laplace-LoRA code does) is timed next to
@@ -39,7 +41,7 @@ also printed), ``results.json`` (every number) and ``reliability.png`` (reliabil
 MAP, Laplace-diag and Laplace-KFAC on each test set).
 
 Sizes: ``--tiny`` (seconds; checks the plumbing, its model stays at chance), the default
-(GPT-2 with 4 layers, d = 64, 8,192 LoRA parameters; a few minutes on one CPU thread) and
+(GPT-2 with 4 layers, d = 64, 8,192 LoRA parameters; about 8 CPU minutes on one thread) and
 ``--size gpt2-small`` (12 layers, d = 768; for a GPU: ``--device cuda``).
 """
 
