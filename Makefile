@@ -28,6 +28,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+.PHONY: demo-llm
+demo-llm: $(STAMP)
+	$(PY) examples/laplace_lora.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --readme README.md
 	$(PY) examples/bo_hartmann.py

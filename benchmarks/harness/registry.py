@@ -41,6 +41,7 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.curvature",
     "cases.botorch",
     "cases.distributed",
+    "cases.llm_lora",
 )
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from pushforward.core.branching import vmap_examples
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
 from pushforward.core.cost import Budget, ModelCost, measure_cost
 from pushforward.core.fallback import Ladder
@@ -320,12 +321,14 @@ def _tapped_vmapped(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
     if not layers.generic:
         return _tapped_batched(sweep, layers, params, sub, y, noise, rows, nK)
 
-    def one(tensors, y_b, noise_b):
-        return _example(sweep, layers, params, sub, rows, nK, tensors, y_b, noise_b)
+    def one(tensors, y_b, *noise_b):
+        return _example(sweep, layers, params, sub, rows, nK, tensors, y_b, *(noise_b or (None,)))
 
-    in_dims = (0, 0, None if noise is None else 0)
+    # value reads in the model (Hugging Face's "is nothing padded?") are answered per group of
+    # examples that agree
+    batched = [sub.tensors(), y] + ([] if noise is None else [noise])
     with transform_kernels(safe_attention=True):
-        return vmap(one, in_dims=in_dims, randomness="error")(sub.tensors(), y, noise)
+        return vmap_examples(one, batched)
 
 
 def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
@@ -357,7 +360,7 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
         return tap.inputs[head.index], (out, list(tap.inputs), tap.outputs[head.index])
 
     def forward(probes):
-        start, aux = vmap(one, randomness="error")(sub.tensors(), probes)
+        start, aux = vmap_examples(one, [sub.tensors(), probes])
         return start, aux
 
     probes = [torch.zeros(b, *c.output_shape, dtype=dtype, device=sub.device) for c in calls]
