@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pushforward-installed
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo demo-llm bench lint clean
 
 venv: $(STAMP)
 
@@ -28,9 +28,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-.PHONY: demo-llm
 demo-llm: $(STAMP)
-	$(PY) examples/laplace_lora.py
+	$(PY) examples/laplace_lora.py --readme README.md
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --readme README.md

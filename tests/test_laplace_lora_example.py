@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("laplace")
 pytest.importorskip("matplotlib")
 
-from laplace_lora import COLUMNS, EVAL_SPLITS, METHODS, main
+from laplace_lora import COLUMNS, EVAL_SPLITS, METHODS, README_END, README_START, main
 
 import pushforward as pf
 
@@ -28,7 +28,9 @@ def test_tiny_laplace_lora_writes_the_table(tmp_path: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pf.PushforwardFallbackWarning)
-            result = main(["--tiny", "--out", str(tmp_path)])
+            readme = tmp_path / "README.md"
+            readme.write_text(f"# intro\n\n{README_START}\nold\n{README_END}\n\n# after\n")
+            result = main(["--tiny", "--out", str(tmp_path), "--readme", str(readme)])
     finally:
         torch.set_num_threads(threads)
     payload = json.loads((tmp_path / "results.json").read_text())
@@ -44,6 +46,9 @@ def test_tiny_laplace_lora_writes_the_table(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "| method | split | accuracy | NLL | ECE | Brier |" in md
     assert md.count("| MAP | test_") == len(EVAL_SPLITS)
+    text = readme.read_text()  # the README's block is the same table, between its markers
+    assert "old" not in text and text.startswith("# intro") and text.endswith("# after\n")
+    assert "| method | split | accuracy | NLL | ECE | Brier |" in text.split(README_START)[1]
     assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     steps = {s["step"] for s in payload["steps"]}
     assert any(s.startswith("fit: GGN K-FAC") for s in steps)
