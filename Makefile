@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pushforward-installed
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo demo-llm bench lint clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+demo-llm: $(STAMP)
+	$(PY) examples/laplace_lora.py --readme README.md
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --readme README.md
+	$(PY) examples/bo_hartmann.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples tools

@@ -37,7 +37,9 @@ def _exact(fm, x, cov, *, strategy="auto", kind="variance", tol=TOL):
 
 
 # -- 1. a strategy failing at run time falls through under auto ------------------------------
-def test_backpack_hooks_fall_through_to_a_working_strategy():
+def test_backpack_hooked_model_is_exact():
+    """A model fitted with laplace-torch's BackPackGGN keeps BackPACK's full backward hooks
+    (old-style autograd Functions, which torch.func's vjp refuses): every route is exact."""
     laplace = pytest.importorskip("laplace")
     from laplace.curvature import BackPackGGN
     from torch.utils.data import DataLoader, TensorDataset
@@ -48,21 +50,49 @@ def test_backpack_hooks_fall_through_to_a_working_strategy():
     la = laplace.DiagLaplace(model, "regression", backend=BackPackGGN)
     la.fit(DataLoader(TensorDataset(X, y), batch_size=5))
     fm, cov = pf.from_laplace(la)
+    _, J = brute_force_jacobian(fm, X)
+    want = torch.einsum("bkp,p,bkp->bk", J, cov.diagonal(), J)
+    for strategy in ("auto", "structured", "reverse", "forward", "explicit"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pf.PushforwardFallbackWarning)
+            _, var = pf.functional_variance(fm, X, cov, strategy=strategy)
+        assert rel_err(var, want) < TOL, strategy
+        for w in caught:  # a fallback, if any, says what failed
+            if issubclass(w.category, pf.PushforwardFallbackWarning):
+                assert "fell back" in str(w.message) or "exact" in str(w.message)
+    _, f_var = pf.glm_predictive(la, X, diagonal_output=True)
+    assert rel_err(f_var, want) < TOL
+
+
+def test_failing_strategy_falls_through_to_the_next(monkeypatch):
+    """Under auto, a strategy that fails at run time with a transform error gives way to the next
+    in the plan's order, with one warning that print(plan) agrees with; a named one raises."""
+    from pushforward.engine.strategies import STRATEGIES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 2)).double()
+    X = torch.randn(10, 3, dtype=D)
+    fm = pf.FunctionalModel(model)
+    cov = Diagonal(torch.rand(fm.num_params, dtype=D) + 0.1)
+    assert pf.plan(fm, X, cov).estimate.strategy == "structured"
+    structured = STRATEGIES["structured"]
+
+    def broken(problem, estimate):
+        raise RuntimeError("an old-style autograd.Function cannot run under torch.func")
+
+    monkeypatch.setattr(structured, "run", broken)
     with pytest.warns(pf.PushforwardFallbackWarning, match="strategy 'structured' failed"):
         _, var = pf.functional_variance(fm, X, cov)
     _, J = brute_force_jacobian(fm, X)
     want = torch.einsum("bkp,p,bkp->bk", J, cov.diagonal(), J)
     assert rel_err(var, want) < TOL
-    plan = pf.plan(fm, X, cov)
-    assert "failed at run time: structured" in str(plan)
+    assert "failed at run time: structured" in str(pf.plan(fm, X, cov))
     with warnings.catch_warnings():  # remembered: no second failure, no second warning
         warnings.simplefilter("error", pf.PushforwardFallbackWarning)
         _, again = pf.functional_variance(fm, X, cov)
     assert rel_err(again, want) < TOL
-    with pytest.raises(RuntimeError):  # a named strategy still raises
+    with pytest.raises(RuntimeError, match="old-style"):  # a named strategy still raises
         pf.functional_variance(pf.FunctionalModel(model), X, cov, strategy="structured")
-    _, f_var = pf.glm_predictive(la, X, diagonal_output=True)
-    assert rel_err(f_var, want) < TOL
 
 
 # -- 3. attention masks keep GPT-2 and Llama on the fast path ----------------------------------

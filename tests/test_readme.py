@@ -1,4 +1,5 @@
-"""Every Python example in the README runs."""
+"""Every Python example in the README runs (except excerpts, marked ``# excerpt of <file>`` on
+their first line: that file runs in its own test)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+BLOCKS = [
+    block
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    if not block.startswith("# excerpt of ")
+]
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

@@ -40,6 +40,8 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.engine",
     "cases.curvature",
     "cases.botorch",
+    "cases.distributed",
+    "cases.llm_lora",
 )
 
 

@@ -27,6 +27,7 @@ call (after ``torch.cuda.synchronize()`` on CUDA); the call's result is released
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -61,23 +62,24 @@ def measure_call(run: Callable[[], object], cuda: bool) -> dict[str, Any]:
     rss_before = rss_bytes()
     exact = reset_peak_rss()
     ru_before = ru_maxrss_bytes()
-    with RssSampler() as sampler:
+    # The kernel's high-water mark, when it can be reset, is exact and costs nothing during the
+    # call; a sampling thread would take the GIL every few ms and slow Python-bound calls.
+    sampler = None if exact else RssSampler()
+    with sampler or contextlib.nullcontext():
         start = time.perf_counter()
         out = run()
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     del out
-    peaks = [sampler.max_bytes]
-    if exact:
-        peaks.append(peak_rss_bytes())
+    peaks = [peak_rss_bytes()] if exact else [sampler.max_bytes]
     if ru_maxrss_bytes() > ru_before:
         peaks.append(ru_maxrss_bytes())
     result: dict[str, Any] = {
         "time_s": elapsed,
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": max(peaks),
-        "sampled_peak_rss_bytes": sampler.max_bytes,
+        "sampled_peak_rss_bytes": None if sampler is None else sampler.max_bytes,
         "peak_exact": exact,
     }
     if cuda:

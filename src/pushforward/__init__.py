@@ -11,7 +11,7 @@ the planner, the strategies and the layer structure), ``api`` (the functions bel
 the operator contract, for this library's tests and yours).
 """
 
-from pushforward import curvature
+from pushforward import curvature, distributed
 from pushforward.api.predictive import RegressionPredictive, predictive
 from pushforward.api.sampling import functional_samples
 from pushforward.api.variance import (
@@ -105,6 +105,8 @@ __all__ = [
     "PushforwardFallbackWarning",
     # curvature and Laplace posteriors (pushforward.curvature)
     "curvature",
+    # data parallelism (pushforward.distributed)
+    "distributed",
     # laplace-torch
     "PushforwardEF",
     "PushforwardGGN",

@@ -71,7 +71,9 @@ class _UniformReads(TorchFunctionMode):
         ):
             return func(*args, **kwargs)
         physical = functorch.get_unwrapped(t)
-        if functorch.is_batchedtensor(physical) or functorch.is_gradtrackingtensor(physical):
+        while functorch.is_gradtrackingtensor(physical):  # vmap inside a grad transform
+            physical = functorch.get_unwrapped(physical)
+        if functorch.is_batchedtensor(physical):
             return func(*args, **kwargs)  # batched at other levels too: vmap's own error
         per_example = physical.movedim(functorch.maybe_get_bdim(t), 0)
         if per_example[0].numel() != 1:

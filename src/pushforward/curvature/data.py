@@ -10,6 +10,16 @@ Tensors are moved to the model's device.
 Small data sets are kept after the first complete pass (up to ``cache_bytes`` of tensors, on
 the device): products that pass over the data many times (Lanczos) then skip the loader's own
 per-example work (a ``TensorDataset`` indexes every example in Python).
+
+**Data parallelism.** With a process group (see :mod:`pushforward.core.collectives`), the
+batches are this rank's shard and :meth:`Batches.total` sums what a pass computed over every
+rank's shard (the only place curvature sums cross ranks). A ``DataLoader`` must then shard with
+a ``DistributedSampler`` of the group's size and rank: one without it would give every rank the
+whole data set (counted once per rank), so it is refused. A ``DistributedSampler`` that pads
+its shards to equal length (``drop_last=False``) repeats examples at the end of some shards:
+those are dropped here, so the union of the shards is the data set, each example once (also
+without a group). Other collections (a list of batches, an ``IterableDataset``) are taken as
+this rank's shard as they are.
 """
 
 from __future__ import annotations
@@ -20,15 +30,25 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
 
+from pushforward.core.collectives import Group, all_reduce_sum, refuse_late_start
 from pushforward.core.inputs import Inputs
 
-__all__ = ["Batch", "Batches"]
+__all__ = [
+    "Batch",
+    "Batches",
+    "distributed_sampler",
+    "real_examples",
+    "refuse_accelerate_shards",
+    "shard_total",
+]
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: its position in the data, the model inputs and the targets."""
+    """One batch: its position in the data (among every rank's batches when the data is
+    sharded), the model inputs and the targets."""
 
     index: int
     inputs: Inputs
@@ -44,6 +64,11 @@ class Batches:
         target_key: the targets' key in mapping batches.
         cache_bytes: keep the batches after a complete pass when their tensors take at most this
             many bytes (0: never).
+        group: the process group whose ranks hold the other shards (``None``: all the data is
+            here).
+        auto: ``group`` was resolved from ``process_group="auto"``: when it is ``None`` and
+            ``torch.distributed`` starts several processes later, passes raise instead of
+            summing this rank's data alone.
     """
 
     def __init__(
@@ -52,6 +77,8 @@ class Batches:
         device: torch.device,
         target_key: str = "labels",
         cache_bytes: int = 0,
+        group: Group | None = None,
+        auto: bool = False,
     ) -> None:
         if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
             raise TypeError(
@@ -64,10 +91,41 @@ class Batches:
                 "per product, so pass a DataLoader or a list of batches"
             )
         self.data, self.device, self.target_key = data, torch.device(device), target_key
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.group = cache_bytes, group
+        self._auto_local = auto and group is None
+        self.sampler = distributed_sampler(data)
+        self._check_sharding()
         self._kept: list[Batch] | None = None
 
+    def _check_sharding(self) -> None:
+        group, sampler = self.group, self.sampler
+        if group is None or group.size == 1:
+            return
+        refuse_accelerate_shards(self.data)
+        if isinstance(self.data, DataLoader) and sampler is None:
+            if getattr(self.data, "_dataset_kind", None) == 1:  # an IterableDataset shards itself
+                return
+            raise ValueError(
+                f"data is a DataLoader without a DistributedSampler while the curvature is "
+                f"summed over {group.size} ranks: every rank would pass over the whole data set "
+                "and each example would count once per rank. Use DataLoader(dataset, "
+                "sampler=DistributedSampler(dataset)), or process_group=None for this rank's "
+                "data alone"
+            )
+        if sampler is not None and (sampler.num_replicas, sampler.rank) != (group.size, group.rank):
+            raise ValueError(
+                f"the DistributedSampler shards for rank {sampler.rank} of "
+                f"{sampler.num_replicas}, but this process is rank {group.rank} of {group.size} "
+                "in the process group the curvature is summed over"
+            )
+
+    def total(self, values: list[Tensor]) -> list[Tensor]:
+        """The sums of ``values`` (this shard's sums) over every rank's shard."""
+        return all_reduce_sum(values, self.group)
+
     def __iter__(self) -> Iterator[Batch]:
+        if self._auto_local:
+            refuse_late_start()
         if self._kept is not None:
             yield from self._kept
             return
@@ -91,7 +149,10 @@ class Batches:
         return len(self.data)  # type: ignore[arg-type]
 
     def _batches(self) -> Iterator[Batch]:
+        left = None if self.sampler is None else real_examples(self.sampler)
         for index, batch in enumerate(self.data):
+            if left == 0:  # only the sampler's padding is left
+                break
             x, y = self._split(batch, index)
             inputs = Inputs.from_user(x).map(lambda t: t.to(self.device))
             if not isinstance(y, Tensor):
@@ -102,7 +163,18 @@ class Batches:
                     f"batch {index}: targets of shape {tuple(y.shape)} do not match the batch of "
                     f"{inputs.batch_size} inputs (their first dimension must be the batch)"
                 )
-            yield Batch(index, inputs, y)
+            if left is not None:
+                if inputs.batch_size > left:
+                    inputs, y = inputs.slice(0, left), y[:left]
+                left -= inputs.batch_size
+            yield Batch(self._global_index(index), inputs, y)
+
+    def _global_index(self, index: int) -> int:
+        """A batch's index among every rank's batches (it seeds the batch's Monte Carlo draws:
+        the ranks' batches must not share them)."""
+        if self.group is None:
+            return index
+        return index * self.group.size + self.group.rank
 
     def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
         if isinstance(batch, Mapping):
@@ -120,3 +192,40 @@ class Batches:
             f"{type(batch).__name__}"
             + (f" of length {len(batch)}" if isinstance(batch, Sequence) else "")
         )
+
+
+def distributed_sampler(data: Any) -> DistributedSampler | None:
+    """The ``DistributedSampler`` a ``DataLoader`` draws its examples from, if any."""
+    if not isinstance(data, DataLoader):
+        return None
+    for sampler in (data.sampler, getattr(data.batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
+def refuse_accelerate_shards(data: Any) -> None:
+    """Raise for a ``DataLoader`` prepared by accelerate (in a run of several processes)."""
+    if type(data).__module__.split(".")[0] == "accelerate":
+        raise TypeError(
+            "data is a DataLoader prepared by accelerate, which shards batches itself and pads "
+            "the last ones with repeated examples that cannot be told apart: build the "
+            "DataLoader with a torch DistributedSampler(dataset, "
+            "num_replicas=accelerator.num_processes, rank=accelerator.process_index) and pass "
+            "it without accelerator.prepare"
+        )
+
+
+def real_examples(sampler: DistributedSampler) -> int:
+    """How many of the sampler's examples for its rank come first and are not padding (a
+    ``drop_last=False`` sampler pads the shards to equal length by repeating examples, which
+    then come last in some shards)."""
+    if sampler.drop_last:
+        return sampler.num_samples
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
+
+
+def shard_total(data: Iterable, values: list[Tensor]) -> list[Tensor]:
+    """:meth:`Batches.total` for :class:`Batches`; ``values`` as they are for any other batches
+    (e.g. one batch of a laplace-torch backend, whose caller sums)."""
+    return data.total(values) if isinstance(data, Batches) else values

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from pushforward.curvature.data import shard_total
 from pushforward.curvature.sweep import Layers, Sweep
 from pushforward.engine.structure.layer_contractions import GroupContraction
 from pushforward.engine.structure.tracing import LayerCall
@@ -45,7 +46,8 @@ def _rows_bytes(layers: Layers, sweep: Sweep, itemsize: int) -> int:
 
 
 def accumulate_diagonal(sweep: Sweep, data, what: str = "the curvature's diagonal"):
-    """``({name: diagonal of the parameter's shape}, number of examples)`` over the data."""
+    """``({name: diagonal of the parameter's shape}, number of examples)`` over the data (over
+    every rank's shard when ``data`` is sharded, see :meth:`Batches.total`)."""
     fm = sweep.fm
     params = fm.params(False)
     sums = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -62,7 +64,10 @@ def accumulate_diagonal(sweep: Sweep, data, what: str = "the curvature's diagona
             _add_layer(sums, call, a, G, params)
         for name, rows in piece.rows.items():
             sums[name] += rows.square().sum((0, 1))
-    return sums, count
+    *totals, examples = shard_total(
+        data, [*sums.values(), torch.tensor([count], dtype=torch.float64)]
+    )
+    return dict(zip(sums, totals, strict=True)), int(examples)
 
 
 def _add_layer(sums: dict[str, Tensor], call: LayerCall, a: Tensor, G: Tensor, params) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pushforward.curvature.data import shard_total
 from pushforward.curvature.sweep import Layers, Piece, Sweep
 from pushforward.engine.structure.layer_contractions import GroupContraction
 from pushforward.engine.structure.patches import conv_patches
@@ -155,7 +156,8 @@ def _rows_bytes(layers: Layers, sweep: Sweep, itemsize: int) -> int:
 def accumulate_kfac(
     sweep: Sweep, data, approx: str, generic: str, what: str = "K-FAC"
 ) -> KFACFactors:
-    """Sum every layer's factors (and the generic blocks) over the data."""
+    """Sum every layer's factors (and the generic blocks) over the data (over every rank's
+    shard when ``data`` is sharded, see :meth:`Batches.total`)."""
     if approx not in APPROXIMATIONS:
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     if generic not in ("diagonal", "dense"):
@@ -178,6 +180,24 @@ def accumulate_kfac(
         if piece.first:
             result.examples += piece.examples
         _add_piece(result, piece, params, approx, generic)
+    return _total(result, data)
+
+
+def _total(result: KFACFactors, data) -> KFACFactors:
+    """``result`` summed over the shards (the same layers on every rank, else an error)."""
+    layers = sorted(result.layers.items())
+    names = sorted(result.generic)
+    values = [t for _, f in layers for t in (f.A, f.G) if t is not None]
+    values += [result.generic[n] for n in names]
+    *totals, examples = shard_total(
+        data, [*values, torch.tensor([result.examples], dtype=torch.float64)]
+    )
+    parts = iter(totals)
+    for _, factors in layers:
+        factors.A = None if factors.A is None else next(parts)
+        factors.G = None if factors.G is None else next(parts)
+    result.generic = {n: next(parts) for n in names}
+    result.examples = int(examples)
     return result
 
 

@@ -19,6 +19,16 @@ What each method costs (one pass over the data each, chunks bounded by ``memory_
   randomized subspace iteration (a few matmats).
 
 Results are in the model's dtype and device, detached.
+
+**Data parallelism** (``process_group``, see :mod:`pushforward.core.collectives`): in a
+``torch.distributed`` run each rank passes over its shard of the data and every sum —
+products, diagonal, K-FAC factors, the dense matrix, the number of examples, the loss and the
+output count — is all-reduced at the end of the pass (:meth:`~pushforward.curvature.data.Batches.total`):
+every rank gets the curvature of the union of the shards, as one process would on all the
+data. Lanczos and the randomized method run their (cheap) iterations on every rank with the
+reduced products, identically. Monte Carlo draws (``mc_samples``) are seeded per batch of every
+rank (no two ranks' batches share them): the estimate is the same on every rank, but not the
+draws one process would make.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from torch.func import jvp as func_jvp
 from torch.func import vjp, vmap
 
 from pushforward.core.chunking import progress_bar
+from pushforward.core.collectives import AUTO, resolve_group
 from pushforward.core.cost import Budget, measure_cost
 from pushforward.core.errors import PushforwardFallbackWarning
 from pushforward.core.fallback import Ladder
@@ -83,6 +94,7 @@ class CurvatureOperator:
         memory_budget: int | str | None = None,
         progress: bool = False,
         target_key: str = "labels",
+        process_group: Any = AUTO,
     ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -92,7 +104,9 @@ class CurvatureOperator:
         self.options = Options(memory_budget=memory_budget, progress=progress)
         # small data sets are kept on the device after the first pass (Lanczos passes often)
         cache = min(self._budget() // 8, CACHE_BYTES)
-        self.data = Batches(data, self.fm.device, target_key, cache)
+        self.group = resolve_group(process_group)
+        auto = isinstance(process_group, str)
+        self.data = Batches(data, self.fm.device, target_key, cache, self.group, auto=auto)
         self.rows = rows
         self._stats: tuple[int, float, int] | None = None
         self._stats_key: tuple = ()
@@ -166,7 +180,9 @@ class CurvatureOperator:
                     count += inputs.batch_size
                     loss += float(self.likelihood.loss(f, y))
                     outputs += self.likelihood.num_outputs(f, y)
-            self._stats = (count, loss, outputs)
+            totals = self.data.total([torch.tensor([count, loss, outputs], dtype=torch.float64)])
+            count, loss, outputs = totals[0].tolist()
+            self._stats = (int(count), loss, int(outputs))
         return self._stats
 
     def _flat_outputs(self, f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,8 +243,9 @@ class CurvatureOperator:
                     out[:, c : c + cols] += self._product_chunk(
                         sweep, params, sub, y[s : s + rows], noise, s, part, (n, K)
                     ).T
+        out, total = self.data.total([out, torch.tensor([count], dtype=torch.float64)])
         if self.reduction == "mean":
-            out /= count
+            out /= int(total)
         return out
 
     def _product_chunk(self, sweep, params, sub: Inputs, y, noise, start, tangents, nK) -> Tensor:
@@ -314,7 +331,8 @@ class CurvatureOperator:
                 count += piece.examples
             rows = fm.flatten(piece.rows).reshape(-1, P)
             total.addmm_(rows.T, rows)
-        return total * self._scale(count)
+        total, examples = self.data.total([total, torch.tensor([count], dtype=torch.float64)])
+        return total * self._scale(int(examples))
 
     def kfac(self, approx: str = "expand", generic: str = "diagonal") -> Kronecker:
         """K-FAC: a :class:`~pushforward.Kronecker` (bound to the model's layout) whose
@@ -381,9 +399,10 @@ class CurvatureOperator:
         raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
 
     def __repr__(self) -> str:
+        ranks = "" if self.group is None else f", summed over {self.group.size} ranks"
         return (
             f"{type(self).__name__}(P={self.num_params}, {self.likelihood!r}, "
-            f"{self._describe_rows()}, reduction={self.reduction!r})"
+            f"{self._describe_rows()}, reduction={self.reduction!r}{ranks})"
         )
 
     def _describe_rows(self) -> str:
@@ -410,6 +429,11 @@ class GGN(CurvatureOperator):
         progress: tqdm progress bars over the data.
         target_key: the targets' key in mapping batches.
         seed: seeds the Monte Carlo draws.
+        process_group: data parallelism: ``"auto"`` (default) sums over the ranks of the
+            default group when ``torch.distributed`` is initialized with more than one process,
+            each rank passing over its shard (a ``DataLoader`` with a ``DistributedSampler``);
+            a ``ProcessGroup``: over that group; ``None``: this process's data only. See the
+            module docstring.
 
     Data of at most ``min(memory_budget / 8, 256 MB)`` is kept on the model's device after the
     first complete pass (later passes skip the loader).
@@ -427,6 +451,7 @@ class GGN(CurvatureOperator):
         progress: bool = False,
         target_key: str = "labels",
         seed: int = 0,
+        process_group: Any = AUTO,
     ) -> None:
         if mc_samples is None:
             rows = RowKind("exact")
@@ -442,6 +467,7 @@ class GGN(CurvatureOperator):
             memory_budget=memory_budget,
             progress=progress,
             target_key=target_key,
+            process_group=process_group,
         )
 
     def _describe_rows(self) -> str:
@@ -464,6 +490,7 @@ class EmpiricalFisher(CurvatureOperator):
         memory_budget: int | str | None = None,
         progress: bool = False,
         target_key: str = "labels",
+        process_group: Any = AUTO,
     ) -> None:
         super().__init__(
             model,
@@ -474,6 +501,7 @@ class EmpiricalFisher(CurvatureOperator):
             memory_budget=memory_budget,
             progress=progress,
             target_key=target_key,
+            process_group=process_group,
         )
 
 

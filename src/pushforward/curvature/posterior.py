@@ -473,7 +473,8 @@ def _gridsearch(fit, spectrum: Spectrum, val_data, grid, sigma_noise, temperatur
     fm, lik = fit.fm, fit.likelihood
     if lik.kind not in ("classification", "regression"):
         raise ValueError("gridsearch needs a classification or regression likelihood")
-    batches = list(Batches(val_data, fm.device, fit.data.target_key))
+    val = Batches(val_data, fm.device, fit.data.target_key, group=fit.group)
+    batches = list(val)
     n_scale = float(fit.n_data) if fit.reduction == "mean" else 1.0
     sigma = torch.as_tensor(sigma_noise, dtype=ref.dtype, device=ref.device)
     s = _scale(n_scale, sigma, temperature, ref)
@@ -499,6 +500,7 @@ def _gridsearch(fit, spectrum: Spectrum, val_data, grid, sigma_noise, temperatur
                 nll = 0.5 * (torch.log(2 * math.pi * var) + (y - f).square() / var)
                 total += float(nll.sum())
                 count += y.numel()
+        total, count = val.total([torch.tensor([total, count], dtype=torch.float64)])[0].tolist()
         score = total / max(count, 1)
         if score < best_score:
             best, best_score = delta, score

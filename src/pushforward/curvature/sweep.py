@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from pushforward.core.branching import vmap_examples
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
 from pushforward.core.cost import Budget, ModelCost, measure_cost
 from pushforward.core.fallback import Ladder
@@ -326,12 +327,14 @@ def _tapped_vmapped(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
     if not layers.generic:
         return _tapped_batched(sweep, layers, params, sub, y, noise, rows, nK)
 
-    def one(tensors, y_b, noise_b):
-        return _example(sweep, layers, params, sub, rows, nK, tensors, y_b, noise_b)
+    def one(tensors, y_b, *noise_b):
+        return _example(sweep, layers, params, sub, rows, nK, tensors, y_b, *(noise_b or (None,)))
 
-    in_dims = (0, 0, None if noise is None else 0)
+    # value reads in the model (Hugging Face's "is nothing padded?") are answered per group of
+    # examples that agree
+    batched = [sub.tensors(), y] + ([] if noise is None else [noise])
     with transform_kernels(safe_attention=True):
-        return vmap(one, in_dims=in_dims, randomness="error")(sub.tensors(), y, noise)
+        return vmap_examples(one, batched)
 
 
 def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
@@ -370,7 +373,8 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
     ]
     with transform_kernels(safe_attention=True):
         with torch.enable_grad():
-            start_at, (f, a, z) = vmap(one, randomness="error")(sub.tensors(), probes)
+            # value reads in the model are answered per group of examples that agree
+            start_at, (f, a, z) = vmap_examples(one, [sub.tensors(), probes])
         f, a, z = f.detach(), [t.detach() for t in a], z.detach()
         if sweep.likelihood.batched:
             cot = sweep.cotangents(f.reshape(b, *nK), y, noise, rows)  # (b, r, n, K)

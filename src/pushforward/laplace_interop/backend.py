@@ -472,7 +472,15 @@ class _PushforwardCurvature:
         if first is None:
             raise ValueError("eig_lowrank: the data loader is empty")
         fm = self._target(data.split(first)[0], False).fm
-        op = operator(fm, data, self._likelihood(), memory_budget=self.memory_budget, **kwargs)
+        # laplace-torch sums over its own data loader per process: no reduction across ranks
+        op = operator(
+            fm,
+            data,
+            self._likelihood(),
+            memory_budget=self.memory_budget,
+            process_group=None,
+            **kwargs,
+        )
         k = min(self.low_rank, fm.num_params)
         eigenvalues, eigenvectors = op.lowrank(k)
         eigenvalues = eigenvalues * scale
