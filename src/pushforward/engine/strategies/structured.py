@@ -201,7 +201,9 @@ class StructuredStrategy(Strategy):
                 out = c.call.weight_shape[1 if c.call.kind == "addmm" else 0]
                 positions = max(1, z // out)
                 flops += rows * (2 * size * positions + c.op.matmul_flops() + traffic() * size)
-                per_row += 2 * size * p.itemsize + c.op.workspace_bytes(1)
+                fixed = c.op.workspace_bytes(0)  # what the block caches (a factor), once
+                per_row += 2 * size * p.itemsize + c.op.workspace_bytes(1) - fixed
+                held += fixed
         if p.kind == "joint":
             q = p.group_size * p.rows_per_sample
             flops += rows * q * 4 * len(split.contractions)
