@@ -311,33 +311,17 @@ def _laplax(ctx: Context, mode: str) -> Callable[[], object]:
 
 # -- the LLM case --------------------------------------------------------------------------------
 def _llm(ctx: Context, what: str) -> Callable[[], object]:
-    import logging
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader, TensorDataset
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from pushforward.curvature import GGN, CrossEntropy
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     size = dict(LLM)
     if ctx.quick:
         size.update(layers=2, width=32, vocab=1000, sequences=8, tokens=16, batch=4)
-    torch.manual_seed(ctx.seed)
-    config = GPT2Config(
-        n_layer=size["layers"],
-        n_embd=size["width"],
-        n_head=8 if not ctx.quick else 4,
-        vocab_size=size["vocab"],
-        n_positions=max(1024, size["tokens"]),
-        bos_token_id=0,
-        eos_token_id=0,
+    heads = 4 if ctx.quick else 8
+    model = workloads.peft_gpt2(
+        ctx, size["layers"], size["width"], heads, size["vocab"], size["tokens"], LLM_RANK
     )
-    lora = LoraConfig(r=LLM_RANK, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(GPT2LMHeadModel(config), lora).to(ctx.device).eval()
     g = torch.Generator().manual_seed(ctx.seed + 1)
     ids = torch.randint(0, size["vocab"], (size["sequences"], size["tokens"]), generator=g)
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # next token

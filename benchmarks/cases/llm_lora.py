@@ -20,7 +20,6 @@ Peak memory above the model is the number to read (``≤ 3 GB`` is the target on
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 
@@ -64,27 +63,12 @@ class LastToken(nn.Module):
 def _setup(ctx: Context, wrap: Callable[[nn.Module], nn.Module] = lambda m: m):
     """``(model, batch, S)``: ``wrap`` of the LoRA GPT-2, a padded batch and a K-FAC-form
     posterior bound to the model's LoRA parameters."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import pushforward as pf
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     size = QUICK if ctx.quick else SIZE
-    torch.manual_seed(ctx.seed)
-    config = GPT2Config(
-        n_layer=size["layers"],
-        n_embd=size["width"],
-        n_head=size["heads"],
-        vocab_size=size["vocab"],
-        n_positions=max(1024, size["tokens"]),
-        bos_token_id=0,
-        eos_token_id=0,
+    model = workloads.peft_gpt2(
+        ctx, size["layers"], size["width"], size["heads"], size["vocab"], size["tokens"], RANK
     )
-    lora = LoraConfig(r=RANK, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(GPT2LMHeadModel(config), lora).to(ctx.device).eval()
     g = torch.Generator().manual_seed(ctx.seed + 1)
     B, T = size["batch"], size["tokens"]
     ids = torch.randint(0, size["vocab"], (B, T), generator=g)

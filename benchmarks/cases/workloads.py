@@ -235,6 +235,34 @@ def gpt2_lora(ctx: Context) -> tuple[nn.Module, Tensor]:
     return model, ids
 
 
+def peft_gpt2(
+    ctx: Context, layers: int, width: int, heads: int, vocab: int, tokens: int, rank: int
+) -> nn.Module:
+    """A GPT-2-architecture language model (random weights from a config, no download) with
+    peft LoRA of rank ``rank`` on every block's ``c_attn``, in eval mode on ``ctx.device``."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(ctx.seed)
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
+        vocab_size=vocab,
+        n_positions=max(1024, tokens),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    lora = LoraConfig(r=rank, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(GPT2LMHeadModel(config), lora).to(ctx.device).eval()
+
+
 def random_diagonal(ctx: Context, w: Workload) -> dict[str, Tensor]:
     """A positive diagonal covariance S as ``{name: variances of the parameter's shape}``."""
     g = torch.Generator().manual_seed(ctx.seed + 2)
