@@ -20,7 +20,9 @@ examples of a chunk run at once (``vmap``), all rows of an example too; chunk si
 cost model within ``memory_budget``. When every parameter is on a matched layer, the forward is
 recorded by plain autograd (under ``vmap`` over examples) and one batched backward
 (``torch.autograd.grad(..., is_grads_batched=True)``) takes all rows of all examples of the chunk
-through it: each weight's products see ``rows x examples`` at once.
+through it: each weight's products see ``rows x examples`` at once. A model that is a plain chain
+of linear layers and elementwise activations (an ``nn.Sequential`` MLP) skips all of that: its
+pieces are computed by hand (:mod:`pushforward.curvature.chain`).
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from pushforward.core.branching import vmap_examples
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
 from pushforward.core.cost import Budget, ModelCost, measure_cost
 from pushforward.core.fallback import Ladder
-from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
+from pushforward.curvature.chain import Chain, find_chain
 from pushforward.curvature.data import Batch, Batches
 from pushforward.curvature.likelihoods import Likelihood
 from pushforward.engine.structure.tracing import (
@@ -248,11 +251,14 @@ class Sweep:
         for chunk in row_chunks(B, R, chunk_size):
             s = chunk.samples
             sub = inputs.slice(s.start, s.stop)
+            chain = find_chain(fm, layers.calls, sub) if not layers.generic else None
             try:
                 with torch.no_grad():
-                    f, a, G, rows = _TAPPED(
-                        fm, self, layers, params, sub, y[s], _part(noise, s), chunk.rows, (n, K)
-                    )
+                    args = (layers, params, sub, y[s], _part(noise, s), chunk.rows, (n, K))
+                    if chain is not None:
+                        f, a, G, rows = _chained(self, chain, *args)
+                    else:
+                        f, a, G, rows = _TAPPED(fm, self, *args)
             except StructureError as err:
                 raise StructureError(
                     f"{what} needs every example to run the traced layers: {err}"
@@ -268,6 +274,18 @@ class Sweep:
         )
         shape = (B, self.rows.mc_samples, *self.likelihood.noise_shape(n, K))
         return self.likelihood.draw_noise(shape, generator, dtype, device)
+
+    def chunk_cotangents(self, f: Tensor, y: Tensor, noise: Tensor | None, rows: slice) -> Tensor:
+        """``(b, r, n, K)``: the cotangent rows ``rows`` of a chunk's examples ``f (b, n, K)``,
+        in their own memory."""
+        if self.likelihood.batched:
+            cot = self.cotangents(f, y, noise, rows)
+        else:
+            in_dims = (0, 0, None if noise is None else 0)
+            cot = vmap(lambda f_b, y_b, z_b: self.cotangents(f_b, y_b, z_b, rows), in_dims=in_dims)(
+                f, y, noise
+            )
+        return cot.contiguous()
 
     def cotangents(self, f: Tensor, y: Tensor, noise: Tensor | None, rows: slice) -> Tensor:
         """``(..., r, n, K)``: the cotangent rows ``rows`` of examples ``f (..., n, K)`` — one
@@ -320,6 +338,17 @@ def _example(sweep: Sweep, layers: Layers, params, sub: Inputs, rows: slice, nK,
     cot = sweep.cotangents(out.reshape(nK), y, noise, rows).reshape(-1, *out.shape)
     G, free_rows = vmap(pull)(cot)
     return out, a, G, free_rows
+
+
+def _chained(sweep: Sweep, chain: Chain, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
+    """A chain of linear layers and elementwise activations, by hand
+    (:mod:`pushforward.curvature.chain`)."""
+
+    def cotangents(f: Tensor) -> Tensor:
+        return sweep.chunk_cotangents(f.reshape(-1, *nK), y, noise, rows).flatten(2, 3)
+
+    f, a, G = chain.pieces(params, sub.args[0], cotangents, module_lock(sweep.fm.module))
+    return f, a, G, {}
 
 
 def _tapped_vmapped(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise, rows, nK):
@@ -376,13 +405,7 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
             # value reads in the model are answered per group of examples that agree
             start_at, (f, a, z) = vmap_examples(one, [sub.tensors(), probes])
         f, a, z = f.detach(), [t.detach() for t in a], z.detach()
-        if sweep.likelihood.batched:
-            cot = sweep.cotangents(f.reshape(b, *nK), y, noise, rows)  # (b, r, n, K)
-        else:
-            in_dims = (0, 0, None if noise is None else 0)
-            cot = vmap(
-                lambda f_b, y_b, z_b: sweep.cotangents(f_b, y_b, z_b, rows), in_dims=in_dims
-            )(f.reshape(b, *nK), y, noise)
+        cot = sweep.chunk_cotangents(f.reshape(b, *nK), y, noise, rows)  # (b, r, n, K)
         r = cot.shape[1]
         G: list[Tensor | None] = [None] * len(layers.calls)
         if head is None:
@@ -402,7 +425,8 @@ def _tapped_batched(sweep: Sweep, layers: Layers, params, sub: Inputs, y, noise,
             W = weight.T if head.kind == "addmm" else weight
             u = rows_out.transpose(0, 1).reshape(-1, W.shape[0])  # (r * b * positions, K)
             start = (u @ W).reshape(r, *start_at.shape)
-        Gs = torch.autograd.grad(start_at, probes, start, is_grads_batched=True)
+        # only the head's parameters: nothing to take further back
+        Gs = torch.autograd.grad(start_at, probes, start, is_grads_batched=True) if probes else ()
     for call, g in zip(calls, Gs, strict=True):
         G[call.index] = g.transpose(0, 1)
     return f, a, G, {}

@@ -1,0 +1,227 @@
+"""A chain of linear layers and elementwise activations: its sweep pieces by hand.
+
+The most common curvature model — an MLP written as ``nn.Sequential(Linear, ReLU, Linear, ...)``
+— needs no tracing machinery at all: its forward pass is a fixed sequence of layers, every
+example runs the same program on its own row of the batch, and the backward pass of a cotangent
+row through it is a product with each weight and with each activation's derivative. Done by
+hand, the forward runs once on the whole chunk (no ``vmap``, no autograd graph) and the backward
+takes all rows of all examples through each weight in one matrix product, with the activations'
+derivatives computed once per example (not once per row).
+
+:func:`find_chain` recognizes such a model: an ``nn.Sequential`` (nested ones are flattened)
+whose modules are exactly ``nn.Linear`` or one of the elementwise activations below (or
+``nn.Identity``, or ``nn.Dropout`` in eval mode), without hooks, called on one ``(B, in)``
+tensor — or on one ``(B, ...)`` tensor that an ``nn.Flatten()`` first in the chain flattens (an
+MLP on images) — its output the last module's. Subclasses are not accepted (they may override
+``forward``), nor anything else: those models take the general path
+(:mod:`pushforward.curvature.sweep`), which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jvp
+from torch.nn.modules import module as module_globals
+
+from pushforward.core.functional_model import FunctionalModel, default_output_fn
+from pushforward.core.inputs import Inputs
+from pushforward.engine.structure.tracing import LayerCall
+
+__all__ = ["Chain", "find_chain"]
+
+#: Activations whose Jacobian is diagonal (one output entry per input entry): the derivative
+#: is one forward-mode product with a tangent of ones.
+ELEMENTWISE: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.CELU,
+        nn.SELU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.Softplus,
+        nn.Hardtanh,
+        nn.Hardsigmoid,
+        nn.Hardswish,
+        nn.LogSigmoid,
+        nn.Softsign,
+        nn.Tanhshrink,
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    module: nn.Linear
+    weight_name: str | None  # the posterior parameter's name (None: frozen)
+    bias_name: str | None
+    call: int | None  # its index among the traced layer calls (None: nothing selected)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The recognized layers, in forward order (see the module docstring)."""
+
+    steps: tuple[_Linear | nn.Module, ...]
+    calls: int
+    flatten: bool = False
+
+    def pieces(
+        self,
+        params: dict[str, Tensor],
+        x: Tensor,
+        cotangents: Callable[[Tensor], Tensor],
+        lock: AbstractContextManager,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """``(f (b, K), a, G)`` for inputs ``x (b, in)`` (``(b, ...)`` when the chain starts
+        by flattening its input): per traced layer call its input
+        ``(b, 1, in)`` and its output gradients ``(b, r, 1, out)`` for the cotangent rows
+        ``cotangents(f) (b, r, K)`` (the layout of the general sweep's one-example shapes).
+        Frozen weights are read from the modules while ``lock`` (the module's) is held."""
+        a: list[Tensor] = [x] * self.calls
+        G: list[Tensor] = [x] * self.calls
+        derivatives: list[Tensor | None] = []
+        weights: list[Tensor] = []
+        if self.flatten:
+            x = x.flatten(1)
+        h = x
+        with lock:
+            for step in self.steps:
+                if isinstance(step, _Linear):
+                    weight, bias = _values(step, params)
+                    if step.call is not None:
+                        a[step.call] = h.unsqueeze(1)
+                    h = F.linear(h, weight, bias)
+                    weights.append(weight)
+                    derivatives.append(None)
+                else:
+                    if h is x:  # an in-place activation must not change the caller's inputs
+                        h = h.clone()
+                    h, d = _with_derivative(step, h)
+                    derivatives.append(d)
+        g = cotangents(h)  # (b, r, K)
+        b, r = g.shape[:2]
+        owned = False  # g is this function's own memory (safe to scale in place)
+        last = min(s.call for s in self.steps if isinstance(s, _Linear) and s.call is not None)
+        for step, d in zip(reversed(self.steps), reversed(derivatives), strict=True):
+            if d is not None:
+                g = g.mul_(d.unsqueeze(1)) if owned else g * d.unsqueeze(1)
+                owned = True
+                continue
+            weight = weights.pop()
+            if step.call is not None:
+                G[step.call] = g.unsqueeze(2)
+                owned = False
+                if step.call == last:
+                    break
+            g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
+            owned = True
+        return h, a, G
+
+
+def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    m = step.module
+    weight = params[step.weight_name] if step.weight_name else m.weight.detach()
+    if step.bias_name:
+        return weight, params[step.bias_name]
+    return weight, None if m.bias is None else m.bias.detach()
+
+
+def _with_derivative(module: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(module(z), module'(z))`` for an elementwise activation."""
+    if type(module) is nn.ReLU:
+        return torch.relu(z), z > 0  # autograd's convention: derivative 0 at 0
+    return jvp(module, (z,), (torch.ones_like(z),))
+
+
+def _flatten(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if type(child) is nn.Sequential and not _hooked(child):
+            yield from _flatten(child, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}.", child
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    return bool(
+        module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+        or module_globals._global_backward_hooks
+        or module_globals._global_backward_pre_hooks
+    )
+
+
+def find_chain(fm: FunctionalModel, calls: tuple[LayerCall, ...], inputs: Inputs) -> Chain | None:
+    """The chain ``fm`` is, with its linear layers lined up with the traced layer ``calls``
+    (every selected parameter is a linear weight or bias, used once); ``None`` when ``fm`` or
+    ``inputs`` is anything else. Checked on every call (cheap): hooks or modules may change."""
+    model = fm.module
+    if (
+        type(model) is not nn.Sequential
+        or fm.output_fn is not default_output_fn
+        or fm.output_dims != 1
+        or inputs.kwargs
+        or len(inputs.args) != 1
+        or not isinstance(inputs.args[0], Tensor)
+        or inputs.args[0].dim() < 2
+        or _hooked(model)
+        or _global_hooks()
+    ):
+        return None
+    selected = fm.param_shapes
+    steps: list[_Linear | nn.Module] = []
+    seen: set[int] = set()
+    next_call = 0
+    flat = inputs.args[0].dim() == 2
+    flatten = False
+    for prefix, m in _flatten(model, ""):
+        if _hooked(m):
+            return None
+        kind = type(m)
+        if kind in (nn.Identity, nn.Dropout) and (kind is nn.Identity or not m.training):
+            continue
+        if kind is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1):
+            flatten = flatten or not flat  # on (B, features) it changes nothing
+            flat = True
+            continue
+        if not flat:
+            return None
+        if kind in ELEMENTWISE:
+            steps.append(m)
+            continue
+        if kind is not nn.Linear:
+            return None
+        weight = f"{prefix}weight" if f"{prefix}weight" in selected else None
+        bias = f"{prefix}bias" if f"{prefix}bias" in selected else None
+        call = None
+        if weight or bias:
+            if id(m) in seen or next_call >= len(calls):
+                return None
+            traced = calls[next_call]
+            if traced.kind != "linear" or (traced.weight_name, traced.bias_name) != (weight, bias):
+                return None
+            call, next_call = next_call, next_call + 1
+            seen.add(id(m))
+        steps.append(_Linear(m, weight, bias, call))
+    if next_call != len(calls) or next_call == 0:
+        return None
+    return Chain(tuple(steps), len(calls), flatten)
