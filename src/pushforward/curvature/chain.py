@@ -31,7 +31,7 @@ from torch.nn.modules import module as module_globals
 
 from pushforward.core.functional_model import FunctionalModel, default_output_fn
 from pushforward.core.inputs import Inputs
-from pushforward.engine.structure.tracing import LayerCall
+from pushforward.engine.structure.tracing import LayerCall, StructureError
 
 __all__ = ["Chain", "find_chain"]
 
@@ -84,13 +84,13 @@ class Chain:
         cotangents: Callable[[Tensor], Tensor],
         lock: AbstractContextManager,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """``(f (b, K), a, G)`` for inputs ``x (b, in)`` (``(b, ...)`` when the chain starts
-        by flattening its input): per traced layer call its input
-        ``(b, 1, in)`` and its output gradients ``(b, r, 1, out)`` for the cotangent rows
-        ``cotangents(f) (b, r, K)`` (the layout of the general sweep's one-example shapes).
-        Frozen weights are read from the modules while ``lock`` (the module's) is held."""
-        a: list[Tensor] = [x] * self.calls
-        G: list[Tensor] = [x] * self.calls
+        """``(f (b, K), a, G)`` for inputs ``x (b, in)`` (``(b, ...)`` when the chain starts by
+        flattening its input): per traced layer call its input ``(b, 1, in)`` and its output
+        gradients ``(b, r, 1, out)`` for the cotangent rows ``cotangents(f) (b, r, K)`` (the
+        layout of the general sweep's one-example shapes). Frozen weights are read from the
+        modules while ``lock`` (the module's) is held."""
+        a: list[Tensor | None] = [None] * self.calls
+        G: list[Tensor | None] = [None] * self.calls
         derivatives: list[Tensor | None] = []
         weights: list[Tensor] = []
         if self.flatten:
@@ -127,7 +127,9 @@ class Chain:
                     break
             g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
             owned = True
-        return h, a, G
+        if any(t is None for t in (*a, *G)):
+            raise StructureError("a traced layer call is not in the chain")
+        return h, a, G  # type: ignore[return-value]
 
 
 def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
