@@ -27,6 +27,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / scale).item()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while the requesting module's tests run (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def zoo_reference(name: str):
     """``(case, f, J)`` for a zoo case, brute force computed once per test session."""

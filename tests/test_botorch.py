@@ -62,12 +62,8 @@ def float64_default():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _one_thread(one_thread):
     """Small products: one thread is fastest (and immune to oversubscribed cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_net(d: int = 3, m: int = 1, seed: int = 0) -> nn.Module:

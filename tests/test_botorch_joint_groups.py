@@ -24,12 +24,8 @@ SLOW = {"gpt2_tiny", "transformer_encoder"}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _one_thread(one_thread):
     """Small products: one thread is fastest (and immune to oversubscribed cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def blocks(joint: torch.Tensor, B: int, q: int) -> torch.Tensor:

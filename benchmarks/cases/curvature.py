@@ -79,13 +79,7 @@ def _w1(ctx: Context):
     hidden = 16 if ctx.quick else 256
     points, batch = (N_POINTS // 8, BATCH // 8) if ctx.quick else (N_POINTS, BATCH)
     torch.manual_seed(ctx.seed)
-    model = nn.Sequential(
-        nn.Linear(784, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    )
+    model = workloads.mlp(hidden, 10)
     model = model.to(ctx.device).eval()
     g = torch.Generator().manual_seed(ctx.seed + 1)
     X = torch.randn(points, 784, generator=g).to(ctx.device)

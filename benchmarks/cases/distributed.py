@@ -31,7 +31,6 @@ from functools import partial
 
 import torch
 from harness.registry import Context, register
-from torch import nn
 
 from cases import workloads
 
@@ -54,13 +53,7 @@ def _data(quick: bool, seed: int):
 
     hidden, points = (16, N_POINTS // 16) if quick else (256, N_POINTS)
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(784, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    ).eval()
+    model = workloads.mlp(hidden, 10).eval()
     g = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(points, 784, generator=g)
     y = torch.randint(10, (points,), generator=g)

@@ -23,7 +23,6 @@ from functools import partial
 
 import torch
 from harness.registry import Context, register
-from torch import nn
 
 from cases import workloads
 
@@ -59,13 +58,7 @@ def _fit_diag(ctx: Context, backend: str) -> Callable[[], object]:
     hidden = 16 if ctx.quick else FIT_HIDDEN
     points, batch = (FIT_POINTS // 8, FIT_BATCH // 8) if ctx.quick else (FIT_POINTS, FIT_BATCH)
     torch.manual_seed(ctx.seed)
-    model = nn.Sequential(
-        nn.Linear(784, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-    ).to(ctx.device)
+    model = workloads.mlp(hidden, classes).to(ctx.device)
     g = torch.Generator().manual_seed(ctx.seed + 1)
     X = torch.randn(points, 784, generator=g).to(ctx.device)
     y = torch.randint(classes, (points,), generator=g).to(ctx.device)

@@ -113,7 +113,8 @@ class Workload:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _mlp(hidden: int, classes: int) -> nn.Module:
+def mlp(hidden: int, classes: int) -> nn.Module:
+    """The W1-shaped MLP 784-hidden-hidden-classes (ReLU), freshly initialized."""
     return nn.Sequential(
         nn.Linear(784, hidden),
         nn.ReLU(),
@@ -148,7 +149,7 @@ def build(ctx: Context, key: str, batch: int | None = None) -> Workload:
     torch.manual_seed(ctx.seed)
     if spec.arch == "mlp":
         hidden = 16 if ctx.quick else 256
-        model, shape = _mlp(hidden, classes), (784,)
+        model, shape = mlp(hidden, classes), (784,)
         arch = f"MLP 784-{hidden}-{hidden}-{classes}"
     else:
         c1, c2 = (4, 8) if ctx.quick else (16, 32)

@@ -74,8 +74,12 @@ class Chain:
     """The recognized layers, in forward order (see the module docstring)."""
 
     steps: tuple[_Linear | nn.Module, ...]
-    calls: int
     flatten: bool = False
+
+    @property
+    def calls(self) -> int:
+        """The number of traced layer calls (linear layers with selected parameters)."""
+        return sum(isinstance(s, _Linear) and s.call is not None for s in self.steps)
 
     def pieces(
         self,
@@ -91,8 +95,7 @@ class Chain:
         modules while ``lock`` (the module's) is held."""
         a: list[Tensor | None] = [None] * self.calls
         G: list[Tensor | None] = [None] * self.calls
-        derivatives: list[Tensor | None] = []
-        weights: list[Tensor] = []
+        saved: list[Tensor] = []  # per step: a linear layer's weight, an activation's derivative
         if self.flatten:
             x = x.flatten(1)
         h = x
@@ -103,31 +106,28 @@ class Chain:
                     if step.call is not None:
                         a[step.call] = h.unsqueeze(1)
                     h = F.linear(h, weight, bias)
-                    weights.append(weight)
-                    derivatives.append(None)
+                    saved.append(weight)
                 else:
                     if h is x:  # an in-place activation must not change the caller's inputs
                         h = h.clone()
                     h, d = _with_derivative(step, h)
-                    derivatives.append(d)
+                    saved.append(d)
         g = cotangents(h)  # (b, r, K)
         b, r = g.shape[:2]
         owned = False  # g is this function's own memory (safe to scale in place)
-        last = min(s.call for s in self.steps if isinstance(s, _Linear) and s.call is not None)
-        for step, d in zip(reversed(self.steps), reversed(derivatives), strict=True):
-            if d is not None:
-                g = g.mul_(d.unsqueeze(1)) if owned else g * d.unsqueeze(1)
+        for step, t in zip(reversed(self.steps), reversed(saved), strict=True):
+            if not isinstance(step, _Linear):
+                g = g.mul_(t.unsqueeze(1)) if owned else g * t.unsqueeze(1)
                 owned = True
                 continue
-            weight = weights.pop()
             if step.call is not None:
                 G[step.call] = g.unsqueeze(2)
                 owned = False
-                if step.call == last:
+                if step.call == 0:  # the first traced layer: nothing further back is needed
                     break
-            g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
+            g = (g.reshape(b * r, -1) @ t).reshape(b, r, -1)
             owned = True
-        if any(t is None for t in (*a, *G)):
+        if any(v is None for v in (*a, *G)):
             raise StructureError("a traced layer call is not in the chain")
         return h, a, G  # type: ignore[return-value]
 
@@ -175,7 +175,7 @@ def _global_hooks() -> bool:
 def find_chain(fm: FunctionalModel, calls: tuple[LayerCall, ...], inputs: Inputs) -> Chain | None:
     """The chain ``fm`` is, with its linear layers lined up with the traced layer ``calls``
     (every selected parameter is a linear weight or bias, used once); ``None`` when ``fm`` or
-    ``inputs`` is anything else. Checked on every call (cheap): hooks or modules may change."""
+    ``inputs`` is anything else. Checked for every batch (cheap): hooks or modules may change."""
     model = fm.module
     if (
         type(model) is not nn.Sequential
@@ -226,4 +226,4 @@ def find_chain(fm: FunctionalModel, calls: tuple[LayerCall, ...], inputs: Inputs
         steps.append(_Linear(m, weight, bias, call))
     if next_call != len(calls) or next_call == 0:
         return None
-    return Chain(tuple(steps), len(calls), flatten)
+    return Chain(tuple(steps), flatten)

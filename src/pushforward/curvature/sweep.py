@@ -248,10 +248,10 @@ class Sweep:
         per_example = cost.activation_bytes + 2 * cost.output_bytes
         chunk_size = budget.chunk(per_row + per_example // max(R, 1), held, B * R)
         budget.require(budget.peak(held, chunk_size, per_row) + per_example, what)
+        chain = find_chain(fm, layers.calls, inputs) if not layers.generic else None
         for chunk in row_chunks(B, R, chunk_size):
             s = chunk.samples
             sub = inputs.slice(s.start, s.stop)
-            chain = find_chain(fm, layers.calls, sub) if not layers.generic else None
             try:
                 with torch.no_grad():
                     args = (layers, params, sub, y[s], _part(noise, s), chunk.rows, (n, K))
