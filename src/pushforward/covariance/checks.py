@@ -2,6 +2,16 @@
 
 The value checks run when an operator is constructed with ``check=True`` (the default); every
 one of them raises ``ValueError`` naming the offending tensor.
+
+**Half precision.** PyTorch has no Cholesky factorization or eigendecomposition for float16 or
+bfloat16 (on CPU): every factorization here runs in float32 (:func:`factor_dtype`) and its
+result is rounded to the operator's dtype, so a half-precision operator is as accurate as its
+dtype allows; its products run in its own dtype.
+
+**Caches.** What an operator derives from its defining tensors (a square-root factor, a
+Woodbury core) is kept by :func:`cached` under the identity and in-place version of those
+tensors: an in-place change of a defining tensor recomputes it. Copies and pickles of an
+operator start without caches (:meth:`CovarianceOperator.__getstate__`).
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ __all__ = [
     "check_psd",
     "check_symmetric",
     "common_dtype_device",
+    "factor_dtype",
     "needs_grad",
     "psd_sqrt",
+    "remember",
     "symmetry_tol",
 ]
 
@@ -108,10 +120,11 @@ def check_psd(name: str, M: Tensor) -> Tensor | None:
     if M.shape[0] == 0:
         return M
     with torch.no_grad():
-        L, info = torch.linalg.cholesky_ex(M)
+        work = M.to(factor_dtype(M.dtype))
+        L, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0:
-            return L
-        evals = torch.linalg.eigvalsh(M)
+            return L.to(M.dtype)
+        evals = torch.linalg.eigvalsh(work)
         top, low = evals.abs().max().item(), evals.min().item()
     if low < -symmetry_tol(M.dtype) * max(top, torch.finfo(M.dtype).tiny):
         raise _psd_error(name, low, top)
@@ -123,20 +136,28 @@ def psd_sqrt(M: Tensor, name: str) -> Tensor:
 
     The lower Cholesky factor when ``M`` is numerically positive definite; otherwise the
     symmetric square root ``Q diag(sqrt(max(λ, 0))) Q^T`` of its eigendecomposition, after
-    checking that no eigenvalue is clearly negative. Differentiable.
+    checking that no eigenvalue is clearly negative. Differentiable. A half-precision ``M`` is
+    factorized in float32 and the factor rounded to its dtype.
     """
     if M.shape[0] == 0:
         return M
-    L, info = torch.linalg.cholesky_ex(M)
+    work = M.to(factor_dtype(M.dtype))
+    L, info = torch.linalg.cholesky_ex(work)
     if int(info) == 0:
-        return L
-    evals, evecs = torch.linalg.eigh(M)
+        return L.to(M.dtype)
+    evals, evecs = torch.linalg.eigh(work)
     with torch.no_grad():
         top = evals.abs().max().item()
         low = evals.min().item()
     if low < -symmetry_tol(M.dtype) * max(top, torch.finfo(M.dtype).tiny):
         raise _psd_error(name, low, top)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return ((evecs * evals.clamp_min(0).sqrt()) @ evecs.T).to(M.dtype)
+
+
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factorizations of an operator of ``dtype`` run in: float32 for float16 and
+    bfloat16 (PyTorch has no half-precision Cholesky or eigendecomposition), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def needs_grad(*tensors: Tensor) -> bool:
@@ -144,15 +165,38 @@ def needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _stamp(inputs: Sequence[Tensor]) -> tuple[int, ...] | None:
+    """Identity and in-place version of each tensor (``None`` for inference tensors, which
+    keep no version counter: nothing derived from them is cached)."""
+    if any(t.is_inference() for t in inputs):
+        return None
+    return tuple(v for t in inputs for v in (id(t), t._version))
+
+
 def cached(store: dict[str, Any], key: str, fn: Callable[[], T], *inputs: Tensor) -> T:
-    """``fn()``, kept in ``store`` unless it would be part of an autograd graph (a cached
-    graph could be backpropagated only once)."""
+    """``fn()``, a value derived from the tensors ``inputs``, kept in ``store`` under their
+    identities and in-place versions: recomputed after an in-place change of any of them, and
+    never kept when it would be part of an autograd graph (a cached graph could be
+    backpropagated only once)."""
     if needs_grad(*inputs):
         return fn()
-    if key not in store:
+    stamp = _stamp(inputs)
+    hit = store.get(key)
+    if stamp is None or hit is None or hit[0] != stamp:
         with torch.no_grad():
-            store[key] = fn()
-    return store[key]
+            value = fn()
+        if stamp is None:
+            return value
+        hit = store[key] = (stamp, value)
+    return hit[1]
+
+
+def remember(store: dict[str, Any], key: str, value: Any, *inputs: Tensor) -> None:
+    """Put ``value``, derived from ``inputs`` as they are now, into ``store`` for
+    :func:`cached` (e.g. a factor computed by a constructor's check)."""
+    stamp = _stamp(inputs)
+    if stamp is not None:
+        store[key] = (stamp, value)
 
 
 def check_lowrank(

@@ -15,6 +15,7 @@ from pushforward.covariance.checks import (
     check_symmetric,
     common_dtype_device,
     psd_sqrt,
+    remember,
 )
 from pushforward.covariance.operator import CovarianceOperator
 
@@ -36,7 +37,8 @@ class Dense(CovarianceOperator):
 
     The square-root factor (``sqrt_cols = P``) is the given factor, else the Cholesky factor of
     ``matrix``, or — when ``matrix`` is only positive semi-definite — its clamped symmetric
-    eigen square root.
+    eigen square root; it is recomputed after an in-place change of ``matrix``. A float16 or
+    bfloat16 matrix is factorized in float32 and the factor rounded to its dtype.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Dense(CovarianceOperator):
             check_symmetric(name, M)
             L = check_psd(name, M)
             if L is not None and not M.requires_grad:
-                self._cache["sqrt"] = L
+                remember(self._cache, "sqrt", L, M)
         super().__init__(M.shape[0])
         self._kind = kind
         self._matrix = M if kind == "matrix" else None

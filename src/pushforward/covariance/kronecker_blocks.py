@@ -23,6 +23,7 @@ from pushforward.covariance.checks import (
     check_symmetric,
     common_dtype_device,
     psd_sqrt,
+    remember,
 )
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator
@@ -84,7 +85,8 @@ class KroneckerFactors(KroneckerBlock):
             factors, when they exist, are kept for the square root).
 
     The square root is ``chol(B) ⊗ chol(A)`` (the clamped eigen square root of a singular
-    factor); factors are never eigendecomposed otherwise.
+    factor); factors are never eigendecomposed otherwise. It is recomputed after an in-place
+    change of either factor; half-precision factors are factorized in float32.
     """
 
     _side_names = "out_factor/in_factor"
@@ -104,7 +106,7 @@ class KroneckerFactors(KroneckerBlock):
                 check_symmetric(f"{label}: {name}", F)
                 roots.append(check_psd(f"{label}: {name}", F))
             if None not in roots and not (out_factor.requires_grad or in_factor.requires_grad):
-                self._cache["chol"] = tuple(roots)
+                remember(self._cache, "chol", tuple(roots), out_factor, in_factor)
 
     def _fields(self) -> dict[str, Any]:
         return {"out_factor": self.out_factor, "in_factor": self.in_factor}

@@ -10,6 +10,7 @@ from torch import Tensor
 from pushforward.covariance.checks import (
     cached,
     check_lowrank,
+    factor_dtype,
 )
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator
@@ -38,8 +39,9 @@ class LowRankPrecision(CovarianceOperator):
       ``W^T W = Q diag(s) Q^T``, ``c = ((1 + s)^{-1/2} - 1) / s``; ``sqrt_cols = P``. (Its
       gradient, like any ``eigh`` gradient, is undefined when ``s`` has repeated values.)
 
-    Cost: O(P k) per row and O(P k²) once; :meth:`marginal`/``block`` keep this operator and
-    select coordinates (exact, same ``sqrt_cols``).
+    Cost: O(P k) per row and O(P k²) once (recomputed after an in-place change of ``U``,
+    ``eigvals`` or ``diag``; in float32 for a half-precision operator); :meth:`marginal`/
+    ``block`` keep this operator and select coordinates (exact, same ``sqrt_cols``).
     """
 
     def __init__(self, U: Tensor, eigvals: Tensor, diag: Tensor, *, check: bool = True) -> None:
@@ -86,9 +88,10 @@ class LowRankPrecision(CovarianceOperator):
 
         def compute() -> Tensor:
             W = self._W()
-            K = torch.eye(W.shape[1], dtype=W.dtype, device=W.device) + W.T @ W
+            work = W.to(factor_dtype(W.dtype))
+            K = torch.eye(W.shape[1], dtype=work.dtype, device=W.device) + work.T @ work
             R = torch.linalg.cholesky(K)
-            return torch.linalg.solve_triangular(R, W.T, upper=False).T
+            return torch.linalg.solve_triangular(R, work.T, upper=False).T.to(W.dtype)
 
         return cached(self._cache, "M", compute, *self._inputs())
 
@@ -97,9 +100,10 @@ class LowRankPrecision(CovarianceOperator):
 
         def compute() -> tuple[Tensor, Tensor]:
             W = self._W()
-            s, Q = torch.linalg.eigh(W.T @ W)
+            work = W.to(factor_dtype(W.dtype))
+            s, Q = torch.linalg.eigh(work.T @ work)
             root = (1 + s.clamp_min(0)).sqrt()
-            return W @ Q, -1 / (root * (1 + root))
+            return (work @ Q).to(W.dtype), (-1 / (root * (1 + root))).to(W.dtype)
 
         return cached(self._cache, "sqrt", compute, *self._inputs())
 

@@ -203,6 +203,15 @@ class CovarianceOperator(abc.ABC):
         return rows * self.num_params * self.dtype.itemsize
 
     # -- copies --------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without what it derived from its tensors (cached factors): a copy
+        recomputes them from its own tensors."""
+        state = dict(self.__dict__)
+        state.pop("_defining_tensors", None)
+        if "_cache" in state:
+            state["_cache"] = {}
+        return state
+
     def _rebuild(self, fields: dict[str, Any]) -> CovarianceOperator:
         """An operator of this class from ``fields`` (no value checks), with this layout."""
         out = type(self)(**fields, check=False)

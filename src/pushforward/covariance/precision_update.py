@@ -13,6 +13,7 @@ from pushforward.covariance.checks import (
     check_finite,
     check_nonnegative,
     common_dtype_device,
+    factor_dtype,
 )
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator
@@ -42,7 +43,8 @@ class PrecisionUpdate(CovarianceOperator):
       ``sqrt_cols`` is the base's r. (Its gradient, like any ``eigh`` gradient, is undefined
       when ``s`` has repeated values.)
 
-    The update is exact: rows that are zero outside some parameters leave the others' marginal
+    The cached pieces are recomputed after an in-place change of ``rows``, ``weights`` or the
+    base's tensors; a half-precision operator factorizes in float32. The update is exact: rows that are zero outside some parameters leave the others' marginal
     covariance unchanged, and updating an updated operator again equals one update with all
     rows (:meth:`updated` does the latter).
     """
@@ -119,10 +121,11 @@ class PrecisionUpdate(CovarianceOperator):
 
         def compute() -> Tensor:
             A = self._scaled()
-            U = self.base.matmul_rows(A)  # A Σ
-            C = torch.eye(A.shape[0], dtype=A.dtype, device=A.device) + U @ A.T
+            work = factor_dtype(A.dtype)
+            U = self.base.matmul_rows(A).to(work)  # A Σ
+            C = torch.eye(A.shape[0], dtype=work, device=A.device) + U @ A.to(work).T
             K = torch.linalg.cholesky(0.5 * (C + C.T))
-            return torch.linalg.solve_triangular(K, U, upper=False)
+            return torch.linalg.solve_triangular(K, U, upper=False).to(A.dtype)
 
         return cached(self._cache, "M", compute, *self._inputs())
 
@@ -131,10 +134,11 @@ class PrecisionUpdate(CovarianceOperator):
         Q^T N``."""
 
         def compute() -> tuple[Tensor, Tensor]:
-            N = self.base.sqrt_t_rows(self._scaled())  # A L
+            A = self._scaled()
+            N = self.base.sqrt_t_rows(A).to(factor_dtype(A.dtype))  # A L
             s, Q = torch.linalg.eigh(N @ N.T)
             root = (1 + s.clamp_min(0)).sqrt()
-            return Q.T @ N, -1 / (root * (1 + root))
+            return (Q.T @ N).to(A.dtype), (-1 / (root * (1 + root))).to(A.dtype)
 
         return cached(self._cache, "sqrt", compute, *self._inputs())
 
