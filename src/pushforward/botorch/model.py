@@ -7,12 +7,22 @@ computes exactly that block for every t-batch with
 :func:`pushforward.functional_covariance` (``joint="groups"``: the layer-structured closed forms
 where the posterior has them), never a covariance across t-batches, and differentiably in X.
 
-Conditioning (:meth:`PushforwardModel.condition_on_observations`, hence ``fantasize``) adds the
-new points' Gauss-Newton curvature ``J_n^T Λ J_n`` (Λ the noise precisions) to the posterior
-precision — what refitting the Laplace approximation with those points would add, at the same
-θ* and prior. The mean stays ``f(X; θ*)`` (the network is not retrained and the observed values
-do not move it); the covariance becomes ``K_XX - K_Xn (K_nn + N)^{-1} K_nX`` with ``K = J S J^T``,
-computed from the joint covariance of each t-batch with the conditioning points.
+The linearized network with θ ~ N(θ*, S) is a Gaussian process with mean ``f(x; θ*)`` and kernel
+``k(x, x') = J(x) S J(x')^T``. Conditioning it on observations ``(X_n, Y_n)`` with noise
+variances ``N`` (:meth:`PushforwardModel.condition_on_observations`, hence ``fantasize``) is
+exact and closed form for both moments (``K_ab = k(a, b)``, ``C = K_nn + N``):
+
+* mean ``f(X) + K_Xn C^{-1} (Y_n - f(X_n))``,
+* covariance ``K_XX - K_Xn C^{-1} K_nX``,
+
+equivalently the weight-space update ``θ̄ = θ* + S J_n^T C^{-1} (Y_n - f(X_n))``,
+``S' = (S^{-1} + J_n^T N^{-1} J_n)^{-1}`` — what refitting the Laplace approximation of the
+linearized network with the new points gives (same θ*, same prior). The network itself is not
+retrained. Conditioning again composes (it equals conditioning once on all the points).
+Nothing of size P x P is formed: one conditioning set shared by every t-batch keeps
+``S J_n^T`` (``n m`` rows of P) and pushes it through the network with ``n m`` Jacobian-vector
+products per call; a batch of conditioning sets (fantasies at the q-batches of an acquisition)
+uses the joint covariance of each t-batch with its own conditioning points.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from pushforward.core.functional_model import FunctionalModel
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.covariance.precision_update import PrecisionUpdate
 from pushforward.products.jacobian import jacobian
+from pushforward.products.jvp import batched_jvp
 
 __all__ = ["PosteriorSource", "PushforwardModel"]
 
@@ -54,7 +65,9 @@ class PosteriorSource:
         model: the model.
         X: the inputs after the input transform, ``batch_shape x q x d``.
         output_indices: the model's outputs the posterior is over (``None``: all).
-        observation_noise: as passed to ``posterior``.
+        observation_noise: the noise added: as passed to ``posterior``, or ``True`` where the
+            model adds its noise to every posterior (``observation_noise=True`` at
+            construction).
         posterior_transform: as passed to ``posterior``.
     """
 
@@ -67,13 +80,40 @@ class PosteriorSource:
 
 @dataclass(frozen=True)
 class _Conditioning:
-    """Observations the model is conditioned on: inputs (after the input transform)
-    ``batch x n x d`` and noise variances ``batch x n x m`` (all network outputs), with the
-    model's batch shape (that of the observed values, which may add fantasy dimensions)."""
+    """Observations the model is conditioned on (all network outputs observed).
+
+    Attributes:
+        X: inputs after the input transform, ``cbatch x n x d``.
+        Y: observed values after the outcome transform, ``ybatch x n x m``.
+        noise: noise variances (outcome-transformed space), ``cbatch x n x m``.
+        batch_shape: the model's batch shape, ``broadcast(ybatch, cbatch)`` (fantasies add
+            leading dimensions to ``ybatch``).
+    """
 
     X: Tensor
+    Y: Tensor
     noise: Tensor
     batch_shape: torch.Size
+
+    @property
+    def shared(self) -> bool:
+        """One conditioning set for every batch element: the weight-space update applies."""
+        return self.X.dim() == 2
+
+
+@dataclass(frozen=True)
+class _Update:
+    """The weight-space update of a shared conditioning set (``r = n m`` observed entries).
+
+    Attributes:
+        rows: ``(r, P)``, ``J_n S`` (the columns ``S J_n^T`` as rows).
+        chol: ``(r, r)``, the Cholesky factor of ``C = J_n S J_n^T + N``.
+        alpha: ``(*ybatch, r, 1)``, ``C^{-1} (Y_n - f(X_n))``.
+    """
+
+    rows: Tensor
+    chol: Tensor
+    alpha: Tensor
 
 
 class PushforwardModel(Model, FantasizeMixin):
@@ -83,13 +123,17 @@ class PushforwardModel(Model, FantasizeMixin):
         model: an ``nn.Module`` (its trainable parameters carry the posterior) or a
             :class:`~pushforward.FunctionalModel` (selected parameters) mapping inputs
             ``(N, d)`` to outputs ``(N, m)``. Used in its current mode (call ``.eval()`` first
-            if it has dropout or batch norm).
+            if it has dropout or batch norm), in its own dtype: inputs must have the dtype of
+            its parameters (BoTorch works in float64: build the network in float64).
         cov: the posterior covariance S over the selected parameters, a
             :class:`~pushforward.CovarianceOperator` (e.g. from
             :func:`pushforward.from_laplace`).
         noise: observation noise variance σ² in the network's output space (that of the
             outcome-transformed targets): a number, or a tensor ``()`` or ``(m,)``. Needed
-            for ``observation_noise=True`` and for conditioning.
+            for ``observation_noise`` and for conditioning.
+        observation_noise: ``False`` (default): posteriors are over the latent function unless
+            a call asks for the noise (BoTorch's convention); ``True``: every posterior adds
+            σ² (as laplace-bayesopt's ``LaplaceBoTorch`` does), whatever the acquisition asks.
         likelihood: ``"regression"`` (Gaussian observations; the only likelihood of BoTorch's
             Gaussian posteriors).
         outcome_transform: a fitted BoTorch outcome transform (e.g. ``Standardize`` on the
@@ -113,6 +157,7 @@ class PushforwardModel(Model, FantasizeMixin):
         cov: CovarianceOperator,
         *,
         noise: float | Tensor | None = None,
+        observation_noise: bool = False,
         likelihood: str = "regression",
         outcome_transform: OutcomeTransform | None = None,
         input_transform: InputTransform | None = None,
@@ -134,16 +179,23 @@ class PushforwardModel(Model, FantasizeMixin):
             )
         if not isinstance(cov, CovarianceOperator):
             raise TypeError(f"cov must be a pushforward covariance operator, got {type(cov)}")
+        if not isinstance(observation_noise, bool):
+            raise TypeError(
+                f"observation_noise must be True or False, got {type(observation_noise).__name__}"
+            )
+        if observation_noise and noise is None:
+            raise ValueError("observation_noise=True needs the noise variance: pass noise=...")
         width = _num_outputs(fm, num_outputs)
         self._fm = fm
-        self._cov = cov.bind(fm.layout)
-        self._cov_tensors = tuple(self._cov.tensors())
+        self._set_covariance(cov.bind(fm.layout))
         self._width = width
         self._all = tuple(range(width))
         self._selection: tuple[int, ...] = self._all
         self._conditioning: _Conditioning | None = None
+        self._update_cache: tuple[tuple, _Update] | None = None
         self._engine = {"strategy": strategy, "memory_budget": memory_budget}
         self.likelihood = likelihood
+        self.observation_noise = observation_noise
         self.noise: Tensor | None
         self.register_buffer("noise", _noise(noise, width, fm))
         self._noise_matrices: dict[tuple, Tensor] = {}
@@ -152,11 +204,16 @@ class PushforwardModel(Model, FantasizeMixin):
         if input_transform is not None:
             self.input_transform = input_transform.eval()
 
+    def _set_covariance(self, cov: CovarianceOperator) -> None:
+        self._cov = cov
+        self._cov_tensors = tuple(cov.tensors())
+
     @classmethod
     def from_laplace(
         cls,
         la: Any,
         *,
+        observation_noise: bool | None = None,
         outcome_transform: OutcomeTransform | None = None,
         input_transform: InputTransform | None = None,
         strategy: str = "auto",
@@ -164,9 +221,29 @@ class PushforwardModel(Model, FantasizeMixin):
     ) -> PushforwardModel:
         """The model of a fitted laplace-torch regression Laplace approximation (any structure
         :func:`pushforward.from_laplace` converts: full, diagonal, Kronecker, low-rank,
-        last-layer, subnetwork), with its observation noise ``la.sigma_noise ** 2``."""
+        last-layer, subnetwork), with its observation noise ``la.sigma_noise ** 2``.
+
+        Args:
+            la: the fitted Laplace approximation, or a laplace-bayesopt ``LaplaceBoTorch``
+                (its ``bnn``; its input and outcome transforms are used unless others are
+                given).
+            observation_noise: whether every posterior adds σ² (see the class); default
+                ``False`` for a Laplace approximation, ``True`` for a ``LaplaceBoTorch`` (the
+                same posteriors as it).
+            outcome_transform, input_transform, strategy, memory_budget: as for the class.
+
+        What the model keeps is detached from autograd: a Laplace approximation whose prior
+        precision or noise was tuned with gradients (``la.log_marginal_likelihood(prior, σ)``
+        stores them with their graph) gives a model that can be deep-copied and
+        back-propagated through on its own.
+        """
         from pushforward.laplace_interop.convert import from_laplace
 
+        la, defaults = _unwrap_laplace_botorch(la)
+        if observation_noise is None:
+            observation_noise = defaults.get("observation_noise", False)
+        outcome_transform = outcome_transform or defaults.get("outcome_transform")
+        input_transform = input_transform or defaults.get("input_transform")
         if getattr(la, "likelihood", None) != "regression":
             raise ValueError(
                 "PushforwardModel.from_laplace needs a regression Laplace approximation "
@@ -176,8 +253,9 @@ class PushforwardModel(Model, FantasizeMixin):
         sigma = torch.as_tensor(la.sigma_noise).detach().reshape(-1)
         return cls(
             fm,
-            cov,
+            cov._apply(lambda t: t.detach()),
             noise=sigma.square().to(fm.dtype),
+            observation_noise=observation_noise,
             outcome_transform=outcome_transform,
             input_transform=input_transform,
             num_outputs=int(la.n_outputs),
@@ -195,11 +273,12 @@ class PushforwardModel(Model, FantasizeMixin):
     def covariance(self) -> CovarianceOperator:
         """The weight-space posterior covariance: the one given, or after conditioning the
         :class:`~pushforward.covariance.PrecisionUpdate` by the conditioning points' rows (a
-        model with a batch shape has one per batch element: not available)."""
+        model conditioned on a batch of observation sets has one per batch element: not
+        available)."""
         cond = self._conditioning
         if cond is None:
             return self._cov
-        if cond.X.dim() > 2:
+        if not cond.shared:
             raise ValueError(
                 f"the model is conditioned on batches of observations (batch shape "
                 f"{tuple(cond.X.shape[:-2])}): it has one weight-space covariance per batch"
@@ -209,6 +288,22 @@ class PushforwardModel(Model, FantasizeMixin):
         return PrecisionUpdate(
             self._cov, J.reshape(-1, J.shape[-1]), cond.noise.reshape(-1).reciprocal()
         )
+
+    @property
+    def weight_shift(self) -> Tensor | None:
+        """``(P,)``: the posterior mean of the weights minus θ*, ``S J_n^T C^{-1} (Y_n -
+        f(X_n))`` (``None`` before conditioning). Needs one conditioning set and unbatched
+        observations (``batch_shape == ()``)."""
+        cond = self._conditioning
+        if cond is None:
+            return None
+        if not cond.shared or cond.Y.dim() > 2:
+            raise ValueError(
+                f"the model is conditioned on batches of observations (batch shape "
+                f"{tuple(self.batch_shape)}): its weights have one posterior mean per batch"
+            )
+        up = self._update()
+        return (up.rows.T @ up.alpha).squeeze(-1)
 
     @property
     def num_outputs(self) -> int:
@@ -222,6 +317,22 @@ class PushforwardModel(Model, FantasizeMixin):
         """No training inputs are stored (the network was trained elsewhere), so there is
         nothing to transform when switching modes."""
 
+    def _check_inputs(self, X: Tensor, what: str = "X") -> None:
+        """A clear error for inputs the network cannot take (type, rank, dtype)."""
+        if not isinstance(X, Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(X).__name__}")
+        if X.dim() < 2:
+            raise ValueError(
+                f"{what} must have shape batch_shape x q x d, got {tuple(X.shape)} (a 1-d X is "
+                f"ambiguous: one point or several of width 1; pass 1 x d for one point)"
+            )
+        if X.dtype != self._fm.dtype:
+            raise ValueError(
+                f"{what} has dtype {X.dtype} but the network's parameters are "
+                f"{self._fm.dtype}: build the network in {X.dtype} (e.g. net.to({X.dtype}) "
+                f"before fitting; BoTorch works in float64) or pass {what}.to({self._fm.dtype})"
+            )
+
     # -- posterior -------------------------------------------------------------------------
     def posterior(
         self,
@@ -234,11 +345,16 @@ class PushforwardModel(Model, FantasizeMixin):
         """The joint Gaussian posterior over each t-batch of ``X`` (``batch_shape x q x d``).
 
         Args:
-            X: ``batch_shape x q x d`` (a ``q x d`` X is one t-batch).
+            X: ``batch_shape x q x d``. A 2-d ``q x d`` X is ONE t-batch of q points (their
+                joint covariance, as for BoTorch's GPs; laplace-bayesopt's ``LaplaceBoTorch``
+                reads it as q t-batches of one point): for q separate predictions pass
+                ``X.unsqueeze(-2)`` (``q x 1 x d``). Means and marginal variances are the same
+                either way; the joint covariance (and so joint samples) differs.
             output_indices: outputs to compute (default all ``num_outputs``).
-            observation_noise: ``False``: the latent function; ``True``: add the noise σ²
-                to every point's variance; a tensor ``batch_shape x q x m`` of noise
-                variances to add (in the outcome-transformed space).
+            observation_noise: ``False``: the latent function (unless the model was built with
+                ``observation_noise=True``); ``True``: add the noise σ² to every point's
+                variance; a tensor ``batch_shape x q x m`` of noise variances to add (in the
+                outcome-transformed space), broadcast against the points.
             posterior_transform: applied last (e.g. a scalarization of several outputs).
 
         Returns:
@@ -246,6 +362,9 @@ class PushforwardModel(Model, FantasizeMixin):
             it), mean ``broadcast(batch_shape, model.batch_shape) x q x m``.
         """
         self.eval()
+        self._check_inputs(X)
+        if observation_noise is False and self.observation_noise:
+            observation_noise = True
         X_tf = self.transform_inputs(X)
         local = _check_indices(output_indices, self.num_outputs)
         selection = self._selection if local is None else tuple(self._selection[i] for i in local)
@@ -295,34 +414,92 @@ class PushforwardModel(Model, FantasizeMixin):
 
     def _latent(self, X: Tensor, selection: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Mean ``(*batch, q, s)`` and covariance ``(*batch, q s, q s)`` of the latent f."""
-        if X.dim() < 2:
-            raise ValueError(f"X must have shape batch_shape x q x d, got {tuple(X.shape)}")
-        q, d, s = X.shape[-2], X.shape[-1], len(selection)
         cond = self._conditioning
         if cond is None:
+            q, d, s = X.shape[-2], X.shape[-1], len(selection)
             batch = X.shape[:-2]
             f, cov = self._joint(X.reshape(-1, d), q, selection)
             if selection != self._all:
                 f = f[:, list(selection)]
-            mean = f.reshape(*batch, q, s)
-            return mean, cov.reshape(*batch, q * s, q * s)
-        # conditioned: the joint covariance of each t-batch with its conditioning points
+            return f.reshape(*batch, q, s), cov.reshape(*batch, q * s, q * s)
+        if cond.shared:
+            return self._latent_shared(X, selection)
+        return self._latent_batched(X, selection)
+
+    def _latent_shared(self, X: Tensor, selection: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Conditioned on one set of points: ``K_XX - W C^{-1} W^T`` and ``f + W C^{-1} r``
+        with ``W = J(X) S J_n^T`` from ``n m`` Jacobian-vector products."""
+        q, d, s = X.shape[-2], X.shape[-1], len(selection)
+        batch = X.shape[:-2]
+        flat = X.reshape(-1, d)
+        up = self._update()
+        f, K = self._joint(flat, q, selection)
+        _, W = batched_jvp(
+            self._fm,
+            flat,
+            up.rows,
+            differentiable=self._differentiable(flat) or up.rows.requires_grad,
+            memory_budget=self._engine["memory_budget"],
+        )  # (r, N, m)
+        if selection != self._all:
+            f, W = f[:, list(selection)], W[..., list(selection)]
+        r = W.shape[0]
+        W = W.reshape(r, -1, q * s).permute(1, 2, 0)  # (B, q s, r)
+        V = torch.linalg.solve_triangular(up.chol, W.transpose(-1, -2), upper=False)
+        cov = (K - V.transpose(-1, -2) @ V).reshape(*batch, q * s, q * s)
+        shift = W.reshape(*batch, q * s, r) @ up.alpha  # (*out, q s, 1)
+        out = shift.shape[:-2]
+        mean = f.reshape(*batch, q, s) + shift.reshape(*out, q, s)
+        return mean, cov.expand(*out, q * s, q * s)
+
+    def _latent_batched(self, X: Tensor, selection: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Conditioned on a batch of point sets: the joint covariance of each t-batch with its
+        own conditioning points, then the Gaussian conditioning of both moments."""
+        cond = self._conditioning
+        q, d, s = X.shape[-2], X.shape[-1], len(selection)
         n, m = cond.X.shape[-2], self._width
         batch = torch.broadcast_shapes(X.shape[:-2], cond.X.shape[:-2])
         Z = torch.cat([X.expand(*batch, q, d), cond.X.expand(*batch, n, d)], dim=-2)
         f, K = self._joint(Z.reshape(-1, d), q + n, None)
-        noise = cond.noise.expand(*batch, n, m).reshape(-1, n * m)
-        Knn = K[:, q * m :, q * m :] + torch.diag_embed(noise)
+        K = K.reshape(*batch, (q + n) * m, (q + n) * m)
+        noise = cond.noise.expand(*batch, n, m).reshape(*batch, n * m)
+        Knn = K[..., q * m :, q * m :] + torch.diag_embed(noise)
         L = torch.linalg.cholesky(0.5 * (Knn + Knn.transpose(-1, -2)))
-        V = torch.linalg.solve_triangular(L, K[:, q * m :, : q * m], upper=False)
-        cov = K[:, : q * m, : q * m] - V.transpose(-1, -2) @ V
+        V = torch.linalg.solve_triangular(L, K[..., q * m :, : q * m], upper=False)
+        cov = K[..., : q * m, : q * m] - V.transpose(-1, -2) @ V
+        f = f.reshape(*batch, q + n, m)
+        residual = cond.Y - f[..., q:, :]  # (*out, n, m)
+        out = residual.shape[:-2]
+        w = torch.linalg.solve_triangular(L, residual.reshape(*out, n * m, 1), upper=False)
+        mean = f[..., :q, :] + (V.transpose(-1, -2) @ w).reshape(*out, q, m)
         picked = torch.tensor(selection, device=X.device)
         index = (torch.arange(q, device=X.device)[:, None] * m + picked).reshape(-1)
-        cov = cov[:, index][:, :, index]
-        mean = f.reshape(-1, q + n, m)[:, :q, list(selection)]
-        out = torch.broadcast_shapes(batch, cond.batch_shape)
-        mean = mean.reshape(*batch, q, s).expand(*out, q, s)
-        return mean, cov.reshape(*batch, q * s, q * s).expand(*out, q * s, q * s)
+        cov = cov[..., index][..., index, :]
+        mean = mean[..., list(selection)]
+        return mean, cov.expand(*out, q * s, q * s)
+
+    def _update(self) -> _Update:
+        """The weight-space update of the shared conditioning set (cached while the
+        covariance and the network's parameters are unchanged and need no gradient)."""
+        cond = self._conditioning
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._cov_tensors)
+        params = self._fm.params(True).values()  # the module's own tensors (stable ids)
+        key = (self._cov.version(), tuple((id(p), p._version) for p in params))
+        if not grad and self._update_cache is not None and self._update_cache[0] == key:
+            return self._update_cache[1]
+        with torch.set_grad_enabled(grad):
+            f_n, J = jacobian(self._fm, cond.X, memory_budget=self._engine["memory_budget"])
+            rows = J.reshape(-1, J.shape[-1])  # (r, P)
+            U = self._cov.matmul_rows(rows)  # J_n S
+            C = U @ rows.T + torch.diag(cond.noise.reshape(-1))
+            chol = torch.linalg.cholesky(0.5 * (C + C.T))
+            residual = (cond.Y - f_n).reshape(*cond.Y.shape[:-2], -1, 1)
+            half = torch.linalg.solve_triangular(chol, residual, upper=False)
+            alpha = torch.linalg.solve_triangular(chol.T, half, upper=True)
+        up = _Update(U, chol, alpha)
+        if not grad:
+            self._update_cache = (key, up)
+        return up
 
     def _add_noise(
         self,
@@ -338,7 +515,15 @@ class PushforwardModel(Model, FantasizeMixin):
             noise = observation_noise.to(cov)
             if local is not None and noise.shape[-1] == self.num_outputs != s:
                 noise = noise[..., list(local)]
-            noise = noise.expand(mean_shape)
+            try:
+                noise = noise.expand(mean_shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"observation_noise must broadcast to the posterior's batch_shape x q x m "
+                    f"= {tuple(mean_shape)}, got shape {tuple(observation_noise.shape)}"
+                ) from None
+            if not bool(torch.isfinite(noise).all()) or bool((noise < 0).any()):
+                raise ValueError("observation_noise variances must be finite and >= 0")
         elif observation_noise is True:
             if self.noise is None:
                 raise ValueError(
@@ -357,9 +542,12 @@ class PushforwardModel(Model, FantasizeMixin):
 
     # -- sample functions ----------------------------------------------------------------
     def function_samples(self, n: int, *, generator: torch.Generator | None = None) -> SamplePaths:
-        """``n`` fixed pathwise sample functions ``f̃_i(X) = f(X) + J(X) L z_i``: a callable
-        mapping X (``batch_shape x q x d``) to ``n x batch_shape x q x m`` samples, the same
-        functions at every call, differentiable in X (see :mod:`pushforward.botorch.paths`).
+        """``n`` fixed pathwise sample functions ``f̃_i(X) = f(X) + J(X) δ_i``, ``δ_i`` drawn
+        from the weight-space posterior (after conditioning: mean :attr:`weight_shift`,
+        covariance :attr:`covariance`): a callable mapping X (``batch_shape x q x d``) to
+        ``n x batch_shape x q x m`` samples, the same functions at every call, differentiable
+        in X (see :mod:`pushforward.botorch.paths`). A model conditioned on a batch of
+        observation sets (a fantasy model) has no single weight posterior and refuses.
 
         Args:
             n: number of sample functions.
@@ -397,71 +585,102 @@ class PushforwardModel(Model, FantasizeMixin):
         new._modules = {k: copy.deepcopy(v) for k, v in self._modules.items()}
         new._buffers = dict(self._buffers)
         new._parameters = dict(self._parameters)
+        new._update_cache = None
         return new
 
     # -- conditioning ----------------------------------------------------------------------
     def condition_on_observations(
         self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any
     ) -> PushforwardModel:
-        """The model with the curvature of observations ``(X, Y)`` added to its precision.
+        """The model conditioned on observations ``(X, Y)``: exact Gaussian-process
+        conditioning of the linearized network, mean and covariance (module docstring).
 
         Args:
             X: ``batch_shape x n' x d`` inputs (before the input transform).
-            Y: ``batch_shape' x n' x m`` observed values (before the outcome transform; only
-                their shape matters: the mean stays ``f(X; θ*)``, see the module docstring).
-                ``batch_shape'`` may add leading dimensions (fantasies): the new model's
-                batch shape is ``broadcast(batch_shape', batch_shape)``.
-            noise: noise variances of the observations, shaped like ``Y`` (in the
-                outcome-transformed space); default the model's ``noise``.
+            Y: ``batch_shape' x n' x m`` observed values (before the outcome transform, which
+                is applied to them). ``batch_shape'`` may add leading dimensions (fantasies):
+                the new model's batch shape is ``broadcast(batch_shape', batch_shape)``.
+            noise: noise variances of the observations, broadcastable to
+                ``batch_shape x n' x m`` (in the outcome-transformed space); default the
+                model's ``noise``.
 
         Returns:
-            A new :class:`PushforwardModel`; this one is unchanged.
+            A new :class:`PushforwardModel`; this one is unchanged. Conditioning a conditioned
+            model again equals conditioning this one on all the observations at once.
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         self.eval()
-        X_tf = self.transform_inputs(X)
         if self.num_outputs != self._width:
             raise ValueError(
                 "condition the full model and subset its outputs afterwards (observations of "
                 "a subset of the network's outputs are not supported)"
             )
+        self._check_inputs(X)
+        if not isinstance(Y, Tensor):
+            raise TypeError(f"Y must be a tensor, got {type(Y).__name__}")
         if Y.dim() < 2 or Y.shape[-1] != self.num_outputs or Y.shape[-2] != X.shape[-2]:
             raise ValueError(
                 f"Y must have shape batch_shape' x n' x m = ... x {X.shape[-2]} x "
                 f"{self.num_outputs}, got {tuple(Y.shape)}"
             )
-        n, m = X_tf.shape[-2], self._width
+        for name, t in (("X", X), ("Y", Y)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"cannot condition on non-finite {name} (NaN or inf entries)")
+        X_tf = self.transform_inputs(X)
+        Y_tf = Y.to(X_tf)
+        if hasattr(self, "outcome_transform"):
+            Y_tf, _ = self.outcome_transform(Y_tf, X=X_tf)
+        n, m, d = X_tf.shape[-2], self._width, X_tf.shape[-1]
         if noise is None and self.noise is None:
             raise ValueError(
                 "conditioning needs the observation noise: pass noise=... here or to the model"
             )
-        variances = (self.noise if noise is None else noise).to(X_tf)
+        variances = (self.noise if noise is None else torch.as_tensor(noise)).to(X_tf)
         try:
-            variances = variances.expand(*X_tf.shape[:-1], m)
+            cbatch = torch.broadcast_shapes(X_tf.shape[:-2], variances.shape[:-2])
+            variances = variances.expand(*cbatch, n, m)
         except RuntimeError:
             raise ValueError(
                 f"noise must broadcast to X's batch_shape x n' x m = "
-                f"{(*X_tf.shape[:-1], m)} (one covariance per batch of X), got "
-                f"{tuple(variances.shape)}"
+                f"{(*X_tf.shape[:-1], m)}, got {tuple(variances.shape)}"
             ) from None
-        if bool((variances <= 0).any()):
-            raise ValueError("observation noise variances must be positive to condition on")
-        batch = torch.broadcast_shapes(Y.shape[:-2], X_tf.shape[:-2], self.batch_shape)
+        if not bool(torch.isfinite(variances).all()) or bool((variances <= 0).any()):
+            raise ValueError(
+                "observation noise variances must be finite and positive to condition on"
+            )
+        X_tf = X_tf.expand(*cbatch, n, d)
         old = self._conditioning
         if old is not None:
-            both = torch.broadcast_shapes(old.X.shape[:-2], X_tf.shape[:-2])
-            d = X_tf.shape[-1]
-            X_tf = torch.cat([old.X.expand(*both, -1, d), X_tf.expand(*both, n, d)], dim=-2)
+            cbatch = torch.broadcast_shapes(old.X.shape[:-2], cbatch)
+            ybatch = torch.broadcast_shapes(old.Y.shape[:-2], Y_tf.shape[:-2])
+            k = old.X.shape[-2]
+            X_tf = torch.cat([old.X.expand(*cbatch, k, d), X_tf.expand(*cbatch, n, d)], -2)
             variances = torch.cat(
-                [old.noise.expand(*both, -1, m), variances.expand(*both, n, m)], dim=-2
+                [old.noise.expand(*cbatch, k, m), variances.expand(*cbatch, n, m)], -2
             )
+            Y_tf = torch.cat([old.Y.expand(*ybatch, k, m), Y_tf.expand(*ybatch, n, m)], -2)
+        batch = torch.broadcast_shapes(Y_tf.shape[:-2], cbatch)
         new = self._copy()
-        new._conditioning = _Conditioning(X_tf, variances, batch)
+        new._conditioning = _Conditioning(X_tf.detach(), Y_tf.detach(), variances.detach(), batch)
         return new
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _unwrap_laplace_botorch(la: Any) -> tuple[Any, dict[str, Any]]:
+    """``(laplace approximation, defaults)``: a laplace-bayesopt ``LaplaceBoTorch`` gives its
+    ``bnn`` and, as defaults, its transforms and its noise in every posterior."""
+    if not (isinstance(la, Model) and hasattr(la, "bnn")):
+        return la, {}
+    if la.bnn is None:
+        raise ValueError("the LaplaceBoTorch has no fitted Laplace approximation (bnn is None)")
+    defaults: dict[str, Any] = {"observation_noise": True}
+    for name in ("outcome_transform", "input_transform"):
+        if hasattr(la, name):
+            defaults[name] = copy.deepcopy(getattr(la, name))
+    return la.bnn, defaults
+
+
 def _num_outputs(fm: FunctionalModel, given: int | None) -> int:
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:

@@ -1,7 +1,9 @@
 """Pathwise samples of a :class:`~pushforward.botorch.PushforwardModel`: fixed sample functions.
 
 A weight-space draw ``θ* + L z_i`` (``L L^T = S``) pushed through the linearized network is one
-sample *function* ``f̃_i(X) = f(X; θ*) + J(X) L z_i``: the draws are made once, so the same
+sample *function* ``f̃_i(X) = f(X; θ*) + J(X) L z_i`` (after conditioning on observations the
+draws come from the conditioned weight posterior, mean shift included, so the sample functions
+are those of the conditioned Gaussian process): the draws are made once, so the same
 function is evaluated at every call (every step of an L-BFGS run), jointly across all points
 of all calls, and differentiably in X (one Jacobian-vector product per sample for the whole
 batch, :func:`pushforward.products.jvp.push_tangents`).
@@ -41,6 +43,12 @@ class SamplePaths:
     def __init__(self, model: Model, n: int, generator: torch.Generator | None = None) -> None:
         self.n = check_positive_int(n, "n")
         self.model = model
+        if model.batch_shape:
+            raise ValueError(
+                f"pathwise samples need one weight-space posterior; the model has batch shape "
+                f"{tuple(model.batch_shape)} (conditioned on batches of observations, e.g. a "
+                f"fantasy model): use its posterior with a Monte Carlo sampler instead"
+            )
         fm = model.functional_model
         check_generator(generator, fm.device)
         self._cov = bind_covariance(fm, model.covariance, fm.dtype, fm.device)
@@ -48,24 +56,24 @@ class SamplePaths:
         self._draws: Tensor | None = None
 
     def perturbations(self) -> Tensor:
-        """``(n, P)``: the weight-space perturbations ``L z_i``."""
+        """``(n, P)``: the weight-space draws ``δ_i = L z_i`` (plus the model's
+        ``weight_shift`` once it is conditioned on observations)."""
         if any(t.requires_grad for t in self._cov.tensors()) and torch.is_grad_enabled():
-            return draw_perturbations(self._seeds, self._cov)
+            return self._shifted(draw_perturbations(self._seeds, self._cov))
         if self._draws is None:
             with torch.no_grad():
-                self._draws = draw_perturbations(self._seeds, self._cov)
+                self._draws = self._shifted(draw_perturbations(self._seeds, self._cov))
         return self._draws
+
+    def _shifted(self, draws: Tensor) -> Tensor:
+        shift = self.model.weight_shift
+        return draws if shift is None else draws + shift.to(draws)
 
     def latent(self, X: Tensor, selection: tuple[int, ...] | None = None) -> Tensor:
         """The samples of the network outputs ``selection`` (default the model's) at inputs
         already through the input transform: ``n x batch_shape x q x s``."""
         model, fm = self.model, self.model.functional_model
         selection = model._selection if selection is None else selection
-        if model.batch_shape:
-            raise ValueError(
-                f"pathwise samples need one weight-space covariance; the model has batch shape "
-                f"{tuple(model.batch_shape)} (conditioned on batches of observations)"
-            )
         if X.dim() < 2:
             raise ValueError(f"X must have shape batch_shape x q x d, got {tuple(X.shape)}")
         flat = X.reshape(-1, X.shape[-1])
@@ -108,6 +116,7 @@ class SamplePaths:
         ``untransform``)."""
         model = self.model
         model.eval()
+        model._check_inputs(X)
         samples = self.latent(model.transform_inputs(X))
         if hasattr(model, "outcome_transform"):
             samples, _ = model.outcome_transform.untransform(samples)

@@ -1,6 +1,7 @@
 """Thompson sampling in continuous spaces: maximize fixed sample functions with gradients.
 
-Each of the q candidates of a batch maximizes its own pathwise sample function
+Each of the q candidates of a batch maximizes (or, with ``maximize=False``, minimizes) its own
+pathwise sample function
 (:meth:`~pushforward.botorch.PushforwardModel.function_samples`) over the search space. The q
 maximizations are run as one BoTorch ``optimize_acqf`` over q-batches: the acquisition value of
 ``(x_1, ..., x_q)`` is ``sum_i f̃_i(x_i)``, which separates, so the joint optimum is every
@@ -33,6 +34,8 @@ class PathwiseThompsonSampling(AcquisitionFunction):
         generator: ``torch.Generator`` for the draws.
         posterior_transform: scalarizes a multi-output model's samples (required when it has
             several outputs).
+        maximize: ``False``: the value is ``-sum_i f̃_i(x_i)`` (so that maximizing it minimizes
+            the sample functions).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class PathwiseThompsonSampling(AcquisitionFunction):
         *,
         generator: torch.Generator | None = None,
         posterior_transform: PosteriorTransform | None = None,
+        maximize: bool = True,
     ) -> None:
         super().__init__(model=model)
         if not isinstance(model, PushforwardModel):
@@ -53,6 +57,7 @@ class PathwiseThompsonSampling(AcquisitionFunction):
             )
         self.paths = model.function_samples(num_samples, generator=generator)
         self.posterior_transform = posterior_transform
+        self.maximize = maximize
 
     @t_batch_mode_transform()
     def forward(self, X: Tensor) -> Tensor:
@@ -66,7 +71,8 @@ class PathwiseThompsonSampling(AcquisitionFunction):
             values = self.posterior_transform.evaluate(samples)  # (q, b, q)
         else:
             values = samples.squeeze(-1)
-        return values.diagonal(dim1=0, dim2=-1).sum(-1)
+        value = values.diagonal(dim1=0, dim2=-1).sum(-1)
+        return value if self.maximize else -value
 
 
 def thompson_candidates(
@@ -78,17 +84,19 @@ def thompson_candidates(
     num_restarts: int = 10,
     raw_samples: int = 512,
     posterior_transform: PosteriorTransform | None = None,
+    maximize: bool = True,
     **optimize_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """q Thompson-sampling candidates in the box ``bounds`` (``2 x d``): the maximizers of q
-    fresh sample functions, found by ``optimize_acqf`` (``num_restarts`` L-BFGS-B starts chosen
-    from ``raw_samples`` random q-batches; other keyword arguments are passed on).
+    """q Thompson-sampling candidates in the box ``bounds`` (``2 x d``): the maximizers (with
+    ``maximize=False`` the minimizers) of q fresh sample functions, found by ``optimize_acqf``
+    (``num_restarts`` L-BFGS-B starts chosen from ``raw_samples`` random q-batches; other
+    keyword arguments are passed on).
 
     Returns:
         ``(candidates (q, d), values (q,))``: each candidate and its sample function's value.
     """
     acqf = PathwiseThompsonSampling(
-        model, q, generator=generator, posterior_transform=posterior_transform
+        model, q, generator=generator, posterior_transform=posterior_transform, maximize=maximize
     )
     candidates, _ = optimize_acqf(
         acqf,
