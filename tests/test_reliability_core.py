@@ -229,6 +229,20 @@ def test_batched_jvp_keeps_the_budget_with_many_parameters():
         pf.batched_jvp(fm, x, bad, memory_budget=20 * 2**20)
 
 
+def test_the_finiteness_check_is_exact_without_a_full_size_temporary():
+    from pushforward.covariance.checks import all_finite
+
+    big = torch.full((3, 70_000), 3e38)  # finite entries whose sum overflows
+    assert all_finite(big) and all_finite(big[:, ::7]) and all_finite(big[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[2, 69_999] = bad
+        assert not all_finite(t) and not all_finite(t.T) and all_finite(t[:2])
+    V = torch.randn(40, 100_000)
+    _, peak = peak_memory(lambda: all_finite(V[:, 1:].reshape(40, 99_999)))
+    assert peak < 1024
+
+
 # -- 14. cached square roots follow in-place changes --------------------------------------------
 def _operators():
     """``name -> (operator, the defining tensor to change in place)`` (float64, P = 6)."""

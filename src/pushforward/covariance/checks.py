@@ -27,6 +27,7 @@ from pushforward.core.layout import ParamLayout
 T = TypeVar("T")
 
 __all__ = [
+    "all_finite",
     "cached",
     "check_finite",
     "check_index",
@@ -64,12 +65,37 @@ def common_dtype_device(
     return first.dtype, first.device
 
 
+#: Elements per piece when :func:`all_finite` has to look entry by entry.
+_FINITE_PIECE = 2**16
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, without a temporary of ``t``'s size.
+
+    NaN and ±inf propagate into a sum, so a finite ``t.sum()`` (a reduction, no copy even of a
+    strided view) proves it; only a non-finite sum — a non-finite entry, or finite entries that
+    overflow — is settled entry by entry, in pieces of at most 65,536 elements.
+    """
+    with torch.no_grad():
+        if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+            return True
+        return _pieces_finite(t)
+
+
+def _pieces_finite(t: Tensor) -> bool:
+    if t.numel() <= _FINITE_PIECE:
+        return bool(torch.isfinite(t).all())
+    if t.dim() == 1:
+        return all(bool(torch.isfinite(p).all()) for p in t.split(_FINITE_PIECE))
+    return all(_pieces_finite(row) for row in t.unbind(0))
+
+
 def check_finite(name: str, t: Tensor) -> None:
     """``t`` must have no NaN or infinite entries."""
-    with torch.no_grad():
-        if not torch.isfinite(t).all():
+    if not all_finite(t):
+        with torch.no_grad():
             bad = (~torch.isfinite(t)).sum().item()
-            raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf)")
+        raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf)")
 
 
 def check_matrix(name: str, M: Tensor) -> None:

@@ -22,6 +22,7 @@ from pushforward.core.functional_model import FunctionalModel, as_functional_mod
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
 from pushforward.core.options import Options
+from pushforward.covariance.checks import all_finite
 
 __all__ = ["batched_jvp", "jvp", "push_tangents"]
 
@@ -111,7 +112,7 @@ def _as_tangent_batch(fm: FunctionalModel, v: Tensor | Mapping[str, Tensor], bat
             raise ValueError(
                 f"tangent for {name!r} has shape {tuple(t.shape)}; expected {want} with shape={tuple(shape)}"
             )
-        if not torch.isfinite(t).all():
+        if not all_finite(t):  # no temporary of the tangents' size (the budget counts none)
             raise ValueError(f"tangent for {name!r} has non-finite entries")
     return d if batched else {k: t.unsqueeze(0) for k, t in d.items()}
 
