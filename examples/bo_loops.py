@@ -57,10 +57,11 @@ Q = {"ei": 1, "qlogei": 4}
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes of a run (the defaults are laplace-bayesopt's)."""
+    """Sizes of a run (network, training and acquisition optimization: laplace-bayesopt's
+    defaults and examples)."""
 
     n_init: int = 20
-    evaluations: int = 60
+    evaluations: tuple[tuple[str, int], ...] = (("ei", 40), ("qlogei", 40))
     hidden: int = 50
     epochs: int = 1000
     batch_size: int = 10
@@ -69,13 +70,19 @@ class Config:
     marglik_steps: int = 100
     num_restarts: int = 10
     raw_samples: int = 20
-    refit_every: tuple[tuple[str, int], ...] = (("ei", 10), ("qlogei", 8))
+    refit_every: tuple[tuple[str, int], ...] = (("ei", 10), ("qlogei", 5))
 
 
 TINY = Config(
-    n_init=8, evaluations=8, hidden=8, epochs=5, marglik_steps=5, num_restarts=2, raw_samples=8,
+    n_init=8,
+    evaluations=(("ei", 8), ("qlogei", 8)),
+    hidden=8,
+    epochs=5,
+    marglik_steps=5,
+    num_restarts=2,
+    raw_samples=8,
     refit_every=(("ei", 4), ("qlogei", 1)),
-)  # fmt: skip
+)
 
 
 def hartmann() -> tuple[object, Tensor]:
@@ -138,10 +145,11 @@ def run(loop: str, kind: str, seed: int, cfg: Config) -> dict:
     torch.manual_seed(seed)
     q = Q[kind]
     every = dict(cfg.refit_every)[kind]
+    iterations = (dict(cfg.evaluations)[kind] + q - 1) // q
     fit_s = acq_s = 0.0
     start = time.perf_counter()
     model = None
-    for step in range((cfg.evaluations + q - 1) // q):
+    for step in range(iterations):
         t0 = time.perf_counter()
         if loop == "retrain-every-step":
             model = laplace_botorch(X, Y, cfg) if model is None else model
@@ -156,7 +164,7 @@ def run(loop: str, kind: str, seed: int, cfg: Config) -> dict:
         y = f(x).unsqueeze(-1)
         t2 = time.perf_counter()
         X, Y = torch.cat([X, x]), torch.cat([Y, y])
-        last = step == (cfg.evaluations + q - 1) // q - 1
+        last = step == iterations - 1
         if loop == "retrain-every-step" and not last:
             model = model.condition_on_observations(x, y)  # retrains on all the data
         elif loop == "refit-every-k" and not last and (step + 1) % every != 0:
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = TINY if args.tiny else Config()
     if args.evaluations:
-        cfg = Config(**{**asdict(cfg), "evaluations": args.evaluations})
+        cfg = Config(**{**asdict(cfg), "evaluations": tuple((k, args.evaluations) for k in Q)})
     if args.worker:
         torch.set_num_threads(args.threads)
         torch.set_default_dtype(DTYPE)  # as laplace-bayesopt's examples (its noise is added
