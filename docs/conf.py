@@ -22,7 +22,7 @@ import pushforward  # noqa: E402
 
 project = "pushforward"
 author = "the pushforward developers"
-copyright = "the pushforward developers"  # noqa: A001
+copyright = "the pushforward developers"
 release = version = pushforward.__version__
 
 extensions = [
@@ -47,19 +47,28 @@ pf_pages_in_progress = ["guides/bayesian_optimization"]
 # References into other projects (torch, BoTorch, laplace-torch, the standard library) are not
 # resolved: the docs are built offline. Every reference to a pushforward name must resolve.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|botorch|gpytorch|laplace|linear_operator|numpy|scipy|transformers|peft"
-     r"|accelerate|tqdm|collections|typing|typing_extensions|types|abc|enum|dataclasses"
-     r"|contextlib|pathlib|os|io|logging|threading|functools|builtins|concurrent)(\..*)?"),
-    (r"py:.*", r"(Tensor|Module|Generator|Any|Callable|Iterable|Iterator|Mapping|Sequence"
-     r"|Literal|TypeVar|Self|Path|PathLike|BinaryIO|IO|ContextManager|Size|dtype|device"
-     r"|ProcessGroup|DataLoader|Dataset|Number|Parameter|Function|SupportsIndex|Posterior"
-     r"|MultivariateNormal|GPyTorchPosterior|Model|Module|OutcomeTransform|InputTransform"
-     r"|PosteriorTransform|MCSampler|AcquisitionFunction|LinearOperator|FeatureExtractor"
-     r"|BaseLaplace|CurvlinopsGGN|CurvlinopsEF|Kron|KronDecomposed|R|T|P|K|V)"),
-    (r"py:.*", r"(int|float|str|bool|bytes|dict|list|tuple|set|frozenset|object|type|None"
-     r"|slice|range|complex|Ellipsis|NotImplemented|ValueError|TypeError|KeyError"
-     r"|RuntimeError|AssertionError|ImportError|AttributeError|UserWarning|Exception"
-     r"|BaseException|NotImplementedError)"),
+    (
+        r"py:.*",
+        r"(torch|botorch|gpytorch|laplace|linear_operator|numpy|scipy|transformers|peft"
+        r"|accelerate|tqdm|collections|typing|typing_extensions|types|abc|enum|dataclasses"
+        r"|contextlib|pathlib|os|io|logging|threading|functools|builtins|concurrent)(\..*)?",
+    ),
+    (
+        r"py:.*",
+        r"(Tensor|Module|Generator|Any|Callable|Iterable|Iterator|Mapping|Sequence"
+        r"|Literal|TypeVar|Self|Path|PathLike|BinaryIO|IO|ContextManager|Size|dtype|device"
+        r"|ProcessGroup|DataLoader|Dataset|Number|Parameter|Function|SupportsIndex|Posterior"
+        r"|MultivariateNormal|GPyTorchPosterior|Model|Module|OutcomeTransform|InputTransform"
+        r"|PosteriorTransform|MCSampler|AcquisitionFunction|LinearOperator|FeatureExtractor"
+        r"|BaseLaplace|CurvlinopsGGN|CurvlinopsEF|Kron|KronDecomposed|R|T|P|K|V)",
+    ),
+    (
+        r"py:.*",
+        r"(int|float|str|bool|bytes|dict|list|tuple|set|frozenset|object|type|None"
+        r"|slice|range|complex|Ellipsis|NotImplemented|ValueError|TypeError|KeyError"
+        r"|RuntimeError|AssertionError|ImportError|AttributeError|UserWarning|Exception"
+        r"|BaseException|NotImplementedError)",
+    ),
 ]
 
 # Docstring problems in src/ left for the pydocstyle round (ruff's D rules on src/): regular

@@ -43,12 +43,17 @@ class Size:
     epochs: int
     angles: tuple[int, ...]
     rank: int
-    laplace_torch: bool
+    laplace_torch: tuple[str, ...]  # the posteriors laplace-torch also fits
 
 
 SIZES = {
-    "full": Size(epochs=40, angles=tuple(range(0, 181, 15)), rank=50, laplace_torch=True),
-    "ci": Size(epochs=20, angles=(0, 30, 60, 90), rank=20, laplace_torch=True),
+    "full": Size(
+        epochs=40,
+        angles=tuple(range(0, 181, 15)),
+        rank=50,
+        laplace_torch=("diagonal", "K-FAC", "last-layer", "low-rank"),
+    ),
+    "ci": Size(epochs=20, angles=(0, 30, 60, 90), rank=20, laplace_torch=("K-FAC", "last-layer")),
 }
 
 
@@ -192,7 +197,10 @@ def predict_laplace_torch(la, x: Tensor, batch: int = 10) -> Tensor:
     """laplace-torch's GLM probit predictive, in small batches: its Jacobian (``jacrev`` over
     the batch's outputs) costs O(batch^2), so the total grows with the batch size."""
     return torch.cat(
-        [la(x[i : i + batch], pred_type="glm", link_approx="probit") for i in range(0, len(x), batch)]
+        [
+            la(x[i : i + batch], pred_type="glm", link_approx="probit")
+            for i in range(0, len(x), batch)
+        ]
     )
 
 
@@ -225,8 +233,31 @@ def table(rows: list[Row], angles: tuple[int, ...]) -> str:
             else ["—"] * 4
         )
         diff = "—" if r.max_prob_diff is None else f"{r.max_prob_diff:.1e}"
-        lines.append(f"| {r.method} | {r.angle}° | {' | '.join(ours)} | {' | '.join(theirs)} | {diff} |")
+        lines.append(
+            f"| {r.method} | {r.angle}° | {' | '.join(ours)} | {' | '.join(theirs)} | {diff} |"
+        )
     return "\n".join(lines)
+
+
+class Table:
+    """The table as the gallery shows it: HTML in the page, Markdown as text."""
+
+    def __init__(self, rows: list[Row], angles: tuple[int, ...]) -> None:
+        self.markdown = table(rows, angles)
+
+    def __repr__(self) -> str:
+        return self.markdown
+
+    def _repr_html_(self) -> str:
+        lines = [line.strip("|").split("|") for line in self.markdown.splitlines()]
+        head = "".join(f"<th>{c.strip()}</th>" for c in lines[0])
+        body = "".join(
+            "<tr>" + "".join(f"<td>{c.strip()}</td>" for c in cells) + "</tr>"
+            for cells in lines[2:]
+        )
+        return (
+            f'<table class="pf-results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        )
 
 
 def write_results(namespace: dict, out: Path, size_name: str) -> None:

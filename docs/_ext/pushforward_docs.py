@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging as stdlib_logging
-import re
 import inspect
 import io
+import logging as stdlib_logging
 import pkgutil
+import re
 import tokenize
 import traceback
 from dataclasses import dataclass
@@ -181,7 +181,9 @@ class ExecDirective(SphinxDirective):
         out = io.StringIO()
         try:
             with contextlib.redirect_stdout(out):
-                exec(compile(code, f"{self.env.docname}.md (pf-exec)", "exec"), {"__name__": "docs"})
+                exec(
+                    compile(code, f"{self.env.docname}.md (pf-exec)", "exec"), {"__name__": "docs"}
+                )
         except Exception:
             raise self.error(
                 f"the example in {self.env.docname} raised:\n{traceback.format_exc()}"
@@ -310,8 +312,10 @@ def check_every_name_documented(app: Sphinx, exception: Exception | None) -> Non
     if exception is not None or app.builder.format != "html":
         return
     if app.pf_deferred.dropped:
-        LOG.info("%d docstring warnings deferred (pf_deferred_warnings in docs/conf.py)",
-                 app.pf_deferred.dropped)
+        LOG.info(
+            "%d docstring warnings deferred (pf_deferred_warnings in docs/conf.py)",
+            app.pf_deferred.dropped,
+        )
     objects = app.env.domains["py"].objects
     for name in app.config.pf_public_modules:
         module = importlib.import_module(name)
@@ -321,11 +325,11 @@ def check_every_name_documented(app: Sphinx, exception: Exception | None) -> Non
             obj = getattr(module, attr)
             target = obj.__name__ if inspect.ismodule(obj) else f"{name}.{attr}"
             if target not in objects:
-                LOG.warning("public name %s.%s is not in the API reference", name, attr,
-                            type="pushforward")
+                LOG.warning(
+                    "public name %s.%s is not in the API reference", name, attr, type="pushforward"
+                )
             if not own_doc(obj):
-                LOG.warning("public name %s.%s has no docstring", name, attr,
-                            type="pushforward")
+                LOG.warning("public name %s.%s has no docstring", name, attr, type="pushforward")
 
 
 def setup(app: Sphinx) -> dict[str, object]:
