@@ -43,7 +43,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples tools docs
-	$(PY) -m ruff format --check src tests benchmarks examples tools docs
+	$(PY) -m ruff format --check src tests benchmarks examples tools docs/conf.py docs/_ext docs/gallery
 
 # the documentation site, its examples gallery at the reduced size (PUSHFORWARD_DOCS_SIZE=ci)
 docs: $(STAMP)
