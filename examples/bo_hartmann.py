@@ -6,12 +6,13 @@ Three searches start from the same random points and spend the same evaluations,
 iteration:
 
 * **qLogEI**: each iteration trains an MLP 6-H-H-1 (tanh) from scratch on the standardized
-  observations (full-batch Adam), fits a Kronecker Laplace approximation with laplace-torch and
-  this library's curvature backend :class:`~pushforward.laplace_interop.PushforwardGGN`
-  (prior precision and observation noise by marginal likelihood), wraps it as a BoTorch model
-  (:meth:`pushforward.botorch.PushforwardModel.from_laplace`, the outcome standardization as
-  its outcome transform) and proposes ``q`` points with ``optimize_acqf(qLogExpectedImprovement)``
-  — the posterior of each q-batch is its joint Gaussian, computed per t-batch;
+  observations (full-batch Adam), fits a Kronecker Laplace approximation with
+  :mod:`pushforward.curvature` (``GGN(...).kfac()``; prior precision and observation noise by
+  marginal likelihood with ``optimize_prior_precision(..., optimize_sigma=True)``; see
+  :func:`fit_surrogate`), wraps it as a BoTorch model (:class:`pushforward.botorch.PushforwardModel`
+  with ``noise=σ²`` and the outcome standardization as its outcome transform) and proposes
+  ``q`` points with ``optimize_acqf(qLogExpectedImprovement)`` — the posterior of each q-batch
+  is its joint Gaussian, computed per t-batch;
 * **Thompson sampling**: the same surrogate; the ``q`` points maximize ``q`` pathwise sample
   functions ``f(x) + J(x) L z_i`` of the linearized network
   (:func:`pushforward.botorch.thompson_candidates`, multi-start L-BFGS-B with exact gradients);
@@ -76,13 +77,20 @@ def objective() -> tuple[object, Tensor]:
 
 
 def fit_surrogate(X: Tensor, Y: Tensor, cfg: Config, seed: int):
-    """Train an MLP on ``(X, Y)`` (standardized) and return its PushforwardModel."""
-    import torch.utils.data as du
-    from botorch.models.transforms.outcome import Standardize
-    from laplace import Laplace
+    """Train an MLP on ``(X, Y)`` (standardized) and return its PushforwardModel, fitted with
+    :mod:`pushforward.curvature` alone.
 
+    The posterior is the K-FAC Laplace approximation. Its prior precision δ and noise σ maximize
+    the marginal likelihood of the Lanczos GGN with as many eigenpairs as observations: the GGN
+    of ``n`` scalar observations has rank at most ``n``, so that is its exact spectrum. (K-FAC's
+    own spectrum has far more nonzero eigenvalues than observations, and its marginal
+    likelihood trades them against σ: on a few dozen points it picks a σ larger than the
+    targets' spread.)
+    """
+    from botorch.models.transforms.outcome import Standardize
+
+    import pushforward as pf
     from pushforward.botorch import PushforwardModel
-    from pushforward.laplace_interop import PushforwardGGN
 
     standardize = Standardize(m=1)
     Ys, _ = standardize(Y)
@@ -100,20 +108,12 @@ def fit_surrogate(X: Tensor, Y: Tensor, cfg: Config, seed: int):
         nn.functional.mse_loss(net(X), Ys).backward()
         opt.step()
     net.eval()
-    la = Laplace(
-        net, "regression", subset_of_weights="all", hessian_structure="kron", backend=PushforwardGGN
+    ggn = pf.curvature.GGN(net, [(X, Ys)], "regression")
+    delta, sigma = pf.curvature.optimize_prior_precision(
+        ggn, ggn.lowrank(len(X)), n_steps=cfg.marglik_steps, optimize_sigma=True
     )
-    la.fit(du.DataLoader(du.TensorDataset(X, Ys), batch_size=len(X)))
-    log_prior = torch.zeros(1, dtype=DTYPE, requires_grad=True)
-    log_sigma = torch.full((1,), -1.0, dtype=DTYPE, requires_grad=True)
-    hyper = torch.optim.Adam([log_prior, log_sigma], lr=0.1)
-    for _ in range(cfg.marglik_steps):
-        hyper.zero_grad()
-        (-la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())).backward()
-        hyper.step()
-    la.prior_precision = log_prior.detach().exp()
-    la.sigma_noise = log_sigma.detach().exp()
-    return PushforwardModel.from_laplace(la, outcome_transform=standardize)
+    cov = pf.curvature.laplace_posterior(ggn.kfac(), delta, sigma_noise=sigma)
+    return PushforwardModel(net, cov, noise=sigma.square(), outcome_transform=standardize)
 
 
 def propose(
