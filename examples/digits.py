@@ -272,7 +272,8 @@ def write_results(namespace: dict, out: Path, size_name: str) -> None:
             "",
             f"Size `{size_name}`: {size.epochs} epochs, rotations {list(size.angles)}, "
             f"low rank {size.rank}; test set of {namespace['n_test']} digits; "
-            f"prior precisions {namespace['deltas_text']}.",
+            f"prior precisions {namespace['deltas_text']} "
+            f"(laplace-torch's: {namespace['theirs_deltas_text']}).",
             "",
             table(rows, shown),
             "",
@@ -283,6 +284,7 @@ def write_results(namespace: dict, out: Path, size_name: str) -> None:
         "size": size_name,
         "settings": asdict(size),
         "prior_precision": namespace["deltas"],
+        "prior_precision_laplace_torch": namespace["theirs_deltas"],
         "timings_s": namespace["timings"],
         "rows": [asdict(r) for r in rows],
     }

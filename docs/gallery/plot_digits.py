@@ -124,9 +124,10 @@ for name, (fm, S) in posteriors.items():
 # low-rank row uses this library's backend (``backend=PushforwardGGN``): laplace-torch's
 # posterior and predictive on our Lanczos eigenpairs. (The site's build fits laplace-torch's
 # K-FAC and last-layer posteriors; ``python examples/digits.py`` fits all four.)
-theirs = {}
+theirs, theirs_deltas = {}, {}
 for name in size.laplace_torch:
     la, seconds = digits.fit_laplace_torch(name, model, x_train, y_train, size.rank)
+    theirs_deltas[name] = float(la.prior_precision)
     timings[f"laplace-torch fit and prior: {name}"] = seconds
     start = time.perf_counter()
     for angle, x in images.items():
@@ -147,6 +148,7 @@ for method in ["MAP", *posteriors]:
                 max_prob_diff=None if other is None else (ours - other).abs().max().item(),
             )
         )
+theirs_deltas_text = ", ".join(f"{n} {d:.3g}" for n, d in theirs_deltas.items())
 shown = tuple(a for a in (0, 30, 60, 90) if a in size.angles)
 digits.Table(rows, shown)
 
@@ -173,12 +175,22 @@ figure.tight_layout()
 # %%
 # What the numbers say
 # --------------------
-# In distribution the MAP network is already accurate and fairly well calibrated, and the
-# Laplace posteriors change little. As the digits rotate, the MAP network's accuracy falls while
-# its confidence stays high; the Laplace predictives widen where the data did not constrain the
-# function, so their NLL and ECE grow more slowly: the pattern of Laplace Redux's rotated-MNIST
-# figure. The columns on the right are laplace-torch's numbers for the same posteriors (its own
-# fit and prior tuning); ``max abs Δp`` is the largest difference between its predictive
-# probabilities and ours on any test digit.
+# *In distribution*, the posteriors keep the MAP network's accuracy but are underconfident:
+# with the prior precision that maximizes the marginal likelihood of 1,347 training digits, the
+# predictive spreads probability over other classes, so NLL, ECE and Brier score are worse than
+# MAP's — most for the low-rank posterior, which leaves every direction outside its k
+# eigenvectors at the prior's variance, least for the last-layer one. *Under rotation*, the MAP
+# network stays confident while its accuracy falls towards chance, and its NLL explodes; every
+# Laplace predictive keeps its NLL near that of a uniform guess (log 10 ≈ 2.3) and, at 60°, its
+# ECE far below MAP's: the pattern of Laplace Redux's rotated-MNIST figure, here with a prior
+# tuned on in-distribution data only. A validation set of rotated digits (``method="gridsearch"``
+# of :func:`~pushforward.curvature.optimize_prior_precision`) would trade some of the shift
+# robustness for in-distribution calibration.
+#
+# laplace-torch, fitting the same posteriors with its own backend and tuning its own prior
+# precision, lands on the same δ and the same predictive: the ``max abs Δp`` column is the
+# largest difference between its probabilities and ours on any test digit, and the metrics
+# agree to the printed digits.
+print("laplace-torch's prior precisions:", theirs_deltas_text)
 for step, seconds in timings.items():
     print(f"{step:45s} {seconds:7.2f} s")
