@@ -8,7 +8,8 @@ approximation (laplace-torch, CurvlinopsGGN) with its prior precision and noise 
 marginal likelihood (as LaplaceBoTorch's post-hoc mode does). Both models wrap the same object:
 ``LaplaceBoTorch(get_net, X, Y, bnn=la)`` and ``PushforwardModel.from_laplace(la)``; their
 posteriors agree to 1e-8 (tests/test_botorch.py). LaplaceBoTorch always adds the observation
-noise to its posterior, so for the same acquisition the pushforward model does too.
+noise to its posterior, so for the same acquisition the pushforward model does too
+(``observation_noise=True``).
 
 * ``bo-acqf``: one ``optimize_acqf(qLogEI, q=4, num_restarts=10, raw_samples=512)`` (seeded; the
   same raw samples and MC base samples for both models). LaplaceBoTorch is run with BoTorch's
@@ -100,14 +101,8 @@ def _models(ctx: Context, s: Surrogate) -> dict[str, Any]:
 
     from pushforward.botorch import PushforwardModel
 
-    class NoisyPushforward(PushforwardModel):
-        """With the observation noise in every posterior, as LaplaceBoTorch's."""
-
-        def posterior(self, X, output_indices=None, observation_noise=False, **kwargs):
-            return super().posterior(X, output_indices, observation_noise=True, **kwargs)
-
     return {
-        "pushforward": NoisyPushforward.from_laplace(s.la),
+        "pushforward": PushforwardModel.from_laplace(s.la, observation_noise=True),
         "laplace-bayesopt": LaplaceBoTorch(lambda: s.net, s.X, s.Y, bnn=s.la),
     }
 
