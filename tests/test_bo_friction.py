@@ -120,6 +120,9 @@ def test_from_laplace_accepts_a_laplace_botorch():
     post, ref = model.posterior(Xt), reference.posterior(Xt)
     assert rel_err(post.mean, ref.mean) < TOL
     assert rel_err(post.distribution.covariance_matrix, ref.distribution.covariance_matrix) < TOL
+    fm, cov = pf.from_laplace(reference)  # the functional API takes it too
+    assert fm.num_params == model.functional_model.num_params
+    assert torch.equal(cov.to_dense(), model.covariance.to_dense())
     latent = PushforwardModel.from_laplace(reference, observation_noise=False)
     assert bool((latent.posterior(Xt).variance < ref.variance).all())
     with pytest.raises(ValueError, match="bnn is None"):

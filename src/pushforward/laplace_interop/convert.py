@@ -36,7 +36,8 @@ def from_laplace(
         la: a fitted ``FullLaplace``, ``DiagLaplace``, ``KronLaplace``, ``LowRankLaplace``,
             ``FullLLLaplace``, ``DiagLLLaplace``, ``KronLLLaplace``, ``FullSubnetLaplace`` or
             ``DiagSubnetLaplace`` (frozen parameters, ``requires_grad=False``, are left out as
-            laplace-torch leaves them out).
+            laplace-torch leaves them out), or a laplace-bayesopt ``LaplaceBoTorch`` (its
+            ``bnn``).
         model: the module to wrap instead of laplace-torch's (its parameter names and shapes
             must match). Last-layer Laplace deep-copies the model at construction, so by default
             the :class:`FunctionalModel` wraps that copy, ``la.model.model``; pass your own module
@@ -73,6 +74,10 @@ def from_laplace(
     from laplace.lllaplace import LLLaplace
     from laplace.subnetlaplace import SubnetLaplace
 
+    if not isinstance(la, ParametricLaplace) and isinstance(
+        getattr(la, "bnn", None), ParametricLaplace
+    ):
+        la = la.bnn  # laplace-bayesopt's LaplaceBoTorch: its fitted Laplace approximation
     if not isinstance(la, ParametricLaplace):
         raise TypeError(
             "from_laplace converts laplace-torch's weight-space Laplace approximations (Full, "
