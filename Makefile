@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pushforward-installed
 EXTRAS := test,bench,demo,docs,hf,laplace,bo
 # every warning an error (a broken cross-reference, an undocumented public name, an example
-# that raises), all of them reported
-SPHINX := $(PY) -m sphinx -b html -W --keep-going -n
+# that raises), all of them reported; the gallery's examples run on one torch thread
+SPHINX := OMP_NUM_THREADS=1 $(PY) -m sphinx -b html -W --keep-going -n
 DOCS_OUT := docs/_build/html
 
 .PHONY: venv test demo demo-llm bench lint docs docs-full docs-serve browser dist clean
