@@ -147,9 +147,7 @@ def _library_calls(fm, x):
             fm, x, cov, strategy="reverse"
         )[1],
         "jvp": lambda: pf.jvp(fm, x, torch.ones(fm.num_params, dtype=D))[1],
-        "per_example_vjp": lambda: pf.per_example_vjp(fm, x, torch.ones(x.shape[0], 2, dtype=D))[
-            1
-        ],
+        "per_example_vjp": lambda: pf.per_example_vjp(fm, x, torch.ones(x.shape[0], 2, dtype=D))[1],
         "jacobian": lambda: pf.jacobian(fm, x)[1],
         "GGN diagonal": lambda: GGN(fm, [(x, y)], "classification").diagonal(),
         "GGN kfac": lambda: GGN(fm, [(x, y)], "classification").kfac().to_dense(),
@@ -267,13 +265,19 @@ def _operators():
         "Diagonal": (pf.Diagonal(positive(6)), lambda op: op._var),
         "LowRank": (pf.LowRank(U(), positive(2), positive(6)), lambda op: op.U),
         "LowRank eigvals": (pf.LowRank(U(), positive(2)), lambda op: op.eigvals),
-        "LowRankPrecision": (pf.LowRankPrecision(U(), positive(2), positive(6)), lambda op: op.diag),
+        "LowRankPrecision": (
+            pf.LowRankPrecision(U(), positive(2), positive(6)),
+            lambda op: op.diag,
+        ),
         "LowRankPrecision U": (pf.LowRankPrecision(U(), positive(2), positive(6)), lambda op: op.U),
         "KroneckerFactors": (pf.KroneckerFactors(spd(2), spd(3)), lambda op: op.in_factor),
         "Kronecker": (pf.Kronecker([(spd(2), spd(3))]), lambda op: op._blocks[0].out_factor),
         "PrecisionUpdate": (update(pf.Dense(spd(6))), lambda op: op.rows),
         "PrecisionUpdate base": (update(pf.Dense(spd(6))), lambda op: op.base._matrix),
-        "Marginal": (Marginal(pf.Dense(spd(6)), torch.tensor([4, 0, 2])), lambda op: op.parent._matrix),
+        "Marginal": (
+            Marginal(pf.Dense(spd(6)), torch.tensor([4, 0, 2])),
+            lambda op: op.parent._matrix,
+        ),
     }
 
 
@@ -282,8 +286,13 @@ def _products(op) -> list[torch.Tensor]:
     V = torch.randn(3, op.num_params, generator=g, dtype=D)
     Z = torch.randn(3, op.sqrt_cols, generator=g, dtype=D)
     return [
-        op.matmul_rows(V), op.sqrt_rows(Z), op.sqrt_t_rows(V), op.quadratic_rows(V),
-        op.diagonal(), op.to_dense(), op.sqrt_dense(),
+        op.matmul_rows(V),
+        op.sqrt_rows(Z),
+        op.sqrt_t_rows(V),
+        op.quadratic_rows(V),
+        op.diagonal(),
+        op.to_dense(),
+        op.sqrt_dense(),
     ]
 
 
@@ -316,8 +325,9 @@ def _api_calls(fm, x):
         "jvp": lambda: pf.jvp(fm, x, torch.zeros(fm.num_params, dtype=fm.dtype)),
         "per_example_vjp": lambda: pf.per_example_vjp(fm, x, torch.ones(B, 2, dtype=fm.dtype)),
         "jacobian": lambda: pf.jacobian(fm, x),
-        "GGN": lambda: GGN(fm, [(x, torch.zeros(B, dtype=torch.long))], "classification")
-        .diagonal(),
+        "GGN": lambda: GGN(
+            fm, [(x, torch.zeros(B, dtype=torch.long))], "classification"
+        ).diagonal(),
     }
 
 

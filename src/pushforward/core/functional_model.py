@@ -5,10 +5,17 @@ flat order (``param_names``: ``named_parameters()`` order restricted to the sele
 parameters once — the order laplace-torch uses), how inputs are passed, how the output tensor
 is read off the model's return value, and which trailing output dimensions form the output
 vector of size K. Everything else in the library is written against it.
+
+The module's parameters are replaced only inside :meth:`FunctionalModel.call`, under the
+module's lock (:func:`module_lock`), and every read of them (selection, :meth:`params`) takes the
+same lock: another thread never sees a parameter swapped out. A module object reachable under
+several names (a layer used twice in an ``nn.Sequential``, tied weights) has each of its
+parameter attributes replaced once and restored exactly.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import weakref
 from collections import OrderedDict
@@ -20,9 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pushforward.core.cost import measure_cost
 from pushforward.core.errors import BatchCouplingError
 from pushforward.core.inputs import Inputs
 from pushforward.core.layout import ParamLayout, match_names
+from pushforward.core.settings import settings
 
 __all__ = [
     "BatchCouplingError",
@@ -44,8 +53,8 @@ class ModelCache:
             (:func:`pushforward.core.cost.measure_cost`).
         structures: the layer analysis of the structured strategy and the curvature sweeps'
             layer structure, per input signature.
-        independence: input signatures whose examples were checked to be independent and
-            deterministic (:meth:`FunctionalModel.check_examples`).
+        independence: input signatures whose first check (the stronger one) of independent and
+            deterministic examples passed (:meth:`FunctionalModel.check_examples`).
         methods: per fallback ladder, the index of the first method that worked.
         plans: recent plans by their key (least recently used dropped first).
         failures: per plan key and strategy, why the strategy failed at run time.
@@ -144,11 +153,14 @@ class FunctionalModel:
         self.output_fn = output_fn or default_output_fn
         self.cache = ModelCache()
         self._lock = module_lock(model)
+        self._probe_rng = random.Random(0)
         self._last_layer_unverified = False
-        names = self._select(params, example_input)
-        if not names:
-            raise ValueError(f"params={params!r} selects no parameter of the model")
-        named = dict(model.named_parameters())
+        with self._lock:  # another thread may be running the module (parameters swapped)
+            names = self._select(params, example_input)
+            if not names:
+                raise ValueError(f"params={params!r} selects no parameter of the model")
+            named = dict(model.named_parameters())
+            self._slots = _parameter_slots(model, names)
         dtypes = {named[n].dtype for n in names}
         if len(dtypes) != 1:
             raise ValueError(
@@ -161,13 +173,14 @@ class FunctionalModel:
         """Pickled and copied without its cache and lock (a copy starts with a fresh cache and
         takes the lock of its own module)."""
         state = dict(self.__dict__)
-        del state["cache"], state["_lock"]
+        del state["cache"], state["_lock"], state["_probe_rng"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.cache = ModelCache()
         self._lock = module_lock(self.module)
+        self._probe_rng = random.Random(0)
 
     # -- parameter selection ---------------------------------------------------------
     def _select(self, params: ParamSelection, example_input: Any) -> list[str]:
@@ -222,7 +235,8 @@ class FunctionalModel:
         try:
             with torch.no_grad(), self._lock:
                 one = inputs.slice(0, 1)
-                self.module(*one.args, **one.kwargs)
+                with self._input_errors(inputs):
+                    self.module(*one.args, **one.kwargs)
         finally:
             for h in hooks:
                 h.remove()
@@ -257,8 +271,10 @@ class FunctionalModel:
         return self.params()[self.param_names[0]].device
 
     def params(self, differentiable: bool = True) -> dict[str, Tensor]:
-        """The selected parameters ``{name: tensor}`` (detached unless ``differentiable``)."""
-        named = dict(self.module.named_parameters())
+        """The selected parameters ``{name: tensor}`` (detached unless ``differentiable``); read
+        under the module's lock, so never a tensor another thread swapped in."""
+        with self._lock:
+            named = dict(self.module.named_parameters())
         return {n: named[n] if differentiable else named[n].detach() for n in self.param_names}
 
     @property
@@ -297,11 +313,16 @@ class FunctionalModel:
     def call(self, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
         """``model(*args, **kwargs)`` with the selected parameters replaced by ``params``.
 
-        The module's lock is held meanwhile (``functional_call`` swaps its parameters)."""
+        Every module attribute that holds a selected parameter (under any name: tied weights,
+        a layer used twice) is replaced exactly once and restored afterwards; entries of
+        ``params`` that are not selected parameters replace the tensor of that name. The
+        module's lock is held meanwhile (``functional_call`` swaps its parameters)."""
+        swap = {slot: params[name] for slot, name in self._slots if name in params}
+        for name, value in params.items():
+            if name not in self.layout.shapes:
+                swap[name] = value
         with self._lock:
-            out = functional_call(
-                self.module, dict(params), args, kwargs, tie_weights=True, strict=False
-            )
+            out = functional_call(self.module, swap, args, kwargs, tie_weights=False, strict=False)
         return self.output_fn(out)
 
     def __call__(self, x: Any, params: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
@@ -335,37 +356,95 @@ class FunctionalModel:
 
     def check_examples(self, inputs: Inputs) -> None:
         """Raise :class:`BatchCouplingError` when the model's output for an example changes
-        between two identical calls (random draws: dropout in training mode, functional
-        ``F.dropout(training=True)``) or with the other examples of the batch (batch statistics,
-        ``h - h.mean(0)``). Checked once per input signature, on the first two examples (a
-        batch of one is checked for randomness only, and again once two examples come)."""
+        between two identical calls (random draws: a functional ``F.dropout(training=True)``)
+        or with the other examples of the batch (batch statistics, ``h - h.mean(0)``, a
+        normalisation, branch or depth chosen from a batch-wide value).
+
+        What is checked, on every call (every public function runs it on its inputs), without
+        gradients: the model runs on the batch, and *probe* examples run alone, each as a batch
+        of one; each probe's output alone must equal its row of the batch's output (up to
+        rounding: ``10 sqrt(eps)`` of the largest output). The probes are drawn without
+        replacement by a pseudo-random generator of this object (seeded, so runs repeat; the
+        global random state is untouched): 8 at the first call of an input signature (every
+        example of a batch of at most 8), 2 at every later call. The first call also runs one
+        probe twice (randomness). A batch of one is checked for randomness only, until a
+        batch of two or more examples comes.
+
+        What it costs: per later call, one forward of the batch and two of one example (a small
+        MLP in a Bayesian-optimization loop: about 10% of a cached ``functional_variance``);
+        per first call, one of the batch and nine of one example. The batch's forward takes at
+        most ``settings.chunk_target`` bytes of the model's measured per-example memory: a
+        larger batch is represented by a pseudo-random subset of it (containing the probes).
+
+        What it cannot see: a coupling that leaves every probe's output unchanged (e.g. one
+        that shows in a few examples of a large batch only, or in the Jacobian but not the
+        output) may pass a given call; as probes change from call to call, a coupling that
+        persists is found. Failures of the model on the inputs (a dtype or shape it cannot
+        take) are raised here with the inputs' shapes and dtypes and what the model takes.
+        """
         key = inputs.signature()
-        if key in self.cache.independence:
+        first = key not in self.cache.independence
+        B = inputs.batch_size
+        if B < 2 and not first:
             return
-        two = inputs.slice(0, min(2, inputs.batch_size)).detach()
+        batch = inputs.detach()
         params = self.params(False)
+        probes = self._probe_rng.sample(range(B), min(B, _FIRST_PROBES if first else _CALL_PROBES))
         with torch.no_grad():
-            first = self.call(params, two.args, two.kwargs)
-            again = self.call(params, two.args, two.kwargs)
-            if not _close(first, again):
-                raise BatchCouplingError(
-                    "the model's output changes between two identical calls: it draws random "
-                    "numbers in its forward pass (dropout in training mode, a functional "
-                    "F.dropout(..., training=True), ...), so its Jacobian is not defined; call "
-                    "model.eval() or remove the random operation"
-                )
-            if two.batch_size < 2:
+            alone = {}
+            for k in probes:
+                one = batch.slice(k, k + 1)
+                with self._input_errors(batch):
+                    alone[k] = self.call(params, one.args, one.kwargs)
+            if first:
+                k = probes[0]
+                one = batch.slice(k, k + 1)
+                if not _close(alone[k], self.call(params, one.args, one.kwargs)):
+                    raise BatchCouplingError(_RANDOM)
+            if B < 2:
                 return
-            one = two.slice(0, 1)
-            alone = self.call(params, one.args, one.kwargs)
-        if not _close(first[:1], alone):
-            raise BatchCouplingError(
-                "the model's output for an example depends on the other examples of the batch "
-                "(example 0 alone gives another output than with example 1 beside it): batch "
-                "statistics such as BatchNorm in training mode or h - h.mean(0) couple the "
-                "examples, so per-example Jacobians are not defined"
-            )
+            context = self._context(batch, probes)
+            rows = {k: i for i, k in enumerate(context)}
+            part = batch if len(context) == B else batch.take(context)
+            with self._input_errors(batch):
+                together = self.call(params, part.args, part.kwargs)
+            for k in probes:
+                if not _close(together[rows[k] : rows[k] + 1], alone[k]):
+                    one = batch.slice(k, k + 1)
+                    if not _close(alone[k], self.call(params, one.args, one.kwargs)):
+                        raise BatchCouplingError(_RANDOM)
+                    raise BatchCouplingError(
+                        "the model's output for an example depends on the other examples of the "
+                        f"batch (example {k} alone gives another output than beside the other "
+                        f"{len(context) - 1} examples{' of a subset' if len(context) < B else ''}"
+                        f" of the batch of {B}): batch statistics (BatchNorm in training mode, "
+                        "h - h.mean(0)) or a normalisation, branch or depth chosen from a "
+                        "batch-wide value couple the examples, so per-example Jacobians are not "
+                        "defined"
+                    )
         self.cache.independence.add(key)
+
+    def _context(self, batch: Inputs, probes: list[int]) -> list[int]:
+        """The examples run together with the probes (sorted): the whole batch, or a
+        pseudo-random subset when the whole batch's forward would take more than
+        ``settings.chunk_target`` bytes by the measured per-example memory."""
+        B = batch.batch_size
+        if max(len(probes), 2) >= B:
+            return list(range(B))
+        per_example = max(measure_cost(self, batch).activation_bytes, 1)
+        size = max(len(probes), 2, min(B, settings.current().chunk_target // per_example))
+        if size >= B:
+            return list(range(B))
+        chosen = set(probes)
+        rest = [i for i in range(B) if i not in chosen]
+        chosen.update(self._probe_rng.sample(rest, size - len(chosen)))
+        return sorted(chosen)
+
+    def _input_errors(self, inputs: Inputs) -> _InputErrors:
+        """Context in which a failure of the model's forward (on ``inputs`` or part of them) is
+        re-raised naming the inputs' shapes and dtypes and what the model takes (torch's error
+        chained)."""
+        return _InputErrors(self, inputs)
 
     def prepare(self, x: Any) -> Inputs:
         """Validate the model state and normalize the inputs of one call."""
@@ -380,6 +459,107 @@ class FunctionalModel:
             f"FunctionalModel({type(self.module).__name__}, P={self.num_params}, "
             f"{len(self.param_names)} tensors, output_dims={self.output_dims})"
         )
+
+
+#: Examples run alone by :meth:`FunctionalModel.check_examples` at the first call of an input
+#: signature, and at every later call.
+_FIRST_PROBES, _CALL_PROBES = 8, 2
+
+_RANDOM = (
+    "the model's output changes between two identical calls: it draws random numbers in its "
+    "forward pass (dropout in training mode, a functional F.dropout(..., training=True), ...), "
+    "so its Jacobian is not defined; call model.eval() or remove the random operation"
+)
+
+#: Errors of a model's forward that are re-raised (same type) with the inputs described.
+_WRAPPED = (RuntimeError, TypeError, ValueError, IndexError)
+
+
+class _InputErrors:
+    """Re-raise a failure of the model on ``inputs`` (exactly one of :data:`_WRAPPED`) with the
+    same type and a message naming the inputs and what the model takes."""
+
+    def __init__(self, fm: FunctionalModel, inputs: Inputs) -> None:
+        self.fm, self.inputs = fm, inputs
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None or type(err) not in _WRAPPED:
+            return False
+        raise type(err)(_input_error_message(self.fm, self.inputs, err)) from err
+
+
+def _input_error_message(fm: FunctionalModel, inputs: Inputs, err: BaseException) -> str:
+    dtype = fm.dtype
+    described = inputs.describe()
+    hints = []
+    floats = sorted(
+        {str(t.dtype).removeprefix("torch.") for t in inputs.tensors() if t.is_floating_point()}
+        - {str(dtype).removeprefix("torch.")}
+    )
+    if floats and dtype.is_floating_point:
+        want = str(dtype).removeprefix("torch.")
+        hints.append(
+            f"the inputs are {', '.join(floats)} but the model's parameters are {want}: cast the "
+            f"inputs (x.to(torch.{want})) or the model"
+        )
+    integers = [t for t in inputs.tensors() if not t.is_floating_point() and not t.is_complex()]
+    layer = _first_layer(fm.module)
+    if integers and dtype.is_floating_point and not (layer and "Embedding" in layer):
+        kinds = sorted({str(t.dtype).removeprefix("torch.") for t in integers})
+        hints.append(
+            f"the inputs hold integers ({', '.join(kinds)}) while the model's parameters are "
+            f"{str(dtype).removeprefix('torch.')}; a float model usually needs x.float()"
+        )
+    takes = f"; its first layer {layer}" if layer else ""
+    return (
+        f"the model cannot run on these inputs ({described}); its parameters are "
+        f"{str(dtype).removeprefix('torch.')}{takes}. "
+        + "".join(f"{h[0].upper()}{h[1:]}. " for h in hints)
+        + f"The model raised {type(err).__name__}: {err}"
+    )
+
+
+def _first_layer(module: nn.Module) -> str | None:
+    """What the first registered layer takes, e.g. ``"0 (Linear) takes inputs with 3 features
+    (last dimension) of dtype float32"``; ``None`` when it is not a linear, convolution or
+    embedding layer."""
+    for name, m in module.named_modules():
+        label = f"{name or '<root>'} ({type(m).__name__})"
+        if isinstance(m, nn.Linear):
+            return (
+                f"{label} takes inputs with {m.in_features} features (last dimension) of dtype "
+                f"{str(m.weight.dtype).removeprefix('torch.')}"
+            )
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return (
+                f"{label} takes inputs with {m.in_channels} channels (dimension 1) of dtype "
+                f"{str(m.weight.dtype).removeprefix('torch.')}"
+            )
+        if isinstance(m, nn.Embedding):
+            return f"{label} takes integer indices below {m.num_embeddings}"
+        if next(m.parameters(recurse=False), None) is not None:
+            return None
+    return None
+
+
+def _parameter_slots(module: nn.Module, names: list[str]) -> tuple[tuple[str, str], ...]:
+    """``(path, name)`` for every module attribute that holds a selected parameter ``name``:
+    one path per distinct (module object, attribute), however many names reach it (a layer
+    used twice is reached under two names; replacing it twice would restore it wrongly)."""
+    selected = dict(module.named_parameters())
+    by_id = {id(selected[n]): n for n in names}
+    seen: set[tuple[int, str]] = set()
+    slots = []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is None or id(p) not in by_id or (id(m), attr) in seen:
+                continue
+            seen.add((id(m), attr))
+            slots.append((f"{prefix}.{attr}" if prefix else attr, by_id[id(p)]))
+    return tuple(slots)
 
 
 def _coupling_modules(module: nn.Module):

@@ -97,6 +97,27 @@ class Inputs:
         """Examples ``start:stop`` of the batch."""
         return self.map(lambda t: t[start:stop])
 
+    def take(self, index: Sequence[int]) -> Inputs:
+        """Examples ``index`` of the batch, in that order."""
+        return self.map(lambda t: t[torch.as_tensor(index, dtype=torch.long, device=t.device)])
+
+    def describe(self) -> str:
+        """The batched tensors' names, shapes and dtypes, e.g. ``"x: (5, 3) float64"`` (a
+        lone tensor is ``x``, positional ones ``x[i]``, keyword ones ``x['name']``)."""
+        named = list(_named_tensors(self.args, self.kwargs))
+        lone = len(named) == 1 and not self.kwargs
+
+        def label(name: str) -> str:
+            if lone:
+                return "x"
+            if name.startswith("args["):
+                return "x" + name.removeprefix("args")
+            return f"x[{name!r}]"
+
+        return ", ".join(
+            f"{label(n)}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in named
+        )
+
     def detach(self) -> Inputs:
         return self.map(Tensor.detach)
 

@@ -87,7 +87,9 @@ def _pieces_finite(t: Tensor) -> bool:
         return bool(torch.isfinite(t).all())
     if t.dim() == 1:
         return all(bool(torch.isfinite(p).all()) for p in t.split(_FINITE_PIECE))
-    return all(_pieces_finite(row) for row in t.unbind(0))
+    rows = _FINITE_PIECE // max(t[0].numel(), 1)
+    pieces = t.split(rows) if rows > 1 else t.unbind(0)
+    return all(_pieces_finite(p) for p in pieces)
 
 
 def check_finite(name: str, t: Tensor) -> None:

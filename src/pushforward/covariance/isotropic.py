@@ -63,6 +63,15 @@ class Isotropic(CovarianceOperator):
     def _fields(self) -> dict[str, Any]:
         return {"variance": self.variance, "num_params": self._num_params}
 
+    def _to_state(self) -> dict[str, Any]:
+        return {**super()._to_state(), "number": self._number}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> Isotropic:
+        out = super()._from_state(state)
+        out._number = state["number"]
+        return out
+
     def matmul_flops(self) -> float:
         return float(self.num_params)
 

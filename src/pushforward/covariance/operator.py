@@ -234,6 +234,19 @@ class CovarianceOperator(abc.ABC):
             None if device is None else (lambda t: t.to(device=device)),
         )
 
+    # -- saving (pushforward.save / pushforward.load) -------------------------------------
+    def _to_state(self) -> dict[str, Any]:
+        """The constructor's fields (tensors, nested operators, plain values) and the bound
+        layout: what :func:`pushforward.save` writes (nested operators as their own states)."""
+        return {"fields": self._fields(), "layout": self.layout}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> CovarianceOperator:
+        """The operator of a saved state, exactly as saved (its tensors are not re-checked)."""
+        out = cls(**state["fields"], check=False)
+        out.layout = state["layout"]
+        return out
+
     # -- structure -----------------------------------------------------------------------
     def bind(self, layout: ParamLayout) -> CovarianceOperator:
         """This operator checked against ``layout`` (in ``layout``'s flat order).
