@@ -45,6 +45,7 @@ from pushforward.covariance import (
 )
 from pushforward.engine.planner import Plan, plan
 from pushforward.laplace_interop import accelerate, from_laplace, glm_predictive
+from pushforward.persistence import load, save
 from pushforward.products.jacobian import jacobian
 from pushforward.products.jvp import batched_jvp, jvp
 from pushforward.products.vjp import per_example_vjp
@@ -95,6 +96,9 @@ __all__ = [
     "monte_carlo_variance",
     "plan",
     "predictive",
+    # saving fitted posteriors (pushforward.persistence)
+    "load",
+    "save",
     # how computations run
     "Options",
     "Settings",
