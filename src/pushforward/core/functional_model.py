@@ -388,30 +388,24 @@ class FunctionalModel:
         if B < 2 and not first:
             return
         batch = inputs.detach()
-        params = self.params(False)
         probes = self._probe_rng.sample(range(B), min(B, _FIRST_PROBES if first else _CALL_PROBES))
         with torch.no_grad():
             alone = {}
             for k in probes:
-                one = batch.slice(k, k + 1)
                 with self._input_errors(batch):
-                    alone[k] = self.call(params, one.args, one.kwargs)
-            if first:
-                k = probes[0]
-                one = batch.slice(k, k + 1)
-                if not _close(alone[k], self.call(params, one.args, one.kwargs)):
-                    raise BatchCouplingError(_RANDOM)
+                    alone[k] = self._current(batch.slice(k, k + 1))
+            k = probes[0]
+            if first and not _close(alone[k], self._current(batch.slice(k, k + 1))):
+                raise BatchCouplingError(_RANDOM)
             if B < 2:
                 return
             context = self._context(batch, probes)
             rows = {k: i for i, k in enumerate(context)}
-            part = batch if len(context) == B else batch.take(context)
             with self._input_errors(batch):
-                together = self.call(params, part.args, part.kwargs)
+                together = self._current(batch if len(context) == B else batch.take(context))
             for k in probes:
                 if not _close(together[rows[k] : rows[k] + 1], alone[k]):
-                    one = batch.slice(k, k + 1)
-                    if not _close(alone[k], self.call(params, one.args, one.kwargs)):
+                    if not _close(alone[k], self._current(batch.slice(k, k + 1))):
                         raise BatchCouplingError(_RANDOM)
                     raise BatchCouplingError(
                         "the model's output for an example depends on the other examples of the "
@@ -423,6 +417,11 @@ class FunctionalModel:
                         "defined"
                     )
         self.cache.independence.add(key)
+
+    def _current(self, inputs: Inputs) -> Tensor:
+        """The output at the module's own parameters (no swap needed), under its lock."""
+        with self._lock:
+            return self.output_fn(self.module(*inputs.args, **inputs.kwargs))
 
     def _context(self, batch: Inputs, probes: list[int]) -> list[int]:
         """The examples run together with the probes (sorted): the whole batch, or a
