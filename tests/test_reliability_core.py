@@ -118,6 +118,22 @@ def test_coupling_that_appears_at_a_later_call_is_refused(kind):
         pf.functional_variance(fm, _coupled_batch(kind), cov)
 
 
+def test_non_finite_outputs_of_independent_examples_are_not_coupling():
+    class Log(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(torch.log(x))
+
+    fm = pf.FunctionalModel(Log().double())
+    x = torch.rand(6, 3, dtype=D) + 0.1
+    x[2, 0] = -1.0  # example 2's output is NaN, alone or in the batch
+    f, _ = pf.jacobian(fm, x)
+    assert f[2].isnan().all() and not f[[0, 1, 3, 4, 5]].isnan().any()
+
+
 def test_the_example_check_leaves_no_random_state_behind():
     fm = pf.FunctionalModel(_mlp().double().eval())
     cov = pf.Diagonal(torch.full((fm.num_params,), 0.1, dtype=D))
