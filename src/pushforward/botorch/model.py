@@ -46,8 +46,10 @@ from torch import Tensor, nn
 from pushforward.api.variance import functional_covariance
 from pushforward.botorch.paths import SamplePaths
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.layout import ParamLayout
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.covariance.precision_update import PrecisionUpdate
+from pushforward.persistence import from_state, register, to_state
 from pushforward.products.jacobian import jacobian
 from pushforward.products.jvp import batched_jvp
 
@@ -116,6 +118,7 @@ class _Update:
     alpha: Tensor
 
 
+@register
 class PushforwardModel(Model, FantasizeMixin):
     """A BoTorch model: a network linearized at its weights with a weight-space Gaussian.
 
@@ -422,6 +425,14 @@ class PushforwardModel(Model, FantasizeMixin):
             if selection != self._all:
                 f = f[:, list(selection)]
             return f.reshape(*batch, q, s), cov.reshape(*batch, q * s, q * s)
+        try:
+            torch.broadcast_shapes(X.shape[:-2], cond.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"X's batch shape {tuple(X.shape[:-2])} does not broadcast with the model's "
+                f"batch shape {tuple(cond.batch_shape)} (it is conditioned on batches of "
+                "observations)"
+            ) from None
         if cond.shared:
             return self._latent_shared(X, selection)
         return self._latent_batched(X, selection)
@@ -588,6 +599,103 @@ class PushforwardModel(Model, FantasizeMixin):
         new._update_cache = None
         return new
 
+    # -- saving and loading ------------------------------------------------------------------
+    @property
+    def layout(self) -> ParamLayout:
+        """The layout of the parameters the posterior is over (recorded when saved)."""
+        return self._fm.layout
+
+    def _to_state(self) -> dict[str, Any]:
+        """Everything but the network's code: the weights θ* (checked at loading), the
+        covariance, noise, options, output selection, conditioning and transforms."""
+        cond = self._conditioning
+        conditioning = None
+        if cond is not None:
+            conditioning = {
+                "X": cond.X,
+                "Y": cond.Y,
+                "noise": cond.noise,
+                "batch_shape": list(cond.batch_shape),
+            }
+        return {
+            "weights": self._fm.params(False),
+            "covariance": self._cov,
+            "noise": self.noise,
+            "observation_noise": self.observation_noise,
+            "likelihood": self.likelihood,
+            "num_outputs": self._width,
+            "selection": list(self._selection),
+            "strategy": self._engine["strategy"],
+            "memory_budget": self._engine["memory_budget"],
+            "conditioning": conditioning,
+            "outcome_transform": _transform_state(getattr(self, "outcome_transform", None)),
+            "input_transform": _transform_state(getattr(self, "input_transform", None)),
+        }
+
+    @classmethod
+    def _from_state(
+        cls, state: dict[str, Any], model: nn.Module | FunctionalModel | None = None
+    ) -> PushforwardModel:
+        """The model of ``state`` on ``model`` (the network, with the weights it was saved
+        with: ``ValueError`` naming the first parameter whose values differ)."""
+        if model is None:
+            raise ValueError(
+                "loading a PushforwardModel needs its network: pass model=... (the nn.Module, "
+                "or the FunctionalModel selecting the parameters, with the fitted weights)"
+            )
+        fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model)
+        new = cls(
+            fm,
+            state["covariance"],
+            noise=state["noise"],
+            observation_noise=state["observation_noise"],
+            likelihood=state["likelihood"],
+            outcome_transform=_transform_from_state(state["outcome_transform"]),
+            input_transform=_transform_from_state(state["input_transform"]),
+            num_outputs=state["num_outputs"],
+            strategy=state["strategy"],
+            memory_budget=state["memory_budget"],
+        )
+        new._restore(state)
+        return new
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Take the posterior of ``state`` (saved for this network: weights checked)."""
+        _check_weights(self._fm, state["weights"])
+        selection = tuple(int(i) for i in state["selection"])
+        if int(state["num_outputs"]) != self._width or any(
+            i < 0 or i >= self._width for i in selection
+        ):
+            raise ValueError(
+                f"the saved model has {state['num_outputs']} outputs (selected {list(selection)}),"
+                f" this one {self._width}"
+            )
+        cond = state["conditioning"]
+        self._set_covariance(state["covariance"].bind(self._fm.layout))
+        self._selection = selection
+        self._conditioning = None
+        if cond is not None:
+            self._conditioning = _Conditioning(
+                cond["X"], cond["Y"], cond["noise"], torch.Size(cond["batch_shape"])
+            )
+        self._update_cache = None
+        self._noise_matrices = {}
+        self.observation_noise = bool(state["observation_noise"])
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What ``state_dict()`` carries besides the noise and the transforms' buffers: the
+        whole saved model (:func:`pushforward.persistence.to_state`), so that
+        ``load_state_dict`` restores the posterior exactly or refuses."""
+        return to_state(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the posterior of a ``state_dict()`` (this model's network must hold the
+        weights it was saved with, and the same parameter names and shapes)."""
+        restored = from_state(state, model=self._fm)
+        if not isinstance(restored, PushforwardModel):
+            raise ValueError(f"the state holds a {type(restored).__name__}, not a model")
+        self._restore(restored._to_state())
+
     # -- conditioning ----------------------------------------------------------------------
     def condition_on_observations(
         self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any
@@ -679,6 +787,80 @@ def _unwrap_laplace_botorch(la: Any) -> tuple[Any, dict[str, Any]]:
         if hasattr(la, name):
             defaults[name] = copy.deepcopy(getattr(la, name))
     return la.bnn, defaults
+
+
+def _check_weights(fm: FunctionalModel, saved: dict[str, Tensor]) -> None:
+    """The network's selected parameters must hold the saved values θ* exactly."""
+    params = fm.params(False)
+    if list(saved) != list(params):
+        raise ValueError(
+            f"the saved model is over parameters {list(saved)}, the network selects {list(params)}"
+        )
+    for name, p in params.items():
+        value = saved[name]
+        if value.shape != p.shape or not torch.equal(value.to(p), p):
+            diff = (
+                "another shape"
+                if value.shape != p.shape
+                else f"max |difference| {(value.to(p) - p).abs().max().item():.3g}"
+            )
+            raise ValueError(
+                f"the network's parameter {name!r} differs from the weights the posterior "
+                f"was fitted at ({diff}): load the network's fitted weights before the model"
+            )
+
+
+_TRANSFORMS = ("Standardize", "Normalize")
+
+
+def _transform_state(tf: nn.Module | None) -> dict[str, Any] | None:
+    """A BoTorch ``Standardize`` or ``Normalize`` as its arguments and buffers."""
+    if tf is None:
+        return None
+    kind = type(tf).__name__
+    if kind not in _TRANSFORMS or type(tf).__module__.split(".")[0] != "botorch":
+        raise TypeError(
+            f"cannot save a model with a {type(tf).__qualname__} transform: saving supports "
+            f"BoTorch's {' and '.join(_TRANSFORMS)}; save the model without it and set it "
+            "again after loading (model.outcome_transform = ... / model.input_transform = ...)"
+        )
+    if kind == "Standardize":
+        args = {
+            "m": tf._m,
+            "outputs": tf._outputs,
+            "batch_shape": list(tf._batch_shape),
+            "min_stdv": tf._min_stdv,
+        }
+    else:
+        indices = getattr(tf, "indices", None)
+        args = {
+            "d": tf._d,
+            "indices": None if indices is None else indices.tolist(),
+            "batch_shape": list(tf.batch_shape),
+            "transform_on_train": tf.transform_on_train,
+            "transform_on_eval": tf.transform_on_eval,
+            "transform_on_fantasize": tf.transform_on_fantasize,
+            "reverse": tf.reverse,
+            "min_range": tf.min_range,
+            "learn_bounds": tf._learn_coefficients,
+            "center": tf.center,
+        }
+    return {"class": kind, "args": args, "buffers": dict(tf.state_dict())}
+
+
+def _transform_from_state(state: dict[str, Any] | None) -> nn.Module | None:
+    if state is None:
+        return None
+    from botorch.models.transforms.input import Normalize
+    from botorch.models.transforms.outcome import Standardize
+
+    kind, args = state["class"], dict(state["args"])
+    if kind not in _TRANSFORMS:
+        raise ValueError(f"the file holds a {kind!r} transform; known: {list(_TRANSFORMS)}")
+    args["batch_shape"] = torch.Size(args["batch_shape"])
+    tf = (Standardize if kind == "Standardize" else Normalize)(**args)
+    tf.load_state_dict(state["buffers"], assign=True)  # the saved dtypes, not the defaults
+    return tf.eval()
 
 
 def _num_outputs(fm: FunctionalModel, given: int | None) -> int:
