@@ -370,11 +370,12 @@ class FunctionalModel:
         probe twice (randomness). A batch of one is checked for randomness only, until a
         batch of two or more examples comes.
 
-        What it costs: per later call, one forward of the batch and two of one example (a small
-        MLP in a Bayesian-optimization loop: about 10% of a cached ``functional_variance``);
-        per first call, one of the batch and nine of one example. The batch's forward takes at
-        most ``settings.chunk_target`` bytes of the model's measured per-example memory: a
-        larger batch is represented by a pseudo-random subset of it (containing the probes).
+        What it costs: per later call, one forward of the batch and two of one example, at the
+        module's own parameters (a small MLP's cached ``functional_variance``, itself a few
+        forward and backward passes, takes about a third longer); per first call, one of the
+        batch and nine of one example. The batch's forward takes at most
+        ``settings.chunk_target`` bytes of the model's measured per-example memory: a larger
+        batch is represented by a pseudo-random subset of it (containing the probes).
 
         What it cannot see: a coupling that leaves every probe's output unchanged (e.g. one
         that shows in a few examples of a large batch only, or in the Jacobian but not the
@@ -389,21 +390,20 @@ class FunctionalModel:
             return
         batch = inputs.detach()
         probes = self._probe_rng.sample(range(B), min(B, _FIRST_PROBES if first else _CALL_PROBES))
-        with torch.no_grad(), self._input_errors(batch):
-            alone = torch.cat([self._current(batch.slice(k, k + 1)) for k in probes])
-            k = probes[0]
-            if first and not _close(alone[:1], self._current(batch.slice(k, k + 1))):
+        with torch.no_grad():
+            alone = torch.cat([self._current(batch, [k]) for k in probes])
+            if first and not _close(alone[:1], self._current(batch, probes[:1])):
                 raise BatchCouplingError(_RANDOM)
             if B < 2:
                 return
             context = self._context(batch, probes)
-            together = self._current(batch if len(context) == B else batch.take(context))
+            together = self._current(batch, context)
             rows = together[[context.index(k) for k in probes]]
             if not _close(rows, alone):
                 for j, k in enumerate(probes):
                     if _close(rows[j : j + 1], alone[j : j + 1]):
                         continue
-                    if not _close(alone[j : j + 1], self._current(batch.slice(k, k + 1))):
+                    if not _close(alone[j : j + 1], self._current(batch, [k])):
                         raise BatchCouplingError(_RANDOM)
                     raise BatchCouplingError(
                         "the model's output for an example depends on the other examples of the "
@@ -416,10 +416,18 @@ class FunctionalModel:
                     )
         self.cache.independence.add(key)
 
-    def _current(self, inputs: Inputs) -> Tensor:
-        """The output at the module's own parameters (no swap needed), under its lock."""
-        with self._lock:
-            return self.output_fn(self.module(*inputs.args, **inputs.kwargs))
+    def _current(self, batch: Inputs, examples: list[int]) -> Tensor:
+        """The output for ``examples`` of ``batch`` (run as one batch) at the module's own
+        parameters (no swap needed), under its lock; a failure is re-raised naming the batch's
+        shapes and dtypes (:meth:`_input_errors`)."""
+        if len(examples) == batch.batch_size:
+            part = batch
+        elif len(examples) == 1:
+            part = batch.slice(examples[0], examples[0] + 1)
+        else:
+            part = batch.take(examples)
+        with self._lock, self._input_errors(batch):
+            return self.output_fn(self.module(*part.args, **part.kwargs))
 
     def _context(self, batch: Inputs, probes: list[int]) -> list[int]:
         """The examples run together with the probes (sorted): the whole batch, or a
