@@ -213,8 +213,8 @@ def _busy_jiffies() -> int | None:
 
 
 def run_in_process(loop: str, kind: str, seed: int, args: argparse.Namespace) -> dict:
-    """One run in a fresh interpreter (one torch thread); its result with the wall time, peak
-    memory and the CPU the rest of the machine used meanwhile."""
+    """One run in a fresh interpreter (one torch thread); its result with the wall time, the
+    process's peak memory and the CPU the rest of the machine used meanwhile."""
     command = [sys.executable, __file__, "--worker", loop, kind, str(seed)]
     command += ["--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
     if args.evaluations:
@@ -232,7 +232,6 @@ def run_in_process(loop: str, kind: str, seed: int, args: argparse.Namespace) ->
         ticks = os.sysconf("SC_CLK_TCK")
         result["others_cpu_cores"] = max(0.0, ((_busy_jiffies() - busy) / ticks - own) / wall)
     result["process_seconds"] = wall
-    result["peak_rss_bytes"] = after.ru_maxrss * 1024
     return result
 
 
@@ -317,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         loop, kind, seed = args.worker
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print(json.dumps(run(loop, kind, int(seed), cfg)))
+            result = run(loop, kind, int(seed), cfg)
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(result))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
