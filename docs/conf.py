@@ -42,8 +42,6 @@ templates_path: list[str] = []
 
 # -- every warning is an error (make docs: sphinx-build -W --keep-going -n) ----------------------
 nitpicky = True
-# Pages that tables of contents name while they are being written: left out until they exist.
-pf_pages_in_progress = ["guides/bayesian_optimization"]
 # References into other projects (torch, BoTorch, laplace-torch, the standard library) are not
 # resolved: the docs are built offline. Every reference to a pushforward name must resolve.
 nitpick_ignore_regex = [

@@ -40,8 +40,7 @@ ROOT_PACKAGE = "pushforward"
 
 #: The public modules: the package and the subpackages users import. Other packages under
 #: ``src/pushforward/`` (``core``, ``engine``, ``layers``, ...) are internal even where they
-#: declare ``__all__`` for their siblings. A module listed here that does not exist yet is left
-#: out with a message (a module another change is adding).
+#: declare ``__all__`` for their siblings.
 PUBLIC_MODULES = (
     "pushforward",
     "pushforward.botorch",
@@ -55,18 +54,10 @@ PUBLIC_MODULES = (
 
 
 def public_modules() -> list[str]:
-    """The modules of :data:`PUBLIC_MODULES` that exist."""
-    found = []
+    """The names of :data:`PUBLIC_MODULES`, each imported (a missing one is an error)."""
     for name in PUBLIC_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            LOG.info("public module %s does not exist yet: no API page", name)
-            continue
-        found.append(name)
-    return found
+        importlib.import_module(name)
+    return list(PUBLIC_MODULES)
 
 
 @dataclass(frozen=True)
@@ -253,22 +244,6 @@ def install_warning_filters(app: Sphinx) -> None:
             handler.filters[:0] = [signatures, app.pf_deferred]
 
 
-def skip_pages_in_progress(app: Sphinx, docname: str, source: list[str]) -> None:
-    """Drop the table-of-contents lines naming a page of ``pf_pages_in_progress`` that does not
-    exist yet (a page another change is writing), so the site builds before it lands."""
-    for page in app.config.pf_pages_in_progress:
-        if (Path(app.srcdir) / f"{page}.md").exists():
-            continue
-        folder, _, name = page.rpartition("/")
-        if docname.rpartition("/")[0] != folder:
-            continue
-        lines = source[0].split("\n")
-        kept = [line for line in lines if line.strip() != name]
-        if len(kept) != len(lines):
-            LOG.info("%s: %s is not written yet; left out of its table of contents", docname, page)
-            source[0] = "\n".join(kept)
-
-
 def write_api_pages(app: Sphinx) -> None:
     """One page per public module under ``api/generated/`` (rewritten only when it changes,
     so incremental builds stay incremental)."""
@@ -360,8 +335,6 @@ def check_every_name_documented(app: Sphinx, exception: Exception | None) -> Non
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_config_value("pf_public_modules", [], "env")
     app.add_config_value("pf_deferred_warnings", [], "env")
-    app.add_config_value("pf_pages_in_progress", [], "env")
-    app.connect("source-read", skip_pages_in_progress)
     app.add_directive("pf-api", ApiDirective)
     app.add_directive("pf-exec", ExecDirective)
     app.connect("builder-inited", install_warning_filters)
