@@ -275,28 +275,43 @@ def write_api_pages(app: Sphinx) -> None:
             stale.unlink()
 
 
+def result_set_page(table: Path, folder: str, up: str) -> str:
+    """A result set's page: its ``results.md`` under a title naming the folder, its headings
+    shifted so that the highest is a section of that page, relative links and images pointing
+    at the folder, and its plot."""
+    lines = table.read_text().splitlines()
+    title = ""
+    if lines and lines[0].startswith("# "):
+        title, lines = lines[0][2:].strip(), lines[1:]
+    levels = [len(m.group(1)) for line in lines if (m := re.match(r"(#+) ", line))]
+    shift = 2 - min(levels, default=2)
+    body = []
+    fence = False
+    for line in lines:
+        fence ^= line.startswith("```")
+        heading = re.match(r"(#+) ", line)
+        if heading and not fence:
+            line = "#" * (len(heading.group(1)) + shift) + line[len(heading.group(1)) :]
+        body.append(re.sub(r"\]\((?![a-z]+:|/|#)([^)]+)\)", lambda m: f"]({up}{m.group(1)})", line))
+    head = f"# `{folder}`" + (f": {title}" if title else "")
+    plot = [f"![results]({up}results.png)", ""] if (table.parent / "results.png").exists() else []
+    return "\n".join([head, "", *body, "", *plot])
+
+
 def write_benchmark_pages(app: Sphinx) -> None:
-    """One page per result set of the benchmark harness (``benchmarks/results/**/results.md``)
-    under ``benchmarks/generated/``: the harness's tables, included as written, and its plot."""
+    """One page per result set of the benchmark harness (``benchmarks/results/**/results.md``,
+    not the scratch folder ``tmp/``) under ``benchmarks/generated/``."""
     results = Path(app.srcdir).parent / "benchmarks" / "results"
     out = Path(app.srcdir) / "benchmarks" / "generated"
     out.mkdir(parents=True, exist_ok=True)
     wanted = set()
     for table in sorted(results.rglob("results.md")):
         folder = table.parent.relative_to(results)
-        name = "main" if str(folder) == "." else str(folder).replace("/", "-")
-        up = "../../../benchmarks/results/" + ("" if name == "main" else f"{folder}/")
-        lines = [
-            f"# Result set `{'benchmarks/results/' + ('' if name == 'main' else f'{folder}/')}`",
-            "",
-            f"```{{include}} {up}results.md",
-            ":start-line: 1",
-            "```",
-            "",
-        ]
-        if (table.parent / "results.png").exists():
-            lines += [f"![results]({up}results.png)", ""]
-        text = "\n".join(lines)
+        if "tmp" in folder.parts:
+            continue
+        name = "main" if folder.parts == () else "-".join(folder.parts)
+        shown = "benchmarks/results/" + "".join(f"{p}/" for p in folder.parts)
+        text = result_set_page(table, shown, "../../../" + shown)
         page = out / f"{name}.md"
         wanted.add(page.name)
         if not page.exists() or page.read_text() != text:
