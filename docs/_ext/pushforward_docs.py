@@ -347,6 +347,11 @@ def check_every_name_documented(app: Sphinx, exception: Exception | None) -> Non
                 LOG.warning("public name %s.%s has no docstring", name, attr, type="pushforward")
 
 
+def drop_object_base(app: Sphinx, name: str, obj: object, options: dict, bases: list) -> None:
+    """No "Bases: object" line under a class that has no other base."""
+    bases[:] = [b for b in bases if b is not object]
+
+
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_config_value("pf_public_modules", [], "env")
     app.add_config_value("pf_deferred_warnings", [], "env")
@@ -355,5 +360,6 @@ def setup(app: Sphinx) -> dict[str, object]:
     app.connect("builder-inited", install_warning_filters)
     app.connect("builder-inited", write_api_pages)
     app.connect("builder-inited", write_benchmark_pages)
+    app.connect("autodoc-process-bases", drop_object_base)
     app.connect("build-finished", check_every_name_documented)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
