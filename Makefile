@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP) browser
 	$(PY) -m ruff check src tests benchmarks examples tools docs
 	$(PY) tools/import_cycles.py src/pushforward
+	$(PY) tools/import_rules.py src/pushforward
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

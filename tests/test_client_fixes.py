@@ -175,12 +175,13 @@ def test_planner_prefers_structured_for_joint_layer_covariances():
 def test_repeated_calls_skip_planning(monkeypatch):
     import pushforward.core.cost as cost
     import pushforward.engine.strategies.structured as structured
+    import pushforward.layers.structure as layer_structure
 
     case, _, _ = zoo_reference("mlp")
     fm = pf.FunctionalModel(case.fm.module)
     cov = make_cov("kron", fm)
     counts = {"measure": 0, "analyze": 0, "estimate": 0}
-    measure, analyze = cost._measure, structured.analyze
+    measure, analyze = cost._measure, layer_structure.analyze
     estimate = structured.StructuredStrategy.estimate
 
     def count(key, fn):
@@ -191,7 +192,7 @@ def test_repeated_calls_skip_planning(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(cost, "_measure", count("measure", measure))
-    monkeypatch.setattr(structured, "analyze", count("analyze", analyze))
+    monkeypatch.setattr(layer_structure, "analyze", count("analyze", analyze))
     monkeypatch.setattr(structured.StructuredStrategy, "estimate", count("estimate", estimate))
     first = pf.functional_variance(fm, case.x, cov)
     # auto estimates each strategy once (structured twice: as itself and as last_layer's check

@@ -457,20 +457,20 @@ class Skips(nn.Module):
 
 
 def test_examples_that_leave_the_traced_layers():
-    """The layer analysis is traced on example 0 (which runs ``l3``); example 2 skips it. The
-    diagonal starts again from per-example rows (exact, with a warning); K-FAC, whose blocks are
-    the layers', refuses. (The branch reads one example's values: the reference is built example
-    by example, and examples 0 and 1 take the same branch so the batch-coupling check, which
-    compares the first two, passes.)"""
+    """The layer analysis is traced on the first batch's first example (which runs ``l3``); the
+    second batch's examples skip it. The diagonal gives every parameter's per-example rows for
+    those (exact, with a warning); K-FAC, whose blocks are the layers', refuses. (The branch
+    reads a batch-wide sum: within each batch every example takes the branch it takes alone, so
+    the examples are independent, as the batch-coupling check confirms.)"""
     torch.manual_seed(0)
     model = Skips().to(DT)
     x = torch.randn(4, 3, dtype=DT).abs() + 0.1
-    x[2] = -x[2]
+    x[2:] = -x[2:]
     fm = pf.FunctionalModel(model)
     y = torch.tensor([0, 1, 1, 0])
     H = sum(reference(fm, x[i : i + 1], y[i : i + 1], "classification") for i in range(4))
-    op = GGN(fm, [(x, y)])
-    with pytest.warns(pf.PushforwardFallbackWarning, match="every parameter's per-example rows"):
+    op = GGN(fm, [(x[:2], y[:2]), (x[2:], y[2:])])
+    with pytest.warns(pf.PushforwardFallbackWarning, match="every parameter"):
         assert rel(op.diagonal(), H.diagonal()) <= EXACT
     with pytest.raises(RuntimeError, match="needs every example to run the traced layers"):
         op.kfac()

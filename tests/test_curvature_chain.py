@@ -1,5 +1,6 @@
-"""Chains of linear layers and elementwise activations (``nn.Sequential`` MLPs) take the sweep's
-hand-written path (:mod:`pushforward.curvature.chain`); everything else takes the general one.
+"""Chains of linear layers and elementwise activations (``nn.Sequential`` MLPs) take the layer
+producer's hand-written rung (:mod:`pushforward.layers.chain`); everything else takes the general
+ones.
 Both are checked against the brute-force Jacobian in float64, and the recognition is checked to
 refuse what it cannot run exactly (hooks, subclasses, other modules, other inputs)."""
 
@@ -14,9 +15,8 @@ from torch import Tensor, nn
 
 import pushforward as pf
 from pushforward.core.inputs import Inputs
-from pushforward.curvature import GGN, CrossEntropy, EmpiricalFisher
-from pushforward.curvature.chain import ELEMENTWISE, Chain, find_chain
-from pushforward.curvature.sweep import Sweep
+from pushforward.curvature import GGN, EmpiricalFisher
+from pushforward.layers import ELEMENTWISE, Chain, find_chain, layer_structure
 
 DT = torch.float64
 EXACT = 1e-10
@@ -153,10 +153,11 @@ def test_chunked_rows_and_examples(chain_runs):
 
 def _recognized(model: nn.Module, x: Tensor) -> bool:
     fm = pf.FunctionalModel(model)
-    sweep = Sweep(fm, CrossEntropy(), None, structured=True, budget=0, progress=False)
     inputs = fm.prepare(x)
-    layers = sweep.layers(inputs)
-    return not layers.generic and find_chain(fm, layers.calls, inputs) is not None
+    structure = layer_structure(fm, inputs)
+    return not structure.generic(fm.param_names) and (
+        find_chain(fm, structure.calls, inputs) is not None
+    )
 
 
 class MyLinear(nn.Linear):
@@ -203,11 +204,7 @@ def test_recognition_refuses_what_it_cannot_run_exactly():
     # dropout in training mode
     dropout = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 3)).to(DT).eval()
     fm = pf.FunctionalModel(dropout)
-    calls = (
-        Sweep(fm, CrossEntropy(), None, structured=True, budget=0, progress=False)
-        .layers(fm.prepare(x))
-        .calls
-    )
+    calls = layer_structure(fm, fm.prepare(x)).calls
     assert find_chain(fm, calls, Inputs.from_user(x)) is not None
     dropout.train()  # (the model refuses this itself too)
     assert find_chain(fm, calls, Inputs.from_user(x)) is None

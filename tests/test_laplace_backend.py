@@ -40,7 +40,7 @@ with warnings.catch_warnings():
 
 from laplace_models import classifier, frozen_classifier, regressor
 
-import pushforward.products.vjp
+import pushforward.curvature.passes
 from pushforward.laplace_interop import PushforwardEF, PushforwardGGN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -304,15 +304,17 @@ def test_glm_predictive(model_name, subset, structure):
 def test_memory_budget_bounds_chunks(monkeypatch):
     """A tiny budget computes one row at a time, with the same result."""
     sizes = []
-    inner = pushforward.products.vjp.sample_rows
+    inner = pushforward.curvature.passes.produce
 
-    def spy(fm, params, inputs, cotangents, flat=True):
-        sizes.append(cotangents.shape[0] * cotangents.shape[1])
-        return inner(fm, params, inputs, cotangents, flat=flat)
+    def spy(fm, structure, params, inputs, chunk, *args, **kwargs):
+        sizes.append(
+            (chunk.samples.stop - chunk.samples.start) * (chunk.rows.stop - chunk.rows.start)
+        )
+        return inner(fm, structure, params, inputs, chunk, *args, **kwargs)
 
     make, likelihood, _ = MODELS["classification"]
     ref, _ = fit(make, likelihood, "all", "full", PushforwardGGN)
-    monkeypatch.setattr(pushforward.products.vjp, "sample_rows", spy)
+    monkeypatch.setattr(pushforward.curvature.passes, "produce", spy)
     for structure in ("diag", "full"):
         with pytest.raises(pushforward.MemoryBudgetError) as too_small:
             fit(make, likelihood, "all", structure, PushforwardGGN, {"memory_budget": 1})

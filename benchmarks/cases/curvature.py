@@ -94,11 +94,11 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _pushforward_diagonal(ctx: Context) -> Callable[[], object]:
+def _pushforward_diagonal(ctx: Context, custom: bool = False) -> Callable[[], object]:
     from pushforward.curvature import GGN
 
     model, loader, _, _ = _w1(ctx)
-    run = GGN(model, loader).diagonal
+    run = GGN(workloads.custom_mlp(model) if custom else model, loader).diagonal
     # equal values: BackPACK's DiagGGNExact on the same data (float32)
     ctx.info["max_rel_diff_vs_backpack"] = _relative(run(), _backpack(model, loader)())
     return run
@@ -146,17 +146,21 @@ def _laplace_fit(ctx: Context, structure: str, backend: str) -> Callable[[], obj
     return partial(la.fit, loader)
 
 
-def _pushforward_kfac(ctx: Context) -> Callable[[], object]:
+def _pushforward_kfac(ctx: Context, custom: bool = False) -> Callable[[], object]:
     from pushforward.curvature import GGN
 
     model, loader, _, _ = _w1(ctx)
-    run = GGN(model, loader).kfac
+    mine = workloads.custom_mlp(model) if custom else model
+    run = GGN(mine, loader).kfac
     # equal values: every factor of curvlinops' KFAC on the same data (float32)
     ours, theirs = run(), _curvlinops(model, loader)()
+    names = dict(
+        zip(["0", "2", "4"], ["fc1", "fc2", "head"] if custom else ["0", "2", "4"], strict=True)
+    )
     worst = 0.0
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            block = ours.factors(f"{name}.weight")
+            block = ours.factors(f"{names[name]}.weight")
             worst = max(
                 worst,
                 _relative(block.out_factor, theirs._gradient_covariances[name]),
@@ -345,6 +349,14 @@ _CASES = [
         _pushforward_diagonal,
     ),
     (
+        "curv-diag/pushforward-custom",
+        "curv-diag",
+        "GGN(model, loader).diagonal() of the same MLP written as a custom nn.Module (the "
+        "general, traced path)",
+        "pushforward",
+        partial(_pushforward_diagonal, custom=True),
+    ),
+    (
         "curv-diag/backpack",
         "curv-diag",
         "BackPACK DiagGGNExact, one backward per batch",
@@ -379,6 +391,14 @@ _CASES = [
         "GGN(model, loader).kfac(): layer-structured K-FAC",
         "pushforward",
         _pushforward_kfac,
+    ),
+    (
+        "curv-kfac/pushforward-custom",
+        "curv-kfac",
+        "GGN(model, loader).kfac() of the same MLP written as a custom nn.Module (the general, "
+        "traced path)",
+        "pushforward",
+        partial(_pushforward_kfac, custom=True),
     ),
     (
         "curv-kfac/curvlinops",

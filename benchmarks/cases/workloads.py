@@ -124,6 +124,32 @@ def mlp(hidden: int, classes: int) -> nn.Module:
     )
 
 
+class CustomMLP(nn.Module):
+    """The W1-shaped MLP as a custom module (its own ``forward``): what most real models look
+    like to the library, so it takes the general (traced) path, not the hand-differentiated
+    chain of an ``nn.Sequential``."""
+
+    def __init__(self, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def custom_mlp(sequential: nn.Sequential) -> CustomMLP:
+    """:class:`CustomMLP` with the weights of :func:`mlp`'s ``sequential``."""
+    hidden, classes = sequential[0].out_features, sequential[4].out_features
+    out = CustomMLP(hidden, classes).to(sequential[0].weight)
+    for mine, theirs in zip(
+        (out.fc1, out.fc2, out.head), (sequential[0], sequential[2], sequential[4]), strict=True
+    ):
+        mine.load_state_dict(theirs.state_dict())
+    return out.train(sequential.training)
+
+
 def _cnn(c1: int, c2: int, classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, c1, 3, padding=1),

@@ -43,7 +43,7 @@ from pushforward.covariance import (
     ParamGroup,
     Subset,
 )
-from pushforward.engine.planner import Plan, plan
+from pushforward.engine import Plan, plan
 from pushforward.laplace_interop import accelerate, from_laplace, glm_predictive
 from pushforward.persistence import load, save
 from pushforward.products.jacobian import jacobian

@@ -21,6 +21,7 @@ a language model's ``(B, T, V)`` gives one distribution over V per token.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -31,8 +32,7 @@ from pushforward.api.variance import functional_covariance, functional_variance
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine.planner import make_plan
-from pushforward.engine.strategies.monte_carlo import MonteCarloStrategy
+from pushforward.engine import MONTE_CARLO, make_plan, monte_carlo_chunks
 
 __all__ = ["RegressionPredictive", "predictive"]
 
@@ -68,6 +68,7 @@ def predictive(
     differentiable: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
+    options: Options | None = None,
 ) -> Tensor | RegressionPredictive:
     """The linearized model's predictive distribution at ``x``.
 
@@ -93,6 +94,8 @@ def predictive(
             covariance's tensors (``mc`` is reparameterized).
         progress: show a tqdm bar over chunks.
         chunk_size: at most this many rows/tangents/samples per chunk.
+        options: all of ``strategy``, ``memory_budget``, ``differentiable``, ``progress`` and
+            ``chunk_size`` as one :class:`~pushforward.Options` (instead of those keywords).
 
     Returns:
         Classification: probabilities of ``f``'s shape, summing to one over the output dims.
@@ -100,7 +103,8 @@ def predictive(
     """
     fm = as_functional_model(model)
     check_positive_int(n_samples, "n_samples")
-    common = dict(
+    options = Options.resolve(
+        options,
         strategy=strategy,
         memory_budget=memory_budget,
         differentiable=differentiable,
@@ -115,7 +119,7 @@ def predictive(
                 "(mean f, variance diag(J S J^T) + noise); for a Monte Carlo variance pass "
                 "strategy='monte_carlo'"
             )
-        f, var = functional_variance(fm, x, cov, **common, **sampling)
+        f, var = functional_variance(fm, x, cov, options=options, **sampling)
         return RegressionPredictive(f, var + _noise(noise_variance, var))
     if likelihood != "classification":
         raise ValueError(
@@ -127,20 +131,18 @@ def predictive(
     if link not in LINKS:
         raise ValueError(f"unknown link {link!r}; choose from {list(LINKS)}")
     if link == "mc":
-        if strategy != "auto":
+        if options.strategy != "auto":
             raise ValueError(
-                f"strategy={strategy!r} chooses how a variance is computed; link='mc' pushes "
-                "samples directly and takes strategy='auto'"
+                f"strategy={options.strategy!r} chooses how a variance is computed; link='mc' "
+                "pushes samples directly and takes strategy='auto'"
             )
-        options = Options(
-            MonteCarloStrategy.name, memory_budget, differentiable, progress, chunk_size
-        )
-        return _mc(fm, x, cov, n_samples, generator, options)
+        sampled = dataclasses.replace(options, strategy=MONTE_CARLO)
+        return _mc(fm, x, cov, n_samples, generator, sampled)
     if link == "probit":
-        f, var = functional_variance(fm, x, cov, **common, **sampling)
+        f, var = functional_variance(fm, x, cov, options=options, **sampling)
         logits = _flat(fm, f) / torch.sqrt(1 + math.pi / 8 * _flat(fm, var))
         return logits.softmax(-1).reshape(f.shape)
-    f, C = functional_covariance(fm, x, cov, **common)
+    f, C = functional_covariance(fm, x, cov, options=options)
     return _bridge(_flat(fm, f), C, normalize=link == "bridge_norm").reshape(f.shape)
 
 
@@ -224,7 +226,7 @@ def _mc(
     _check_classes(p.K)
     total: Tensor | None = None
     with torch.set_grad_enabled(p.differentiable):
-        for f, W in MonteCarloStrategy().chunks(p, found.estimate):
+        for f, W in monte_carlo_chunks(found):
             part = (p.canonical(f) + W).softmax(-1).sum(0)
             total = part if total is None else total + part
     return (total / n_samples).reshape(*p.example_shape, *p.output_shape)

@@ -15,8 +15,8 @@ from torch import Tensor
 from pushforward.core.cost import Budget, measure_cost
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.options import Options, check_generator, check_positive_int
+from pushforward.covariance.binding import bind_covariance
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine.problem import bind_covariance
 from pushforward.products.perturbations import perturbation_chunks, sample_bytes
 
 __all__ = ["functional_samples"]

@@ -10,8 +10,7 @@ from torch import Tensor
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine.planner import make_plan
-from pushforward.engine.strategies.monte_carlo import MonteCarloStrategy
+from pushforward.engine import MONTE_CARLO, make_plan
 
 __all__ = ["functional_covariance", "functional_variance", "monte_carlo_variance"]
 
@@ -29,6 +28,7 @@ def functional_variance(
     n_samples: int | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    options: Options | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example, per-output variance of the linearized model: ``diag(J(x_n) S J(x_n)^T)``.
 
@@ -50,11 +50,20 @@ def functional_variance(
             returned by :func:`monte_carlo_variance`.
         generator: ``torch.Generator`` for ``strategy="monte_carlo"``'s draws.
         chunk_size: at most this many rows/tangents/samples per chunk.
+        options: all of ``strategy``, ``memory_budget``, ``differentiable``, ``progress`` and
+            ``chunk_size`` as one :class:`~pushforward.Options` (instead of those keywords).
 
     Returns:
         ``(f, var)`` with ``var.shape == f.shape``, or ``(*example_dims, S)`` with ``outputs``.
     """
-    options = Options(strategy, memory_budget, differentiable, progress, chunk_size)
+    options = Options.resolve(
+        options,
+        strategy=strategy,
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
     if n_samples is not None:
         check_positive_int(n_samples, "n_samples")
     found = make_plan(
@@ -84,6 +93,7 @@ def functional_covariance(
     differentiable: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
+    options: Options | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Output covariance of the linearized model, ``J S J^T``.
 
@@ -101,7 +111,14 @@ def functional_covariance(
     Returns:
         ``(f, cov)``.
     """
-    options = Options(strategy, memory_budget, differentiable, progress, chunk_size)
+    options = Options.resolve(
+        options,
+        strategy=strategy,
+        memory_budget=memory_budget,
+        differentiable=differentiable,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
     if joint not in (False, True, "groups"):
         raise ValueError(f"joint must be False, True or 'groups', got {joint!r}")
     if (joint == "groups") != (group_size is not None):
@@ -150,7 +167,7 @@ def monte_carlo_variance(
     check_positive_int(n_samples, "n_samples")
     if n_samples < 2:
         raise ValueError(f"a standard error needs n_samples >= 2, got {n_samples}")
-    options = Options(MonteCarloStrategy.name, memory_budget, differentiable, progress, chunk_size)
+    options = Options(MONTE_CARLO, memory_budget, differentiable, progress, chunk_size)
     found = make_plan(
         model,
         x,

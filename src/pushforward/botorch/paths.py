@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pushforward.core.cost import Budget, measure_cost
 from pushforward.core.options import Options, check_generator, check_positive_int
-from pushforward.engine.problem import bind_covariance
+from pushforward.covariance.binding import bind_covariance
 from pushforward.products.jvp import push_tangents
 from pushforward.products.perturbations import draw_perturbations, sample_bytes, sample_seeds
 

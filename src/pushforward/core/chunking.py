@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["RowChunk", "progress_bar", "row_chunks"]
+__all__ = ["RowChunk", "progress_bar", "row_chunks", "spans"]
 
 T = TypeVar("T")
 
@@ -57,6 +57,12 @@ def row_chunks(
         for b in range(batch_size)
         for r in range(0, rows_per_sample, chunk_size)
     ]
+
+
+def spans(total: int, size: int) -> list[slice]:
+    """``[0, total)`` in consecutive slices of at most ``size`` (at least 1) items."""
+    size = max(1, int(size))
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def progress_bar(

@@ -10,6 +10,9 @@ memory from the functions here, so that one set of formulas decides whether a co
   from its modules;
 * :func:`tangent_bytes` — one forward-mode tangent pushed through some examples;
   :func:`row_bytes` — one reverse-mode row (a P-vector ``J(x_b)^T u``);
+  :func:`direction_bytes` — one output direction taken back to the layer outputs (the layer
+  pieces of :mod:`pushforward.layers`); :func:`example_bytes` — one example's forward kept
+  through a chunk; :func:`product_bytes` — one column of a curvature product through examples;
 * :class:`Budget` — the budget, ``settings.chunk_target`` (a chunk uses at most that much even
   under a larger budget) and the caller's ``chunk_size`` cap, turned into chunk sizes; a need
   above the budget raises :class:`~pushforward.MemoryBudgetError`.
@@ -32,8 +35,12 @@ from pushforward.core.units import format_bytes
 
 __all__ = [
     "Budget",
+    "ChunkPlan",
     "ModelCost",
+    "direction_bytes",
+    "example_bytes",
     "measure_cost",
+    "product_bytes",
     "row_bytes",
     "tangent_bytes",
 ]
@@ -141,6 +148,57 @@ def row_bytes(cost: ModelCost, extra: int = 0) -> int:
     return 2 * cost.activation_bytes + cost.output_bytes + 3 * cost.param_bytes + extra
 
 
+def direction_bytes(
+    cost: ModelCost, layer_outputs: int = 0, param_rows: int = 0, autograd: bool = True
+) -> int:
+    """Working bytes of one output direction taken back through one example to its layer
+    outputs: a backward through the example's activations (their gradients, formed and freed
+    step by step: at most about the activations' size at once; none without ``autograd``, a
+    chain differentiated by hand), the direction itself twice (at the output and, for a head, at
+    its input), the gradients of ``layer_outputs`` layer-output entries and the rows of
+    ``param_rows`` parameter entries (each twice: formed, then handed on)."""
+    through = cost.activation_bytes if autograd else 0
+    return through + 2 * cost.output_bytes + 2 * (layer_outputs + param_rows) * cost.itemsize
+
+
+def example_bytes(cost: ModelCost) -> int:
+    """Bytes one example's forward keeps while its chunk's directions go back: its activations
+    and two output-sized tensors (the outputs and what the directions are made from)."""
+    return cost.activation_bytes + 2 * cost.output_bytes
+
+
+def product_bytes(cost: ModelCost) -> tuple[int, int]:
+    """``(per example and column, per column)``: one column of a curvature product ``J^T H J v``
+    through one example — its forward-mode activations next to the primal ones and the backward
+    through them, three output-sized tensors — and per column the tangent, the gradient and the
+    result (``P`` entries each)."""
+    per_pair = 3 * cost.activation_bytes + 3 * cost.output_bytes
+    return per_pair, 3 * cost.param_bytes
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """A chunked computation of ``units`` units: what it holds throughout, what one unit takes,
+    and how many units go in a chunk.
+
+    Attributes:
+        held: bytes held through the computation (its result, its inputs' copies).
+        per_unit: bytes of one unit of work.
+        chunk: units per chunk.
+        units: units in all.
+    """
+
+    held: int
+    per_unit: int
+    chunk: int
+    units: int
+
+    @property
+    def memory(self) -> int:
+        """The estimated peak: what is held and one chunk."""
+        return self.held + min(self.chunk, max(self.units, 1)) * self.per_unit
+
+
 @dataclass(frozen=True)
 class Budget:
     """A memory budget, and the chunk sizes it allows.
@@ -171,6 +229,13 @@ class Budget:
             if limit is not None:
                 n = min(n, max(1, limit))
         return int(n)
+
+    def plan(self, per_unit: int, held: int, units: int, what: str) -> ChunkPlan:
+        """The chunks of ``units`` units of ``per_unit`` bytes next to ``held`` bytes, checked to
+        fit (:meth:`require`, naming ``what``)."""
+        plan = ChunkPlan(held, per_unit, self.chunk(per_unit, held, at_most=max(units, 1)), units)
+        self.require(plan.memory, what)
+        return plan
 
     @staticmethod
     def peak(held: int, chunk: int, per_unit: int) -> int:

@@ -79,3 +79,18 @@ class Options:
     def budget_bytes(self, device: torch.device | None = None) -> int:
         """The memory budget in bytes on ``device``."""
         return parse_memory(self.memory_budget, device)
+
+    @classmethod
+    def resolve(cls, options: Options | None, **keywords: Any) -> Options:
+        """``options`` when given — then every keyword must be left at its default — else the
+        keywords as one :class:`Options` (what the public functions do with their
+        ``options=`` and their individual keywords)."""
+        if options is None:
+            return cls(**keywords)
+        if not isinstance(options, Options):
+            raise TypeError(f"options must be a pushforward.Options, got {type(options).__name__}")
+        default = cls()
+        given = sorted(k for k, v in keywords.items() if v != getattr(default, k))
+        if given:
+            raise ValueError(f"pass either options=... or {given}, not both")
+        return options

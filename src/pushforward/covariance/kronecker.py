@@ -18,6 +18,7 @@ from pushforward.covariance.checks import (
     common_dtype_device,
 )
 from pushforward.covariance.dense import Dense
+from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.kronecker_blocks import KroneckerBlock, KroneckerEigen, KroneckerFactors
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator, ParamGroup
@@ -98,7 +99,8 @@ class Kronecker(CovarianceOperator):
 
         Args:
             eigenvectors: per parameter ``[Q1, Q2]`` (weight: Q1 ``(out, out)``, Q2
-                ``(in_flat, in_flat)``) or ``[Q]`` (one factor ``(n, n)``).
+                ``(in_flat, in_flat)``), ``[Q]`` (one factor ``(n, n)``) or ``[]`` (a diagonal
+                precision: no eigenvectors).
             eigenvalues: per parameter ``[l1, l2]`` (``(out,)``, ``(in_flat,)``) or ``[l]``.
             deltas: the additive prior precision: a scalar, or one value per parameter.
             damping: laplace-torch's damped form for factor pairs.
@@ -106,17 +108,18 @@ class Kronecker(CovarianceOperator):
                 block's ``m`` eigenvalue vectors is scaled by ``scale ** (1/m)``.
 
         A factor pair's precision eigenvalues are ``l1 ⊗ l2 + δ``, or with damping
-        ``(l1 + sqrt(δ)) ⊗ (l2 + sqrt(δ))``; a single factor's are ``l + δ``. The covariance
-        block is ``(Q1 ⊗ Q2) diag(1 / precision eigenvalues) (Q1 ⊗ Q2)^T`` (a
-        :class:`KroneckerEigen`), or ``Q diag(1/(l + δ)) Q^T`` for a single factor (a
-        :class:`Dense` with square root ``Q diag((l + δ)^{-1/2})``).
+        ``(l1 + sqrt(δ)) ⊗ (l2 + sqrt(δ))``; a single factor's are ``l + δ``
+        (:meth:`precision_eigenvalues`). The covariance block is ``(Q1 ⊗ Q2) diag(1 / precision
+        eigenvalues) (Q1 ⊗ Q2)^T`` (a :class:`KroneckerEigen`), ``Q diag(1/(l + δ)) Q^T`` for a
+        single factor (a :class:`Dense` with square root ``Q diag((l + δ)^{-1/2})``), or
+        ``diag(1/(l + δ))`` without eigenvectors (a :class:`Diagonal`).
         """
-        if len(eigenvectors) != len(eigenvalues) or not eigenvectors:
+        if len(eigenvectors) != len(eigenvalues) or not eigenvalues:
             raise ValueError(
                 f"Kronecker.from_precision_eigen: got {len(eigenvectors)} eigenvector and "
                 f"{len(eigenvalues)} eigenvalue groups; they must match and be non-empty"
             )
-        ref = eigenvectors[0][0]
+        ref = eigenvalues[0][0]
         deltas = torch.as_tensor(deltas, dtype=ref.dtype, device=ref.device)
         if deltas.dim() > 1 or deltas.numel() not in (1, len(eigenvalues)):
             raise ValueError(
@@ -129,12 +132,13 @@ class Kronecker(CovarianceOperator):
         blocks: list[CovarianceOperator] = []
         for i, (Qs, ls) in enumerate(zip(eigenvectors, eigenvalues, strict=True)):
             label = f"Kronecker precision block #{i}"
-            if len(Qs) != len(ls) or len(ls) not in (1, 2):
+            diagonal = len(Qs) == 0 and len(ls) == 1
+            if not diagonal and (len(Qs) != len(ls) or len(ls) not in (1, 2)):
                 raise ValueError(
-                    f"{label}: expected 1 or 2 eigenvector/eigenvalue pairs, got "
-                    f"{len(Qs)} eigenvector and {len(ls)} eigenvalue tensors"
+                    f"{label}: expected 1 or 2 eigenvector/eigenvalue pairs (or one eigenvalue "
+                    f"vector alone), got {len(Qs)} eigenvector and {len(ls)} eigenvalue tensors"
                 )
-            for j, (Q, lam) in enumerate(zip(Qs, ls, strict=True)):
+            for j, (Q, lam) in enumerate(zip(Qs, ls, strict=False)):
                 common_dtype_device(label, {f"eigenvectors[{j}]": Q, f"eigenvalues[{j}]": lam})
                 check_matrix(f"{label} eigenvectors[{j}]", Q)
                 check_finite(f"{label} eigenvectors[{j}]", Q)
@@ -143,28 +147,42 @@ class Kronecker(CovarianceOperator):
                         f"{label}: eigenvalues[{j}] has shape {tuple(lam.shape)}, expected "
                         f"({Q.shape[0]},) to match eigenvectors[{j}]"
                     )
+            for j, lam in enumerate(ls):
                 check_finite(f"{label} eigenvalues[{j}]", lam)
-            factor = scale ** (1 / len(ls))
-            ls = [factor * lam for lam in ls]
-            delta = deltas[i]
-            if len(ls) == 1:
-                precision = ls[0] + delta
-            elif damping:
-                root = delta.sqrt()
-                precision = torch.outer(ls[0] + root, ls[1] + root)
-            else:
-                precision = torch.outer(ls[0], ls[1]) + delta
+            precision = cls.precision_eigenvalues(ls, deltas[i], damping, scale)
             if bool((precision <= 0).any()):
                 raise ValueError(
                     f"{label} has {int((precision <= 0).sum())} precision eigenvalues <= 0 "
                     f"(smallest {precision.min().item():.3g}); it is not invertible — add a "
                     "positive prior precision (deltas)"
                 )
-            if len(ls) == 1:
+            if diagonal:
+                blocks.append(Diagonal(precision.reciprocal(), check=False))
+            elif len(ls) == 1:
                 blocks.append(Dense.from_factor(Qs[0] * precision.rsqrt(), check=False))
             else:
                 blocks.append(KroneckerEigen(Qs[0], Qs[1], precision.reciprocal(), check=False))
         return cls(blocks, check=False)
+
+    @staticmethod
+    def precision_eigenvalues(
+        eigenvalues: Sequence[Tensor],
+        delta: Tensor,
+        damping: bool = False,
+        scale: float | Tensor = 1.0,
+    ) -> Tensor:
+        """A block's precision eigenvalues from its curvature's (see
+        :meth:`from_precision_eigen`): ``scale l1 ⊗ l2 + δ`` for a factor pair (damped:
+        ``(sqrt(scale) l1 + sqrt(δ)) ⊗ (sqrt(scale) l2 + sqrt(δ))``), ``scale l + δ`` for one
+        factor or a diagonal. Differentiable in ``delta`` and ``scale``."""
+        factor = scale ** (1 / len(eigenvalues))
+        ls = [factor * lam for lam in eigenvalues]
+        if len(ls) == 1:
+            return ls[0] + delta
+        if damping:
+            root = delta.sqrt()
+            return torch.outer(ls[0] + root, ls[1] + root)
+        return torch.outer(ls[0], ls[1]) + delta
 
     @classmethod
     def from_kron_decomposed(
@@ -239,7 +257,7 @@ class Kronecker(CovarianceOperator):
             blocks = tuple(by_name[n] for n in layout.names)
         for name, b in zip(layout.names, blocks, strict=True):
             _check_block_shape(name, b, layout.shapes[name])
-        out = Kronecker(dict(zip(layout.names, blocks, strict=True)), check=False)
+        out = type(self)(dict(zip(layout.names, blocks, strict=True)), check=False)
         out.layout = layout
         return out
 

@@ -12,7 +12,7 @@ the device): products that pass over the data many times (Lanczos) then skip the
 per-example work (a ``TensorDataset`` indexes every example in Python).
 
 **Data parallelism.** With a process group (see :mod:`pushforward.core.collectives`), the
-batches are this rank's shard and :meth:`Batches.total` sums what a pass computed over every
+batches are this rank's shard and :meth:`Batches.finish` sums what a pass computed over every
 rank's shard (the only place curvature sums cross ranks). A ``DataLoader`` must then shard with
 a ``DistributedSampler`` of the group's size and rank: one without it would give every rank the
 whole data set (counted once per rank), so it is refused. A ``DistributedSampler`` that pads
@@ -24,25 +24,23 @@ this rank's shard as they are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from pushforward.core.collectives import Group, all_reduce_sum, refuse_late_start
+from pushforward.core.collectives import Group, all_reduce_sum, group_min, refuse_late_start
 from pushforward.core.inputs import Inputs
+from pushforward.core.shards import (
+    distributed_sampler,
+    real_examples,
+    refuse_accelerate_shards,
+    split_batch,
+)
 
-__all__ = [
-    "Batch",
-    "Batches",
-    "distributed_sampler",
-    "real_examples",
-    "refuse_accelerate_shards",
-    "shard_total",
-]
+__all__ = ["Batch", "Batches"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,11 @@ class Batches:
         auto: ``group`` was resolved from ``process_group="auto"``: when it is ``None`` and
             ``torch.distributed`` starts several processes later, passes raise instead of
             summing this rank's data alone.
+
+    Every pass is accounted for (:meth:`finish`): a pass over no example at all, or over another
+    number of examples than the first pass (data that can be iterated once only — a stream, a
+    loader over an ``IterableDataset`` handing out one stored iterator — yields nothing the
+    second time), raises instead of giving a curvature of the wrong data.
     """
 
     def __init__(
@@ -96,38 +99,80 @@ class Batches:
         self.sampler = distributed_sampler(data)
         self._check_sharding()
         self._kept: list[Batch] | None = None
+        self._seen = 0  # examples of the pass under way
+        self._examples: int | None = None  # of every rank's shard, from the first pass
 
     def _check_sharding(self) -> None:
+        """Refuse a loader that does not shard as the group says — on every rank at once (a
+        rank raising alone would leave the others waiting in their first collective)."""
         group, sampler = self.group, self.sampler
         if group is None or group.size == 1:
             return
-        refuse_accelerate_shards(self.data)
-        if isinstance(self.data, DataLoader) and sampler is None:
-            if getattr(self.data, "_dataset_kind", None) == 1:  # an IterableDataset shards itself
-                return
-            raise ValueError(
+        problem = None
+        try:
+            refuse_accelerate_shards(self.data)
+        except TypeError as err:
+            problem = str(err)
+        unsharded = isinstance(self.data, DataLoader) and sampler is None
+        # an IterableDataset shards itself
+        if problem is None and unsharded and getattr(self.data, "_dataset_kind", None) != 1:
+            problem = (
                 f"data is a DataLoader without a DistributedSampler while the curvature is "
-                f"summed over {group.size} ranks: every rank would pass over the whole data set "
-                "and each example would count once per rank. Use DataLoader(dataset, "
-                "sampler=DistributedSampler(dataset)), or process_group=None for this rank's "
-                "data alone"
+                f"summed over {group.size} ranks: every rank would pass over the whole data "
+                "set and each example would count once per rank. Use DataLoader(dataset, "
+                "sampler=DistributedSampler(dataset)), or process_group=None for this "
+                "rank's data alone"
             )
-        if sampler is not None and (sampler.num_replicas, sampler.rank) != (group.size, group.rank):
-            raise ValueError(
+        mismatched = sampler is not None and (sampler.num_replicas, sampler.rank) != (
+            group.size,
+            group.rank,
+        )
+        if problem is None and mismatched:
+            problem = (
                 f"the DistributedSampler shards for rank {sampler.rank} of "
-                f"{sampler.num_replicas}, but this process is rank {group.rank} of {group.size} "
-                "in the process group the curvature is summed over"
+                f"{sampler.num_replicas}, but this process is rank {group.rank} of "
+                f"{group.size} in the process group the curvature is summed over"
+            )
+        if not group_min(int(problem is None), group):
+            raise ValueError(
+                problem
+                or "the data of another rank are not sharded as the process group says (its "
+                "error names the problem); every rank refuses them"
             )
 
-    def total(self, values: list[Tensor]) -> list[Tensor]:
-        """The sums of ``values`` (this shard's sums) over every rank's shard."""
-        return all_reduce_sum(values, self.group)
+    def finish(self, values: list[Tensor]) -> tuple[list[Tensor], int]:
+        """``(sums, N)``: ``values`` (this shard's sums of the pass just made) summed over every
+        rank's shard, and the number of examples of the pass over all shards (see the class
+        docstring for what is refused)."""
+        count = torch.tensor([self._seen], dtype=torch.float64, device=self.device)
+        *sums, total = all_reduce_sum([*values, count], self.group)
+        examples = int(total.item())
+        if self._examples is None and examples == 0:
+            raise ValueError(
+                "the data hold no example (an empty loader, or empty batches): a curvature "
+                "needs at least one"
+            )
+        if self._examples is None:
+            self._examples = examples
+        elif examples != self._examples:
+            raise ValueError(
+                f"this pass over the data saw {examples:,} examples, "
+                f"{'fewer' if examples < self._examples else 'more'} examples than the first "
+                f"pass ({self._examples:,}): the data changed between passes, or can be iterated "
+                "once only (a stream, a loader over an IterableDataset handing out one stored "
+                "iterator); pass a re-iterable collection (a list of batches, a DataLoader over "
+                "a map-style dataset)"
+            )
+        return sums, examples
 
     def __iter__(self) -> Iterator[Batch]:
         if self._auto_local:
             refuse_late_start()
+        self._seen = 0
         if self._kept is not None:
-            yield from self._kept
+            for batch in self._kept:
+                self._seen += batch.inputs.batch_size
+                yield batch
             return
         kept: list[Batch] | None = [] if self.cache_bytes > 0 else None
         size = 0
@@ -140,6 +185,7 @@ class Batches:
                     kept.append(batch)
                 else:
                     kept = None
+            self._seen += batch.inputs.batch_size
             yield batch
         if kept is not None:
             self._kept = kept
@@ -153,7 +199,7 @@ class Batches:
         for index, batch in enumerate(self.data):
             if left == 0:  # only the sampler's padding is left
                 break
-            x, y = self._split(batch, index)
+            x, y = split_batch(batch, self.target_key, index=index)
             inputs = Inputs.from_user(x).map(lambda t: t.to(self.device))
             if not isinstance(y, Tensor):
                 raise TypeError(f"batch {index}: targets must be a tensor, got {type(y).__name__}")
@@ -175,57 +221,3 @@ class Batches:
         if self.group is None:
             return index
         return index * self.group.size + self.group.rank
-
-    def _split(self, batch: Any, index: int) -> tuple[Any, Any]:
-        if isinstance(batch, Mapping):
-            if self.target_key not in batch:
-                raise KeyError(
-                    f"batch {index} is a mapping without the targets' key {self.target_key!r} "
-                    f"(keys {list(batch)}); pass target_key=..."
-                )
-            x = {k: v for k, v in batch.items() if k != self.target_key}
-            return x, batch[self.target_key]
-        if isinstance(batch, Sequence) and not isinstance(batch, (str, Tensor)) and len(batch) == 2:
-            return batch[0], batch[1]
-        raise TypeError(
-            f"batch {index} must be (x, y) or a mapping with key {self.target_key!r}, got "
-            f"{type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, Sequence) else "")
-        )
-
-
-def distributed_sampler(data: Any) -> DistributedSampler | None:
-    """The ``DistributedSampler`` a ``DataLoader`` draws its examples from, if any."""
-    if not isinstance(data, DataLoader):
-        return None
-    for sampler in (data.sampler, getattr(data.batch_sampler, "sampler", None)):
-        if isinstance(sampler, DistributedSampler):
-            return sampler
-    return None
-
-
-def refuse_accelerate_shards(data: Any) -> None:
-    """Raise for a ``DataLoader`` prepared by accelerate (in a run of several processes)."""
-    if type(data).__module__.split(".")[0] == "accelerate":
-        raise TypeError(
-            "data is a DataLoader prepared by accelerate, which shards batches itself and pads "
-            "the last ones with repeated examples that cannot be told apart: build the "
-            "DataLoader with a torch DistributedSampler(dataset, "
-            "num_replicas=accelerator.num_processes, rank=accelerator.process_index) and pass "
-            "it without accelerator.prepare"
-        )
-
-
-def real_examples(sampler: DistributedSampler) -> int:
-    """How many of the sampler's examples for its rank come first and are not padding (a
-    ``drop_last=False`` sampler pads the shards to equal length by repeating examples, which
-    then come last in some shards)."""
-    if sampler.drop_last:
-        return sampler.num_samples
-    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
-
-
-def shard_total(data: Iterable, values: list[Tensor]) -> list[Tensor]:
-    """:meth:`Batches.total` for :class:`Batches`; ``values`` as they are for any other batches
-    (e.g. one batch of a laplace-torch backend, whose caller sums)."""
-    return data.total(values) if isinstance(data, Batches) else values

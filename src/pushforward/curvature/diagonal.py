@@ -1,16 +1,16 @@
-"""The diagonal of a curvature, ``sum_n sum_r (J_n^T u_nr)^2``, from a :class:`Sweep`.
+"""The diagonal of a curvature, ``sum_n sum_r (J_n^T u_nr)^2``, from the layer pieces of a pass.
 
-Per matched layer call (see :mod:`pushforward.curvature.sweep`):
+Per layer call (see :mod:`pushforward.layers`):
 
-* a linear weight applied once per example (``z = W a``): its gradient rows are ``G_r a^T``, so
-  the diagonal is ``sum_n (sum_r G_nr^2)^T a_n^2`` — one ``(out, B) x (B, in)`` product per chunk,
-  no per-example row;
+* an affine weight applied once per example (``z = W x``): its gradient rows are ``G_r x^T``,
+  so the diagonal is ``sum_n (sum_r G_nr^2)^T x_n^2`` — one ``(out, B) x (B, in)`` product per
+  chunk, no per-example row;
 * a bias: its rows are ``G`` summed over the positions it is broadcast to, squared;
 * anything else (weight sharing over positions, convolutions, embeddings): the layer's own
-  per-example weight-gradient rows (``G ⊗ a`` summed over positions, by the structured strategy's
-  :class:`~pushforward.engine.structure.layer_contractions.GroupContraction`), squared.
+  per-example weight-gradient rows (``G ⊗ x`` summed over positions,
+  :meth:`~pushforward.layers.LayerCall.weight_rows`), squared.
 
-Generic parameters' rows come from the sweep and are squared.
+The rows of parameters on no layer call come from the pass and are squared.
 """
 
 from __future__ import annotations
@@ -20,74 +20,65 @@ import math
 import torch
 from torch import Tensor
 
-from pushforward.curvature.data import shard_total
-from pushforward.curvature.sweep import Layers, Sweep
-from pushforward.engine.structure.layer_contractions import GroupContraction
-from pushforward.engine.structure.tracing import LayerCall
+from pushforward.core.cost import ModelCost
+from pushforward.core.functional_model import FunctionalModel
+from pushforward.layers import LayerCall, LayerStructure, Pieces, dense
 
-__all__ = ["accumulate_diagonal", "is_linear_once"]
-
-
-def is_linear_once(call: LayerCall) -> bool:
-    """A linear layer applied once per example (its output in one example is one vector)."""
-    return call.kind in ("linear", "addmm") and math.prod(call.output_shape[:-1]) == 1
+__all__ = ["DiagonalSums"]
 
 
-def _rows_bytes(layers: Layers, sweep: Sweep, itemsize: int) -> int:
-    """Bytes per row of the layer rows formed where no closed form applies."""
-    shapes = sweep.fm.param_shapes
-    size = sum(
-        math.prod(shapes[n])
-        for c in layers.calls
-        for n in c.names
-        if not (is_linear_once(c) and n == c.weight_name)
-    )
-    return 2 * size * itemsize
+class DiagonalSums:
+    """The running diagonal of a pass (a :class:`~pushforward.curvature.passes.Consumer`).
 
+    Args:
+        fm: the model; one sum per selected parameter.
+        what: names the computation in plans and errors.
+    """
 
-def accumulate_diagonal(sweep: Sweep, data, what: str = "the curvature's diagonal"):
-    """``({name: diagonal of the parameter's shape}, number of examples)`` over the data (over
-    every rank's shard when ``data`` is sharded, see :meth:`Batches.total`)."""
-    fm = sweep.fm
-    params = fm.params(False)
-    sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    itemsize = next(iter(params.values())).element_size()
-    held = 2 * fm.num_params * itemsize
-    count = 0
-    pieces = sweep.pieces(
-        data, held, lambda layers, cost: _rows_bytes(layers, sweep, cost.itemsize), what
-    )
-    for piece in pieces:
-        if piece.first:
-            count += piece.examples
-        for call, a, G in zip(piece.layers.calls, piece.a, piece.G, strict=True):
-            _add_layer(sums, call, a, G, params)
-        for name, rows in piece.rows.items():
-            sums[name] += rows.square().sum((0, 1))
-    *totals, examples = shard_total(
-        data, [*sums.values(), torch.tensor([count], dtype=torch.float64)]
-    )
-    return dict(zip(sums, totals, strict=True)), int(examples)
+    structured = True
+    allow_unstructured = True  # per-example rows of every parameter give the same diagonal
 
+    def __init__(self, fm: FunctionalModel, what: str = "the curvature's diagonal") -> None:
+        self.fm, self.what = fm, what
+        self.params = fm.params(False)
+        self.sums = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
-def _add_layer(sums: dict[str, Tensor], call: LayerCall, a: Tensor, G: Tensor, params) -> None:
-    b, r = G.shape[:2]
-    if is_linear_once(call):
-        # G is this chunk's own tensor: square it in place (no second chunk-sized allocation)
-        g2 = G.square_().sum(1).reshape(b, -1)  # (b, out)
-        if call.weight_name is not None:
-            a2 = a.reshape(b, -1).square()  # (b, in)
-            if call.kind == "addmm":  # weight (in, out)
-                sums[call.weight_name].addmm_(a2.T, g2)
-            else:  # weight (out, in)
-                sums[call.weight_name].addmm_(g2.T, a2)
-        if call.bias_name is not None:
-            sums[call.bias_name] += g2.sum(0)
-        return
-    for name in call.names:
-        if call.kind in ("linear", "addmm") and name == call.bias_name:
-            rows = G.reshape(b, r, -1, G.shape[-1]).sum(2)  # summed over positions
-            sums[name] += rows.square_().sum((0, 1))
-        else:
-            rows = GroupContraction(call, (name,), None).rows(a, G, params)
-            sums[name] += rows.square_().sum((0, 1)).reshape(sums[name].shape)
+    def held_bytes(self) -> int:
+        """The sums and their flat copy at the end."""
+        return 2 * self.fm.num_params * self.fm.dtype.itemsize
+
+    def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
+        """The gradient rows formed where no closed form applies (twice: formed and squared)."""
+        if structure is None:
+            return 0
+        shapes = self.fm.param_shapes
+        size = sum(
+            math.prod(shapes[n])
+            for c in structure.calls
+            for n in c.names
+            if not (c.geometry.once and n == c.weight_name)
+        )
+        return 2 * size * cost.itemsize
+
+    def add(self, pieces: Pieces) -> None:
+        for call, a, G in pieces.layers():
+            self._layer(call, a, dense(G))
+        for name, rows in pieces.rows.items():
+            self.sums[name] += rows.square().sum((0, 1))
+
+    def _layer(self, call: LayerCall, a: Tensor, G: Tensor) -> None:
+        geometry, sums = call.geometry, self.sums
+        if geometry.once:
+            g2 = G.square().sum(1).reshape(G.shape[0], -1)  # (b, out)
+            if call.weight_name is not None:
+                x2 = geometry.inputs(a)[:, 0].square()  # (b, in)
+                geometry.matrix(sums[call.weight_name]).addmm_(g2.T, x2)  # a view: in place
+            if call.bias_name is not None:
+                sums[call.bias_name] += g2.sum(0)
+            return
+        for name in call.names:
+            if name == call.bias_name:
+                rows = geometry.bias_rows(G)
+            else:
+                rows = call.weight_rows(a, G, self.params)
+            sums[name] += rows.square().sum((0, 1)).reshape(sums[name].shape)

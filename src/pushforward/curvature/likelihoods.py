@@ -105,7 +105,10 @@ class CrossEntropy(Likelihood):
 
     Targets are class indices of the output's shape without the class dimension: ``(B,)`` for
     ``(B, K)`` outputs, ``(B, T)`` for a language model's ``(B, T, V)`` (aligned with the
-    outputs: shift them yourself for next-token prediction).
+    outputs: shift them yourself for next-token prediction), each in ``[0, K)`` or the ignore
+    index; or *soft* targets, class probabilities of the output's shape (floating point, as
+    ``torch.nn.functional.cross_entropy`` takes them): the GGN does not depend on the targets,
+    the gradient is ``softmax(f) - y`` and the loss ``-sum y log softmax(f)``.
 
     The Hessian ``diag(p) - p p^T`` has rank ``K - 1`` (its null vector is the ones vector):
     :meth:`factor` gives ``K - 1`` rows, the rows ``sqrt(p_r)(e_r - p)`` rotated by a Householder
@@ -124,6 +127,9 @@ class CrossEntropy(Likelihood):
         return max(K - 1, 1)
 
     def _mask(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(..., n)``: 1 where a position's target counts (soft targets: everywhere)."""
+        if y.is_floating_point():
+            return torch.ones(y.shape[:-1], dtype=dtype, device=y.device)
         return (y != self.ignore_index).to(dtype)
 
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
@@ -150,6 +156,8 @@ class CrossEntropy(Likelihood):
 
     def gradient(self, f: Tensor, y: Tensor) -> Tensor:
         p = torch.softmax(f, dim=-1)
+        if y.is_floating_point():
+            return p - y
         mask = self._mask(y, f.dtype)
         onehot = F.one_hot(y.clamp_min(0).long(), f.shape[-1]).to(f.dtype)
         return (p - onehot) * mask[..., None]
@@ -167,24 +175,35 @@ class CrossEntropy(Likelihood):
         return (p - F.one_hot(drawn, f.shape[-1]).to(f.dtype)) * self._mask(y, f.dtype)[..., None]
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        K = f.shape[-1]
+        if y.is_floating_point():
+            return F.cross_entropy(f.reshape(-1, K), y.reshape(-1, K), reduction="sum")
         return F.cross_entropy(
-            f.reshape(-1, f.shape[-1]),
-            y.reshape(-1).long(),
-            reduction="sum",
-            ignore_index=self.ignore_index,
+            f.reshape(-1, K), y.reshape(-1).long(), reduction="sum", ignore_index=self.ignore_index
         )
 
     def num_outputs(self, f: Tensor, y: Tensor) -> int:
-        return int((y != self.ignore_index).sum()) * f.shape[-1]
+        return int(self._mask(y, f.dtype).sum()) * f.shape[-1]
 
     def prepare_targets(self, y: Tensor, f_shape: torch.Size) -> Tensor:
-        B, n = f_shape[0], f_shape[1]
+        B, n, K = f_shape
+        if y.is_floating_point() and y.numel() == B * n * K:
+            return y.reshape(B, n, K)  # soft targets: class probabilities
         if y.is_floating_point() or y.numel() != B * n:
             raise ValueError(
                 f"classification targets must be {B * n} class indices (the output's shape "
-                f"without its class dimension), got a {y.dtype} tensor of shape {tuple(y.shape)}"
+                f"without its class dimension) or {B * n * K} class probabilities (the "
+                f"output's shape), got a {y.dtype} tensor of shape {tuple(y.shape)}"
             )
-        return y.reshape(B, n).long()
+        y = y.reshape(B, n).long()
+        bad = ((y < 0) | (y >= K)) & (y != self.ignore_index)
+        if bool(bad.any()):
+            values = y[bad].unique()[:5].tolist()
+            raise ValueError(
+                f"classification targets must be class indices in [0, {K}) or the ignore index "
+                f"{self.ignore_index}; got {values}"
+            )
+        return y
 
     def __repr__(self) -> str:
         return f"CrossEntropy(ignore_index={self.ignore_index})"

@@ -18,7 +18,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["lanczos", "randomized"]
+__all__ = ["lanczos", "lanczos_bytes", "randomized", "randomized_bytes"]
+
+
+def lanczos_bytes(size: int, steps: int, itemsize: int) -> int:
+    """Bytes of :func:`lanczos`' basis of ``steps`` vectors of ``size`` and its temporaries."""
+    return (steps + 4) * size * itemsize
+
+
+def randomized_bytes(size: int, width: int, itemsize: int) -> int:
+    """Bytes of :func:`randomized`'s sketch of ``width`` columns and its factorizations."""
+    return 5 * width * size * itemsize
 
 
 def lanczos(

@@ -43,34 +43,38 @@ from torch import Tensor, nn
 from torch.func import jvp as func_jvp
 from torch.func import vjp, vmap
 
-from pushforward.core.chunking import progress_bar
+from pushforward.core.chunking import progress_bar, spans
 from pushforward.core.collectives import AUTO, resolve_group
-from pushforward.core.cost import Budget, measure_cost
-from pushforward.core.errors import PushforwardFallbackWarning
+from pushforward.core.cost import Budget, ModelCost, measure_cost, product_bytes
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
 from pushforward.core.layout import ParamLayout
 from pushforward.core.options import Options, check_positive_int
-from pushforward.covariance.dense import Dense
-from pushforward.covariance.diagonal import Diagonal
-from pushforward.covariance.kronecker import Kronecker
-from pushforward.covariance.kronecker_blocks import KroneckerFactors
-from pushforward.covariance.operator import CovarianceOperator
 from pushforward.curvature.data import Batches
-from pushforward.curvature.diagonal import accumulate_diagonal
-from pushforward.curvature.kfac import KFACFactors, accumulate_kfac
+from pushforward.curvature.dense import DenseSums
+from pushforward.curvature.diagonal import DiagonalSums
+from pushforward.curvature.directions import LikelihoodRows, RowKind, draw_noise
+from pushforward.curvature.kfac import KFACSums, kfac_blocks
 from pushforward.curvature.likelihoods import Likelihood, as_likelihood
-from pushforward.curvature.lowrank import lanczos, randomized
-from pushforward.curvature.sweep import RowKind, Sweep
-from pushforward.engine.structure.tracing import StructureError
+from pushforward.curvature.lowrank import lanczos, lanczos_bytes, randomized, randomized_bytes
+from pushforward.curvature.passes import CurvaturePass, PassPlan
+from pushforward.curvature.results import (
+    DenseCurvature,
+    DiagonalCurvature,
+    KroneckerCurvature,
+    LowRankCurvature,
+)
 from pushforward.products.jvp import push_tangents
 
 __all__ = ["GGN", "CurvatureOperator", "EmpiricalFisher"]
 
 #: At most this many bytes of data are kept between passes (and at most 1/8 of the budget).
 CACHE_BYTES = 256 * 2**20
+
+#: What :meth:`CurvatureOperator.plan` explains.
+PLANS = ("diagonal", "kfac", "dense", "matmat", "lowrank")
 
 
 class CurvatureOperator:
@@ -135,12 +139,11 @@ class CurvatureOperator:
     def _budget(self) -> int:
         return self.options.budget_bytes(self.device)
 
-    def _sweep(self, structured: bool = True) -> Sweep:
-        return Sweep(
+    def _pass(self) -> CurvaturePass:
+        return CurvaturePass(
             self.fm,
             self.likelihood,
             self.rows,
-            structured=structured,
             budget=self._budget(),
             progress=self.options.progress,
         )
@@ -169,20 +172,21 @@ class CurvatureOperator:
         replaced)."""
         key = tuple((t.data_ptr(), t._version) for t in self.fm.params(False).values())
         if self._stats is None or self._stats_key != key:
-            self._stats_key = key
-            count, loss, outputs = 0, 0.0, 0
+            loss, outputs = 0.0, 0
             params = self.fm.params(False)
             with torch.no_grad():
                 for batch in progress_bar(self.data, self.options.progress, "curvature: loss"):
                     inputs = self.fm.prepare(batch.inputs).detach()
                     f = self.fm.call(params, inputs.args, inputs.kwargs)
                     f, y = self._flat_outputs(f, batch.y)
-                    count += inputs.batch_size
                     loss += float(self.likelihood.loss(f, y))
                     outputs += self.likelihood.num_outputs(f, y)
-            totals = self.data.total([torch.tensor([count, loss, outputs], dtype=torch.float64)])
-            count, loss, outputs = totals[0].tolist()
-            self._stats = (int(count), loss, int(outputs))
+            (totals,), count = self.data.finish(
+                [torch.tensor([loss, outputs], dtype=torch.float64, device=self.device)]
+            )
+            loss, outputs = totals.tolist()
+            self._stats = (count, loss, int(outputs))
+            self._stats_key = key
         return self._stats
 
     def _flat_outputs(self, f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,6 +195,59 @@ class CurvatureOperator:
         K = math.prod(f.shape[f.dim() - self.fm.output_dims :])
         f = f.reshape(B, -1, K)
         return f, self.likelihood.prepare_targets(y, f.shape)
+
+    # -- plans ---------------------------------------------------------------------------
+    def plan(self, what: str = "diagonal", **kwargs: Any) -> PassPlan:
+        """How a pass of ``what`` runs over the data's first batch: the producer of layer
+        pieces and why, chunk sizes, estimated work and peak (``print(ggn.plan("kfac"))``).
+
+        Args:
+            what: ``"diagonal"``, ``"kfac"``, ``"dense"``, ``"matmat"`` (``columns=`` how
+                many) or ``"lowrank"`` (``k=``, ``method=``, as :meth:`lowrank`).
+        """
+        batch = next(iter(self.data), None)
+        if batch is None:
+            raise ValueError("the data hold no batch to plan a pass on")
+        if what in ("matmat", "lowrank"):
+            return self._product_plan(batch, what, **kwargs)
+        consumers = {
+            "diagonal": lambda: DiagonalSums(self.fm),
+            "kfac": lambda: KFACSums(self.fm, kwargs.get("approx", "expand"), "diagonal"),
+            "dense": lambda: DenseSums(self.fm),
+        }
+        if what not in consumers:
+            raise ValueError(f"what must be one of {list(PLANS)}, got {what!r}")
+        return self._pass().plan(batch, consumers[what]())
+
+    def _product_plan(self, batch, what: str, **kwargs: Any) -> PassPlan:
+        inputs = self.fm.prepare(batch.inputs).detach()
+        cost = measure_cost(self.fm, inputs)
+        budget = Budget.of(self._budget())
+        B = inputs.batch_size
+        held = 0
+        if what == "lowrank":
+            k = kwargs.get("k", 10)
+            method = kwargs.get("method", "lanczos")
+            if method == "lanczos":
+                columns, held = 1, lanczos_bytes(self.num_params, 10 * k + 20, cost.itemsize)
+            else:
+                columns = k + kwargs.get("oversample", 10)
+                held = randomized_bytes(self.num_params, columns, cost.itemsize)
+        else:
+            columns = kwargs.get("columns", 1)
+        rows, cols, per_pair, per_col, held = _product_chunks(cost, B, columns, budget, held)
+        return PassPlan(
+            f"curvature products ({columns} columns)",
+            "forward-mode JVPs of the columns, then one VJP (torch.func)",
+            B,
+            columns,
+            cols,
+            held,
+            per_col + rows * per_pair,
+            0,
+            3.0 * B * cost.forward_flops * columns,
+            budget,
+        )
 
     # -- products ----------------------------------------------------------------------------
     def matvec(self, v: Tensor) -> Tensor:
@@ -211,49 +268,40 @@ class CurvatureOperator:
             return out
         params = fm.params(False)
         tangents = fm.unflatten(V.T.contiguous())  # {name: (m, *shape)}
-        sweep = self._sweep(structured=False)
-        count = 0
-        itemsize = V.element_size()
-        held = 3 * V.numel() * itemsize
+        curvature_pass = self._pass()
         for batch in progress_bar(self.data, self.options.progress, "curvature: products"):
             inputs = fm.prepare(batch.inputs).detach()
             cost = measure_cost(fm, inputs)
-            n, K = sweep.output_split(cost)
+            n, K = curvature_pass.output_split(cost)
             B = inputs.batch_size
             y = self.likelihood.prepare_targets(batch.y, torch.Size((B, n, K)))
-            noise = sweep.noise(batch.index, B, n, K, cost.output_dtype, inputs.device)
+            noise = draw_noise(
+                self.likelihood, self.rows, batch.index, B, n, K, cost.output_dtype, inputs.device
+            )
+            rows_of = LikelihoodRows(self.likelihood, self.rows, y, noise, cost.output_shape, n, K)
             budget = Budget.of(self._budget())
-            # one column through one example: its forward-mode activations next to the primal
-            # ones, the backward through them, the outputs; per column: the tangent, the
-            # gradient and the result (P each)
-            per_pair = 3 * cost.activation_bytes + 3 * cost.output_bytes
-            per_col = 3 * fm.num_params * itemsize
-            cols = budget.chunk(B * per_pair + per_col, held, at_most=m)
-            rows = B
-            if held + B * per_pair + per_col > budget.total or cols == 1:
-                rows = budget.chunk(per_pair, held + per_col, at_most=B)
+            held = 3 * V.numel() * V.element_size()
+            rows, cols, per_pair, per_col, held = _product_chunks(cost, B, m, budget, held)
             budget.require(
                 held + cols * (rows * per_pair + per_col), "the curvature's matrix-vector products"
             )
-            count += B
-            for s in range(0, B, rows):
-                sub = inputs.slice(s, min(s + rows, B))
-                for c in range(0, m, cols):
-                    part = {k: t[c : c + cols] for k, t in tangents.items()}
-                    out[:, c : c + cols] += self._product_chunk(
-                        sweep, params, sub, y[s : s + rows], noise, s, part, (n, K)
-                    ).T
-        out, total = self.data.total([out, torch.tensor([count], dtype=torch.float64)])
+            for s in spans(B, rows):
+                sub = inputs.slice(s.start, s.stop)
+                for c in spans(m, cols):
+                    part = {k: t[c] for k, t in tangents.items()}
+                    out[:, c] += self._product_chunk(rows_of, params, sub, y[s], noise, s, part).T
+        (out,), count = self.data.finish([out])
         if self.reduction == "mean":
-            out /= int(total)
+            out /= count
         return out
 
-    def _product_chunk(self, sweep, params, sub: Inputs, y, noise, start, tangents, nK) -> Tensor:
+    def _product_chunk(self, rows_of, params, sub: Inputs, y, noise, samples: slice, tangents):
         """``(c, P)``: the chunk's share of the curvature times the c tangents."""
         fm = self.fm
         b = sub.batch_size
-        nz = None if noise is None else noise[start : start + b]
-        product = self._output_product(sweep)
+        nK = (rows_of.n, rows_of.K)
+        nz = None if noise is None else noise[samples]
+        product = self._output_product(rows_of)
         in_dims = (0, 0, None if nz is None else 0, 0)
 
         def output_space(f: Tensor, JV: Tensor) -> Tensor:
@@ -271,14 +319,14 @@ class CurvatureOperator:
                 grads = _separate(fm, params, sub, tangents, output_space)
         return fm.flatten(grads)
 
-    def _output_product(self, sweep: Sweep):
+    def _output_product(self, rows_of: LikelihoodRows):
         """One example's output-space curvature times ``v (c, n, K)``."""
         lik, kind = self.likelihood, self.rows.kind
 
         def product(f, y, noise, v):
             if kind == "exact":
                 return lik.hessian_product(f, y, v)
-            C = sweep.cotangents(f, y, noise, slice(0, self.rows.count(lik, *f.shape)))
+            C = rows_of.cotangents(f, y, noise, slice(0, rows_of.rows))
             # rows span all of the example's positions: sum_r c_r <c_r, v>
             return torch.einsum("cr,rnl->cnl", torch.einsum("rnk,cnk->cr", C, v), C)
 
@@ -302,52 +350,39 @@ class CurvatureOperator:
         return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
 
     # -- structured results --------------------------------------------------------------
-    def diagonal(self) -> Tensor:
-        """``(P,)``: the diagonal (exact, or the Monte Carlo estimate for ``mc_samples``)."""
-        try:
-            sums, count = accumulate_diagonal(self._sweep(), self.data)
-        except StructureError as err:
-            warnings.warn(
-                f"pushforward: {err}; computing the diagonal from every parameter's per-example "
-                "rows instead (exact, slower)",
-                PushforwardFallbackWarning,
-                stacklevel=2,
-            )
-            sums, count = accumulate_diagonal(self._sweep(structured=False), self.data)
-        return self.fm.flatten(sums) * self._scale(count)
+    def diagonal(self) -> DiagonalCurvature:
+        """``(P,)``: the diagonal (exact, or the Monte Carlo estimate for ``mc_samples``) — a
+        :class:`~pushforward.curvature.results.DiagonalCurvature` (a tensor)."""
+        sums = DiagonalSums(self.fm)
+        self._pass().run(self.data, sums)
+        totals, count = self.data.finish(list(sums.sums.values()))
+        flat = self.fm.flatten(dict(zip(sums.sums, totals, strict=True))) * self._scale(count)
+        return DiagonalCurvature(flat, self.fm.layout)
 
-    def dense(self) -> Tensor:
-        """``(P, P)``: the matrix, from per-example rows of all P parameters (small P)."""
-        fm = self.fm
-        P = fm.num_params
-        itemsize = fm.params(False)[fm.param_names[0]].element_size()
-        total = torch.zeros(P, P, dtype=self.dtype, device=self.device)
-        count = 0
-        sweep = self._sweep(structured=False)
-        for piece in sweep.pieces(
-            self.data, 2 * P * P * itemsize, lambda layers, cost: 2 * P * itemsize, "dense"
-        ):
-            if piece.first:
-                count += piece.examples
-            rows = fm.flatten(piece.rows).reshape(-1, P)
-            total.addmm_(rows.T, rows)
-        total, examples = self.data.total([total, torch.tensor([count], dtype=torch.float64)])
-        return total * self._scale(int(examples))
+    def dense(self) -> DenseCurvature:
+        """``(P, P)``: the matrix, from per-example rows of all P parameters (small P) — a
+        :class:`~pushforward.curvature.results.DenseCurvature` (a tensor)."""
+        sums = DenseSums(self.fm)
+        self._pass().run(self.data, sums)
+        (total,), count = self.data.finish([sums.total])
+        return DenseCurvature(total * self._scale(count), self.fm.layout)
 
-    def kfac(self, approx: str = "expand", generic: str = "diagonal") -> Kronecker:
-        """K-FAC: a :class:`~pushforward.Kronecker` (bound to the model's layout) whose
-        ``to_dense()`` is the ``(P, P)`` curvature: ``G ⊗ A`` per layer weight, ``G`` per bias,
-        and a :class:`~pushforward.Diagonal` (``generic="diagonal"``) or
-        :class:`~pushforward.Dense` block for other parameters (see
-        :mod:`pushforward.curvature.kfac` for the conventions; ``approx`` is ``"expand"`` or
-        ``"reduce"``)."""
-        factors = accumulate_kfac(self._sweep(), self.data, approx, generic)
-        return kfac_operator(
-            self.fm,
-            factors,
-            input_scale=1.0 / factors.examples,
-            output_scale=self._scale(factors.examples),
-        )
+    def kfac(self, approx: str = "expand", generic: str = "diagonal") -> KroneckerCurvature:
+        """K-FAC: a :class:`~pushforward.curvature.results.KroneckerCurvature` (a
+        :class:`~pushforward.Kronecker` bound to the model's layout) whose ``to_dense()`` is the
+        ``(P, P)`` curvature: ``G ⊗ A`` per layer weight, ``G`` per bias, and a
+        :class:`~pushforward.Diagonal` (``generic="diagonal"``) or :class:`~pushforward.Dense`
+        block for other parameters (see :mod:`pushforward.curvature.kfac` for the conventions;
+        ``approx`` is ``"expand"`` or ``"reduce"``)."""
+        sums = KFACSums(self.fm, approx, generic)
+        self._pass().run(self.data, sums)
+        factors = sums.factors
+        values, count = self.data.finish(factors.tensors())
+        factors.replace_tensors(values)
+        blocks = kfac_blocks(self.fm, factors, 1.0 / count, self._scale(count))
+        out = KroneckerCurvature(blocks, check=False)
+        out.layout = self.fm.layout
+        return out
 
     def lowrank(
         self,
@@ -359,8 +394,9 @@ class CurvatureOperator:
         oversample: int = 10,
         power_iterations: int = 4,
         seed: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        """``(eigenvalues (k,), eigenvectors (P, k))``: the k largest eigenpairs.
+    ) -> LowRankCurvature:
+        """``(eigenvalues (k,), eigenvectors (P, k))``: the k largest eigenpairs, a
+        :class:`~pushforward.curvature.results.LowRankCurvature` (a tuple).
 
         Args:
             k: how many.
@@ -369,6 +405,9 @@ class CurvatureOperator:
                 largest) or ``"randomized"`` (subspace iteration: ``power_iterations + 2``
                 :meth:`matmat` calls with ``k + oversample`` columns).
             seed: seeds the starting vector / sketch.
+
+        When the curvature's rank is below ``k`` (Lanczos finds an invariant subspace of smaller
+        dimension), fewer pairs are returned, with a warning saying how many.
         """
         check_positive_int(k, "k")
         if k > self.num_params:
@@ -381,14 +420,14 @@ class CurvatureOperator:
             if iterations is not None:
                 check_positive_int(iterations, "iterations")
             steps = min(P, iterations if iterations is not None else 10 * k + 20)
-            budget.require((steps + 4) * P * itemsize, f"Lanczos' basis of {steps} vectors")
-            return lanczos(
+            budget.require(lanczos_bytes(P, steps, itemsize), f"Lanczos' basis of {steps} vectors")
+            values, vectors = lanczos(
                 self.matvec, P, k, iterations=iterations, max_iterations=steps, tol=tol, **common
             )
-        if method == "randomized":
+        elif method == "randomized":
             width = min(P, k + oversample)
-            budget.require(5 * width * P * itemsize, f"a sketch of {width} columns")
-            return randomized(
+            budget.require(randomized_bytes(P, width, itemsize), f"a sketch of {width} columns")
+            values, vectors = randomized(
                 self.matmat,
                 self.num_params,
                 k,
@@ -396,7 +435,17 @@ class CurvatureOperator:
                 power_iterations=power_iterations,
                 **common,
             )
-        raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
+        else:
+            raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
+        if values.shape[0] < k:
+            warnings.warn(
+                f"pushforward: the curvature has rank {values.shape[0]} < k={k} (Lanczos found "
+                f"an invariant subspace of that dimension): returning {values.shape[0]} "
+                "eigenpairs",
+                UserWarning,
+                stacklevel=2,
+            )
+        return LowRankCurvature(values, vectors, self.fm.layout)
 
     def __repr__(self) -> str:
         ranks = "" if self.group is None else f", summed over {self.group.size} ranks"
@@ -407,6 +456,17 @@ class CurvatureOperator:
 
     def _describe_rows(self) -> str:
         return self.rows.kind
+
+
+def _product_chunks(cost: ModelCost, B: int, m: int, budget: Budget, held: int):
+    """``(examples, columns, per example and column, per column, held)`` of a product's chunks:
+    all columns through as many examples as fit, else one column at a time through fewer."""
+    per_pair, per_col = product_bytes(cost)
+    cols = budget.chunk(B * per_pair + per_col, held, at_most=m)
+    rows = B
+    if held + B * per_pair + per_col > budget.total or cols == 1:
+        rows = budget.chunk(per_pair, held + per_col, at_most=B)
+    return rows, cols, per_pair, per_col, held
 
 
 class GGN(CurvatureOperator):
@@ -503,38 +563,6 @@ class EmpiricalFisher(CurvatureOperator):
             target_key=target_key,
             process_group=process_group,
         )
-
-
-def kfac_operator(
-    fm: FunctionalModel, factors: KFACFactors, input_scale: float, output_scale: float
-) -> Kronecker:
-    """The :class:`Kronecker` of summed factors: ``A * input_scale``, ``G * output_scale``."""
-    blocks: dict[str, CovarianceOperator] = {}
-    shapes = fm.param_shapes
-    for layer in factors.layers.values():
-        call, G = layer.call, layer.G * output_scale
-        if call.weight_name is not None:
-            A = layer.A * input_scale
-            if call.kind in ("addmm", "embedding"):
-                # the input side is the weight's first dimension: Conv1D stores (in, out), an
-                # embedding's rows are its tokens
-                blocks[call.weight_name] = KroneckerFactors(A, G, check=False)
-            else:
-                blocks[call.weight_name] = KroneckerFactors(G, A, check=False)
-        if call.bias_name is not None:
-            blocks[call.bias_name] = Dense(G, check=False)
-    for name, total in factors.generic.items():
-        total = total * output_scale
-        if total.dim() == 2 and total.shape[0] == total.shape[1] == math.prod(shapes[name]):
-            blocks[name] = Dense(total, check=False)
-        else:
-            blocks[name] = Diagonal(total.reshape(-1), check=False)
-    missing = [n for n in fm.param_names if n not in blocks]
-    for name in missing:  # parameters the data never reached (e.g. an unused layer)
-        blocks[name] = Diagonal(
-            fm.params(False)[name].new_zeros(math.prod(shapes[name])), check=False
-        )
-    return Kronecker({n: blocks[n] for n in fm.param_names}, check=False).bind(fm.layout)
 
 
 def _pull_vmapped(fm: FunctionalModel, params, sub: Inputs, cot: Tensor) -> dict[str, Tensor]:

@@ -7,22 +7,11 @@ The posterior precision is laplace-torch's (0.3)::
 with ``H`` the curvature summed over the data (the GGN / Fisher of laplace-torch's likelihood:
 softmax cross-entropy, or the Gaussian with unit noise), ``δ`` the prior precision, ``σ`` the
 observation noise (regression), ``T`` the temperature, and ``n_scale = n_data`` when the
-curvature is an average (``reduction="mean"``), else 1. Its form follows the curvature's:
-
-=====================================  ==================================================
-curvature                              posterior covariance Σ = P⁻¹
-=====================================  ==================================================
-``(P,)`` diagonal                      :class:`~pushforward.Diagonal` ``1 / (s h + δ)``
-``(P, P)`` dense                       :class:`~pushforward.Dense` (a triangular factor)
-``(eigenvalues (k,), U (P, k))``       :class:`~pushforward.LowRankPrecision` ``(U, s λ, δ)``
-:class:`~pushforward.Kronecker` (K-FAC) :class:`~pushforward.Kronecker` of eigen-form blocks
-=====================================  ==================================================
-
-For K-FAC each factor is eigendecomposed once: a weight's block ``G ⊗ A`` gets precision
-eigenvalues ``s λ_G λ_A^T + δ`` (``damping=True``: ``(sqrt(s) λ_G + sqrt(δ))(sqrt(s) λ_A +
-sqrt(δ))``) — laplace-torch's ``KronDecomposed``, whose posterior precision is undamped even
-when fitted with ``damping=True`` (its ``*`` drops the flag); a bias's ``G``, a generic dense or
-diagonal block, ``s λ + δ``.
+curvature is an average (``reduction="mean"``), else 1. Its form follows the curvature's type
+(:mod:`~pushforward.curvature.results`: the diagonal, the dense matrix, the low-rank eigenpairs,
+K-FAC — each computes its own covariance and log-determinant). laplace-torch's
+``KronDecomposed`` posterior precision is undamped even when fitted with ``damping=True`` (its
+``*`` drops the flag); ``damping=True`` here gives the damped form.
 
 The prior precision ``δ`` is a scalar, one value per parameter tensor (``(L,)`` in the layout's
 order, or a mapping by name), or one per parameter ``(P,)`` (not for K-FAC, whose blocks need one
@@ -42,259 +31,36 @@ log-likelihood.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pushforward.core.layout import ParamLayout
-from pushforward.covariance.dense import Dense
-from pushforward.covariance.diagonal import Diagonal
-from pushforward.covariance.kronecker import Kronecker
-from pushforward.covariance.kronecker_blocks import KroneckerEigen, KroneckerFactors
-from pushforward.covariance.lowrank_precision import LowRankPrecision
 from pushforward.covariance.operator import CovarianceOperator
+from pushforward.curvature.results import (
+    Curvature,
+    PriorPrecision,
+    as_curvature,
+    check_n_data,
+)
 
 __all__ = ["laplace_posterior", "log_marginal_likelihood", "optimize_prior_precision"]
 
-Curvature = Tensor | tuple[Tensor, Tensor] | Kronecker
-PriorPrecision = float | Tensor | Sequence[float] | Mapping[str, float]
 
-
-# -- the curvature's spectrum ----------------------------------------------------------------
-@dataclass(frozen=True)
-class _Block:
-    """One block of a K-FAC curvature: ``pair`` (eigenpairs of out/in factors), ``dense`` (one
-    eigendecomposition) or ``diagonal``."""
-
-    name: str
-    kind: str
-    values: tuple[Tensor, ...]
-    vectors: tuple[Tensor, ...]
-
-
-class Spectrum:
-    """A curvature prepared for posteriors: its form and (for K-FAC) eigendecompositions, so that
-    many prior precisions and noise levels cost no new decomposition."""
-
-    def __init__(self, curvature: Curvature, layout: ParamLayout | None) -> None:
-        self.layout = layout
-        self.blocks: list[_Block] = []
-        if isinstance(curvature, Kronecker):
-            self.kind = "kron"
-            if curvature.layout is None:
-                raise ValueError(
-                    "a Kronecker curvature needs its layout: bind it (kron.bind(fm.layout))"
-                )
-            self.layout = curvature.layout
-            for name, block in curvature.blocks.items():
-                self.blocks.append(_decompose(name, block))
-            self.size = curvature.num_params
-        elif isinstance(curvature, (tuple, list)):
-            if len(curvature) != 2:
-                raise ValueError(
-                    "a low-rank curvature is (eigenvalues (k,), eigenvectors (P, k)), got "
-                    f"{len(curvature)} items"
-                )
-            values, vectors = curvature
-            if values.dim() != 1 or vectors.dim() != 2 or vectors.shape[1] != values.shape[0]:
-                raise ValueError(
-                    f"a low-rank curvature is (eigenvalues (k,), eigenvectors (P, k)); got shapes "
-                    f"{tuple(values.shape)} and {tuple(vectors.shape)}"
-                )
-            self.kind, self.values, self.vectors = "lowrank", values, vectors
-            self.size = vectors.shape[0]
-        elif isinstance(curvature, Tensor) and curvature.dim() == 1:
-            self.kind, self.values, self.size = "diag", curvature, curvature.shape[0]
-        elif isinstance(curvature, Tensor) and curvature.dim() == 2:
-            if curvature.shape[0] != curvature.shape[1]:
-                raise ValueError(f"a dense curvature must be square, got {tuple(curvature.shape)}")
-            self.kind, self.matrix, self.size = "full", curvature, curvature.shape[0]
-        else:
-            raise TypeError(
-                "curvature must be a diagonal (P,), a dense (P, P) tensor, (eigenvalues, "
-                f"eigenvectors) or a Kronecker (K-FAC); got {type(curvature).__name__}"
-            )
-        if self.layout is not None and self.layout.num_params != self.size:
-            raise ValueError(
-                f"the curvature is over {self.size} parameters but the layout has "
-                f"{self.layout.num_params}"
-            )
-
-    # -- prior precision -------------------------------------------------------------------
-    def prior_diagonal(self, delta: PriorPrecision, like: Tensor) -> Tensor:
-        """``(P,)``: the prior precision of every parameter."""
-        d = self._prior(delta, like)
-        if d.dim() == 0:
-            return d.expand(self.size)
-        if d.shape[0] == self.size:
-            return d
-        sizes = torch.tensor(self._layout().sizes(), device=d.device)
-        return torch.repeat_interleave(d, sizes)
-
-    def prior_per_tensor(self, delta: PriorPrecision, like: Tensor) -> Tensor:
-        """``(L,)``: one prior precision per parameter tensor (K-FAC)."""
-        d = self._prior(delta, like)
-        layout = self._layout()
-        if d.dim() == 0:
-            return d.expand(len(layout.names))
-        if d.shape[0] == len(layout.names):
-            return d
-        raise ValueError(
-            f"a K-FAC posterior needs a scalar prior precision or one per parameter tensor "
-            f"({len(layout.names)}), got shape {tuple(d.shape)} (per-parameter values do not "
-            "keep the Kronecker structure)"
-        )
-
-    def _prior(self, delta: PriorPrecision, like: Tensor) -> Tensor:
-        if isinstance(delta, Mapping):
-            layout = self._layout()
-            missing = [n for n in layout.names if n not in delta]
-            if missing:
-                raise ValueError(f"prior precision mapping lacks parameters {missing}")
-            delta = torch.stack([torch.as_tensor(delta[n]).reshape(()) for n in layout.names])
-        d = torch.as_tensor(delta).to(device=like.device, dtype=like.dtype)
-        if d.dim() == 1 and d.shape[0] == 1:
-            d = d[0]
-        if d.dim() > 1 or (
-            d.dim() == 1 and d.shape[0] not in (self.size, len(self._layout_names()))
-        ):
-            raise ValueError(
-                f"prior precision must be a scalar, one value per parameter tensor or one per "
-                f"parameter ({self.size}); got shape {tuple(d.shape)}"
-            )
-        if bool((d.detach() <= 0).any()):
-            raise ValueError("prior precision must be positive")
-        return d
-
-    def _layout_names(self) -> tuple[str, ...]:
-        return () if self.layout is None else self.layout.names
-
-    def _layout(self) -> ParamLayout:
-        if self.layout is None:
-            raise ValueError(
-                "a prior precision per parameter tensor needs the layout: pass layout= (e.g. "
-                "the curvature operator or its FunctionalModel)"
-            )
-        return self.layout
-
-    def reference(self) -> Tensor:
-        """A tensor of the curvature's dtype and device."""
-        if self.kind == "kron":
-            return self.blocks[0].values[0]
-        if self.kind == "full":
-            return self.matrix
-        return self.vectors if self.kind == "lowrank" else self.values
-
-    # -- closed forms ----------------------------------------------------------------------
-    def logdet(self, s: Tensor, delta: PriorPrecision, damping: bool = False) -> Tensor:
-        """``log det (s H + diag(δ))``."""
-        ref = self.reference()
-        if self.kind == "diag":
-            return torch.log(s * self.values + self.prior_diagonal(delta, ref)).sum()
-        if self.kind == "full":
-            P = s * self.matrix + torch.diag(self.prior_diagonal(delta, ref))
-            L = torch.linalg.cholesky(P)
-            return 2 * L.diagonal().log().sum()
-        if self.kind == "lowrank":
-            d = self.prior_diagonal(delta, ref)
-            W = self.vectors * (s * self.values.clamp_min(0)).sqrt() / d.sqrt().unsqueeze(-1)
-            k = W.shape[1]
-            core = torch.eye(k, dtype=W.dtype, device=W.device) + W.T @ W
-            return d.log().sum() + torch.logdet(core)
-        deltas = self.prior_per_tensor(delta, ref)
-        total = ref.new_zeros(())
-        for block, dl in zip(self.blocks, deltas, strict=True):
-            total = total + _block_precision(block, s, dl, damping).log().sum()
-        return total
-
-    def covariance(self, s: Tensor, delta: PriorPrecision, damping: bool = False):
-        """Σ = (s H + diag(δ))^{-1} as a covariance operator."""
-        ref = self.reference()
-        if self.kind == "diag":
-            return Diagonal((s * self.values + self.prior_diagonal(delta, ref)).reciprocal())
-        if self.kind == "full":
-            P = s * self.matrix + torch.diag(self.prior_diagonal(delta, ref))
-            L = torch.linalg.cholesky(P)
-            eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
-            factor = torch.linalg.solve_triangular(L, eye, upper=False).T  # L^{-T}
-            return _bound(Dense.from_factor(factor, check=False), self.layout)
-        if self.kind == "lowrank":
-            d = self.prior_diagonal(delta, ref)
-            op = LowRankPrecision(self.vectors, s * self.values.clamp_min(0), d)
-            return _bound(op, self.layout)
-        deltas = self.prior_per_tensor(delta, ref)
-        blocks: dict[str, CovarianceOperator] = {}
-        for block, dl in zip(self.blocks, deltas, strict=True):
-            precision = _block_precision(block, s, dl, damping)
-            if block.kind == "pair":
-                Qo, Qi = block.vectors
-                blocks[block.name] = KroneckerEigen(Qo, Qi, precision.reciprocal(), check=False)
-            elif block.kind == "dense":
-                (Q,) = block.vectors
-                blocks[block.name] = Dense.from_factor(Q * precision.rsqrt(), check=False)
-            else:
-                blocks[block.name] = Diagonal(precision.reciprocal(), check=False)
-        return Kronecker(blocks, check=False).bind(self.layout)
-
-
-def _bound(op: CovarianceOperator, layout: ParamLayout | None) -> CovarianceOperator:
-    return op if layout is None else op.bind(layout)
-
-
-def _decompose(name: str, block: CovarianceOperator) -> _Block:
-    """Eigendecompose one K-FAC block (symmetrized; eigenvalues clamped at 0)."""
-    if isinstance(block, KroneckerFactors):
-        pairs = [_eigh(F) for F in (block.out_factor, block.in_factor)]
-        return _Block(name, "pair", (pairs[0][0], pairs[1][0]), (pairs[0][1], pairs[1][1]))
-    if isinstance(block, Diagonal):
-        return _Block(name, "diagonal", (block.diagonal(),), ())
-    if isinstance(block, Dense):
-        lam, Q = _eigh(block.to_dense())
-        return _Block(name, "dense", (lam,), (Q,))
-    raise TypeError(
-        f"K-FAC block of {name!r} is a {type(block).__name__}; expected KroneckerFactors, Dense "
-        "or Diagonal (as GGN.kfac() makes them)"
-    )
-
-
-def _eigh(F: Tensor) -> tuple[Tensor, Tensor]:
-    lam, Q = torch.linalg.eigh((F + F.T) / 2)
-    return lam.clamp_min(0), Q
-
-
-def _block_precision(block: _Block, s: Tensor, delta: Tensor, damping: bool) -> Tensor:
-    if block.kind == "pair":
-        lo, li = block.values
-        if damping:
-            root, rs = delta.sqrt(), s.sqrt()
-            return torch.outer(rs * lo + root, rs * li + root)
-        return s * torch.outer(lo, li) + delta
-    return s * block.values[0] + delta
-
-
-# -- public functions ---------------------------------------------------------------------------
-def _scale(
-    n_scale: float, sigma_noise: float | Tensor, temperature: float | Tensor, like: Tensor
-) -> Tensor:
+def _noise(sigma_noise: float | Tensor, like: Tensor) -> Tensor:
+    """σ as a tensor like ``like``, checked finite and positive."""
     sigma = torch.as_tensor(sigma_noise, dtype=like.dtype, device=like.device)
-    T = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
-    if bool((sigma <= 0).any()) or bool((T <= 0).any()):
-        raise ValueError("sigma_noise and temperature must be positive")
-    return n_scale / (sigma.square() * T)
-
-
-def _spectrum(curvature: Curvature | Spectrum, layout: Any) -> Spectrum:
-    if isinstance(curvature, Spectrum):
-        return curvature
-    layout = getattr(layout, "layout", layout)
-    return Spectrum(curvature, layout)
+    with torch.no_grad():
+        if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
+            raise ValueError(
+                f"sigma_noise must be finite and positive, got {sigma.detach().tolist()}"
+            )
+    return sigma
 
 
 def laplace_posterior(
-    curvature: Curvature,
+    curvature: Curvature | Any,
     prior_precision: PriorPrecision,
     *,
     temperature: float | Tensor = 1.0,
@@ -306,10 +72,12 @@ def laplace_posterior(
     """The Laplace posterior covariance Σ = (s H + diag(δ))^{-1} (see the module docstring).
 
     Args:
-        curvature: ``GGN.diagonal()`` ``(P,)``, ``GGN.dense()`` ``(P, P)``, ``GGN.lowrank(k)``
-            ``(eigenvalues, eigenvectors)`` or ``GGN.kfac()`` (a :class:`~pushforward.Kronecker`).
+        curvature: a curvature from ``GGN.diagonal()``, ``.dense()``, ``.lowrank(k)`` or
+            ``.kfac()`` (:mod:`~pushforward.curvature.results`), or the same as plain tensors:
+            ``(P,)``, ``(P, P)``, ``(eigenvalues, eigenvectors)``, a bound
+            :class:`~pushforward.Kronecker`.
         prior_precision: δ: a scalar, one value per parameter tensor (needs the layout) or per
-            parameter.
+            parameter (not for K-FAC).
         temperature: T.
         n_data: the curvature is an average over this many examples (``reduction="mean"``):
             it is multiplied by it. ``None`` for a summed curvature.
@@ -317,23 +85,24 @@ def laplace_posterior(
         damping: laplace-torch's damped Kronecker form (K-FAC only).
         layout: the :class:`~pushforward.ParamLayout` (or anything with ``.layout``: the
             curvature operator, a FunctionalModel) for per-tensor prior precisions and to bind
-            the result; a K-FAC curvature brings its own.
+            the result, where the curvature does not bring its own.
 
     Returns:
         A covariance operator for ``functional_variance``, ``predictive``, samples, ...
+
+    Raises:
+        ValueError: a prior precision, σ or T that is not finite and positive, ``n_data`` that
+            is not a positive number, a precision that is not positive definite.
     """
-    spectrum = _spectrum(curvature, layout)
-    s = _scale(
-        1.0 if n_data is None else float(n_data), sigma_noise, temperature, spectrum.reference()
-    )
-    if damping and spectrum.kind != "kron":
-        raise ValueError("damping applies to Kronecker (K-FAC) posteriors only")
-    return spectrum.covariance(s, prior_precision, damping)
+    typed = as_curvature(curvature, layout)
+    ref = typed.reference()
+    scale = check_n_data(n_data) / _noise(sigma_noise, ref).square()
+    return typed.covariance(prior_precision, scale=scale, temperature=temperature, damping=damping)
 
 
 def log_marginal_likelihood(
     fit: Any,
-    curvature: Curvature | Spectrum,
+    curvature: Curvature | Any,
     prior_precision: PriorPrecision,
     *,
     sigma_noise: float | Tensor = 1.0,
@@ -356,14 +125,13 @@ def log_marginal_likelihood(
     Returns:
         A scalar tensor.
     """
-    spectrum = _spectrum(curvature, fit)
-    ref = spectrum.reference()
+    typed = as_curvature(curvature, fit)
+    ref = typed.reference()
     kind = fit.likelihood.kind
-    sigma = torch.as_tensor(sigma_noise, dtype=ref.dtype, device=ref.device)
+    sigma = _noise(sigma_noise, ref)
     if kind != "regression" and bool(sigma != 1):
         raise ValueError("sigma_noise applies to regression only")
     n_scale = float(fit.n_data) if fit.reduction == "mean" else 1.0
-    s = _scale(n_scale, sigma, temperature, ref)
     T = torch.as_tensor(temperature, dtype=ref.dtype, device=ref.device)
     loss = fit.loss().to(ref.dtype)
     if kind == "regression":
@@ -372,11 +140,13 @@ def log_marginal_likelihood(
         )
     else:
         log_lik = -loss / T
-    delta = spectrum.prior_diagonal(prior_precision, ref)
+    delta = typed.prior_diagonal(prior_precision)
     theta = fit.fm.flatten(fit.fm.params(False)).to(ref.dtype)
     diff = theta - torch.as_tensor(prior_mean, dtype=ref.dtype, device=ref.device)
     scatter = (diff * delta * diff).sum()
-    logdet = spectrum.logdet(s, prior_precision, damping)
+    logdet = typed.logdet(
+        prior_precision, scale=n_scale / sigma.square(), temperature=T, damping=damping
+    )
     return log_lik - 0.5 * (logdet - delta.log().sum() + scatter)
 
 
@@ -415,27 +185,39 @@ def optimize_prior_precision(
     Returns:
         δ — 0-d for ``"scalar"``, ``(L,)``, or ``(P,)`` — or ``(δ, σ)`` with ``optimize_sigma``.
     """
-    spectrum = _spectrum(curvature, fit)
-    ref = spectrum.reference()
+    typed = as_curvature(curvature, fit)
+    ref = typed.reference()
     if method == "gridsearch":
         if prior_structure != "scalar" or optimize_sigma:
             raise ValueError("gridsearch tunes a scalar prior precision only")
         if val_data is None:
             raise ValueError("method='gridsearch' needs val_data (batches of (x, y))")
-        return _gridsearch(fit, spectrum, val_data, grid, sigma_noise, temperature, link)
+        return _gridsearch(fit, typed, val_data, grid, sigma_noise, temperature, link)
     if method != "marglik":
         raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}")
     if optimize_sigma and fit.likelihood.kind != "regression":
         raise ValueError("optimize_sigma applies to regression only")
-    sizes = {"scalar": 1, "diag": spectrum.size}
+    sizes = {"scalar": 1, "diag": typed.size}
     if prior_structure == "layerwise":
-        sizes["layerwise"] = len(spectrum._layout().names)
+        sizes["layerwise"] = len(typed._layout().names)
     if prior_structure not in sizes:
         raise ValueError(
             f"prior_structure must be 'scalar', 'layerwise' or 'diag', got {prior_structure!r}"
         )
+    if prior_structure == "diag" and "diagonal" not in typed.prior_structures:
+        raise ValueError(
+            f"a K-FAC posterior ({type(typed).__name__}) takes a scalar or one prior precision "
+            "per parameter tensor (prior_structure='scalar' or 'layerwise'), not one per "
+            "parameter: per-parameter values do not keep the Kronecker structure"
+        )
+    init = torch.as_tensor(init_prior_prec, dtype=ref.dtype)
+    if not bool(torch.isfinite(init)) or not bool(init > 0):
+        raise ValueError(
+            f"init_prior_prec (the initial prior precision) must be finite and positive, got "
+            f"{init_prior_prec!r}"
+        )
     log_delta = torch.full(
-        (sizes[prior_structure],), math.log(init_prior_prec), dtype=ref.dtype, device=ref.device
+        (sizes[prior_structure],), float(init.log()), dtype=ref.dtype, device=ref.device
     ).requires_grad_(True)
     variables = [log_delta]
     log_sigma = torch.as_tensor(sigma_noise, dtype=ref.dtype, device=ref.device).log()
@@ -449,7 +231,7 @@ def optimize_prior_precision(
             delta = log_delta.exp()
             loss = -log_marginal_likelihood(
                 fit,
-                spectrum,
+                typed,
                 delta if prior_structure != "scalar" else delta[0],
                 sigma_noise=log_sigma.exp(),
                 temperature=temperature,
@@ -462,12 +244,12 @@ def optimize_prior_precision(
     return (delta, log_sigma.detach().exp()) if optimize_sigma else delta
 
 
-def _gridsearch(fit, spectrum: Spectrum, val_data, grid, sigma_noise, temperature, link) -> Tensor:
+def _gridsearch(fit, typed: Curvature, val_data, grid, sigma_noise, temperature, link) -> Tensor:
     from pushforward.api.predictive import predictive
     from pushforward.api.variance import functional_variance
     from pushforward.curvature.data import Batches
 
-    ref = spectrum.reference()
+    ref = typed.reference()
     if grid is None:
         grid = torch.logspace(-4, 4, 100, dtype=ref.dtype, device=ref.device)
     fm, lik = fit.fm, fit.likelihood
@@ -475,12 +257,14 @@ def _gridsearch(fit, spectrum: Spectrum, val_data, grid, sigma_noise, temperatur
         raise ValueError("gridsearch needs a classification or regression likelihood")
     val = Batches(val_data, fm.device, fit.data.target_key, group=fit.group)
     batches = list(val)
+    if not batches or not sum(b.inputs.batch_size for b in batches):
+        raise ValueError("method='gridsearch': val_data holds no example to validate on")
     n_scale = float(fit.n_data) if fit.reduction == "mean" else 1.0
-    sigma = torch.as_tensor(sigma_noise, dtype=ref.dtype, device=ref.device)
-    s = _scale(n_scale, sigma, temperature, ref)
+    sigma = _noise(sigma_noise, ref)
+    scale = n_scale / sigma.square()
     best, best_score = None, math.inf
     for delta in grid:
-        S = spectrum.covariance(s, delta)
+        S = typed.covariance(delta, scale=scale, temperature=temperature)
         total, count = 0.0, 0
         for batch in batches:
             f = fm(batch.inputs)
@@ -500,7 +284,8 @@ def _gridsearch(fit, spectrum: Spectrum, val_data, grid, sigma_noise, temperatur
                 nll = 0.5 * (torch.log(2 * math.pi * var) + (y - f).square() / var)
                 total += float(nll.sum())
                 count += y.numel()
-        total, count = val.total([torch.tensor([total, count], dtype=torch.float64)])[0].tolist()
+        (sums,), _ = val.finish([torch.tensor([total, count], dtype=torch.float64)])
+        total, count = sums.tolist()
         score = total / max(count, 1)
         if score < best_score:
             best, best_score = delta, score

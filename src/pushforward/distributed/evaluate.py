@@ -25,7 +25,7 @@ forward-mode JVPs (:mod:`pushforward.distributed.joint`); what the gathering and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -45,14 +45,15 @@ from pushforward.core.collectives import (
 from pushforward.core.cost import Budget
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.options import Options
-from pushforward.covariance.operator import CovarianceOperator
-from pushforward.curvature.data import (
+from pushforward.core.shards import (
     distributed_sampler,
     real_examples,
     refuse_accelerate_shards,
+    split_batch,
 )
+from pushforward.covariance.binding import bind_covariance
+from pushforward.covariance.operator import CovarianceOperator
 from pushforward.distributed.joint import joint_rows
-from pushforward.engine.problem import bind_covariance
 
 __all__ = ["evaluate"]
 
@@ -207,16 +208,8 @@ class _Order:
 
 
 def _inputs(batch: Any, target_key: str) -> Any:
-    """The model inputs of an evaluation batch: ``x``, ``(x, y)`` or a mapping."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k != target_key}
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (1, 2):
-        return batch[0]
-    raise TypeError(
-        f"an evaluation batch must be x, (x,), (x, y) or a mapping, got {type(batch).__name__}"
-    )
+    """The model inputs of an evaluation batch: ``x``, ``(x,)``, ``(x, y)`` or a mapping."""
+    return split_batch(batch, target_key, targets=False)[0]
 
 
 def _computation(

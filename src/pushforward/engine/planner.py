@@ -22,7 +22,6 @@ the plan remembers the failure and ``print(plan)`` shows it. A named strategy ra
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.core.errors import MemoryBudgetError, PushforwardFallbackWarning
-from pushforward.core.fallback import TRANSFORM_ERRORS, first_line, raise_if_random
+from pushforward.core.errors import MemoryBudgetError
+from pushforward.core.fallback import Ladder, first_line
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options, check_generator
@@ -86,7 +85,7 @@ class Plan:
 
     def failures(self) -> dict[str, str]:
         """Strategies of this plan that failed at run time, with why."""
-        return self.problem.fm.cache.failures.get(self.key, {}) if self.key is not None else {}
+        return self._ladder().failures(self.problem.fm)
 
     def execute(self) -> tuple[Tensor, ...]:
         """Run the plan: ``(f, result)`` in the user's shapes (a Monte Carlo strategy adds the
@@ -95,53 +94,26 @@ class Plan:
         return (f, *(self.problem.user_result(r) for r in results))
 
     def run_canonical(self) -> tuple[Tensor, ...]:
-        """Run the plan: ``(f, result, ...)`` with the results in canonical layout."""
-        p = self.problem
-        failed = self.failures()
-        order = [e for e in self.fallbacks() if e.strategy not in failed] or [self.estimate]
-        first_error: BaseException | None = None
-        for i, est in enumerate(order):
-            try:
-                if first_error is None:
-                    with torch.set_grad_enabled(p.differentiable):
-                        return STRATEGIES[est.strategy].run(p, est)
-                return self._fallback_run(est, first_error, order[0].strategy)
-            except TRANSFORM_ERRORS as err:
-                raise_if_random(err)
-                if self.named or i == len(order) - 1:
-                    if first_error is not None:
-                        raise err from first_error
-                    raise
-                first_error = first_error or err
-                if self.key is not None:
-                    self.problem.fm.cache.failures.setdefault(self.key, {})[est.strategy] = (
-                        f"{type(err).__name__}: {first_line(err)}"
-                    )
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run the plan: ``(f, result, ...)`` with the results in canonical layout; a strategy
+        that fails for a reason of the transform machinery falls through to the next one in
+        order (remembered per plan, shown by ``print(plan)``)."""
+        return self._ladder()(self.problem.fm)
 
-    def _fallback_run(self, est: Estimate, error: BaseException, failed: str) -> tuple[Tensor, ...]:
-        """Run ``est`` after ``failed`` raised ``error``; one warning says both, and what the
-        fallback itself had to step down to."""
+    def _ladder(self) -> Ladder:
+        """The plan's strategies in fallback order, as one :class:`Ladder` (its memory is the
+        plan's: kept per plan key)."""
         p = self.problem
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PushforwardFallbackWarning)
-            with torch.set_grad_enabled(p.differentiable):
-                result = STRATEGIES[est.strategy].run(p, est)
-        inner = []
-        for w in caught:
-            if issubclass(w.category, PushforwardFallbackWarning):
-                inner.append(str(w.message).removeprefix("pushforward: "))
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        extra = f" (inside it, {'; '.join(inner)})" if inner else ""
-        warnings.warn(
-            f"pushforward: strategy {failed!r} failed for this model "
-            f"({type(error).__name__}: {first_line(error)}); fell back to {est.strategy!r} "
-            f"(exact){extra}. print(plan) shows the plan and the failure.",
-            PushforwardFallbackWarning,
-            stacklevel=4,
-        )
-        return result
+
+        def run(est: Estimate):
+            def strategy() -> tuple[Tensor, ...]:
+                with torch.set_grad_enabled(p.differentiable):
+                    return STRATEGIES[est.strategy].run(p, est)
+
+            return strategy
+
+        methods = [(e.strategy, run(e)) for e in self.fallbacks()]
+        scope = self.key if self.key is not None else id(self)
+        return Ladder("strategy", methods, scope=scope, message=_fallback_message)
 
     def with_call(
         self, inputs: Inputs, outputs: Tensor | None, generator: torch.Generator | None
@@ -177,6 +149,17 @@ class Plan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _fallback_message(failures, used: str, inner: list[str]) -> str:
+    """A plan's fall-through, in words: the first failed strategy and why, the one that ran."""
+    failed, error = failures[0]
+    extra = f" (inside it, {'; '.join(inner)})" if inner else ""
+    return (
+        f"pushforward: strategy {failed!r} failed for this model ({type(error).__name__}: "
+        f"{first_line(error)}); fell back to {used!r} (exact){extra}. print(plan) shows the plan "
+        "and the failure."
+    )
 
 
 def plan(

@@ -15,9 +15,8 @@ of ``torch.func.vjp``, see :mod:`pushforward.products.vjp`) in chunks bounded by
 * ``diag``: ``sum_n sum_r (J_n^T u_nr)^2`` with ``u_n`` the rows of a factor of the loss Hessian
   w.r.t. the outputs, or the loss gradient (empirical Fisher), through the layer structure
   (:mod:`pushforward.curvature.diagonal`: a linear layer's ``sum G^2 ⊗ a^2`` in closed form,
-  per-example rows only for other parameters); with ``stochastic=True`` from sampled output
-  gradients drawn as laplace-torch draws them, in per-example rows of ``chunk x P`` entries
-  (:mod:`pushforward.curvature.row_sums`);
+  per-example rows only for other parameters); with ``stochastic=True`` the same from sampled
+  output gradients drawn as laplace-torch draws them;
 * ``full``: the ``P x P`` sum, accumulated chunk by chunk;
 * ``jacobians``/``last_layer_jacobians``/``selected_output_jacobians``/``gradients``: laplace's
   shapes and order, memory linear in the batch (their result's own size);
@@ -100,14 +99,16 @@ from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
 from pushforward.curvature.data import Batch as DataBatch
-from pushforward.curvature.diagonal import accumulate_diagonal
-from pushforward.curvature.kfac import APPROXIMATIONS, KFACFactors, accumulate_kfac
+from pushforward.curvature.dense import DenseSums
+from pushforward.curvature.diagonal import DiagonalSums
+from pushforward.curvature.directions import RowKind
+from pushforward.curvature.kfac import APPROXIMATIONS, KFACFactors, KFACSums
 from pushforward.curvature.likelihoods import CrossEntropy, Gaussian, Likelihood
 from pushforward.curvature.operators import GGN, EmpiricalFisher
-from pushforward.curvature.row_sums import outer_product_sum, softmax_hessian_factor
-from pushforward.curvature.sweep import RowKind, Sweep
+from pushforward.curvature.passes import Consumer, CurvaturePass
 from pushforward.laplace_interop.adapters import PREFIX, MappingInput, laplace_inputs
 from pushforward.laplace_interop.convert import _subnet_selection
+from pushforward.layers import Directions, GivenRows
 from pushforward.products.vjp import (
     collect_rows,
     iter_row_chunks,
@@ -348,22 +349,26 @@ class _PushforwardCurvature:
         return rows[:, 0], self.lossfunc(f, y)
 
     # -- curvature sums --------------------------------------------------------------
-    def _sum(
-        self,
-        target: _Target,
-        rows_per_sample: int,
-        make_cotangents: Callable[[RowChunk], Tensor],
-        diagonal: bool,
-    ) -> Tensor:
-        return outer_product_sum(
-            target.fm,
-            target.inputs,
-            rows_per_sample,
-            make_cotangents,
-            diagonal=diagonal,
-            indices=target.indices,
-            memory_budget=self.memory_budget,
-        )
+    def _run(
+        self, target: _Target, y: Tensor, kind: RowKind, consumer: Consumer, rows=None
+    ) -> None:
+        """One pass of ``consumer`` over the batch (rows: the likelihood's, or given)."""
+        fm = target.fm
+        budget = Options(memory_budget=self.memory_budget).budget_bytes(fm.device)
+        curvature_pass = CurvaturePass(fm, self._likelihood(), kind, budget=budget)
+        curvature_pass.run_batch(DataBatch(0, target.inputs, y.to(fm.device)), consumer, rows)
+
+    def _sum(self, target: _Target, y: Tensor, rows: Directions | None, diagonal: bool) -> Tensor:
+        """The batch's curvature (``(P,)`` diagonal or ``(S, S)`` dense) for ``rows`` (default:
+        the exact GGN's, the loss Hessian's factor), at laplace-torch's parameters."""
+        if diagonal:
+            sums = DiagonalSums(target.fm, "laplace-torch's diag")
+            self._run(target, y, RowKind("exact"), sums, rows)
+            flat = target.fm.flatten(sums.sums)
+            return flat if target.indices is None else flat[target.indices]
+        dense = DenseSums(target.fm, target.indices, "laplace-torch's full")
+        self._run(target, y, RowKind("exact"), dense, rows)
+        return dense.total
 
     def _honoured(
         self, method: str, kwargs: dict[str, Any], meaningful: dict[str, str]
@@ -392,17 +397,12 @@ class _PushforwardCurvature:
     def _likelihood(self) -> Likelihood:
         return CrossEntropy() if self.likelihood == "classification" else Gaussian()
 
-    def _sweep(self, fm: FunctionalModel, rows: RowKind) -> Sweep:
-        budget = Options(memory_budget=self.memory_budget).budget_bytes(fm.device)
-        return Sweep(fm, self._likelihood(), rows, structured=True, budget=budget, progress=False)
-
     def _structured_diagonal(self, target: _Target, y: Tensor, rows: RowKind) -> Tensor:
         """The batch's diagonal through the layer structure (closed forms per layer, see
         :mod:`pushforward.curvature.diagonal`), at laplace-torch's parameters."""
-        fm = target.fm
-        batch = DataBatch(0, target.inputs, y.to(fm.device))
-        sums, _ = accumulate_diagonal(self._sweep(fm, rows), [batch], "laplace-torch's diag")
-        flat = fm.flatten(sums)
+        sums = DiagonalSums(target.fm, "laplace-torch's diag")
+        self._run(target, y, rows, sums)
+        flat = target.fm.flatten(sums.sums)
         return flat if target.indices is None else flat[target.indices]
 
     # -- Kronecker factors -------------------------------------------------------------
@@ -424,11 +424,9 @@ class _PushforwardCurvature:
         f = self._outputs(target)
         self._check_outputs(f)
         loss = self.factor * self.lossfunc(f, y)
-        fm = target.fm
-        batch = DataBatch(0, target.inputs, y.to(fm.device))
-        sweep = self._sweep(fm, rows)
-        factors = accumulate_kfac(sweep, [batch], approx, "dense", "laplace-torch's kron")
-        return loss.detach(), self._laplace_kron(fm, factors, N, scale)
+        sums = KFACSums(target.fm, approx, "dense", "laplace-torch's kron")
+        self._run(target, y, rows, sums)
+        return loss.detach(), self._laplace_kron(target.fm, sums.factors, N, scale)
 
     def _laplace_kron(self, fm: FunctionalModel, factors: KFACFactors, N: int, scale: float):
         """laplace-torch's ``Kron``: per parameter (in its order) a weight's pair, its
@@ -442,9 +440,8 @@ class _PushforwardCurvature:
             call = layer.call
             G = layer.G * (scale / self.factor)  # the curvature of laplace's torch loss
             if call.weight_name is not None:
-                A = layer.A / N
-                pair = [A, G] if call.kind in ("addmm", "embedding") else [G, A]
-                blocks[call.weight_name] = [root * pair[0], root * pair[1]]
+                first, second = call.geometry.pair(G, layer.A / N)
+                blocks[call.weight_name] = [root * first, root * second]
             if call.bias_name is not None:
                 blocks[call.bias_name] = [self.factor * G]
         shapes = fm.param_shapes
@@ -574,20 +571,12 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         f = self._outputs(target)
         self._check_outputs(f)
         loss = self.factor * self.lossfunc(f, y)
-        K = f.shape[1]
         if self.stochastic:
-            u = self._mc_output_gradients(f, samples)
-            H = self._sum(target, u.shape[1], lambda c: u[c.samples, c.rows], diagonal)
+            H = self._sum(target, y, GivenRows(self._mc_output_gradients(f, samples)), diagonal)
         elif diagonal:
             H = self._structured_diagonal(target, y, RowKind("exact"))
-        elif self.likelihood == "regression":
-            eye = torch.eye(K, dtype=f.dtype, device=f.device)
-            H = self._sum(target, K, lambda c: eye[c.rows].expand(_count(c), -1, -1), diagonal)
         else:
-            probs = torch.softmax(f, dim=-1)
-            H = self._sum(
-                target, K, lambda c: softmax_hessian_factor(probs[c.samples], c.rows), diagonal
-            )
+            H = self._sum(target, y, None, diagonal)
         return loss.detach(), H
 
     def diag(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -666,7 +655,7 @@ class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
                 target, y, RowKind("ef")
             )
         g = self._output_gradients(f, y).unsqueeze(1)  # (B, 1, *f_b)
-        H = self._sum(target, 1, lambda c: g[c.samples], diagonal)
+        H = self._sum(target, y, GivenRows(g), diagonal)
         return loss.detach(), self.factor * H
 
     def diag(self, x: Batch, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -690,10 +679,6 @@ class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
         """``(eigenvectors (P, k), eigenvalues (k,), loss)``: the ``low_rank`` leading
         eigenpairs of the empirical Fisher over ``data_loader`` (Lanczos)."""
         return self._low_rank(data_loader, EmpiricalFisher, self._ef_scale)
-
-
-def _count(chunk: RowChunk) -> int:
-    return chunk.samples.stop - chunk.samples.start
 
 
 class _LaplaceBatches:

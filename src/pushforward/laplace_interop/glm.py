@@ -67,12 +67,13 @@ from torch import Tensor
 
 from pushforward.api.predictive import predictive
 from pushforward.api.variance import functional_covariance, functional_variance
-from pushforward.core.cost import Budget
+from pushforward.core.chunking import spans
+from pushforward.core.cost import Budget, ChunkPlan
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.kronecker import Kronecker
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine.strategies import STRATEGIES
+from pushforward.engine import STRATEGY_NAMES
 from pushforward.laplace_interop.adapters import PREFIX, MappingInput
 from pushforward.laplace_interop.convert import from_laplace
 
@@ -97,17 +98,15 @@ class _Options:
             raise ValueError(
                 f"unknown mc_sampling {self.mc_sampling!r}; choose from {list(MC_SAMPLING)}"
             )
-        names = ["auto", *STRATEGIES]
+        names = ["auto", *STRATEGY_NAMES]
         if self.strategy not in names:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {names}")
         self.engine(False)  # validates the memory budget now
         return self
 
-    def engine(self, differentiable: bool) -> dict[str, Any]:
-        """Keyword arguments of :func:`functional_variance` / :func:`functional_covariance`
-        (the fields of an :class:`~pushforward.core.options.Options`)."""
-        options = Options(self.strategy, self.memory_budget, differentiable, self.progress)
-        return dataclasses.asdict(options)
+    def engine(self, differentiable: bool) -> Options:
+        """How the engine runs this predictive's variances and covariances."""
+        return Options(self.strategy, self.memory_budget, differentiable, self.progress)
 
 
 def glm_predictive(
@@ -218,7 +217,7 @@ def _predict(
     if likelihood == "regression":
         return _moments(fm, x, cov, joint, diagonal_output, engine)
     if link_approx != "mc":
-        return predictive(fm, x, cov, link=link_approx, **engine)
+        return predictive(fm, x, cov, link=link_approx, options=engine)
     n_samples = check_positive_int(n_samples, "n_samples")
     if options.mc_sampling == "weight":
         if diagonal_output:
@@ -226,8 +225,10 @@ def _predict(
                 "mc_sampling='weight' draws weights, whose outputs are correlated as J S J^T "
                 "says; diagonal_output=True (independent outputs) needs mc_sampling='output'"
             )
-        del engine["strategy"]
-        return predictive(fm, x, cov, link="mc", n_samples=n_samples, generator=generator, **engine)
+        sampled = dataclasses.replace(engine, strategy="auto")
+        return predictive(
+            fm, x, cov, link="mc", n_samples=n_samples, generator=generator, options=sampled
+        )
     return _output_space_mc(fm, x, cov, n_samples, diagonal_output, generator, engine)
 
 
@@ -256,16 +257,16 @@ def _moments(
     cov: CovarianceOperator,
     joint: bool,
     diagonal_output: bool,
-    engine: dict[str, Any],
+    engine: Options,
 ) -> tuple[Tensor, Tensor]:
     """laplace-torch's ``(f_mu, f_var)``: ``(f (B*K,), (B*K, B*K))`` for ``joint``, else
     ``(f, var)`` of the output's shape with ``diagonal_output``, else ``(f, (..., K, K))``."""
     if joint:
-        f, C = functional_covariance(fm, x, cov, joint=True, **engine)
+        f, C = functional_covariance(fm, x, cov, joint=True, options=engine)
         return f.flatten(), C
     if diagonal_output:
-        return functional_variance(fm, x, cov, **engine)
-    return functional_covariance(fm, x, cov, **engine)
+        return functional_variance(fm, x, cov, options=engine)
+    return functional_covariance(fm, x, cov, options=engine)
 
 
 def _output_space_mc(
@@ -275,16 +276,16 @@ def _output_space_mc(
     n_samples: int,
     diagonal_output: bool,
     generator: torch.Generator | None,
-    engine: dict[str, Any],
+    engine: Options,
 ) -> Tensor:
     """laplace-torch's MC link: the mean over ``i`` of ``softmax(f + L z_i)``, ``L`` the Cholesky
     factor of each example's ``K x K`` covariance (or the standard deviations), ``z``
     ``(K, n_samples)`` drawn in one call and shared by every example; summed in chunks of
     samples bounded by the memory budget."""
     if diagonal_output:
-        f, var = functional_variance(fm, x, cov, **engine)
+        f, var = functional_variance(fm, x, cov, options=engine)
     else:
-        f, var = functional_covariance(fm, x, cov, **engine)
+        f, var = functional_covariance(fm, x, cov, options=engine)
     K = f.shape[-1]
     if K < 2:
         raise ValueError(f"classification needs at least 2 outputs to take a softmax over, got {K}")
@@ -294,17 +295,24 @@ def _output_space_mc(
         scale = torch.linalg.cholesky(var.reshape(-1, K, K))  # (N, K, K)
     mean = f.reshape(-1, K, 1)
     z = torch.randn((K, n_samples), generator=generator, dtype=f.dtype, device=f.device)
-    budget = Budget.of(Options(memory_budget=engine["memory_budget"]).budget_bytes(f.device))
-    held = (f.numel() + K * n_samples + var.numel()) * f.element_size()  # total, z, factor
-    per_sample = 3 * f.numel() * f.element_size()  # a draw, its softmax and the sum's update
-    chunk = budget.chunk(per_sample, held, at_most=n_samples)
-    budget.require(budget.peak(held, chunk, per_sample), "the Monte Carlo predictive")
+    budget = Budget.of(engine.budget_bytes(f.device))
+    plan = output_mc_plan(f.numel(), var.numel(), K, n_samples, f.element_size(), budget)
     total = torch.zeros_like(mean[..., 0])
-    for start in range(0, n_samples, chunk):
-        zc = z[:, start : start + chunk]
+    for samples in spans(n_samples, plan.chunk):
+        zc = z[:, samples]
         draws = mean + (scale * zc if diagonal_output else scale @ zc)  # (N, K, c)
         total = total + draws.softmax(dim=-2).sum(-1)
     return (total / n_samples).reshape(f.shape)
+
+
+def output_mc_plan(
+    outputs: int, moments: int, K: int, n_samples: int, itemsize: int, budget: Budget
+) -> ChunkPlan:
+    """The chunks of samples of :func:`_output_space_mc`: the running total, the draws ``z``
+    and the covariance factors are held; a sample makes a draw of every output, its softmax
+    and the total's update."""
+    held = (outputs + K * n_samples + moments) * itemsize
+    return budget.plan(3 * outputs * itemsize, held, n_samples, "the Monte Carlo predictive")
 
 
 # -- the conversion, cached per Laplace object ---------------------------------------------

@@ -83,7 +83,7 @@ def _double_backward(fm: FunctionalModel, params, inputs: Inputs, tangents):
 #: The fused attention kernels have no forward-mode derivative, so forward mode always runs with
 #: the math attention backend (the kernel layer, :mod:`pushforward.core.kernels`).
 _FORWARD = Ladder(
-    "forward-mode",
+    "forward-mode products",
     [
         ("torch.func.jvp", lambda fm, p, i, t: _jvp_vmapped(fm, p, i, t)),
         ("a loop of torch.func.jvp", _jvp_loop),

@@ -49,7 +49,22 @@ def _rows_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tenso
         return out, grads
 
     with transform_kernels(safe_attention=True):
-        return vmap_examples(one, [inputs.tensors(), cotangents])
+        out, grads = vmap_examples(one, [inputs.tensors(), cotangents])
+    return out, _checked(fm, grads, cotangents.shape[:2])
+
+
+def _checked(fm: FunctionalModel, rows: dict[str, Tensor], lead: torch.Size) -> dict[str, Tensor]:
+    """``rows`` after checking each is ``(b, R, *shape)``: a transform's batching rule that
+    hands back another lead (PyTorch's ``prelu`` backward under nested ``vmap``) raises, so the
+    next method of the ladder runs instead of a silent broadcast."""
+    for name, r in rows.items():
+        want = (*lead, *fm.param_shapes[name])
+        if tuple(r.shape) != tuple(want):
+            raise RuntimeError(
+                f"per-example rows of {name} came back with shape {tuple(r.shape)}, expected "
+                f"{want} (a transform's batching rule for an op of the model?)"
+            )
+    return rows
 
 
 def _rows_loop_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
@@ -64,7 +79,7 @@ def _rows_loop_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: 
             out, vjp_fn = func_vjp(f, params)
             (grads,) = vmap(vjp_fn)(cotangents[b])
             outs.append(out)
-            rows.append(grads)
+            rows.append(_checked(fm, grads, cotangents.shape[1:2]))
     return torch.stack(outs), _stack_dicts(rows)
 
 
@@ -112,7 +127,7 @@ def _rows_loop(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tensor):
 
 
 _REVERSE = Ladder(
-    "reverse-mode",
+    "reverse-mode products",
     [
         ("vmap over examples of torch.func.vjp", _rows_vmapped),
         ("a loop over examples of torch.func.vjp", _rows_loop_vmapped),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
+from pushforward.core.chunking import RowChunk, progress_bar, row_chunks, spans
 from pushforward.core.cost import tangent_bytes
 from pushforward.engine.contraction import RowAccumulator
 from pushforward.engine.problem import Problem
@@ -73,18 +73,18 @@ class ExplicitStrategy(Strategy):
     def _block(p: Problem, params, sub, tangents_at_once: int) -> tuple[Tensor, Tensor]:
         """``(f, J)`` for the examples of ``sub``: ``J (b, T, K, P)`` by unit-tangent JVPs."""
         J, f = None, None
-        for c0 in range(0, p.P, tangents_at_once):
-            c1 = min(c0 + tangents_at_once, p.P)
-            unit = torch.zeros(c1 - c0, p.P, dtype=p.dtype, device=sub.device)
-            unit[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
+        for cols in spans(p.P, tangents_at_once):
+            n = cols.stop - cols.start
+            unit = torch.zeros(n, p.P, dtype=p.dtype, device=sub.device)
+            unit[torch.arange(n), torch.arange(cols.start, cols.stop)] = 1
             f, JV = push_tangents(p.fm, params, sub, p.fm.unflatten(unit))
-            column = JV.reshape(c1 - c0, sub.batch_size, p.T, p.K).permute(1, 2, 3, 0)
+            column = JV.reshape(n, sub.batch_size, p.T, p.K).permute(1, 2, 3, 0)
             if p.differentiable:
                 J = column if J is None else torch.cat([J, column], dim=-1)
                 continue
             if J is None:
                 J = column.new_empty(sub.batch_size, p.T, p.K, p.P)
-            J[..., c0:c1] = column
+            J[..., cols] = column
         return f, J
 
 

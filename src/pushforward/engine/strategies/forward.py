@@ -8,17 +8,19 @@ passes, whatever the number of outputs — exact, and the right choice for low-r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-from pushforward.core.chunking import progress_bar
+from pushforward.core.chunking import progress_bar, spans
 from pushforward.core.cost import tangent_bytes
 from pushforward.engine.contraction import ColumnAccumulator
 from pushforward.engine.problem import Problem
 from pushforward.engine.strategies.strategy import Estimate, Strategy, SubPlanner, traffic
 from pushforward.products.jvp import push_tangents
 
-__all__ = ["ForwardStrategy", "unit_rows"]
+__all__ = ["ForwardStrategy", "pushed_columns", "unit_rows"]
 
 
 def unit_rows(start: int, stop: int, size: int, dtype: torch.dtype, device) -> Tensor:
@@ -54,17 +56,28 @@ class ForwardStrategy(Strategy):
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
         p = problem
-        params = p.fm.params(p.differentiable)
         acc = ColumnAccumulator(p)
-        r, chunk = p.cov.sqrt_cols, estimate.chunk_size
         f = None
-        starts = range(0, r, chunk)
-        for start in progress_bar(starts, p.progress, "forward columns", total=len(starts)):
-            stop = min(start + chunk, r)
-            Z = unit_rows(start, stop, r, p.dtype, p.inputs.device)
-            tangents = p.fm.unflatten(p.cov.sqrt_rows(Z))
-            f, JV = push_tangents(p.fm, params, p.inputs, tangents)
-            acc.add(p.select(JV.reshape(stop - start, p.B, p.T, p.K)))
+        for cols, outputs, JV in pushed_columns(p, estimate.chunk_size):
+            acc.add(p.select(JV.reshape(cols.stop - cols.start, p.B, p.T, p.K)))
+            f = outputs
         if f is None:  # r == 0: a zero covariance
-            f = p.fm.call(params, p.inputs.args, p.inputs.kwargs)
+            f = p.fm.call(p.fm.params(p.differentiable), p.inputs.args, p.inputs.kwargs)
         return f, acc.result()
+
+
+def pushed_columns(
+    p: Problem, chunk_size: int, by_factor: bool = True
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """``(columns, f, J T^T)`` chunk by chunk: the Jacobian times tangent rows ``T`` — the
+    covariance's square-root columns ``L e_j`` (``by_factor``; ``r`` of them) or the unit vectors
+    ``e_j`` (``P`` of them) — ``(c, *f.shape)`` for the ``c`` columns of each chunk, one JVP per
+    column for the whole batch."""
+    params = p.fm.params(p.differentiable)
+    width = p.cov.sqrt_cols if by_factor else p.P
+    chunks = spans(width, chunk_size)
+    for cols in progress_bar(chunks, p.progress, "forward columns", total=len(chunks)):
+        Z = unit_rows(cols.start, cols.stop, width, p.dtype, p.inputs.device)
+        tangents = p.cov.sqrt_rows(Z) if by_factor else Z
+        f, JV = push_tangents(p.fm, params, p.inputs, p.fm.unflatten(tangents))
+        yield cols, f, JV

@@ -12,9 +12,12 @@ the weight or bias of a supported layer operation:
 * ``F.embedding(ids, W, padding_idx)`` without ``max_norm``/``scale_grad_by_freq``.
 
 Everything else — LayerNorm, attention internals, custom ops, a module called twice, tied
-weights, functional reuse — leaves the parameter unmatched and the generic strategies handle it.
+weights, functional reuse — leaves the parameter unmatched and the generic methods handle it.
+This module is the only place that knows the ops by name: each matched call gets its
+:class:`~pushforward.layers.geometry.LayerGeometry` here, and everything downstream is written
+against that.
 
-:class:`LayerTap` then re-runs the forward and adds a zero *probe* to each matched layer's output
+:class:`LayerTap` then re-runs the forward and adds a *probe* to each matched layer's output
 ``z``: the gradient of the model output w.r.t. the probe is ``G = df/dz``, from which a layer's
 Jacobian factors as ``G ⊗ a`` with the captured layer input ``a``.
 """
@@ -32,21 +35,25 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from pushforward.layers.geometry import LayerGeometry, patches_of, positions_of
+
 __all__ = ["Analysis", "LayerCall", "LayerTap", "StructureError", "analyze", "is_same_memory"]
 
 
 class StructureError(RuntimeError):
     """The layer structure found by :func:`analyze` does not hold for this forward pass (the
-    structured strategy falls through to the next strategy)."""
+    caller steps down to a method that does not rely on it)."""
 
+
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 #: Supported layer functions: kind and the names of their leading positional arguments.
 _SIGNATURES: dict[Callable, tuple[str, tuple[str, ...]]] = {
     F.linear: ("linear", ("input", "weight", "bias")),
     torch.addmm: ("addmm", ("bias", "input", "weight")),
-    torch.conv1d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.conv3d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv1d: ("conv", _CONV),
+    torch.conv2d: ("conv", _CONV),
+    torch.conv3d: ("conv", _CONV),
     F.embedding: (
         "embedding",
         ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
@@ -83,44 +90,114 @@ def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     return bound
 
 
+def _geometry(func: Callable, bound: dict[str, Any], out: Tensor) -> LayerGeometry:
+    """The normalized geometry of one supported call (see :mod:`pushforward.layers.geometry`)."""
+    kind = _SIGNATURES[func][0]
+    shape = bound["weight"].shape
+    if kind == "embedding":
+        vocab, width = shape
+        pad = bound.get("padding_idx")
+        pad = None if pad is None else (pad if pad >= 0 else pad + vocab)
+        return LayerGeometry(
+            lookup=True,
+            weight_shape=shape,
+            out_features=width,
+            in_features=vocab,
+            groups=1,
+            transposed=False,
+            feature_dim=-1,
+            positions=positions_of(out.shape, width),
+            padding_idx=pad,
+        )
+    if kind in ("linear", "addmm"):
+        transposed = kind == "addmm"  # Conv1D: weight (in, out)
+        out_features, in_features = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        return LayerGeometry(
+            lookup=False,
+            weight_shape=shape,
+            out_features=out_features,
+            in_features=in_features,
+            groups=1,
+            transposed=transposed,
+            feature_dim=-1,
+            positions=positions_of(out.shape, out_features),
+        )
+    spatial = len(shape) - 2
+    channels_first = out.dim() == len(shape)  # (N, C, *spatial); an unbatched input: (C, ...)
+    feature_dim = 1 if channels_first else 0
+    return LayerGeometry(
+        lookup=False,
+        weight_shape=shape,
+        out_features=shape[0],
+        in_features=shape[1] * (torch.Size(shape[2:]).numel()),
+        groups=int(bound.get("groups", 1)),
+        transposed=False,
+        feature_dim=feature_dim,
+        positions=positions_of(out.shape, shape[0]),
+        spatial=spatial,
+        patches=patches_of(shape, bound, channels_first=True),
+    )
+
+
 @dataclass
 class LayerCall:
     """One supported layer operation whose weight and/or bias is a posterior parameter.
 
     Attributes:
         index: position among the traced supported calls (forward order).
-        kind: ``"linear"``, ``"addmm"``, ``"conv"`` or ``"embedding"``.
-        func: the torch function called.
+        geometry: how the weight maps inputs to outputs (op-independent).
         weight_name / bias_name: posterior parameter names in those slots (or None).
         output_shape: the layer output's shape in a one-example forward (the probe's shape).
-        weight_shape: the weight's shape.
-        static: the call's other arguments (stride, padding, padding_idx, ...).
+        input_shape: the layer input's shape in a one-example forward.
         weight_value / bias_value: the weight/bias tensors when they are not posterior
             parameters (frozen weights, buffers), needed to re-run the operation.
     """
 
     index: int
-    kind: str
-    func: Callable
+    geometry: LayerGeometry
     weight_name: str | None
     bias_name: str | None
     output_shape: torch.Size
-    weight_shape: torch.Size
-    static: dict[str, Any]
+    input_shape: torch.Size
     weight_value: Tensor | None
     bias_value: Tensor | None
+    func: Callable = field(repr=False)
+    static: dict[str, Any] = field(repr=False)
     names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.names = tuple(n for n in (self.weight_name, self.bias_name) if n is not None)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.geometry.weight_shape
 
     def apply(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Re-run the operation on ``input`` with ``weight`` and ``bias``."""
         tensors = {"input": input, "weight": weight, "bias": bias}
         names = _SIGNATURES[self.func][1]
         args = [tensors[n] for n in names if n in tensors]
-        kwargs = {} if self.kind == "addmm" else self.static  # addmm: beta = alpha = 1
-        return self.func(*args, **kwargs)
+        return self.func(*args, **self.static)
+
+    def weight(self, params: dict[str, Tensor]) -> Tensor:
+        """The weight (the posterior parameter, or the frozen value)."""
+        return params[self.weight_name] if self.weight_name else self.weight_value
+
+    def weight_rows(self, a: Tensor, G: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """``(b, r, numel(W))``: per-example weight gradient rows (storage order) — by the
+        geometry's closed form, or (a 3-d convolution) by ``vmap`` of the op's own VJP."""
+        if self.geometry.unfoldable:
+            return self.geometry.weight_rows(a, G)
+        from torch.func import vjp, vmap
+
+        weight = self.weight(params)
+        bias = params[self.bias_name] if self.bias_name else self.bias_value
+
+        def grad(a1: Tensor, g1: Tensor) -> Tensor:
+            return vjp(lambda w: self.apply(a1, w, bias), weight)[1](g1)[0]
+
+        per = vmap(vmap(grad, in_dims=(None, 0)), in_dims=(0, 0))(a, G)
+        return per.reshape(*G.shape[:2], -1)
 
 
 @dataclass
@@ -131,14 +208,16 @@ class Analysis:
         calls: the layer calls whose posterior parameters are all matched.
         matched: parameter name -> its layer call.
         unmatched: parameter name -> why it is not handled by the layer-structured path.
-        head: the linear call whose output *is* the model output (same memory, same element
-            order), if any: backward passes can then start at its input.
+        head: the plain linear call whose output *is* the model output (same memory, same
+            element order), if any: backward passes can then start at its input.
+        output_shape: the model output's shape in the one-example forward.
     """
 
     calls: list[LayerCall]
     matched: dict[str, LayerCall]
     unmatched: dict[str, str]
-    head: LayerCall | None = None
+    head: LayerCall | None
+    output_shape: torch.Size
 
 
 class _UseRecorder(TorchFunctionMode):
@@ -207,23 +286,28 @@ def analyze(
             continue
         call = LayerCall(
             index=len(calls),
-            kind=_SIGNATURES[func][0],
-            func=func,
+            geometry=_geometry(func, bound, out),
             weight_name=names.get("weight"),
             bias_name=names.get("bias"),
             output_shape=out.shape,
-            weight_shape=bound["weight"].shape,
-            static={k: v for k, v in bound.items() if k not in ("input", "weight", "bias")},
+            input_shape=bound["input"].shape,
             weight_value=None if "weight" in names else bound["weight"],
             bias_value=None if "bias" in names else bound.get("bias"),
+            func=func,
+            static={} if func is torch.addmm else _static(bound),  # addmm: beta = alpha = 1
         )
         calls.append(call)
         for n in call.names:
             matched[n] = call
         unmodified = out._version == version  # no in-place op changed it afterwards
-        if call.kind in ("linear", "addmm") and unmodified and is_same_memory(out, output):
+        if call.geometry.plain and unmodified and is_same_memory(out, output):
             head = call
-    return Analysis(calls, matched, unmatched, head)
+    shape = output.shape if isinstance(output, Tensor) else torch.Size()
+    return Analysis(calls, matched, unmatched, head, shape)
+
+
+def _static(bound: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
 
 
 def is_same_memory(z: Tensor, output: Tensor) -> bool:
@@ -238,7 +322,8 @@ def is_same_memory(z: Tensor, output: Tensor) -> bool:
 
 
 class LayerTap(TorchFunctionMode):
-    """Adds ``probes[i]`` to the output of matched layer call ``i`` and records its input.
+    """Adds ``probes[i]`` to the output of matched layer call ``i`` and records its input and
+    output.
 
     The tap identifies a layer call by its posterior weight/bias tensors (the very tensors passed
     to the model), so it follows the model's own control flow; a matched parameter seen in any
@@ -248,15 +333,16 @@ class LayerTap(TorchFunctionMode):
     def __init__(self, analysis: Analysis, params: dict[str, Tensor]) -> None:
         super().__init__()
         self.analysis = analysis
-        self.params = params
         self.slot_of = {id(params[n]): (call.index, n) for n, call in analysis.matched.items()}
-        self.probes: Sequence[Tensor] = ()
+        self.probes: Sequence[Tensor | None] = ()
         self.inputs: list[Tensor | None] = []
         self.outputs: list[Tensor | None] = []
         self.seen: list[int] = []
 
     @contextlib.contextmanager
-    def active(self, probes: Sequence[Tensor]) -> Iterator[LayerTap]:
+    def active(self, probes: Sequence[Tensor | None]) -> Iterator[LayerTap]:
+        """Tap the forward passes run inside the block; ``probes[i]`` is added to layer call
+        ``i``'s output (``None``: nothing is added)."""
         self.probes = probes
         self.inputs = [None] * len(self.analysis.calls)
         self.outputs = [None] * len(self.analysis.calls)
@@ -287,7 +373,10 @@ class LayerTap(TorchFunctionMode):
                 "a matched layer ran twice in one forward pass (data-dependent control flow?)"
             )
         self.inputs[index] = bound["input"]
-        out = func(*args, **kwargs) + self.probes[index]
+        out = func(*args, **kwargs)
+        probe = self.probes[index]
+        if probe is not None:
+            out = out + probe
         self.outputs[index] = out
         return out
 

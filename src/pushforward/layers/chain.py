@@ -1,6 +1,6 @@
-"""A chain of linear layers and elementwise activations: its sweep pieces by hand.
+"""A chain of linear layers and elementwise activations: its layer pieces by hand.
 
-The most common curvature model — an MLP written as ``nn.Sequential(Linear, ReLU, Linear, ...)``
+The most common model — an MLP written as ``nn.Sequential(Linear, ReLU, Linear, ...)``
 — needs no tracing machinery at all: its forward pass is a fixed sequence of layers, every
 example runs the same program on its own row of the batch, and the backward pass of a cotangent
 row through it is a product with each weight and with each activation's derivative. Done by
@@ -13,8 +13,8 @@ whose modules are exactly ``nn.Linear`` or one of the elementwise activations be
 ``nn.Identity``, or ``nn.Dropout`` in eval mode), without hooks, called on one ``(B, in)``
 tensor — or on one ``(B, ...)`` tensor that an ``nn.Flatten()`` first in the chain flattens (an
 MLP on images) — its output the last module's. Subclasses are not accepted (they may override
-``forward``), nor anything else: those models take the general path
-(:mod:`pushforward.curvature.sweep`), which gives the same numbers.
+``forward``), nor anything else: those models take the general rungs of the producer
+(:mod:`pushforward.layers.pieces`), which give the same numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from torch.nn.modules import module as module_globals
 
 from pushforward.core.functional_model import FunctionalModel, default_output_fn
 from pushforward.core.inputs import Inputs
-from pushforward.engine.structure.tracing import LayerCall, StructureError
+from pushforward.core.kernels import TRANSFORM_LOCK
+from pushforward.layers.tracing import LayerCall, StructureError
 
 __all__ = ["Chain", "find_chain"]
 
@@ -81,25 +82,44 @@ class Chain:
         """The number of traced layer calls (linear layers with selected parameters)."""
         return sum(isinstance(s, _Linear) and s.call is not None for s in self.steps)
 
+    @property
+    def ends_with_linear(self) -> bool:
+        """The chain's output is a linear layer's output (its last step)."""
+        return bool(self.steps) and isinstance(self.steps[-1], _Linear)
+
+    @property
+    def output_call(self) -> int | None:
+        """The traced layer call whose output is the chain's output (its last step), if any."""
+        return self.steps[-1].call if self.ends_with_linear else None
+
     def pieces(
         self,
         params: dict[str, Tensor],
         x: Tensor,
         cotangents: Callable[[Tensor], Tensor],
         lock: AbstractContextManager,
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        needed: frozenset[int] | None = None,
+        at_head: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         """``(f (b, K), a, G)`` for inputs ``x (b, in)`` (``(b, ...)`` when the chain starts by
         flattening its input): per traced layer call its input ``(b, 1, in)`` and its output
         gradients ``(b, r, 1, out)`` for the cotangent rows ``cotangents(f) (b, r, K)`` (the
-        layout of the general sweep's one-example shapes). Frozen weights are read from the
-        modules while ``lock`` (the module's) is held."""
+        layout of one-example shapes inside the model). The backward stops once the ``needed``
+        calls' gradients are formed (default: all; the others are ``None``). With ``at_head``
+        (the chain ending in a linear layer) the backward starts at that layer's input with
+        ``at_head(weight) (b, r, in)`` — the rows times its weight, formed by the caller — and
+        the last layer's own gradients are left to the caller (they are its rows). Frozen weights
+        are read from the modules while ``lock`` (the module's) is held."""
+        needed = frozenset(range(self.calls)) if needed is None else needed
         a: list[Tensor | None] = [None] * self.calls
         G: list[Tensor | None] = [None] * self.calls
         saved: list[Tensor] = []  # per step: a linear layer's weight, an activation's derivative
         if self.flatten:
             x = x.flatten(1)
         h = x
-        with lock:
+        # the transform lock first, then the module's (the order every transform takes them in:
+        # an activation's derivative is a forward-mode product)
+        with TRANSFORM_LOCK, lock:
             for step in self.steps:
                 if isinstance(step, _Linear):
                     weight, bias = _values(step, params)
@@ -112,10 +132,23 @@ class Chain:
                         h = h.clone()
                     h, d = _with_derivative(step, h)
                     saved.append(d)
-        g = cotangents(h)  # (b, r, K)
+        if any(v is None for v in a):
+            raise StructureError("a traced layer call is not in the chain")
+        left = set(needed)
+        steps, head_weight = self.steps, saved[-1]
+        if at_head is not None and self.ends_with_linear:
+            left.discard(self.output_call)  # type: ignore[arg-type]
+            steps, saved = steps[:-1], saved[:-1]
+        if not left:
+            return h, a, G  # type: ignore[return-value]
+        if steps is self.steps:
+            g = cotangents(h)  # (b, r, K)
+            owned = False  # g is this function's own memory (safe to scale in place)
+        else:
+            g = at_head(head_weight)  # (b, r, in): the rows times the head's weight
+            owned = True
         b, r = g.shape[:2]
-        owned = False  # g is this function's own memory (safe to scale in place)
-        for step, t in zip(reversed(self.steps), reversed(saved), strict=True):
+        for step, t in zip(reversed(steps), reversed(saved), strict=True):
             if not isinstance(step, _Linear):
                 g = g.mul_(t.unsqueeze(1)) if owned else g * t.unsqueeze(1)
                 owned = True
@@ -123,11 +156,12 @@ class Chain:
             if step.call is not None:
                 G[step.call] = g.unsqueeze(2)
                 owned = False
-                if step.call == 0:  # the first traced layer: nothing further back is needed
+                left.discard(step.call)
+                if not left:  # nothing further back is needed
                     break
             g = (g.reshape(b * r, -1) @ t).reshape(b, r, -1)
             owned = True
-        if any(v is None for v in (*a, *G)):
+        if left:
             raise StructureError("a traced layer call is not in the chain")
         return h, a, G  # type: ignore[return-value]
 
@@ -144,7 +178,7 @@ def _with_derivative(module: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
     """``(module(z), module'(z))`` for an elementwise activation."""
     if type(module) is nn.ReLU:
         return torch.relu(z), z > 0  # autograd's convention: derivative 0 at 0
-    return jvp(module, (z,), (torch.ones_like(z),))
+    return jvp(module, (z,), (torch.ones_like(z),))  # under the transform lock (the caller's)
 
 
 def _flatten(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -219,7 +253,16 @@ def find_chain(fm: FunctionalModel, calls: tuple[LayerCall, ...], inputs: Inputs
             if id(m) in seen or next_call >= len(calls):
                 return None
             traced = calls[next_call]
-            if traced.kind != "linear" or (traced.weight_name, traced.bias_name) != (weight, bias):
+            g = traced.geometry
+            if (
+                not g.plain
+                or g.transposed
+                or (traced.weight_name, traced.bias_name)
+                != (
+                    weight,
+                    bias,
+                )
+            ):
                 return None
             call, next_call = next_call, next_call + 1
             seen.add(id(m))

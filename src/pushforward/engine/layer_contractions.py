@@ -13,8 +13,9 @@ layer's parameters is determined by the layer input ``a_n`` and ``G_nj = d f_nj 
 * embedding, diagonal S: tokens with the same id share a row: ``sum_{t,t'} [id_t = id_t']
   sum_d G_td V_{id_t d} G_t'd``;
 * anything else (convolutions, weight sharing over positions, dense or low-rank blocks): the
-  layer's per-example weight-gradient rows are formed (``vmap`` of the operation's own VJP —
-  exact for any stride, padding, dilation and groups) and contracted with the block's operator.
+  layer's per-example weight-gradient rows are formed (from the layer's normalized geometry,
+  :class:`~pushforward.layers.LayerGeometry`: any stride, padding, dilation and groups) and
+  contracted with the block's operator.
 
 Joint covariances within groups of ``q`` consecutive examples (:meth:`GroupContraction.joint`)
 pair every direction of an example with every direction of the others in its group: for a
@@ -30,11 +31,8 @@ singleton batch dimension). At the model's output layer ``G`` is one-hot and is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
 
 from pushforward.core.einsum import einsum
 from pushforward.covariance.diagonal import Diagonal
@@ -42,28 +40,9 @@ from pushforward.covariance.isotropic import Isotropic
 from pushforward.covariance.kronecker_blocks import KroneckerEigen, KroneckerFactors
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.contraction import gram
-from pushforward.engine.structure.patches import conv_patches
-from pushforward.engine.structure.tracing import LayerCall
+from pushforward.layers import LayerCall, OneHot, dense
 
-__all__ = ["GroupContraction", "OneHot", "contraction_for"]
-
-
-@dataclass(frozen=True)
-class OneHot:
-    """One-hot ``G`` of shape ``(b, c, *z_n)`` given by the flat index of each direction's 1."""
-
-    index: Tensor  # (b, c) long
-    shape: torch.Size
-    dtype: torch.dtype
-
-    def dense(self) -> Tensor:
-        b, c = self.index.shape
-        out = torch.zeros(b, c, self.shape[2:].numel(), dtype=self.dtype, device=self.index.device)
-        return out.scatter_(2, self.index.unsqueeze(-1), 1).reshape(self.shape)
-
-
-def _dense(G: Tensor | OneHot) -> Tensor:
-    return G.dense() if isinstance(G, OneHot) else G
+__all__ = ["GroupContraction", "contraction_for"]
 
 
 def _grouped(x: Tensor, q: int) -> Tensor:
@@ -117,29 +96,14 @@ class GroupContraction:
     # -- rows ---------------------------------------------------------------------------
     def rows(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor]) -> Tensor:
         """``(b, c, P_g)`` per-example gradient rows of the group's parameters (group order)."""
-        G = _dense(G)
-        parts = []
-        for name in self.names:
-            if name == self.call.bias_name:
-                parts.append(_bias_rows(self.call, G))
-            else:
-                parts.append(self._weight_rows(a, G, params))
+        G = dense(G)
+        parts = [
+            self.call.geometry.bias_rows(G)
+            if name == self.call.bias_name
+            else self.call.weight_rows(a, G, params)
+            for name in self.names
+        ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def _weight_rows(self, a: Tensor, G: Tensor, params: dict[str, Tensor]) -> Tensor:
-        call = self.call
-        if call.kind == "conv" and len(call.weight_shape) in (3, 4):
-            return _conv_weight_rows(call, a, G)
-        if call.kind in ("linear", "addmm"):
-            return _linear_weight_rows(call, a, G)
-        weight = params[call.weight_name]
-        bias = params[call.bias_name] if call.bias_name else call.bias_value
-
-        def grad(a1: Tensor, g1: Tensor) -> Tensor:
-            return vjp(lambda w: call.apply(a1, w, bias), weight)[1](g1)[0]
-
-        per = vmap(vmap(grad, in_dims=(None, 0)), in_dims=(0, 0))(a, G)
-        return per.reshape(*G.shape[:2], -1)
 
     # -- results --------------------------------------------------------------------------
     def variance(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor]) -> Tensor:
@@ -164,37 +128,6 @@ class GroupContraction:
         return gram(self.op, R.reshape(b // q, q * c, P))
 
 
-def _linear_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
-    """Per-example weight gradients of a linear layer, summed over its positions:
-    ``(b, c, out * in)`` in the weight's row-major order (``(in, out)`` for addmm)."""
-    b, c = G.shape[:2]
-    a = a.reshape(b, -1, a.shape[-1])  # (b, positions, in)
-    G = G.reshape(b, c, a.shape[1], -1)  # (b, c, positions, out)
-    pattern = "bcto,bti->bcio" if call.kind == "addmm" else "bcto,bti->bcoi"
-    return einsum(pattern, G, a).reshape(b, c, -1)
-
-
-def _conv_weight_rows(call: LayerCall, a: Tensor, G: Tensor) -> Tensor:
-    """Per-example weight gradients of a 1-d/2-d convolution from unfolded inputs (one batched
-    matmul; any stride, padding, dilation and groups): ``(b, c, out * in/groups * prod(k))``."""
-    b, c = G.shape[:2]
-    groups = call.static.get("groups", 1)
-    cols = conv_patches(call, a)  # (b, C_in * k, L)
-    out = call.weight_shape[0]
-    cols = cols.reshape(b, groups, -1, cols.shape[-1])  # (b, g, C_in/g * k, L)
-    grads = G.reshape(b, c, groups, out // groups, cols.shape[-1])  # (b, c, g, out/g, L)
-    return einsum("bcgol,bgil->bcgoi", grads, cols).reshape(b, c, -1)
-
-
-def _bias_rows(call: LayerCall, G: Tensor) -> Tensor:
-    """A bias's rows: ``G`` summed over the positions it is broadcast to, ``(b, c, out)``."""
-    b, c = G.shape[:2]
-    if call.kind == "conv":  # channels at dim 1 of a batched output (N, C, *spatial), else dim 0
-        channel = 3 if G.dim() - 2 == len(call.weight_shape) else 2
-        return G.movedim(channel, 2).reshape(b, c, G.shape[channel], -1).sum(-1)
-    return G.reshape(b, c, -1, G.shape[-1]).sum(2)
-
-
 def _diagonal_like(op: CovarianceOperator) -> bool:
     return isinstance(op, (Diagonal, Isotropic))
 
@@ -213,39 +146,42 @@ class _BiasDiagonal(GroupContraction):
 
     def variance(self, a, G, params):
         v = self.op.diagonal()
-        if isinstance(G, OneHot) and self.call.kind != "conv":  # rows e_k: outputs are last
+        if isinstance(G, OneHot) and self.call.geometry.feature_dim == -1:  # rows e_k
             return v[G.index % v.shape[0]]
-        R = _bias_rows(self.call, _dense(G))
+        R = self.call.geometry.bias_rows(dense(G))
         return (R * R) @ v
 
     def covariance(self, a, G, params, S):
         v = self.op.diagonal()
-        R = _bias_rows(self.call, _dense(G))
+        R = self.call.geometry.bias_rows(dense(G))
         b, c, out = R.shape
         R = R.reshape(b, c // S, S, out)
         return einsum("btso,o,btuo->btsu", R, v, R)
 
     def joint(self, a, G, params, q):
         v = self.op.diagonal()
-        if isinstance(G, OneHot) and self.call.kind != "conv":
+        if isinstance(G, OneHot) and self.call.geometry.feature_dim == -1:
             k = _grouped(G.index % v.shape[0], q)  # (g, q, c)
             return _pairs(_same_output(k).to(v.dtype) * v[k][..., None, None])
-        R = _bias_rows(self.call, _dense(G))  # (b, c, out)
+        R = self.call.geometry.bias_rows(dense(G))  # (b, c, out)
         R = R.reshape(R.shape[0] // q, q * R.shape[1], R.shape[2])  # (g, q c, out)
         return (R * v) @ R.transpose(-1, -2)
 
 
 class _LinearDiagonal(GroupContraction):
-    """Linear/addmm weight applied once per example, diagonal block."""
+    """An affine weight applied once per example, diagonal block."""
 
     closed_form = True
 
+    def _V(self) -> Tensor:
+        """The variances as the ``(out, in)`` matrix of the map."""
+        geometry = self.call.geometry
+        return geometry.matrix(self.op.diagonal().reshape(geometry.weight_shape))
+
     def _weights(self, a: Tensor) -> Tensor:
         """``w_bo = sum_i V_oi a_bi^2``: ``(b, out)``."""
-        V = self.op.diagonal().reshape(self.call.weight_shape)
-        V = V.T if self.call.kind == "addmm" else V
-        a = a.reshape(a.shape[0], -1)
-        return (a * a) @ V.T
+        a = self.call.geometry.inputs(a)[:, 0]  # (b, in)
+        return (a * a) @ self._V().T
 
     def variance(self, a, G, params):
         w = self._weights(a)
@@ -266,9 +202,8 @@ class _LinearDiagonal(GroupContraction):
         return einsum("btso,bo,btuo->btsu", G, w, G)
 
     def joint(self, a, G, params, q):
-        V = self.op.diagonal().reshape(self.call.weight_shape)
-        V = V.T if self.call.kind == "addmm" else V  # (out, in)
-        a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
+        V = self._V()  # (out, in)
+        a = _grouped(self.call.geometry.inputs(a)[:, 0], q)  # (g, q, in)
         if isinstance(G, OneHot):
             W = _pair_products(a) @ V.T  # (g, q, q, out)
             k = _grouped(G.index, q)  # (g, q, c)
@@ -278,30 +213,29 @@ class _LinearDiagonal(GroupContraction):
 
 
 class _LinearKronecker(GroupContraction):
-    """Linear/addmm weight applied once per example, Kronecker block (factors or eigen form)."""
+    """An affine weight applied once per example, Kronecker block (factors or eigen form)."""
 
     closed_form = True
+
+    def _sides(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(output side, input side, eigenvalues (out, in) or None)`` of the block: the
+        factors, or the eigenvectors and eigenvalues of the eigen form."""
+        block, geometry = self.op, self.call.geometry
+        if isinstance(block, KroneckerFactors):
+            return (*geometry.pair(block.out_factor, block.in_factor), None)
+        Qg, Qa = geometry.pair(block.out_eigvecs, block.in_eigvecs)
+        return Qg, Qa, geometry.matrix(block.eigvals)
 
     def _parts(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """``(Fg, s)`` for a factor pair: the output-side factor and ``a^T A a`` per example; or
         ``(Qg, u)`` for the eigen form: output-side eigenvectors and ``u_bo = sum_i M_oi
         (Q_a^T a_b)_i^2``."""
-        block = self.op
-        a = a.reshape(a.shape[0], -1)
-        transposed = self.call.kind == "addmm"  # weight stored (in, out)
-        if isinstance(block, KroneckerFactors):
-            Fg, Fa = (
-                (block.in_factor, block.out_factor)
-                if transposed
-                else (block.out_factor, block.in_factor)
-            )
+        a = self.call.geometry.inputs(a)[:, 0]  # (b, in)
+        Fg, Fa, M = self._sides()
+        if M is None:
             return Fg, einsum("bi,ij,bj->b", a, Fa, a)
-        if transposed:
-            Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
-        else:
-            Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
-        a_hat = a @ Qa
-        return Qg, (a_hat * a_hat) @ M.T
+        a_hat = a @ Fa
+        return Fg, (a_hat * a_hat) @ M.T
 
     def _eigen(self) -> bool:
         return isinstance(self.op, KroneckerEigen)
@@ -330,15 +264,9 @@ class _LinearKronecker(GroupContraction):
         return s[:, None, None, None] * einsum("btso,op,btup->btsu", G, Fg, G)
 
     def joint(self, a, G, params, q):
-        block = self.op
-        transposed = self.call.kind == "addmm"
-        a = _grouped(a.reshape(a.shape[0], -1), q)  # (g, q, in)
-        if isinstance(block, KroneckerFactors):
-            Fg, Fa = (
-                (block.in_factor, block.out_factor)
-                if transposed
-                else (block.out_factor, block.in_factor)
-            )
+        Fg, Fa, M = self._sides()
+        a = _grouped(self.call.geometry.inputs(a)[:, 0], q)  # (g, q, in)
+        if M is None:
             s = (a @ Fa) @ a.transpose(-1, -2)  # (g, q, q)
             if isinstance(G, OneHot):
                 k = _grouped(G.index, q)  # (g, q, c)
@@ -349,15 +277,11 @@ class _LinearKronecker(GroupContraction):
                 Gf = Gg.reshape(Gg.shape[0], -1, Gg.shape[-1])  # (g, q c, out)
                 H = ((Gf @ Fg) @ Gf.transpose(-1, -2)).reshape(*Gg.shape[:3], *Gg.shape[1:3])
             return _pairs(H * s[:, :, None, :, None])
-        if transposed:
-            Qg, Qa, M = block.in_eigvecs, block.out_eigvecs, block.eigvals.T
-        else:
-            Qg, Qa, M = block.out_eigvecs, block.in_eigvecs, block.eigvals
         if isinstance(G, OneHot):
-            g_hat = Qg[_grouped(G.index, q)]  # (g, q, c, out)
+            g_hat = Fg[_grouped(G.index, q)]  # (g, q, c, out)
         else:
-            g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Qg
-        return _weighted_pairs(g_hat, a @ Qa, M)
+            g_hat = _grouped(G.reshape(*G.shape[:2], -1), q) @ Fg
+        return _weighted_pairs(g_hat, a @ Fa, M)
 
 
 class _EmbeddingDiagonal(GroupContraction):
@@ -366,24 +290,22 @@ class _EmbeddingDiagonal(GroupContraction):
     closed_form = True
 
     def _parts(self, a: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, c = G.shape[:2]
-        ids = a.reshape(b, -1)
-        G = G.reshape(b, c, ids.shape[1], G.shape[-1])
+        geometry = self.call.geometry
+        ids = geometry.token_ids(a)  # (b, T)
+        G = geometry.outputs(G)  # (b, c, T, d)
+        kept = geometry.kept(ids, G.dtype)
         same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).to(G.dtype)
-        pad = self.call.static.get("padding_idx")
-        if pad is not None:
-            keep = (ids != (pad if pad >= 0 else pad + self.call.weight_shape[0])).to(G.dtype)
-            same = same * keep.unsqueeze(-1) * keep.unsqueeze(-2)
-        V = self.op.diagonal().reshape(self.call.weight_shape)
+        same = same * kept.unsqueeze(-1) * kept.unsqueeze(-2)
+        V = self.op.diagonal().reshape(geometry.weight_shape)
         shared = einsum("btu,bcud->bctd", same, G)
         return G, V[ids], shared
 
     def variance(self, a, G, params):
-        G, Vsel, shared = self._parts(a, _dense(G))
+        G, Vsel, shared = self._parts(a, dense(G))
         return einsum("bctd,btd,bctd->bc", G, Vsel, shared)
 
     def covariance(self, a, G, params, S):
-        G, Vsel, shared = self._parts(a, _dense(G))
+        G, Vsel, shared = self._parts(a, dense(G))
         b, c, T, d = G.shape
         G = G.reshape(b, c // S, S, T, d)
         shared = shared.reshape(b, c // S, S, T, d)
@@ -391,23 +313,19 @@ class _EmbeddingDiagonal(GroupContraction):
 
 
 def contraction_for(
-    call: LayerCall,
-    names: tuple[str, ...],
-    op: CovarianceOperator,
-    a_example_shape: torch.Size,
-    joint: bool,
+    call: LayerCall, names: tuple[str, ...], op: CovarianceOperator, joint: bool
 ) -> GroupContraction | None:
     """The contraction for a covariance group on one layer call, or None if the group must go
     through the generic strategies (embeddings with a non-diagonal block, or any embedding in a
     joint covariance: their rows are vocabulary-sized)."""
-    if call.kind == "embedding":
+    geometry = call.geometry
+    if geometry.lookup:
         if joint or not (_diagonal_like(op) and names == (call.weight_name,)):
             return None
         return _EmbeddingDiagonal(call, names, op)
     if names == (call.bias_name,) and _diagonal_like(op):
         return _BiasDiagonal(call, names, op)
-    once = call.kind in ("linear", "addmm") and a_example_shape.numel() == a_example_shape[-1]
-    if once and names == (call.weight_name,):
+    if geometry.once and names == (call.weight_name,):
         if _diagonal_like(op):
             return _LinearDiagonal(call, names, op)
         if isinstance(op, (KroneckerFactors, KroneckerEigen)):

@@ -1,0 +1,229 @@
+"""One pass over the data: per batch and chunk, the layer pieces of the curvature's rows, and
+the plan that says how.
+
+A :class:`Consumer` (the diagonal, K-FAC, the dense matrix) says what it holds and what it
+forms per row; :class:`CurvaturePass` goes over the batches, takes each batch's rows from the
+likelihood (:class:`~pushforward.curvature.directions.LikelihoodRows`), sizes its chunks with
+the cost model (:mod:`pushforward.core.cost`) within the memory budget, and hands the consumer
+the pieces of every chunk from the one producer of layer pieces
+(:func:`pushforward.layers.produce`). :meth:`CurvaturePass.plan` explains a batch's pass —
+which rung of the producer runs and why, chunk sizes, estimated work and peak — as
+``print(ggn.plan("diagonal"))`` shows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pushforward.core.chunking import progress_bar, row_chunks
+from pushforward.core.cost import Budget, ModelCost, direction_bytes, example_bytes, measure_cost
+from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.units import format_bytes
+from pushforward.curvature.data import Batch
+from pushforward.curvature.directions import LikelihoodRows, RowKind, draw_noise
+from pushforward.curvature.likelihoods import Likelihood
+from pushforward.layers import (
+    RUNGS,
+    Directions,
+    LayerStructure,
+    Pieces,
+    StructureError,
+    first_rung,
+    layer_structure,
+    produce,
+)
+
+__all__ = ["Consumer", "CurvaturePass", "PassPlan"]
+
+
+class Consumer(Protocol):
+    """What a pass feeds: a curvature's running sums.
+
+    Attributes:
+        what: names the computation in plans and errors.
+        structured: the layer structure is used (else every parameter's per-example rows).
+        allow_unstructured: an example that does not run the traced layers may give every
+            parameter's rows instead (the result does not depend on the structure).
+    """
+
+    what: str
+    structured: bool
+    allow_unstructured: bool
+
+    def held_bytes(self) -> int:
+        """Bytes held through the pass (the sums)."""
+
+    def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
+        """Bytes the consumer forms per row of a chunk, beyond the pieces."""
+
+    def add(self, pieces: Pieces) -> None:
+        """Fold in one chunk's pieces."""
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """How a pass runs over a batch.
+
+    Attributes:
+        what: the computation.
+        producer: the producer's first rung and why.
+        examples: the batch's examples.
+        rows: rows per example.
+        chunk: rows per chunk.
+        held: bytes held through the pass.
+        per_row: bytes per row of a chunk.
+        per_example: bytes per example of a chunk.
+        flops: estimated work for the batch (FLOP).
+        budget: the memory budget.
+    """
+
+    what: str
+    producer: str
+    examples: int
+    rows: int
+    chunk: int
+    held: int
+    per_row: int
+    per_example: int
+    flops: float
+    budget: Budget
+
+    @property
+    def chunks(self) -> int:
+        total = self.examples * self.rows
+        return math.ceil(total / self.chunk) if total else 0
+
+    @property
+    def memory(self) -> int:
+        """Estimated peak of the pass: what it holds and one chunk."""
+        examples = min(self.examples, max(1, math.ceil(self.chunk / max(self.rows, 1))))
+        return self.held + self.chunk * self.per_row + examples * self.per_example
+
+    def __str__(self) -> str:
+        return "\n".join(
+            [
+                f"Pass: {self.what} over batches of {self.examples:,} examples x "
+                f"{self.rows:,} rows",
+                f"  {self.budget.describe()}",
+                f"  -> layer pieces by {self.producer}",
+                f"     {self.chunks:,} chunks of up to {self.chunk:,} rows per batch; est. "
+                f"{self.flops:.2e} FLOP, {format_bytes(self.memory)} per batch",
+            ]
+        )
+
+    __repr__ = __str__
+
+
+class CurvaturePass:
+    """Passes of ``likelihood``'s rows ``kind`` over data, feeding a :class:`Consumer`.
+
+    Args:
+        fm: the model; the curvature is over its selected parameters.
+        likelihood: the loss.
+        kind: which rows each example gets.
+        budget: the memory budget in bytes.
+        progress: a progress bar over the batches.
+    """
+
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        likelihood: Likelihood,
+        kind: RowKind,
+        *,
+        budget: int,
+        progress: bool = False,
+    ) -> None:
+        self.fm, self.likelihood, self.kind = fm, likelihood, kind
+        self.budget, self.progress = budget, progress
+
+    def output_split(self, cost: ModelCost) -> tuple[int, int]:
+        """``(n, K)``: positions and outputs per example."""
+        shape = cost.output_shape
+        K = math.prod(shape[len(shape) - self.fm.output_dims :])
+        return shape.numel() // max(K, 1), K
+
+    def _batch(self, batch: Batch, consumer: Consumer, rows: Directions | None = None):
+        """``(plan, inputs, structure, rows, generic)`` of one batch (its rows the
+        likelihood's, unless given)."""
+        fm, lik = self.fm, self.likelihood
+        inputs = fm.prepare(batch.inputs).detach()
+        cost = measure_cost(fm, inputs)
+        structure = layer_structure(fm, inputs) if consumer.structured else None
+        n, K = self.output_split(cost)
+        B = inputs.batch_size
+        if rows is None:
+            y = lik.prepare_targets(batch.y, torch.Size((B, n, K)))
+            noise = draw_noise(
+                lik, self.kind, batch.index, B, n, K, cost.output_dtype, inputs.device
+            )
+            rows = LikelihoodRows(lik, self.kind, y, noise, cost.output_shape, n, K)
+        generic = fm.param_names if structure is None else structure.generic(fm.param_names)
+        shapes = fm.param_shapes
+        generic_numel = sum(math.prod(shapes[name]) for name in generic)
+        z = 0 if structure is None else structure.z_numel()
+        rung = first_rung(
+            fm,
+            structure,
+            inputs,
+            generic=bool(generic),
+            allow_unstructured=consumer.allow_unstructured,
+        )
+        per_row = direction_bytes(cost, z, generic_numel, autograd=rung != "chain")
+        per_row += consumer.row_bytes(structure, cost)
+        per_example = example_bytes(cost)
+        budget = Budget.of(self.budget)
+        held = consumer.held_bytes()
+        R = rows.rows
+        chunk = budget.chunk(per_row + per_example // max(R, 1), held, max(B * R, 1))
+        producer = f"{rung}: {RUNGS[rung]}"
+        flops = B * cost.forward_flops * (1 + R)  # one forward, a backward per row (~ forward)
+        plan = PassPlan(
+            consumer.what, producer, B, R, chunk, held, per_row, per_example, flops, budget
+        )
+        return plan, inputs, structure, rows, tuple(generic)
+
+    def plan(self, batch: Batch, consumer: Consumer) -> PassPlan:
+        """The plan of ``consumer``'s pass over ``batch``."""
+        return self._batch(batch, consumer)[0]
+
+    def run(self, data: Iterable[Batch], consumer: Consumer) -> None:
+        """Feed ``consumer`` the pieces of every chunk of every batch, in order."""
+        try:
+            total = len(data)  # type: ignore[arg-type]
+        except TypeError:  # the loader does not know its length
+            total = None
+        for batch in progress_bar(data, self.progress, f"{consumer.what}: batches", total=total):
+            self.run_batch(batch, consumer)
+
+    def run_batch(self, batch: Batch, consumer: Consumer, rows: Directions | None = None) -> None:
+        """Feed ``consumer`` the pieces of every chunk of ``batch`` for ``rows`` (default: the
+        likelihood's rows of the batch)."""
+        fm = self.fm
+        params = fm.params(False)
+        plan, inputs, structure, rows, generic = self._batch(batch, consumer, rows)
+        plan.budget.require(plan.memory, consumer.what)
+        for chunk in row_chunks(inputs.batch_size, rows.rows, plan.chunk):
+            sub = inputs.slice(chunk.samples.start, chunk.samples.stop)
+            try:
+                with torch.no_grad():
+                    pieces = produce(
+                        fm,
+                        structure,
+                        params,
+                        sub,
+                        chunk,
+                        rows,
+                        generic=generic,
+                        allow_unstructured=consumer.allow_unstructured,
+                    )
+            except StructureError as err:
+                raise StructureError(
+                    f"{consumer.what} needs every example to run the traced layers: {err}"
+                ) from err
+            consumer.add(pieces)

@@ -1,1 +1,0 @@
-"""Layer structure: where parameters are used, and contractions inside matched layers."""

@@ -1,0 +1,56 @@
+"""Layer structure and the one producer of layer pieces (directly above :mod:`pushforward.core`).
+
+* :mod:`~pushforward.layers.tracing` — which parameters are the weight or bias of a linear,
+  convolution or embedding call used once (the only module that knows ops by name);
+* :mod:`~pushforward.layers.geometry` — each such call's geometry, normalized: inputs and
+  directions at positions, the weight as a matrix, Kronecker factor order, gradient rows;
+* :mod:`~pushforward.layers.structure` — the structure of a model for an input signature
+  (traced once, cached);
+* :mod:`~pushforward.layers.directions` — the output directions a pass takes back;
+* :mod:`~pushforward.layers.pieces` — :func:`produce`: per chunk, each layer's input and output
+  directions and the other parameters' rows, by the first rung of one ladder that can (a
+  hand-differentiated chain, a batched backward, ``vmap`` over examples, a loop);
+* :mod:`~pushforward.layers.chain` — the hand-differentiated chain.
+
+The functional variance's closed forms (:mod:`pushforward.engine`), the curvature passes
+(:mod:`pushforward.curvature`) and the samples all use this package through the names below.
+"""
+
+from pushforward.layers.chain import ELEMENTWISE, Chain, find_chain
+from pushforward.layers.directions import Directions, GivenRows, OneHot, OneHotRows, dense
+from pushforward.layers.geometry import LayerGeometry
+from pushforward.layers.pieces import RUNGS, Pieces, first_rung, produce, rungs
+from pushforward.layers.structure import LayerStructure, layer_structure
+from pushforward.layers.tracing import (
+    Analysis,
+    LayerCall,
+    LayerTap,
+    StructureError,
+    analyze,
+    is_same_memory,
+)
+
+__all__ = [
+    "ELEMENTWISE",
+    "RUNGS",
+    "Analysis",
+    "Chain",
+    "Directions",
+    "GivenRows",
+    "LayerCall",
+    "LayerGeometry",
+    "LayerStructure",
+    "LayerTap",
+    "OneHot",
+    "OneHotRows",
+    "Pieces",
+    "StructureError",
+    "analyze",
+    "dense",
+    "find_chain",
+    "first_rung",
+    "is_same_memory",
+    "layer_structure",
+    "produce",
+    "rungs",
+]

@@ -1,0 +1,121 @@
+"""Output directions: which cotangent rows ``u_br`` a pass takes back through the model.
+
+A pass over a chunk of examples computes, per example ``b`` and direction ``r``, the layer
+output gradients ``G = J_z^T u_br`` (and the generic parameters' rows ``J_θ^T u_br``). What the
+directions are is the caller's business:
+
+* :class:`OneHotRows` — unit vectors at chosen output positions (a functional variance's rows
+  ``e_k``: one per asked-for output);
+* :class:`GivenRows` — cotangents computed beforehand (laplace-torch's sampled gradients);
+* the curvature's likelihood rows (:mod:`pushforward.curvature.directions`) — rows of a factor
+  of the loss Hessian, sampled gradients or the loss gradient, which depend on the outputs ``f``
+  of the pass itself.
+
+A :class:`Directions` gives, for a chunk, its per-example tensors (sliced and ``vmap``-ped along
+with the examples) and turns a chunk's outputs into its cotangent rows, batched over a leading
+example dimension, so that one implementation serves every rung of the producer
+(:mod:`pushforward.layers.pieces`).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pushforward.core.chunking import RowChunk
+
+__all__ = ["Directions", "GivenRows", "OneHot", "OneHotRows", "dense"]
+
+
+class OneHot:
+    """One-hot directions ``(b, r, *z_n)`` given by the flat index of each direction's 1.
+
+    Attributes:
+        index: ``(b, r)`` long, flat positions in one example's output.
+        shape: the dense shape ``(b, r, *z_n)``.
+        dtype: the dense dtype.
+    """
+
+    __slots__ = ("dtype", "index", "shape")
+
+    def __init__(self, index: Tensor, shape: torch.Size, dtype: torch.dtype) -> None:
+        self.index, self.shape, self.dtype = index, torch.Size(shape), dtype
+
+    def dense(self) -> Tensor:
+        b, r = self.index.shape
+        out = torch.zeros(b, r, self.shape[2:].numel(), dtype=self.dtype, device=self.index.device)
+        return out.scatter_(2, self.index.unsqueeze(-1), 1).reshape(self.shape)
+
+
+def dense(G: Tensor | OneHot) -> Tensor:
+    """``G`` as a dense tensor."""
+    return G.dense() if isinstance(G, OneHot) else G
+
+
+class Directions(abc.ABC):
+    """The cotangent rows of a pass: ``rows`` per example (see the module docstring)."""
+
+    #: Rows per example.
+    rows: int
+
+    @abc.abstractmethod
+    def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
+        """Tensors with a leading dimension over the chunk's examples (targets, random draws,
+        indices), already restricted to the chunk's rows where they are per row; they are
+        sliced and ``vmap``-ped along with the examples."""
+
+    @abc.abstractmethod
+    def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
+        """``(b, r, *f_b)``: the cotangent rows ``rows`` of examples with outputs ``f
+        (b, *f_b)`` and per-example tensors ``per`` (as :meth:`per_example` made them)."""
+
+    def index(self, *per: Tensor) -> Tensor | None:
+        """``(b, r)`` flat output positions when every row is a unit vector (else ``None``):
+        such rows are never materialized where a closed form can use the index."""
+        return None
+
+
+class OneHotRows(Directions):
+    """Unit rows ``e_k``: ``index(chunk) (b, r)`` gives each row's flat output position.
+
+    Args:
+        index: ``chunk -> (b, r)`` long positions in one example's output (``prod(shape)``).
+        rows: rows per example.
+        shape: one example's output shape ``f_b``.
+        dtype: the cotangents' dtype.
+    """
+
+    def __init__(
+        self, index: Callable[[RowChunk], Tensor], rows: int, shape: torch.Size, dtype: torch.dtype
+    ) -> None:
+        self._index, self.rows, self.shape, self.dtype = index, rows, torch.Size(shape), dtype
+
+    def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
+        return (self._index(chunk),)
+
+    def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
+        (index,) = per
+        b, r = index.shape
+        cot = torch.zeros(b, r, math.prod(self.shape), dtype=self.dtype, device=index.device)
+        cot.scatter_(2, index.unsqueeze(-1), 1)
+        return cot.view(b, r, *self.shape)
+
+    def index(self, *per: Tensor) -> Tensor:
+        return per[0]
+
+
+class GivenRows(Directions):
+    """Cotangents computed beforehand: ``U (B, R, *f_b)`` for the whole batch."""
+
+    def __init__(self, U: Tensor) -> None:
+        self.U, self.rows = U, U.shape[1]
+
+    def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
+        return (self.U[chunk.samples, chunk.rows],)
+
+    def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
+        return per[0].to(f.dtype)

@@ -1,0 +1,590 @@
+"""The one producer of layer pieces: per chunk of examples, each layer's input ``a`` and output
+directions ``G``, and the rows of the parameters on no layer.
+
+For a layer ``z = op(a, W, b)`` the Jacobian of example ``n``'s output in direction ``u`` w.r.t.
+the layer's parameters is determined by ``a_n`` and ``G_n = J_z^T u``: every layer-aware
+computation of the library — the functional variance's closed forms, the curvature's diagonal
+and K-FAC — is written against these *pieces*, and :func:`produce` is the only code that makes
+them. It takes a chunk of examples, the rows of its :class:`~pushforward.layers.directions.Directions`
+(one-hot rows for variances, a likelihood's rows for curvature), which layer calls need their
+``G`` and which parameters need per-example rows (``generic``: those on no matched layer), and
+runs the first rung of its ladder that can (one :class:`~pushforward.core.fallback.Ladder`):
+
+1. ``chain`` — a plain ``nn.Sequential`` of linear layers and elementwise activations is
+   differentiated by hand (:mod:`pushforward.layers.chain`): one forward on the chunk, one
+   product with each weight for all rows of all examples;
+2. ``batched`` — every matched call leads with the batch dimension: one plain batched forward
+   with a zero *probe* on each layer's output, then one batched backward
+   (``is_grads_batched``) for all rows of all examples: examples are independent (checked when
+   the inputs are prepared), so example ``b``'s probe gradient is its own ``G_b``;
+3. ``vmapped`` — the forward under ``vmap`` over examples (value reads in Python control flow
+   answered per group of examples that agree, :func:`~pushforward.core.branching.vmap_examples`):
+   one batched backward when no per-example parameter rows are asked, else ``vjp`` per example
+   with all its rows at once;
+4. ``loop`` — example by example, one plain backward per row (no transform at all);
+5. with ``allow_unstructured``: the per-example rows of *every* parameter (``vmapped``, then
+   ``loop``), for consumers that accept them (a diagonal) when an example does not run the
+   traced layers.
+
+**The head.** When the model's output is a lined-up linear head's output (same memory), its
+``G`` is the pass's own rows (a :class:`~pushforward.layers.directions.OneHot` for unit rows)
+and the backward starts at the head's input with the rows times its weight — it never goes
+through a vocabulary-sized head; when only the head's ``G`` is needed, no backward runs at all.
+
+**Checked, never trusted.** Each rung proves what it relies on (the tap raises when a matched
+layer runs twice, not at all, or its parameter is used elsewhere; the head shortcut checks the
+output is the head's), and every shape a rung returns is checked against what one example's
+trace says: a transform whose batching rule hands back a wrong lead (PyTorch's ``prelu``
+backward under nested ``vmap``) is a failure of that rung, and the next one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from pushforward.core.branching import vmap_examples
+from pushforward.core.chunking import RowChunk
+from pushforward.core.fallback import Ladder
+from pushforward.core.functional_model import FunctionalModel, module_lock
+from pushforward.core.inputs import Inputs
+from pushforward.core.kernels import transform_kernels
+from pushforward.layers.chain import Chain, find_chain
+from pushforward.layers.directions import Directions, OneHot
+from pushforward.layers.structure import LayerStructure
+from pushforward.layers.tracing import LayerCall, LayerTap, StructureError, is_same_memory
+
+__all__ = ["RUNGS", "Pieces", "first_rung", "produce", "rungs"]
+
+#: The rungs, fastest first (see the module docstring), and what each is (for plans).
+RUNGS = {
+    "chain": "a plain chain of linear layers and activations, differentiated by hand",
+    "batched": "one batched forward and one batched backward for all directions",
+    "vmapped": "vmap over examples (a layer does not lead with the batch dimension, or "
+    "parameters on no layer need per-example rows)",
+    "loop": "a loop over examples",
+    "vmapped (all rows)": "per-example rows of every parameter (vmap over examples)",
+    "loop (all rows)": "per-example rows of every parameter (a loop over examples)",
+}
+
+
+@dataclass
+class Pieces:
+    """One chunk's pieces.
+
+    Attributes:
+        chunk: the examples (``chunk.samples`` of the batch) and rows.
+        f: outputs ``(b, *f_b)``.
+        calls: the layer calls whose pieces are here (none from an unstructured rung).
+        a: per call, its input ``(b, *a_n)``.
+        G: per call, its output directions ``(b, r, *z_n)`` (a :class:`OneHot` for unit rows
+            at the head), ``None`` where not asked for.
+        rows: per-example rows ``(b, r, *shape)`` of the parameters on no layer call.
+        rung: the rung that made them.
+    """
+
+    chunk: RowChunk
+    f: Tensor
+    calls: tuple[LayerCall, ...]
+    a: list[Tensor]
+    G: list[Tensor | OneHot | None]
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    rung: str = ""
+
+    @property
+    def first(self) -> bool:
+        """The chunk holds its examples' first rows (per-example sums are counted once)."""
+        return self.chunk.rows.start == 0
+
+    @property
+    def examples(self) -> int:
+        return self.chunk.samples.stop - self.chunk.samples.start
+
+    def layers(self):
+        """``(call, a, G)`` of every call whose ``G`` is here."""
+        return [
+            (c, a, G) for c, a, G in zip(self.calls, self.a, self.G, strict=True) if G is not None
+        ]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything one rung needs (see :func:`produce`)."""
+
+    fm: FunctionalModel
+    structure: LayerStructure | None
+    params: dict[str, Tensor]
+    inputs: Inputs
+    chunk: RowChunk
+    directions: Directions
+    generic: tuple[str, ...]
+    needed: frozenset[int]
+    differentiable: bool
+    chain: Chain | None = None
+
+    @property
+    def b(self) -> int:
+        return self.inputs.batch_size
+
+    @property
+    def r(self) -> int:
+        return self.chunk.rows.stop - self.chunk.rows.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    def per(self) -> tuple[Tensor, ...]:
+        return self.directions.per_example(self.chunk)
+
+    def cotangents(self, f: Tensor, per: tuple[Tensor, ...]) -> Tensor:
+        """``(b, r, *f_b)`` rows for outputs ``f (b, *f_b)``."""
+        return self.directions.dense(f, self.chunk.rows, *per)
+
+    def head(self) -> LayerCall | None:
+        s = self.structure
+        return None if s is None else s.head
+
+
+def produce(
+    fm: FunctionalModel,
+    structure: LayerStructure | None,
+    params: dict[str, Tensor],
+    inputs: Inputs,
+    chunk: RowChunk,
+    directions: Directions,
+    *,
+    generic: tuple[str, ...] = (),
+    needed: frozenset[int] | None = None,
+    differentiable: bool = False,
+    allow_unstructured: bool = False,
+    only: str | None = None,
+) -> Pieces:
+    """The pieces of the examples ``inputs`` (the chunk's, ``chunk.samples`` of the batch) for
+    the rows ``chunk.rows`` of ``directions`` (see the module docstring).
+
+    Args:
+        fm: the model; ``params`` its selected parameters (requiring grad only when
+            ``differentiable``).
+        structure: the layer structure of the inputs' signature (``None``: no layer call; every
+            parameter in ``generic``).
+        generic: parameters whose per-example rows are asked (on no matched layer call).
+        needed: the layer calls whose ``G`` is asked (default: all).
+        differentiable: keep the autograd graph (to the inputs, parameters and rows).
+        allow_unstructured: when an example does not run the traced layers, give every
+            parameter's rows instead (the consumer accepts them).
+        only: run this rung alone (a key of :data:`RUNGS`; it must apply), without the ladder
+            (tests compare the rungs).
+
+    Raises:
+        StructureError: an example does not run the traced layers (and the rows of every
+            parameter are not allowed).
+    """
+    calls = () if structure is None else structure.calls
+    needed = frozenset(range(len(calls))) if needed is None else needed
+    chain = None
+    if structure is not None and not generic and not differentiable:
+        # recognized again at every call: hooks, modules or modes may change
+        chain = find_chain(fm, structure.calls, inputs)
+    job = _Job(
+        fm, structure, params, inputs, chunk, directions, generic, needed, differentiable, chain
+    )
+    names = rungs(job.structure, bool(generic), job.chain is not None, allow_unstructured)
+    if only is not None:
+        if only not in names:
+            raise ValueError(f"rung {only!r} does not apply here; these do: {list(names)}")
+        return _RUNG_FUNCTIONS[only](job)
+    ladder = _LADDERS.get(names)
+    if ladder is None:
+        ladder = _LADDERS[names] = Ladder(
+            "layer pieces", [(RUNGS[n], _RUNG_FUNCTIONS[n]) for n in names]
+        )
+    return ladder(fm, job)
+
+
+def first_rung(
+    fm: FunctionalModel,
+    structure: LayerStructure | None,
+    inputs: Inputs,
+    *,
+    generic: bool = False,
+    differentiable: bool = False,
+    allow_unstructured: bool = False,
+) -> str:
+    """The rung :func:`produce` tries first for these arguments (its name, a key of
+    :data:`RUNGS`)."""
+    chain = structure is not None and not generic and not differentiable
+    chain = chain and find_chain(fm, structure.calls, inputs) is not None
+    return rungs(structure, generic, chain, allow_unstructured)[0]
+
+
+def rungs(
+    structure: LayerStructure | None, generic: bool, chain: bool, allow_unstructured: bool
+) -> tuple[str, ...]:
+    """The rungs that apply, in ladder order: the chain for a plain chain, one batched backward
+    when no parameter needs per-example rows and every layer leads with the batch dimension,
+    ``vmap`` and a loop over examples, and the rows of every parameter when allowed (or when
+    there is no layer structure)."""
+    names: list[str] = []
+    if structure is not None:
+        if chain:
+            names.append("chain")
+        if not generic and structure.batch_first:
+            names.append("batched")
+        names += ["vmapped", "loop"]
+    if structure is None or allow_unstructured:
+        names += ["vmapped (all rows)", "loop (all rows)"]
+    return tuple(names)
+
+
+# -- the rungs ---------------------------------------------------------------------------------
+def _chain(job: _Job) -> Pieces:
+    chain = job.chain
+    per = job.per()
+    unit = job.directions.index(*per)
+    at_head = None
+    if unit is not None and chain.ends_with_linear:
+        at_head = lambda weight: weight[unit]  # noqa: E731 - unit rows times the head: W[k]
+    lock = module_lock(job.fm.module)
+    f, a, G = chain.pieces(
+        job.params,
+        job.inputs.args[0],
+        lambda out: job.cotangents(out, per),
+        lock,
+        job.needed,
+        at_head,
+    )
+    calls = job.structure.calls
+    G = [g if i in job.needed else None for i, g in enumerate(G)]
+    head = chain.output_call if at_head is not None else None
+    if head is not None and head in job.needed:
+        G[head] = OneHot(unit, torch.Size((job.b, job.r, *calls[head].output_shape)), f.dtype)
+    return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="chain"))
+
+
+def _batched(job: _Job) -> Pieces:
+    """One plain batched forward, one batched backward (module docstring, rung 2)."""
+    s = job.structure
+    calls, head = s.calls, s.head
+    b, r = job.b, job.r
+    tap = LayerTap(s.analysis, job.params)
+    per = job.per()
+    with torch.enable_grad():
+        probes = [
+            torch.zeros(
+                b, *c.output_shape[1:], dtype=job.dtype, device=job.inputs.device
+            ).requires_grad_()
+            if c.index in job.needed
+            else None
+            for c in calls
+        ]
+        with transform_kernels(safe_attention=True), tap.active(probes):
+            f = job.fm.call(job.params, job.inputs.args, job.inputs.kwargs)
+        tap.check_complete()
+        if any(
+            p is not None and o.shape != p.shape for o, p in zip(tap.outputs, probes, strict=True)
+        ):
+            raise StructureError("a matched layer's batched output is not (batch, ...)")
+        G: list[Tensor | OneHot | None] = [None] * len(calls)
+        shortcut = head is not None and is_same_memory(tap.outputs[head.index], f)
+        backward = [
+            c.index for c in calls if c.index in job.needed and not (shortcut and c is head)
+        ]
+        if shortcut:
+            G[head.index] = _head_directions(job, per, f)
+        if backward:
+            start, cot = _start(job, per, f, tap.inputs, shortcut)
+            grads = torch.autograd.grad(
+                start,
+                [probes[i] for i in backward],
+                cot if r > 1 else cot[0],
+                create_graph=job.differentiable,
+                allow_unused=True,
+                is_grads_batched=r > 1,
+            )
+            for i, g in zip(backward, grads, strict=True):
+                g = torch.zeros_like(probes[i]).expand(r, *probes[i].shape) if g is None else g
+                G[i] = (g if r > 1 else g.unsqueeze(0)).transpose(0, 1).unsqueeze(2)
+    a = [t.unsqueeze(1) for t in tap.inputs]
+    pieces = Pieces(job.chunk, f, calls, a, G, rung="batched")
+    return _checked(job, pieces if job.differentiable else _detached(pieces))
+
+
+def _start(job: _Job, per, f: Tensor, inputs: list[Tensor], shortcut: bool):
+    """``(tensor, cotangents (r, b, ...))`` the backward starts from: the output with the rows,
+    or (head shortcut) the head's input with the rows times its weight."""
+    s = job.structure
+    if shortcut:
+        weight = s.head.weight(job.params)
+        unit = job.directions.index(*per)
+        if unit is not None:
+            cot = s.head_unit_cotangents(unit, weight)
+        else:
+            cot = s.head_cotangents(job.cotangents(f.detach(), per), weight)
+        start = inputs[s.head.index]
+        return start, cot.transpose(0, 1).reshape(job.r, *start.shape)
+    cot = job.cotangents(f.detach(), per)
+    return f, cot.transpose(0, 1)
+
+
+def _head_directions(job: _Job, per, f: Tensor) -> Tensor | OneHot:
+    """The head's ``G``: the rows themselves (one-hot when they are unit rows)."""
+    head = job.structure.head
+    shape = torch.Size((job.b, job.r, *head.output_shape))
+    unit = job.directions.index(*per)
+    if unit is not None:
+        return OneHot(unit, shape, f.dtype)
+    return job.cotangents(f.detach(), per).reshape(shape).contiguous()
+
+
+def _vmapped(job: _Job) -> Pieces:
+    """The forward under ``vmap`` over examples (module docstring, rung 3)."""
+    if job.generic or job.structure is None:
+        return _per_example_vjp(job)
+    s = job.structure
+    calls, head = s.calls, s.head
+    b, r = job.b, job.r
+    per = job.per()
+    needed = [c.index for c in calls if c.index in job.needed and c is not head]
+    shapes = {c.index: c.output_shape for c in calls}
+
+    def one(tensors, *probes):
+        args, kwargs = job.inputs.with_tensors([t.unsqueeze(0) for t in tensors])
+        tap = LayerTap(s.analysis, job.params)
+        full: list[Tensor | None] = [None] * len(calls)
+        for i, p in zip(needed, probes, strict=True):
+            full[i] = p
+        with tap.active(full):
+            out = job.fm.call(job.params, args, kwargs).squeeze(0)
+        tap.check_complete()
+        z = tap.outputs[head.index] if head is not None else out
+        start = tap.inputs[head.index] if head is not None else out
+        return start, out, list(tap.inputs), z
+
+    with transform_kernels(safe_attention=True), torch.enable_grad():
+        probes = [
+            torch.zeros(b, *shapes[i], dtype=job.dtype, device=job.inputs.device).requires_grad_()
+            for i in needed
+        ]
+        start, f, a, z = vmap_examples(one, [job.inputs.tensors(), *probes])
+        G: list[Tensor | OneHot | None] = [None] * len(calls)
+        if head is not None:
+            if not torch.equal(f.detach(), z.detach().reshape(f.shape)):
+                raise StructureError(
+                    "the model's output differs from its last linear layer's output for some "
+                    "examples (data-dependent control flow after the head?)"
+                )
+            if head.index in job.needed:
+                G[head.index] = _head_directions(job, per, f)
+        if needed:
+            cot = _start_cotangents(job, per, f, head)
+            grads = torch.autograd.grad(
+                start,
+                probes,
+                cot if r > 1 else cot[0],
+                create_graph=job.differentiable,
+                allow_unused=True,
+                is_grads_batched=r > 1,
+            )
+            for i, p, g in zip(needed, probes, grads, strict=True):
+                g = torch.zeros_like(p).expand(r, *p.shape) if g is None else g
+                G[i] = (g if r > 1 else g.unsqueeze(0)).transpose(0, 1)
+    pieces = Pieces(job.chunk, f, calls, a, G, rung="vmapped")
+    return _checked(job, pieces if job.differentiable else _detached(pieces))
+
+
+def _start_cotangents(job: _Job, per, f: Tensor, head: LayerCall | None) -> Tensor:
+    """``(r, b, ...)``: the rows at the output, or at the head's input."""
+    s = job.structure
+    if head is None:
+        return job.cotangents(f.detach(), per).transpose(0, 1)
+    weight = head.weight(job.params)
+    unit = job.directions.index(*per)
+    if unit is not None:
+        cot = s.head_unit_cotangents(unit, weight)
+    else:
+        cot = s.head_cotangents(job.cotangents(f.detach(), per), weight)
+    return cot.transpose(0, 1)
+
+
+def _per_example_vjp(job: _Job) -> Pieces:
+    """``vjp`` per example (under ``vmap`` over examples), all its rows at once: the layer
+    directions and the generic parameters' rows."""
+    s = job.structure
+    calls = () if s is None else s.calls
+    needed = [c.index for c in calls if c.index in job.needed]
+    generic = {n: job.params[n] for n in job.generic}
+    fixed = {n: t for n, t in job.params.items() if n not in generic}
+    rows = job.chunk.rows
+
+    def one(tensors, *per):
+        args, kwargs = job.inputs.with_tensors([t.unsqueeze(0) for t in tensors])
+        tap = LayerTap(s.analysis, job.params) if s is not None else None
+        probes = [
+            torch.zeros(calls[i].output_shape, dtype=job.dtype, device=job.inputs.device)
+            for i in needed
+        ]
+
+        def forward(probes, free):
+            merged = {**fixed, **free}
+            if tap is None:
+                out = job.fm.call(merged, args, kwargs).squeeze(0)
+                return out, (out, [])
+            full: list[Tensor | None] = [None] * len(calls)
+            for i, p in zip(needed, probes, strict=True):
+                full[i] = p
+            with tap.active(full):
+                out = job.fm.call(merged, args, kwargs).squeeze(0)
+            tap.check_complete()
+            return out, (out, list(tap.inputs))
+
+        _, pull, (out, a) = vjp(forward, probes, generic, has_aux=True)
+        cot = job.directions.dense(out.unsqueeze(0), rows, *(p.unsqueeze(0) for p in per))[0]
+        G, free_rows = vmap(pull)(cot)
+        return out, a, G, free_rows
+
+    with transform_kernels(safe_attention=True):
+        f, a, G_needed, generic_rows = vmap_examples(one, [job.inputs.tensors(), *job.per()])
+    G: list[Tensor | OneHot | None] = [None] * len(calls)
+    for i, g in zip(needed, G_needed, strict=True):
+        G[i] = g
+    name = "vmapped" if s is not None else "vmapped (all rows)"
+    pieces = Pieces(job.chunk, f, calls, list(a), G, dict(generic_rows), rung=name)
+    return _checked(job, pieces if job.differentiable else _detached(pieces))
+
+
+def _loop(job: _Job) -> Pieces:
+    """Example by example, one plain backward per row: no transform at all (the fallback when
+    ``vmap`` cannot run the model, e.g. data-dependent control flow, or a batching rule is
+    wrong)."""
+    s = job.structure
+    calls = () if s is None else s.calls
+    needed = [c.index for c in calls if c.index in job.needed]
+    per = job.per()
+    outs, inputs, directions, generic_rows = [], [], [], []
+    with transform_kernels(safe_attention=True), torch.enable_grad():
+        leaves = {
+            n: p if p.requires_grad else p.detach().requires_grad_(True)
+            for n, p in job.params.items()
+        }
+        for b in range(job.b):
+            one = job.inputs.slice(b, b + 1)
+            probes: list[Tensor | None] = [None] * len(calls)
+            for i in needed:
+                probes[i] = torch.zeros(
+                    calls[i].output_shape, dtype=job.dtype, device=job.inputs.device
+                ).requires_grad_()
+            if s is None:
+                out = job.fm.call(leaves, one.args, one.kwargs)
+                layer_inputs: list[Tensor] = []
+            else:
+                tap = LayerTap(s.analysis, leaves)
+                with tap.active(probes):
+                    out = job.fm.call(leaves, one.args, one.kwargs)
+                tap.check_complete()
+                layer_inputs = list(tap.inputs)
+            cot = job.directions.dense(out.detach(), job.chunk.rows, *(p[b : b + 1] for p in per))
+            targets = [probes[i] for i in needed] + [leaves[n] for n in job.generic]
+            per_row = [
+                torch.autograd.grad(
+                    out[0],
+                    targets,
+                    c,
+                    retain_graph=True,
+                    create_graph=job.differentiable,
+                    allow_unused=True,
+                )
+                for c in (cot[0] if targets else ())
+            ]
+            grads = [
+                torch.stack([torch.zeros_like(t) if g[j] is None else g[j] for g in per_row])
+                if per_row
+                else targets[j].new_zeros(0, *targets[j].shape)
+                for j, t in enumerate(targets)
+            ]
+            outs.append(out[0])
+            inputs.append(layer_inputs)
+            directions.append(grads[: len(needed)])
+            generic_rows.append(grads[len(needed) :])
+    f = torch.stack(outs)
+    a = [torch.stack([x[i] for x in inputs]) for i in range(len(calls))]
+    G: list[Tensor | OneHot | None] = [None] * len(calls)
+    for j, i in enumerate(needed):
+        G[i] = torch.stack([d[j] for d in directions])
+    rows = {n: torch.stack([g[j] for g in generic_rows]) for j, n in enumerate(job.generic)}
+    name = "loop" if s is not None else "loop (all rows)"
+    pieces = Pieces(job.chunk, f, calls, a, G, rows, rung=name)
+    return _checked(job, pieces if job.differentiable else _detached(pieces))
+
+
+def _unstructured(rung: Callable[[_Job], Pieces]) -> Callable[[_Job], Pieces]:
+    """``rung`` asked for the rows of every parameter (no layer structure)."""
+
+    def run(job: _Job) -> Pieces:
+        everything = tuple(job.params)
+        return rung(
+            _Job(
+                job.fm,
+                None,
+                job.params,
+                job.inputs,
+                job.chunk,
+                job.directions,
+                everything,
+                frozenset(),
+                job.differentiable,
+            )
+        )
+
+    return run
+
+
+_RUNG_FUNCTIONS: dict[str, Callable[[_Job], Pieces]] = {
+    "chain": _chain,
+    "batched": _batched,
+    "vmapped": _vmapped,
+    "loop": _loop,
+    "vmapped (all rows)": _unstructured(_per_example_vjp),
+    "loop (all rows)": _unstructured(_loop),
+}
+_LADDERS: dict[tuple[str, ...], Ladder] = {}
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _detached(pieces: Pieces) -> Pieces:
+    pieces.f = pieces.f.detach()
+    pieces.a = [t.detach() for t in pieces.a]
+    pieces.G = [g.detach() if isinstance(g, Tensor) else g for g in pieces.G]
+    pieces.rows = {n: t.detach() for n, t in pieces.rows.items()}
+    return pieces
+
+
+def _checked(job: _Job, pieces: Pieces) -> Pieces:
+    """``pieces`` after checking every shape against one example's trace; a mismatch (a
+    transform's batching rule giving a wrong lead) raises ``RuntimeError`` (the next rung
+    runs)."""
+    b, r = job.b, job.r
+
+    def expect(what: str, t: Tensor, shape: tuple) -> None:
+        if tuple(t.shape) != tuple(shape):
+            raise RuntimeError(
+                f"layer pieces: {what} came back with shape {tuple(t.shape)}, expected "
+                f"{tuple(shape)} (a transform's batching rule for an op of the model?)"
+            )
+
+    for call, a, G in zip(pieces.calls, pieces.a, pieces.G, strict=True):
+        expect(f"the input of layer call {call.index}", a, (b, *call.input_shape))
+        if isinstance(G, Tensor):
+            expect(f"the directions of layer call {call.index}", G, (b, r, *call.output_shape))
+        elif isinstance(G, OneHot):
+            expect(f"the unit directions of layer call {call.index}", G.index, (b, r))
+    shapes = job.fm.param_shapes
+    for name, rows in pieces.rows.items():
+        expect(f"the rows of {name}", rows, (b, r, *shapes[name]))
+    if pieces.f.shape[0] != b:
+        raise RuntimeError(f"layer pieces: outputs for {pieces.f.shape[0]} examples, expected {b}")
+    return pieces

@@ -1,0 +1,137 @@
+"""One producer of layer pieces: the structured strategy (functional variances) and a curvature
+pass hand it the same output directions and get the same pieces, on every rung of its ladder;
+and every rung's pieces are exact (float64, against the brute-force Jacobian)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from zoo import make_case
+
+import pushforward as pf
+import pushforward.curvature.passes as passes
+import pushforward.engine.strategies.structured as structured
+from pushforward.curvature import CrossEntropy
+from pushforward.curvature.data import Batch
+from pushforward.curvature.diagonal import DiagonalSums
+from pushforward.curvature.directions import RowKind
+from pushforward.layers import GivenRows, dense, layer_structure, produce, rungs
+
+DT = torch.float64
+
+
+class TokenTagger(nn.Module):
+    """Token ids (B, T) -> per-token logits (B, T, K): an embedding and a per-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def gpt2_lora_padded():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    lora = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    model = get_peft_model(GPT2LMHeadModel(cfg), lora).to(DT).eval()
+    ids = torch.randint(0, 11, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 3:] = 0  # a right-padded sequence
+    return pf.FunctionalModel(model), {"input_ids": ids, "attention_mask": mask}
+
+
+def cases():
+    torch.manual_seed(0)
+    mlp = make_case("mlp")
+    cnn = make_case("cnn_batchnorm_eval")
+    tagger = pf.FunctionalModel(TokenTagger().to(DT))
+    ids = torch.randint(0, 9, (3, 4))
+    ids[0, 1] = 0  # a padding token
+    return {
+        "mlp": (mlp.fm, mlp.x),
+        "cnn": (cnn.fm, cnn.x),
+        "embedding": (tagger, ids),
+        "gpt2_lora_padded": gpt2_lora_padded(),
+    }
+
+
+def assembled(records: list, B: int, R: int, calls: list[int]) -> dict:
+    """The recorded chunks' pieces put together per example and row."""
+    out: dict = {}
+    for pieces in records:
+        s, r = pieces.chunk.samples, pieces.chunk.rows
+        if r.start == 0:
+            out.setdefault("f", {})[s.start] = pieces.f
+            for i in calls:
+                out.setdefault(("a", i), {})[s.start] = pieces.a[i]
+        for i in calls:
+            G = dense(pieces.G[i])
+            full = out.setdefault(("G", i), torch.zeros(B, R, *G.shape[2:], dtype=G.dtype))
+            full[s, r] = G
+    for key in [k for k in out if k == "f" or k[0] == "a"]:
+        out[key] = torch.cat([v for _, v in sorted(out[key].items())])
+    return out
+
+
+def recorder(module, monkeypatch, rung: str, records: list) -> None:
+    inner = produce
+
+    def record(*args, **kwargs):
+        pieces = inner(*args, **kwargs, only=rung)
+        records.append(pieces)
+        return pieces
+
+    monkeypatch.setattr(module, "produce", record)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "embedding", "gpt2_lora_padded"])
+def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
+    fm, x = cases()[name]
+    inputs = fm.prepare(x)
+    structure = layer_structure(fm, inputs)
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    f_ref, J = pf.testing.brute_force_jacobian(fm, x)
+    B = inputs.batch_size
+    E = math.prod(f_ref.shape[1:])
+    # the variance's rows: one unit row per output entry, as dense cotangents for the curvature
+    U = torch.eye(E, dtype=DT).reshape(E, *f_ref.shape[1:]).expand(B, E, *f_ref.shape[1:])
+    ran = []
+    generic = bool(structure.generic(fm.param_names))  # the curvature asks their rows too
+    engine_rungs = rungs(structure, False, name == "mlp", False)
+    both = [r for r in engine_rungs if r in rungs(structure, generic, name == "mlp", False)]
+    for rung in both:
+        engine_records: list = []
+        recorder(structured, monkeypatch, rung, engine_records)
+        with pf.settings(plan_cache=0):
+            _, var = pf.functional_variance(fm, x, S, strategy="structured")
+        curvature_records: list = []
+        recorder(passes, monkeypatch, rung, curvature_records)
+        sweep = passes.CurvaturePass(fm, CrossEntropy(), RowKind("exact"), budget=2**30)
+        sweep.run_batch(Batch(0, inputs, torch.zeros(B)), DiagonalSums(fm), GivenRows(U))
+        needed = sorted({i for p in engine_records for i, G in enumerate(p.G) if G is not None})
+        ours = assembled(engine_records, B, E, needed)
+        theirs = assembled(curvature_records, B, E, needed)
+        assert needed, rung
+        for key, value in ours.items():
+            torch.testing.assert_close(value, theirs[key], rtol=1e-12, atol=1e-14, msg=str(key))
+        # and the variance is exact on this rung
+        want = torch.einsum("b...p,p,b...p->b...", J, S.diagonal(), J)
+        torch.testing.assert_close(var, want, rtol=1e-10, atol=1e-12)
+        ran.append(rung)
+    assert {"vmapped", "loop"} <= set(ran), ran
+    assert ("batched" in ran) == (name != "cnn"), ran  # BatchNorm's parameters: rows per example
+    assert ("chain" in ran) == (name == "mlp"), ran
