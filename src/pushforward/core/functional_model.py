@@ -481,8 +481,9 @@ _WRAPPED = (RuntimeError, TypeError, ValueError, IndexError)
 
 
 class _InputErrors:
-    """Re-raise a failure of the model on ``inputs`` (exactly one of :data:`_WRAPPED`) with the
-    same type and a message naming the inputs and what the model takes."""
+    """Re-raise a failure of the model on ``inputs`` (exactly one of :data:`_WRAPPED`) with a
+    message naming the inputs and what the model takes: a ``TypeError`` when the inputs' dtypes
+    do not match the model's, else an error of the same type."""
 
     def __init__(self, fm: FunctionalModel, inputs: Inputs) -> None:
         self.fm, self.inputs = fm, inputs
@@ -493,10 +494,14 @@ class _InputErrors:
     def __exit__(self, kind, err, tb) -> bool:
         if err is None or type(err) not in _WRAPPED:
             return False
-        raise type(err)(_input_error_message(self.fm, self.inputs, err)) from err
+        message, dtypes = _input_error_message(self.fm, self.inputs, err)
+        raise (TypeError if dtypes else type(err))(message) from err
 
 
-def _input_error_message(fm: FunctionalModel, inputs: Inputs, err: BaseException) -> str:
+def _input_error_message(
+    fm: FunctionalModel, inputs: Inputs, err: BaseException
+) -> tuple[str, bool]:
+    """The message, and whether the inputs' dtypes differ from what the model computes in."""
     dtype = fm.dtype
     described = inputs.describe()
     hints = []
@@ -519,12 +524,13 @@ def _input_error_message(fm: FunctionalModel, inputs: Inputs, err: BaseException
             f"{str(dtype).removeprefix('torch.')}; a float model usually needs x.float()"
         )
     takes = f"; its first layer {layer}" if layer else ""
-    return (
+    message = (
         f"the model cannot run on these inputs ({described}); its parameters are "
         f"{str(dtype).removeprefix('torch.')}{takes}. "
         + "".join(f"{h[0].upper()}{h[1:]}. " for h in hints)
         + f"The model raised {type(err).__name__}: {err}"
     )
+    return message, bool(hints)
 
 
 def _first_layer(module: nn.Module) -> str | None:
