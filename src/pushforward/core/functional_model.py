@@ -15,6 +15,7 @@ parameter attributes replaced once and restored exactly.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import weakref
@@ -388,7 +389,7 @@ class FunctionalModel:
         B = inputs.batch_size
         if B < 2 and not first:
             return
-        batch = inputs.detach()
+        batch = inputs  # the forward passes run without gradients
         probes = self._probe_rng.sample(range(B), min(B, _FIRST_PROBES if first else _CALL_PROBES))
         with torch.no_grad():
             alone = torch.cat([self._current(batch, [k]) for k in probes])
@@ -396,7 +397,7 @@ class FunctionalModel:
                 raise BatchCouplingError(_RANDOM)
             if B < 2:
                 return
-            context = self._context(batch, probes)
+            context = self._context(batch, probes, key)
             together = self._current(batch, context)
             rows = together[[context.index(k) for k in probes]]
             if not _close(rows, alone):
@@ -429,14 +430,16 @@ class FunctionalModel:
         with self._lock, self._input_errors(batch):
             return self.output_fn(self.module(*part.args, **part.kwargs))
 
-    def _context(self, batch: Inputs, probes: list[int]) -> list[int]:
+    def _context(self, batch: Inputs, probes: list[int], key: Any) -> list[int]:
         """The examples run together with the probes (sorted): the whole batch, or a
         pseudo-random subset when the whole batch's forward would take more than
-        ``settings.chunk_target`` bytes by the measured per-example memory."""
+        ``settings.chunk_target`` bytes by the measured per-example memory (``key``: the
+        inputs' signature)."""
         B = batch.batch_size
         if max(len(probes), 2) >= B:
             return list(range(B))
-        per_example = max(measure_cost(self, batch).activation_bytes, 1)
+        cost = self.cache.costs.get(key) or measure_cost(self, batch)
+        per_example = max(cost.activation_bytes, 1)
         size = max(len(probes), 2, min(B, settings.current().chunk_target // per_example))
         if size >= B:
             return list(range(B))
@@ -602,8 +605,10 @@ def _close(a: Tensor, b: Tensor) -> bool:
         return False
     if not a.is_floating_point() or not a.numel():
         return torch.equal(a, b)
-    scale = max(float(a.abs().nan_to_num(0.0, 0.0, 0.0).max()), 1e-30)
-    tol = 10 * torch.finfo(a.dtype).eps ** 0.5 * scale
+    scale = float(a.abs().amax())
+    if not math.isfinite(scale):
+        scale = float(a.abs().nan_to_num(0.0, 0.0, 0.0).amax())
+    tol = 10 * torch.finfo(a.dtype).eps ** 0.5 * max(scale, 1e-30)
     return torch.allclose(a, b, rtol=0.0, atol=tol, equal_nan=True)
 
 
