@@ -136,6 +136,7 @@ def test_every_operator_round_trips_bit_for_bit(name):
     buffer.seek(0)
     raw = torch.load(buffer, weights_only=True)
     assert raw["format"] == "pushforward" and raw["format_version"] == 1
+    assert raw["library_version"] == pf.__version__
     assert raw["type"] == type(op).__name__ and _plain(raw)
     layout = raw["layout"]
     if op.layout is None:

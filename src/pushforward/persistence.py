@@ -40,10 +40,10 @@ objects, which are nested) and the classmethod ``_from_state(cls, state) -> obje
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import os
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO, TypeVar
 
@@ -175,9 +175,12 @@ def from_state(state: Mapping[str, Any], *, model: nn.Module | FunctionalModel |
 
 
 def save(obj: Any, f: str | os.PathLike | BinaryIO) -> None:
-    """Write ``obj`` (a registered object: any covariance operator, ...) to ``f`` (a path or a
-    binary file) as one envelope (see the module docstring), loadable with
-    ``torch.load(f, weights_only=True)``."""
+    """Write ``obj`` to ``f`` as one envelope (see the module docstring).
+
+    Args:
+        obj: a registered object (any covariance operator, curvature result, ...).
+        f: a path or a binary file; ``torch.load(f, weights_only=True)`` reads it back.
+    """
     torch.save(to_state(obj), f)
 
 
@@ -187,8 +190,9 @@ def load(
     model: nn.Module | FunctionalModel | None = None,
     map_location: Any = None,
 ) -> Any:
-    """Read what :func:`save` wrote, with ``torch.load(f, weights_only=True)`` (no code from
-    the file runs), and rebuild the object.
+    """Read what :func:`save` wrote and rebuild the object.
+
+    The file is read with ``torch.load(f, weights_only=True)``: no code from the file runs.
 
     Args:
         f: a path or a binary file.
@@ -282,10 +286,9 @@ def _check_size(kind: str, obj: Any, fm: FunctionalModel) -> None:
 
 
 def _library_version() -> str:
-    try:
-        return importlib.metadata.version("pushforward")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
-        return "unknown"
+    """``pushforward.__version__`` (the package is imported whenever this module is)."""
+    version = getattr(sys.modules.get("pushforward"), "__version__", None)
+    return version if isinstance(version, str) else "unknown"
 
 
 def _first_line(err: BaseException) -> str:
@@ -295,8 +298,11 @@ def _first_line(err: BaseException) -> str:
 
 # -- plain values ------------------------------------------------------------------------------
 def _encode(value: Any, path: str, memo: dict[int, Tensor]) -> Any:
-    """``value`` as plain containers and tensors (registered objects nested as
-    ``{"type", "state"}``); ``memo`` keeps one copy of a tensor met twice."""
+    """``value`` as plain containers and tensors.
+
+    Registered objects are nested as ``{"type", "state"}``; ``memo`` keeps one copy of a tensor
+    met twice.
+    """
     if isinstance(value, Tensor):
         found = memo.get(id(value))
         if found is None:
@@ -338,9 +344,12 @@ def _encode(value: Any, path: str, memo: dict[int, Tensor]) -> Any:
 
 
 def _compact(t: Tensor) -> Tensor:
-    """``t`` detached; a view of a storage more than twice its size as a copy of its own
-    (``torch.save`` writes a view's whole storage). Otherwise as it is, strides and all, so
-    that products of the loaded tensors round exactly as before."""
+    """``t`` detached, and compact where that changes its file size.
+
+    A view of a storage more than twice its size is copied (``torch.save`` writes a view's
+    whole storage); any other tensor is saved as it is, strides and all, so that products of
+    the loaded tensors round exactly as before.
+    """
     t = t.detach()
     if t.untyped_storage().nbytes() <= 2 * t.numel() * t.element_size():
         return t
