@@ -12,6 +12,7 @@ the operator contract, for this library's tests and yours).
 """
 
 from pushforward import curvature, distributed
+from pushforward.api.compiled import compile
 from pushforward.api.predictive import RegressionPredictive, predictive
 from pushforward.api.sampling import functional_samples
 from pushforward.api.variance import (
@@ -90,6 +91,7 @@ __all__ = [
     # pushforward of the covariance
     "Plan",
     "RegressionPredictive",
+    "compile",
     "functional_covariance",
     "functional_samples",
     "functional_variance",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pushforward.core.cost import Budget, measure_cost
+from pushforward.core.cost import measure_cost
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.options import Options, check_generator, check_positive_int
 from pushforward.covariance.binding import bind_covariance
@@ -74,7 +74,7 @@ def functional_samples(
     cost = measure_cost(fm, inputs)
     cov = bind_covariance(fm, cov, cost.output_dtype, inputs.device)
     B = inputs.batch_size
-    budget = Budget.of(options.budget_bytes(inputs.device), options.chunk_size)
+    budget = options.budget(inputs.device)
     held = (n_samples + 1) * B * cost.output_bytes  # the samples and f
     per = sample_bytes(cost, B, cov)
     chunk = budget.chunk(per, held, at_most=n_samples)

@@ -205,30 +205,46 @@ class Budget:
 
     Attributes:
         total: the budget in bytes: the most a call may allocate, its result included.
-        chunk_target: bytes one chunk may use even when the budget allows more
-            (``settings.chunk_target`` when the budget was made).
+        chunk_target: bytes one chunk may use even when the budget allows more (the current
+            settings' target for the device: ``settings.chunk_target`` on a CPU,
+            ``settings.gpu_chunk_target`` elsewhere); ``None``: only the budget limits chunks.
         cap: the caller's ``chunk_size`` (at most this many units per chunk), or ``None``.
+        device: the device type the chunks run on.
     """
 
     total: int
-    chunk_target: int
+    chunk_target: int | None
     cap: int | None = None
+    device: str = "cpu"
 
     @classmethod
-    def of(cls, total: int, cap: int | None = None) -> Budget:
-        """A budget of ``total`` bytes with the current ``settings.chunk_target``."""
-        return cls(total, settings.current().chunk_target, cap)
+    def of(
+        cls, total: int, cap: int | None = None, device: torch.device | str | None = None
+    ) -> Budget:
+        """A budget of ``total`` bytes with the current settings' chunk target for ``device``."""
+        kind = "cpu" if device is None else torch.device(device).type
+        return cls(total, settings.current().target_for(kind), cap, kind)
 
-    def chunk(self, per_unit: int, held: int = 0, at_most: int | None = None) -> int:
+    def chunk(
+        self,
+        per_unit: int,
+        held: int = 0,
+        at_most: int | None = None,
+        at_least: int | None = None,
+    ) -> int:
         """Units per chunk: as many ``per_unit``-byte units as fit next to ``held`` bytes,
         within the chunk target, the cap and ``at_most`` — at least 1 (:meth:`peak` tells
-        whether even that fits)."""
-        room = min(self.total - held, self.chunk_target)
-        n = max(1, room // max(per_unit, 1))
+        whether even that fits), and at least ``at_least`` when the budget (not the target)
+        allows them (one example's rows: fewer would repeat its forward pass)."""
+        room = self.total - held
+        target = room if self.chunk_target is None else min(room, self.chunk_target)
+        n = max(1, target // max(per_unit, 1))
+        if at_least is not None:
+            n = max(n, min(at_least, room // max(per_unit, 1)))
         for limit in (self.cap, at_most):
             if limit is not None:
                 n = min(n, max(1, limit))
-        return int(n)
+        return int(max(n, 1))
 
     def plan(self, per_unit: int, held: int, units: int, what: str) -> ChunkPlan:
         """The chunks of ``units`` units of ``per_unit`` bytes next to ``held`` bytes, checked to
@@ -254,7 +270,9 @@ class Budget:
 
     def describe(self) -> str:
         cap = "" if self.cap is None else f", chunk_size <= {self.cap:,}"
-        return (
-            f"memory budget {format_bytes(self.total)} (chunks up to "
-            f"{format_bytes(min(self.total, self.chunk_target))}{cap})"
-        )
+        if self.chunk_target is None:
+            chunks = f"chunks as large as it allows on {self.device}"
+        else:
+            size = format_bytes(min(self.total, self.chunk_target))
+            chunks = f"chunks up to {size} on {self.device}"
+        return f"memory budget {format_bytes(self.total)} ({chunks}{cap})"

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pushforward.core.budget import parse_memory
+from pushforward.core.cost import Budget
 
 __all__ = ["Options", "check_generator", "check_positive_int"]
 
@@ -79,6 +80,10 @@ class Options:
     def budget_bytes(self, device: torch.device | None = None) -> int:
         """The memory budget in bytes on ``device``."""
         return parse_memory(self.memory_budget, device)
+
+    def budget(self, device: torch.device | None = None) -> Budget:
+        """The :class:`~pushforward.core.cost.Budget` of these options on ``device``."""
+        return Budget.of(self.budget_bytes(device), self.chunk_size, device)
 
     @classmethod
     def resolve(cls, options: Options | None, **keywords: Any) -> Options:

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pushforward.core.units import format_bytes, parse_bytes
 
 __all__ = ["Settings", "settings"]
@@ -31,9 +33,14 @@ class Settings:
     """The tunables.
 
     Attributes:
-        chunk_target: bytes one chunk of work (rows, tangents, samples) may use even under a
-            larger memory budget: beyond it larger chunks stop paying off on a CPU's caches and
-            only raise the peak. The memory budget caps it from above.
+        chunk_target: bytes one chunk of work (rows, tangents, samples) may use on a CPU even
+            under a larger memory budget: beyond it larger chunks stop paying off on a CPU's
+            caches and only raise the peak. The memory budget caps it from above. A chunk still
+            holds at least one example's rows when the budget allows (splitting an example's
+            rows over chunks repeats its forward pass).
+        gpu_chunk_target: the same on a GPU (any device but the CPU); ``None`` (the default):
+            as large as the memory budget allows — a GPU wants the largest chunk that fits (one
+            kernel launch for more work), its budget by default a fraction of its free memory.
         traffic: FLOP-equivalents the planner charges per element of a materialized
             parameter-sized vector (a reverse-mode row, a forward-mode tangent): such vectors are
             written, read back and contracted at memory bandwidth, far slower than matmul FLOPs.
@@ -44,15 +51,24 @@ class Settings:
     """
 
     chunk_target: int = 128 * 2**20
+    gpu_chunk_target: int | None = None
     traffic: float = 8.0
     budget_fraction: float = 0.5
     plan_cache: int = 64
 
     def describe(self) -> str:
+        gpu = "the budget" if self.gpu_chunk_target is None else format_bytes(self.gpu_chunk_target)
         return (
-            f"chunk target {format_bytes(self.chunk_target)}, traffic factor {self.traffic:g}, "
-            f"default budget fraction {self.budget_fraction:g}, plan cache {self.plan_cache}"
+            f"chunk target {format_bytes(self.chunk_target)} (CPU) / {gpu} (GPU), traffic "
+            f"factor {self.traffic:g}, default budget fraction {self.budget_fraction:g}, plan "
+            f"cache {self.plan_cache}"
         )
+
+    def target_for(self, device: torch.device | str | None) -> int | None:
+        """The chunk target on ``device`` (``None``: only the budget limits chunks)."""
+        if device is None or torch.device(device).type == "cpu":
+            return self.chunk_target
+        return self.gpu_chunk_target
 
 
 _DEFAULT = Settings()
@@ -69,6 +85,8 @@ def _validated(base: Settings, overrides: dict[str, Any]) -> Settings:
     values = dict(overrides)
     if "chunk_target" in values:
         values["chunk_target"] = parse_bytes(values["chunk_target"], "chunk_target")
+    if values.get("gpu_chunk_target") is not None:
+        values["gpu_chunk_target"] = parse_bytes(values["gpu_chunk_target"], "gpu_chunk_target")
     if "traffic" in values:
         t = values["traffic"]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
@@ -90,7 +108,9 @@ class settings:
     """Context manager (and decorator) overriding :class:`Settings` fields in a block.
 
     Args:
-        chunk_target: bytes (or a string like ``"64MB"``) per chunk, see :class:`Settings`.
+        chunk_target: bytes (or a string like ``"64MB"``) per chunk on a CPU, see
+            :class:`Settings`.
+        gpu_chunk_target: the same on a GPU (``None``: as large as the budget allows).
         traffic: FLOP-equivalents per element of a parameter-sized vector.
         budget_fraction: default memory budget as a fraction of the available memory.
         plan_cache: plans kept per model (0: off).

@@ -4,7 +4,7 @@
   products, the exact (layer-structured) or Monte Carlo diagonal, K-FAC, dense, low rank;
 * likelihoods: :class:`CrossEntropy` (``"classification"``), :class:`Gaussian`
   (``"regression"``), :class:`OutputHessian` (a user's output-space Hessian);
-* typed results (:mod:`~pushforward.curvature.results`): :class:`DiagonalCurvature` and
+* typed results: :class:`DiagonalCurvature` and
   :class:`DenseCurvature` (tensors), :class:`LowRankCurvature` (an ``(eigenvalues,
   eigenvectors)`` tuple), :class:`KroneckerCurvature` (a Kronecker operator) — each with
   ``.covariance(prior_precision, ...)``, ``.logdet(...)`` and ``.matvec``;
@@ -18,6 +18,7 @@ from pushforward.curvature.likelihoods import CrossEntropy, Gaussian, Likelihood
 from pushforward.curvature.operators import GGN, CurvatureOperator, EmpiricalFisher
 from pushforward.curvature.passes import PassPlan
 from pushforward.curvature.posterior import (
+    PriorAndNoise,
     laplace_posterior,
     log_marginal_likelihood,
     optimize_prior_precision,
@@ -44,6 +45,7 @@ __all__ = [
     "LowRankCurvature",
     "OutputHessian",
     "PassPlan",
+    "PriorAndNoise",
     "laplace_posterior",
     "log_marginal_likelihood",
     "optimize_prior_precision",

@@ -23,12 +23,12 @@ Results are in the model's dtype and device, detached.
 **Data parallelism** (``process_group``, see :mod:`pushforward.core.collectives`): in a
 ``torch.distributed`` run each rank passes over its shard of the data and every sum —
 products, diagonal, K-FAC factors, the dense matrix, the number of examples, the loss and the
-output count — is all-reduced at the end of the pass (:meth:`~pushforward.curvature.data.Batches.total`):
-every rank gets the curvature of the union of the shards, as one process would on all the
-data. Lanczos and the randomized method run their (cheap) iterations on every rank with the
-reduced products, identically. Monte Carlo draws (``mc_samples``) are seeded per batch of every
-rank (no two ranks' batches share them): the estimate is the same on every rank, but not the
-draws one process would make.
+output count — is all-reduced at the end of the pass
+(:meth:`~pushforward.curvature.data.Batches.finish`): every rank gets the curvature of the union
+of the shards, as one process would on all the data. Lanczos and the randomized method run
+their (cheap) iterations on every rank with the reduced products, identically. Monte Carlo
+draws (``mc_samples``) are seeded per batch of every rank (no two ranks' batches share them):
+the estimate is the same on every rank, but not the draws one process would make.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,8 @@ from pushforward.curvature.results import (
 from pushforward.products.jvp import push_tangents
 
 __all__ = ["GGN", "CurvatureOperator", "EmpiricalFisher"]
+
+C = TypeVar("C")
 
 #: At most this many bytes of data are kept between passes (and at most 1/8 of the budget).
 CACHE_BYTES = 256 * 2**20
@@ -118,22 +120,27 @@ class CurvatureOperator:
     # -- shape ---------------------------------------------------------------------------
     @property
     def num_params(self) -> int:
+        """P, the number of the model's selected parameters."""
         return self.fm.num_params
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(P, P)``."""
         return (self.num_params, self.num_params)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's dtype (that of every result)."""
         return self.fm.dtype
 
     @property
     def device(self) -> torch.device:
+        """The model's device (that of every result)."""
         return self.fm.device
 
     @property
     def layout(self) -> ParamLayout:
+        """The model's parameter layout (the flat order of the P parameters)."""
         return self.fm.layout
 
     def _budget(self) -> int:
@@ -158,18 +165,24 @@ class CurvatureOperator:
         return self._statistics()[0]
 
     def loss(self) -> Tensor:
-        """The summed negative log-likelihood at the current parameters, in laplace-torch's
-        convention (cross-entropy summed; ``1/2 sum ||f - y||^2`` for regression)."""
+        """The summed negative log-likelihood at the current parameters.
+
+        In laplace-torch's convention: cross-entropy summed; ``1/2 sum ||f - y||^2`` for regression.
+        """
         return torch.as_tensor(self._statistics()[1], dtype=self.dtype, device=self.device)
 
     def num_outputs(self) -> int:
-        """Observed output scalars (``N * K`` without ignored targets; the Gaussian
-        normalizer's count)."""
+        """Observed output scalars, the Gaussian normalizer's count.
+
+        ``N * K`` without the ignored targets.
+        """
         return self._statistics()[2]
 
     def _statistics(self) -> tuple[int, float, int]:
-        """``(N, loss, outputs)``, computed again when the parameters changed (in place or
-        replaced)."""
+        """``(N, loss, outputs)``, computed again when the parameters changed.
+
+        Changed in place or replaced.
+        """
         key = tuple((t.data_ptr(), t._version) for t in self.fm.params(False).values())
         if self._stats is None or self._stats_key != key:
             loss, outputs = 0.0, 0
@@ -198,12 +211,21 @@ class CurvatureOperator:
 
     # -- plans ---------------------------------------------------------------------------
     def plan(self, what: str = "diagonal", **kwargs: Any) -> PassPlan:
-        """How a pass of ``what`` runs over the data's first batch: the producer of layer
-        pieces and why, chunk sizes, estimated work and peak (``print(ggn.plan("kfac"))``).
+        """How a pass of ``what`` runs over the data's first batch (``print(ggn.plan("kfac"))``).
+
+        The producer of layer pieces and why, chunk sizes, estimated work and peak memory.
 
         Args:
-            what: ``"diagonal"``, ``"kfac"``, ``"dense"``, ``"matmat"`` (``columns=`` how
-                many) or ``"lowrank"`` (``k=``, ``method=``, as :meth:`lowrank`).
+            what: ``"diagonal"``, ``"kfac"``, ``"dense"``, ``"matmat"`` or ``"lowrank"``.
+            **kwargs: the options of that computation: ``approx=`` for ``"kfac"`` (as :meth:`kfac`),
+                ``columns=`` (how many, default 1) for ``"matmat"``, ``k=``, ``method=`` and
+                ``oversample=`` for ``"lowrank"`` (as :meth:`lowrank`).
+
+        Returns:
+            The :class:`PassPlan`.
+
+        Raises:
+            ValueError: an unknown ``what``, or data without a batch.
         """
         batch = next(iter(self.data), None)
         if batch is None:
@@ -222,7 +244,7 @@ class CurvatureOperator:
     def _product_plan(self, batch, what: str, **kwargs: Any) -> PassPlan:
         inputs = self.fm.prepare(batch.inputs).detach()
         cost = measure_cost(self.fm, inputs)
-        budget = Budget.of(self._budget())
+        budget = Budget.of(self._budget(), device=self.device)
         B = inputs.batch_size
         held = 0
         if what == "lowrank":
@@ -257,8 +279,11 @@ class CurvatureOperator:
         return self.matmat(v.unsqueeze(1)).squeeze(1)
 
     def matmat(self, V: Tensor) -> Tensor:
-        """``(P, m) -> (P, m)``: one JVP (all m columns) and one VJP per chunk of a batch, the
-        output-space Hessian in between."""
+        """``(P, m) -> (P, m)``: the curvature times the columns of ``V``.
+
+        One JVP (all m columns) and one VJP per chunk of a batch, the output-space Hessian in
+        between.
+        """
         if V.dim() != 2 or V.shape[0] != self.num_params:
             raise ValueError(f"V must have shape ({self.num_params}, m), got {tuple(V.shape)}")
         V = V.to(self.dtype, copy=False)
@@ -279,7 +304,7 @@ class CurvatureOperator:
                 self.likelihood, self.rows, batch.index, B, n, K, cost.output_dtype, inputs.device
             )
             rows_of = LikelihoodRows(self.likelihood, self.rows, y, noise, cost.output_shape, n, K)
-            budget = Budget.of(self._budget())
+            budget = Budget.of(self._budget(), device=self.device)
             held = 3 * V.numel() * V.element_size()
             rows, cols, per_pair, per_col, held = _product_chunks(cost, B, m, budget, held)
             budget.require(
@@ -351,29 +376,49 @@ class CurvatureOperator:
 
     # -- structured results --------------------------------------------------------------
     def diagonal(self) -> DiagonalCurvature:
-        """``(P,)``: the diagonal (exact, or the Monte Carlo estimate for ``mc_samples``) — a
-        :class:`~pushforward.curvature.results.DiagonalCurvature` (a tensor)."""
+        """``(P,)``: the diagonal, exact or the Monte Carlo estimate for ``mc_samples``.
+
+        Returns:
+            A :class:`DiagonalCurvature` (a tensor).
+        """
         sums = DiagonalSums(self.fm)
         self._pass().run(self.data, sums)
         totals, count = self.data.finish(list(sums.sums.values()))
         flat = self.fm.flatten(dict(zip(sums.sums, totals, strict=True))) * self._scale(count)
-        return DiagonalCurvature(flat, self.fm.layout)
+        return self._tagged(DiagonalCurvature(flat, self.fm.layout))
 
     def dense(self) -> DenseCurvature:
-        """``(P, P)``: the matrix, from per-example rows of all P parameters (small P) — a
-        :class:`~pushforward.curvature.results.DenseCurvature` (a tensor)."""
+        """``(P, P)``: the matrix, from per-example rows of all P parameters (small P).
+
+        Returns:
+            A :class:`DenseCurvature` (a tensor).
+        """
         sums = DenseSums(self.fm)
         self._pass().run(self.data, sums)
         (total,), count = self.data.finish([sums.total])
-        return DenseCurvature(total * self._scale(count), self.fm.layout)
+        return self._tagged(DenseCurvature(total * self._scale(count), self.fm.layout))
 
     def kfac(self, approx: str = "expand", generic: str = "diagonal") -> KroneckerCurvature:
-        """K-FAC: a :class:`~pushforward.curvature.results.KroneckerCurvature` (a
-        :class:`~pushforward.Kronecker` bound to the model's layout) whose ``to_dense()`` is the
-        ``(P, P)`` curvature: ``G ⊗ A`` per layer weight, ``G`` per bias, and a
-        :class:`~pushforward.Diagonal` (``generic="diagonal"``) or :class:`~pushforward.Dense`
-        block for other parameters (see :mod:`pushforward.curvature.kfac` for the conventions;
-        ``approx`` is ``"expand"`` or ``"reduce"``)."""
+        """K-FAC: one Kronecker-factored block per layer weight.
+
+        Args:
+            approx: for a layer applied at several positions per example (sequences,
+                convolutions): ``"expand"`` treats every position as an example (``A`` averages
+                ``x x^T`` over examples and positions, ``G`` sums ``g g^T`` over them);
+                ``"reduce"`` first takes each example's mean input and summed output gradient over
+                the positions. curvlinops' conventions, which laplace-torch's ``KronLaplace`` uses;
+                both agree for a layer applied once.
+            generic: ``"diagonal"`` or ``"dense"``: the block of a parameter that is not a
+                supported layer's weight or bias (the exact diagonal of its curvature, or its dense
+                block).
+
+        Returns:
+            A :class:`KroneckerCurvature` (a :class:`~pushforward.Kronecker` bound to the model's
+            layout) whose ``to_dense()`` is the ``(P, P)`` curvature: ``G ⊗ A`` per layer weight
+            (output side ``G``, input side ``A``, an average over the examples), ``G`` per bias,
+            and a :class:`~pushforward.Diagonal` or :class:`~pushforward.Dense` block for other
+            parameters.
+        """
         sums = KFACSums(self.fm, approx, generic)
         self._pass().run(self.data, sums)
         factors = sums.factors
@@ -382,7 +427,7 @@ class CurvatureOperator:
         blocks = kfac_blocks(self.fm, factors, 1.0 / count, self._scale(count))
         out = KroneckerCurvature(blocks, check=False)
         out.layout = self.fm.layout
-        return out
+        return self._tagged(out)
 
     def lowrank(
         self,
@@ -395,19 +440,27 @@ class CurvatureOperator:
         power_iterations: int = 4,
         seed: int = 0,
     ) -> LowRankCurvature:
-        """``(eigenvalues (k,), eigenvectors (P, k))``: the k largest eigenpairs, a
-        :class:`~pushforward.curvature.results.LowRankCurvature` (a tuple).
+        """The k largest eigenpairs ``(eigenvalues (k,), eigenvectors (P, k))``.
 
         Args:
             k: how many.
-            method: ``"lanczos"`` (one :meth:`matvec` per step; ``iterations`` steps when
-                given, else until the k leading Ritz values converge to ``tol`` relative to the
-                largest) or ``"randomized"`` (subspace iteration: ``power_iterations + 2``
-                :meth:`matmat` calls with ``k + oversample`` columns).
+            method: ``"lanczos"`` (one :meth:`matvec` per step) or ``"randomized"`` (subspace
+                iteration: ``power_iterations + 2`` :meth:`matmat` calls with ``k + oversample``
+                columns).
+            iterations: Lanczos: run exactly this many steps; ``None`` runs until the k leading
+                Ritz values converge to ``tol`` (at most ``10 k + 20`` steps).
+            tol: Lanczos: convergence tolerance, relative to the largest Ritz value.
+            oversample: randomized: extra sketch columns beyond ``k``.
+            power_iterations: randomized: products with orthonormalization before Rayleigh-Ritz.
             seed: seeds the starting vector / sketch.
 
-        When the curvature's rank is below ``k`` (Lanczos finds an invariant subspace of smaller
-        dimension), fewer pairs are returned, with a warning saying how many.
+        Returns:
+            A :class:`LowRankCurvature` (a tuple). When the curvature's rank is below ``k`` (Lanczos
+            finds an invariant subspace of smaller dimension), fewer pairs are returned, with a
+            warning saying how many.
+
+        Raises:
+            ValueError: ``k`` exceeds P, or an unknown ``method``.
         """
         check_positive_int(k, "k")
         if k > self.num_params:
@@ -415,7 +468,7 @@ class CurvatureOperator:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         common = {"dtype": self.dtype, "device": self.device, "generator": generator}
         P, itemsize = self.num_params, torch.finfo(self.dtype).bits // 8
-        budget = Budget.of(self._budget())
+        budget = Budget.of(self._budget(), device=self.device)
         if method == "lanczos":
             if iterations is not None:
                 check_positive_int(iterations, "iterations")
@@ -445,7 +498,15 @@ class CurvatureOperator:
                 UserWarning,
                 stacklevel=2,
             )
-        return LowRankCurvature(values, vectors, self.fm.layout)
+        return self._tagged(LowRankCurvature(values, vectors, self.fm.layout))
+
+    def _tagged(self, curvature: C) -> C:
+        """``curvature`` marked with the likelihood's kind.
+
+        A regression curvature's posterior then asks for the observation noise.
+        """
+        curvature.likelihood = self.likelihood.kind
+        return curvature
 
     def __repr__(self) -> str:
         ranks = "" if self.group is None else f", summed over {self.group.size} ranks"
@@ -459,8 +520,10 @@ class CurvatureOperator:
 
 
 def _product_chunks(cost: ModelCost, B: int, m: int, budget: Budget, held: int):
-    """``(examples, columns, per example and column, per column, held)`` of a product's chunks:
-    all columns through as many examples as fit, else one column at a time through fewer."""
+    """``(examples, columns, per example and column, per column, held)`` of a product's chunks.
+
+    All columns go through as many examples as fit, else one column at a time through fewer.
+    """
     per_pair, per_col = product_bytes(cost)
     cols = budget.chunk(B * per_pair + per_col, held, at_most=m)
     rows = B
@@ -473,10 +536,12 @@ class GGN(CurvatureOperator):
     """The generalized Gauss-Newton ``sum_n J_n^T L_n J_n`` over ``data``.
 
     Args:
-        model: an ``nn.Module`` (its trainable parameters) or a :class:`~pushforward.FunctionalModel`.
-        data: a re-iterable collection of ``(x, y)`` batches (a ``DataLoader``, a list), or of
-            mappings holding the targets under ``target_key``
-            (see :mod:`pushforward.curvature.data`).
+        model: an ``nn.Module`` (its trainable parameters) or a
+            :class:`~pushforward.FunctionalModel`.
+        data: a re-iterable collection of batches (a ``DataLoader``, a list; every pass iterates
+            it afresh). A batch is ``(x, y)`` — ``x`` a tensor, a tuple of positional tensors or
+            a mapping of keyword arguments — or a mapping holding the targets under
+            ``target_key`` next to the model's keyword arguments.
         likelihood: ``"classification"`` (softmax cross-entropy), ``"regression"`` (Gaussian,
             unit noise), a :class:`~pushforward.curvature.Likelihood` (e.g.
             ``CrossEntropy(ignore_index=...)``) or a callable ``(f, y) -> (n, K, K)`` giving the
@@ -535,10 +600,13 @@ class GGN(CurvatureOperator):
 
 
 class EmpiricalFisher(CurvatureOperator):
-    """The empirical Fisher ``sum_n g_n g_n^T`` over ``data``, ``g_n`` the gradient of example
-    n's negative log-likelihood (all its positions). Arguments as :class:`GGN` (no
-    ``mc_samples``). For regression, ``g_n = J_n^T (f_n - y_n)`` (unit noise; laplace-torch's
-    ``EFInterface`` uses the gradient of its ``MSELoss`` and is twice this)."""
+    """The empirical Fisher ``sum_n g_n g_n^T`` over ``data``.
+
+    ``g_n`` is the gradient of example n's negative log-likelihood (all its positions). The
+    arguments are :class:`GGN`'s, without ``mc_samples``. For regression,
+    ``g_n = J_n^T (f_n - y_n)`` (unit noise; laplace-torch's ``EFInterface`` uses the gradient of
+    its ``MSELoss`` and is twice this).
+    """
 
     def __init__(
         self,
@@ -584,15 +652,20 @@ _PULL = Ladder(
 
 
 def _separate(fm: FunctionalModel, params, sub: Inputs, tangents, output_space) -> dict:
-    """``J^T H J V`` for ``c`` tangents: all of them through one forward-mode pass (``vmap``),
-    then all cotangents through one backward pass."""
+    """``J^T H J V`` for ``c`` tangents.
+
+    All of them through one forward-mode pass (``vmap``), then all cotangents through one backward
+    pass.
+    """
     f, JV = push_tangents(fm, params, sub, tangents)  # (c, b, *f_b)
     return _PULL(fm, fm, params, sub, output_space(f, JV))
 
 
 def _fused(fm: FunctionalModel, params, sub: Inputs, tangents, output_space) -> dict:
-    """One tangent: the forward-mode pass is itself recorded for the backward pass (one forward
-    with dual numbers, one backward; no ``vmap`` over a single column)."""
+    """``J^T H J v`` for one tangent, its forward-mode pass recorded for the backward pass.
+
+    One forward with dual numbers, one backward; no ``vmap`` over a single column.
+    """
     tangent = {k: t[0] for k, t in tangents.items()}
 
     def forward(p):

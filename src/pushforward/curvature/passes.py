@@ -1,5 +1,4 @@
-"""One pass over the data: per batch and chunk, the layer pieces of the curvature's rows, and
-the plan that says how.
+"""One pass over the data: the layer pieces of the curvature's rows, and the plan that says how.
 
 A :class:`Consumer` (the diagonal, K-FAC, the dense matrix) says what it holds and what it
 forms per row; :class:`CurvaturePass` goes over the batches, takes each batch's rows from the
@@ -95,12 +94,13 @@ class PassPlan:
 
     @property
     def chunks(self) -> int:
+        """Chunks per batch, ``ceil(examples * rows / chunk)``."""
         total = self.examples * self.rows
         return math.ceil(total / self.chunk) if total else 0
 
     @property
     def memory(self) -> int:
-        """Estimated peak of the pass: what it holds and one chunk."""
+        """Estimated peak memory of the pass in bytes (what it holds, and one chunk)."""
         examples = min(self.examples, max(1, math.ceil(self.chunk / max(self.rows, 1))))
         return self.held + self.chunk * self.per_row + examples * self.per_example
 
@@ -149,8 +149,10 @@ class CurvaturePass:
         return shape.numel() // max(K, 1), K
 
     def _batch(self, batch: Batch, consumer: Consumer, rows: Directions | None = None):
-        """``(plan, inputs, structure, rows, generic)`` of one batch (its rows the
-        likelihood's, unless given)."""
+        """``(plan, inputs, structure, rows, generic)`` of one batch.
+
+        Its rows are the likelihood's, unless given.
+        """
         fm, lik = self.fm, self.likelihood
         inputs = fm.prepare(batch.inputs).detach()
         cost = measure_cost(fm, inputs)
@@ -177,10 +179,10 @@ class CurvaturePass:
         per_row = direction_bytes(cost, z, generic_numel, autograd=rung != "chain")
         per_row += consumer.row_bytes(structure, cost)
         per_example = example_bytes(cost)
-        budget = Budget.of(self.budget)
+        budget = Budget.of(self.budget, device=inputs.device)
         held = consumer.held_bytes()
         R = rows.rows
-        chunk = budget.chunk(per_row + per_example // max(R, 1), held, max(B * R, 1))
+        chunk = budget.chunk(per_row + per_example // max(R, 1), held, max(B * R, 1), at_least=R)
         producer = f"{rung}: {RUNGS[rung]}"
         flops = B * cost.forward_flops * (1 + R)  # one forward, a backward per row (~ forward)
         plan = PassPlan(
@@ -202,8 +204,10 @@ class CurvaturePass:
             self.run_batch(batch, consumer)
 
     def run_batch(self, batch: Batch, consumer: Consumer, rows: Directions | None = None) -> None:
-        """Feed ``consumer`` the pieces of every chunk of ``batch`` for ``rows`` (default: the
-        likelihood's rows of the batch)."""
+        """Feed ``consumer`` the pieces of every chunk of ``batch`` for ``rows``.
+
+        ``rows`` defaults to the likelihood's rows of the batch.
+        """
         fm = self.fm
         params = fm.params(False)
         plan, inputs, structure, rows, generic = self._batch(batch, consumer, rows)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,11 +45,42 @@ from pushforward.curvature.results import (
     check_n_data,
 )
 
-__all__ = ["laplace_posterior", "log_marginal_likelihood", "optimize_prior_precision"]
+__all__ = [
+    "PriorAndNoise",
+    "laplace_posterior",
+    "log_marginal_likelihood",
+    "optimize_prior_precision",
+]
 
 
-def _noise(sigma_noise: float | Tensor, like: Tensor) -> Tensor:
-    """σ as a tensor like ``like``, checked finite and positive."""
+class PriorAndNoise(NamedTuple):
+    """What :func:`optimize_prior_precision` returns with ``optimize_sigma=True``; unpacks as
+    ``delta, sigma = ...``.
+
+    Attributes:
+        prior_precision: δ (0-d, ``(L,)`` or ``(P,)`` by the prior structure).
+        sigma_noise: σ, the observation noise's standard deviation (0-d).
+    """
+
+    prior_precision: Tensor
+    sigma_noise: Tensor
+
+
+def _needs_noise(kind: str | None, sigma_noise: Any, what: str) -> None:
+    """Refuse a regression curvature without its observation noise (one convention, σ the
+    standard deviation: the curvature is for unit noise, so a silent σ = 1 would be another
+    posterior)."""
+    if kind == "regression" and sigma_noise is None:
+        raise ValueError(
+            f"{what} of a regression curvature needs the observation noise: pass "
+            "sigma_noise=σ (its standard deviation; optimize_prior_precision(..., "
+            "optimize_sigma=True) tunes it), or sigma_noise=1.0 for unit noise"
+        )
+
+
+def _noise(sigma_noise: float | Tensor | None, like: Tensor) -> Tensor:
+    """σ as a tensor like ``like`` (1 for ``None``), checked finite and positive."""
+    sigma_noise = 1.0 if sigma_noise is None else sigma_noise
     sigma = torch.as_tensor(sigma_noise, dtype=like.dtype, device=like.device)
     with torch.no_grad():
         if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
@@ -65,7 +96,7 @@ def laplace_posterior(
     *,
     temperature: float | Tensor = 1.0,
     n_data: int | None = None,
-    sigma_noise: float | Tensor = 1.0,
+    sigma_noise: float | Tensor | None = None,
     damping: bool = False,
     layout: Any = None,
 ) -> CovarianceOperator:
@@ -73,7 +104,7 @@ def laplace_posterior(
 
     Args:
         curvature: a curvature from ``GGN.diagonal()``, ``.dense()``, ``.lowrank(k)`` or
-            ``.kfac()`` (:mod:`~pushforward.curvature.results`), or the same as plain tensors:
+            ``.kfac()`` (a :class:`~pushforward.curvature.Curvature`), or the same as plain tensors:
             ``(P,)``, ``(P, P)``, ``(eigenvalues, eigenvectors)``, a bound
             :class:`~pushforward.Kronecker`.
         prior_precision: δ: a scalar, one value per parameter tensor (needs the layout) or per
@@ -81,7 +112,10 @@ def laplace_posterior(
         temperature: T.
         n_data: the curvature is an average over this many examples (``reduction="mean"``):
             it is multiplied by it. ``None`` for a summed curvature.
-        sigma_noise: σ, the observation noise of regression (the curvature is for unit noise).
+        sigma_noise: σ, the standard deviation of regression's observation noise (the curvature
+            is for unit noise). Required for a regression curvature of
+            :class:`~pushforward.curvature.GGN` (its result knows its likelihood); ``None`` is
+            unit noise for a curvature given as plain tensors or of another likelihood.
         damping: laplace-torch's damped Kronecker form (K-FAC only).
         layout: the :class:`~pushforward.ParamLayout` (or anything with ``.layout``: the
             curvature operator, a FunctionalModel) for per-tensor prior precisions and to bind
@@ -95,6 +129,7 @@ def laplace_posterior(
             is not a positive number, a precision that is not positive definite.
     """
     typed = as_curvature(curvature, layout)
+    _needs_noise(typed.likelihood, sigma_noise, "the posterior")
     ref = typed.reference()
     scale = check_n_data(n_data) / _noise(sigma_noise, ref).square()
     return typed.covariance(prior_precision, scale=scale, temperature=temperature, damping=damping)
@@ -105,7 +140,7 @@ def log_marginal_likelihood(
     curvature: Curvature | Any,
     prior_precision: PriorPrecision,
     *,
-    sigma_noise: float | Tensor = 1.0,
+    sigma_noise: float | Tensor | None = None,
     temperature: float | Tensor = 1.0,
     prior_mean: float | Tensor = 0.0,
     damping: bool = False,
@@ -121,13 +156,19 @@ def log_marginal_likelihood(
         sigma_noise: σ (regression only); differentiable.
         temperature: T.
         prior_mean: μ0, scalar or ``(P,)``.
+        damping: laplace-torch's damped Kronecker form (K-FAC only).
 
     Returns:
         A scalar tensor.
+
+    Raises:
+        ValueError: ``sigma_noise`` other than 1 for a likelihood that is not regression, or a
+            prior precision or σ that is not finite and positive.
     """
     typed = as_curvature(curvature, fit)
     ref = typed.reference()
     kind = fit.likelihood.kind
+    _needs_noise(kind, sigma_noise, "the marginal likelihood")
     sigma = _noise(sigma_noise, ref)
     if kind != "regression" and bool(sigma != 1):
         raise ValueError("sigma_noise applies to regression only")
@@ -159,14 +200,14 @@ def optimize_prior_precision(
     init_prior_prec: float = 1.0,
     n_steps: int = 100,
     lr: float = 0.1,
-    sigma_noise: float | Tensor = 1.0,
+    sigma_noise: float | Tensor | None = None,
     optimize_sigma: bool = False,
     temperature: float = 1.0,
     prior_mean: float | Tensor = 0.0,
     val_data: Iterable | None = None,
     grid: Tensor | None = None,
     link: str = "probit",
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | PriorAndNoise:
     """Tune the prior precision δ (and for regression optionally σ).
 
     Args:
@@ -174,19 +215,35 @@ def optimize_prior_precision(
             :func:`log_marginal_likelihood`).
         curvature: its diagonal, dense matrix, low-rank pair or K-FAC (decomposed once).
         method: ``"marglik"`` — maximize :func:`log_marginal_likelihood` with Adam on ``log δ``
-            (``n_steps`` steps of learning rate ``lr`` from ``init_prior_prec``; laplace-torch's
-            loop); ``"gridsearch"`` — the scalar δ of ``grid`` (default ``10^-4 ... 10^4``,
-            100 points) with the best log-likelihood of the predictive on ``val_data``
-            (classification: the ``link`` predictive; regression: ``N(f, var + σ²)``).
+            (laplace-torch's loop); ``"gridsearch"`` — the scalar δ of ``grid`` with the best
+            log-likelihood of the predictive on ``val_data`` (classification: the ``link``
+            predictive; regression: ``N(f, var + σ²)``).
         prior_structure: ``"scalar"``, ``"layerwise"`` (one per parameter tensor) or ``"diag"``
             (one per parameter; not for K-FAC) — marglik only.
+        init_prior_prec: marglik: the starting δ (finite, positive).
+        n_steps: marglik: Adam steps.
+        lr: marglik: Adam's learning rate.
+        sigma_noise: σ, the observation noise (regression); the starting value with
+            ``optimize_sigma``.
         optimize_sigma: also maximize over σ (regression, marglik).
+        temperature: T.
+        prior_mean: μ0 (marglik), scalar or ``(P,)``.
+        val_data: gridsearch: the validation batches, as the curvature's data are given.
+        grid: gridsearch: the candidate δ values (default ``10^-4 ... 10^4``, 100 points on a
+            log scale).
+        link: gridsearch, classification: the link of :func:`pushforward.predictive`.
 
     Returns:
         δ — 0-d for ``"scalar"``, ``(L,)``, or ``(P,)`` — or ``(δ, σ)`` with ``optimize_sigma``.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``prior_structure``, options that do not apply to
+            the method or likelihood, or gridsearch without validation data.
     """
     typed = as_curvature(curvature, fit)
     ref = typed.reference()
+    if not optimize_sigma:
+        _needs_noise(fit.likelihood.kind, sigma_noise, "tuning the prior precision")
     if method == "gridsearch":
         if prior_structure != "scalar" or optimize_sigma:
             raise ValueError("gridsearch tunes a scalar prior precision only")
@@ -220,7 +277,7 @@ def optimize_prior_precision(
         (sizes[prior_structure],), float(init.log()), dtype=ref.dtype, device=ref.device
     ).requires_grad_(True)
     variables = [log_delta]
-    log_sigma = torch.as_tensor(sigma_noise, dtype=ref.dtype, device=ref.device).log()
+    log_sigma = _noise(sigma_noise, ref).log()
     if optimize_sigma:
         log_sigma = log_sigma.clone().requires_grad_(True)
         variables.append(log_sigma)
@@ -241,7 +298,7 @@ def optimize_prior_precision(
             optimizer.step()
     delta = log_delta.detach().exp()
     delta = delta[0] if prior_structure == "scalar" else delta
-    return (delta, log_sigma.detach().exp()) if optimize_sigma else delta
+    return PriorAndNoise(delta, log_sigma.detach().exp()) if optimize_sigma else delta
 
 
 def _gridsearch(fit, typed: Curvature, val_data, grid, sigma_noise, temperature, link) -> Tensor:

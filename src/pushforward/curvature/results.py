@@ -63,12 +63,21 @@ ALL_PRIORS = ("scalar", "layerwise", "diagonal")
 
 
 class Curvature:
-    """What every curvature type provides (see the module docstring)."""
+    """What every curvature type provides.
+
+    A curvature ``H`` (``P x P``, summed over the data for unit observation noise) becomes a
+    Laplace posterior through its precision ``s H + diag(δ)``, ``s = scale / temperature``; each
+    type computes the covariance and log-determinant of that precision in its own closed form.
+    """
 
     #: The prior precision structures :meth:`covariance` accepts.
     prior_structures: tuple[str, ...] = ALL_PRIORS
     #: The parameter layout the curvature is over (``None``: not known).
     param_layout: ParamLayout | None
+    #: The likelihood's kind (``"classification"``, ``"regression"``, ...) of the curvature
+    #: operator it came from (``None``: a plain tensor given by the user). A regression
+    #: curvature is for unit noise: its posterior needs the observation noise σ.
+    likelihood: str | None = None
 
     @property
     def size(self) -> int:
@@ -87,7 +96,19 @@ class Curvature:
         temperature: float | Tensor = 1.0,
         damping: bool = False,
     ) -> CovarianceOperator:
-        """The posterior covariance ``(s H + diag(δ))^{-1}``, ``s = scale / temperature``."""
+        """The posterior covariance ``(s H + diag(δ))^{-1}``, ``s = scale / temperature``.
+
+        Args:
+            prior_precision: δ: a scalar, one value per parameter tensor (``(L,)`` in the layout's
+                order, or a mapping by name) or one per parameter ``(P,)`` (as
+                :attr:`prior_structures` allows); finite and positive.
+            scale: multiplies the curvature (e.g. ``n_data / σ²``).
+            temperature: divides the curvature.
+            damping: laplace-torch's damped Kronecker form (K-FAC only).
+
+        Returns:
+            A covariance operator, bound to the curvature's layout when it has one.
+        """
         raise NotImplementedError
 
     def logdet(
@@ -98,7 +119,10 @@ class Curvature:
         temperature: float | Tensor = 1.0,
         damping: bool = False,
     ) -> Tensor:
-        """``log det (s H + diag(δ))``, differentiable in ``δ`` and ``scale``."""
+        """``log det (s H + diag(δ))``, differentiable in ``δ`` and ``scale``.
+
+        The arguments are those of :meth:`covariance`.
+        """
         raise NotImplementedError
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -234,11 +258,11 @@ class _TensorCurvature(Tensor, Curvature):
 
 
 class DiagonalCurvature(_TensorCurvature):
-    """The diagonal of a curvature, ``(P,)``: a tensor with the curvature methods (module
-    docstring)."""
+    """The diagonal of a curvature, ``(P,)``: a tensor with the curvature methods."""
 
     @property
     def size(self) -> int:
+        """P."""
         return self.shape[0]
 
     def _precision(self, prior_precision, scale, temperature, damping) -> Tensor:
@@ -246,13 +270,19 @@ class DiagonalCurvature(_TensorCurvature):
         return self._s(scale, temperature) * self.values + self.prior_diagonal(prior_precision)
 
     def covariance(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """The posterior covariance ``diag(1 / (s h + δ))``, a :class:`~pushforward.Diagonal`.
+
+        The arguments are those of :meth:`Curvature.covariance`; ``damping`` must be False.
+        """
         precision = self._precision(prior_precision, scale, temperature, damping)
         return _bound(Diagonal(precision.reciprocal(), check=False), self.param_layout)
 
     def logdet(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """``sum log (s h + δ)``, differentiable in ``δ`` and ``scale``."""
         return self._precision(prior_precision, scale, temperature, damping).log().sum()
 
     def matvec(self, v: Tensor) -> Tensor:
+        """``h * v`` for ``v (P,)``."""
         return self.values * v
 
 
@@ -261,6 +291,7 @@ class DenseCurvature(_TensorCurvature):
 
     @property
     def size(self) -> int:
+        """P."""
         return self.shape[0]
 
     def _factor(self, prior_precision, scale, temperature, damping) -> Tensor:
@@ -272,26 +303,44 @@ class DenseCurvature(_TensorCurvature):
         return _cholesky(precision, "the posterior precision s H + diag(prior precision)")
 
     def covariance(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """The posterior covariance, a :class:`~pushforward.Dense` with square root ``L^{-T}``.
+
+        ``L`` is the Cholesky factor of the precision ``s H + diag(δ)``. The arguments are those of
+        :meth:`Curvature.covariance`; ``damping`` must be False.
+
+        Raises:
+            ValueError: the precision is not positive definite.
+        """
         L = self._factor(prior_precision, scale, temperature, damping)
         eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
         factor = torch.linalg.solve_triangular(L, eye, upper=False).T  # L^{-T}
         return _bound(Dense.from_factor(factor.to(self.dtype), check=False), self.param_layout)
 
     def logdet(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """``log det (s H + diag(δ))`` from the precision's Cholesky factor."""
         L = self._factor(prior_precision, scale, temperature, damping)
         return (2 * L.diagonal().log().sum()).to(self.dtype)
 
     def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for ``v (P,)``."""
         return self.values @ v
 
 
 class LowRankCurvature(tuple, Curvature):
-    """The leading eigenpairs of a curvature: ``(eigenvalues (k,), eigenvectors (P, k))``, a
-    tuple (unpacks as before) with the curvature methods; ``H ≈ U diag(λ) U^T``."""
+    """The leading eigenpairs of a curvature, ``H ≈ U diag(λ) U^T``.
+
+    A tuple ``(eigenvalues (k,), eigenvectors (P, k))`` (it unpacks as a pair) with the curvature
+    methods.
+    """
 
     param_layout: ParamLayout | None
 
     def __new__(cls, eigenvalues: Tensor, eigenvectors: Tensor, layout: ParamLayout | None = None):
+        """The pair, checked: ``eigenvalues (k,)`` and ``eigenvectors (P, k)``.
+
+        Raises:
+            ValueError: the shapes do not form such a pair.
+        """
         if eigenvalues.dim() != 1 or eigenvectors.dim() != 2:
             raise ValueError(
                 f"a low-rank curvature is (eigenvalues (k,), eigenvectors (P, k)); got shapes "
@@ -310,17 +359,21 @@ class LowRankCurvature(tuple, Curvature):
 
     @property
     def eigenvalues(self) -> Tensor:
+        """λ, ``(k,)``."""
         return self[0]
 
     @property
     def eigenvectors(self) -> Tensor:
+        """U, ``(P, k)``."""
         return self[1]
 
     @property
     def size(self) -> int:
+        """P."""
         return self[1].shape[0]
 
     def reference(self) -> Tensor:
+        """The eigenvectors (for the dtype and device)."""
         return self.eigenvectors
 
     def _parts(self, prior_precision, scale, temperature, damping) -> tuple[Tensor, Tensor]:
@@ -329,10 +382,16 @@ class LowRankCurvature(tuple, Curvature):
         return s * self.eigenvalues.clamp_min(0), self.prior_diagonal(prior_precision)
 
     def covariance(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """The posterior covariance, a :class:`~pushforward.LowRankPrecision`.
+
+        Its precision is ``U diag(s λ) U^T + diag(δ)`` (negative eigenvalues clamped to 0). The
+        arguments are those of :meth:`Curvature.covariance`; ``damping`` must be False.
+        """
         values, d = self._parts(prior_precision, scale, temperature, damping)
         return _bound(LowRankPrecision(self.eigenvectors, values, d), self.param_layout)
 
     def logdet(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """``log det (U diag(s λ) U^T + diag(δ))`` by the matrix determinant lemma (k x k)."""
         values, d = self._parts(prior_precision, scale, temperature, damping)
         U = _working(self.eigenvectors)
         W = U * values.to(U.dtype).sqrt() / d.to(U.dtype).sqrt().unsqueeze(-1)
@@ -340,38 +399,55 @@ class LowRankCurvature(tuple, Curvature):
         return (d.log().sum() + torch.logdet(core)).to(self.eigenvectors.dtype)
 
     def matvec(self, v: Tensor) -> Tensor:
+        """``U diag(λ) U^T v`` for ``v (P,)``."""
         return self.eigenvectors @ (self.eigenvalues * (self.eigenvectors.T @ v))
 
 
 class KroneckerCurvature(Kronecker, Curvature):
-    """K-FAC: a :class:`~pushforward.Kronecker` operator (its ``to_dense()`` is the curvature)
-    with the curvature methods; the factors' eigendecompositions are made once."""
+    """K-FAC: a :class:`~pushforward.Kronecker` operator with the curvature methods.
+
+    Its ``to_dense()`` is the curvature. The factors' eigendecompositions are made once, at the
+    first :meth:`covariance` or :meth:`logdet`.
+    """
 
     prior_structures = ("scalar", "layerwise")
 
     @property
     def param_layout(self) -> ParamLayout | None:  # type: ignore[override]
+        """The bound layout (the operator's ``layout``)."""
         return self.layout
 
     @property
     def size(self) -> int:
+        """P."""
         return self.num_params
 
     def reference(self) -> Tensor:
+        """The first defining tensor (for the dtype and device)."""
         return self.tensors()[0]
 
     def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for ``v (P,)``, block by block."""
         return self.matmul(v)
 
     def _spectrum(self) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """Per block ``(eigenvectors, eigenvalues)`` as :meth:`Kronecker.from_precision_eigen`
-        reads them (a diagonal block: no eigenvectors)."""
+        """Per block ``(eigenvectors, eigenvalues)``, as :meth:`Kronecker.from_precision_eigen` reads them.
+
+        A diagonal block has no eigenvectors.
+        """
         found = self.__dict__.get("_eigen")
         if found is None:
             found = self._eigen = [_decompose(n, b) for n, b in self.blocks.items()]
         return found
 
     def covariance(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """The posterior covariance, a :class:`~pushforward.Kronecker` in eigen form.
+
+        Per weight, precision eigenvalues ``s λ_G λ_A^T + δ`` (``damping=True``:
+        ``(sqrt(s) λ_G + sqrt(δ)) (sqrt(s) λ_A + sqrt(δ))^T``), per other block ``s λ + δ``. The
+        arguments are those of :meth:`Curvature.covariance`; the prior precision is a scalar or one
+        value per parameter tensor.
+        """
         deltas = self.prior_per_tensor(prior_precision)
         s = self._s(scale, temperature)
         vectors, values = zip(*self._spectrum(), strict=True)
@@ -379,6 +455,7 @@ class KroneckerCurvature(Kronecker, Curvature):
         return out.bind(self._layout())
 
     def logdet(self, prior_precision, *, scale=1.0, temperature=1.0, damping=False):
+        """``log det`` of the precision :meth:`covariance` inverts: its eigenvalues' log sum."""
         deltas = self.prior_per_tensor(prior_precision)
         s = self._s(scale, temperature)
         total = self.reference().new_zeros(())
@@ -413,11 +490,17 @@ def _bound(op: CovarianceOperator, layout: ParamLayout | None) -> CovarianceOper
 
 
 def as_curvature(curvature: Any, layout: Any = None) -> Curvature:
-    """``curvature`` as a typed :class:`Curvature`: a typed one as is; a ``(P,)`` tensor, a
-    ``(P, P)`` tensor, ``(eigenvalues, eigenvectors)`` or a bound :class:`Kronecker` (K-FAC
-    blocks) converted. ``layout`` (a :class:`~pushforward.ParamLayout`, or anything with
-    ``.layout``: the curvature operator, a FunctionalModel) is used where the curvature has
-    none."""
+    """``curvature`` as a typed :class:`Curvature`.
+
+    A typed one is returned as is; a ``(P,)`` tensor, a ``(P, P)`` tensor,
+    ``(eigenvalues, eigenvectors)`` or a bound :class:`Kronecker` (K-FAC blocks) are converted.
+    ``layout`` (a :class:`~pushforward.ParamLayout`, or anything with ``.layout``: the curvature
+    operator, a FunctionalModel) is used where the curvature has none.
+
+    Raises:
+        ValueError: shapes that do not fit, or a size other than the layout's.
+        TypeError: anything else.
+    """
     layout = getattr(layout, "layout", layout)
     if isinstance(curvature, Curvature):
         if layout is not None and curvature.param_layout is None:

@@ -293,7 +293,7 @@ def _joint(
     size = 1 if group is None else group.size
     itemsize = rows.element_size()
     mine = Options(memory_budget=options.get("memory_budget")).budget_bytes(rows.device)
-    budget = Budget.of(group_min(mine, group))
+    budget = Budget.of(group_min(mine, group), device=rows.device)
     gathered = (2 * N + size) * E * w  # the padded parts, their concatenation, the ordered rows
     extra = N * E * fm.num_params if w == fm.num_params and cov.sqrt_cols > w else 0
     budget.require(

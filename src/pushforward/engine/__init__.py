@@ -4,7 +4,7 @@ Other packages of the library use the engine through the names below (an import 
 by ``tools/import_rules.py``, keeps its modules private):
 
 * :func:`make_plan` / :func:`plan`, :class:`Plan` — plan (and run) a functional variance,
-  covariance or joint covariance;
+  covariance or joint covariance; :class:`Compiled` — a plan captured for repeated calls;
 * :class:`Problem` — what is asked, with its costs and budget;
 * :func:`pushed_columns` — the forward strategy's columns ``J L e_j`` (or ``J e_j``);
 * :func:`monte_carlo_chunks` — the Monte Carlo strategy's chunks of pushed samples;
@@ -13,6 +13,7 @@ by ``tools/import_rules.py``, keeps its modules private):
 
 from pushforward.engine.planner import Plan, make_plan, plan
 from pushforward.engine.problem import Problem
+from pushforward.engine.replay import Compiled
 from pushforward.engine.strategies import STRATEGIES
 from pushforward.engine.strategies.forward import pushed_columns
 from pushforward.engine.strategies.monte_carlo import MonteCarloStrategy
@@ -31,6 +32,7 @@ def monte_carlo_chunks(found: Plan):
 
 __all__ = [
     "MONTE_CARLO",
+    "Compiled",
     "STRATEGY_NAMES",
     "Plan",
     "Problem",

@@ -31,10 +31,14 @@ singleton batch dimension). At the model's output layer ``G`` is one-hot and is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from pushforward.core.einsum import einsum
+from pushforward.covariance.checks import psd_sqrt
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.isotropic import Isotropic
 from pushforward.covariance.kronecker_blocks import KroneckerEigen, KroneckerFactors
@@ -42,7 +46,23 @@ from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.contraction import gram
 from pushforward.layers import LayerCall, OneHot, dense
 
-__all__ = ["GroupContraction", "contraction_for"]
+__all__ = ["GroupContraction", "Kernel", "QuadraticForm", "contraction_for", "fused"]
+
+#: A layer group's variance ``(b, c)`` from its pieces ``(a, G)``.
+Kernel = Callable[[Tensor, "Tensor | OneHot"], Tensor]
+
+
+@dataclass(frozen=True)
+class QuadraticForm:
+    """A layer group's variance for directions ``G (b, c, out)`` at one position, written
+    ``sum_j (G L)_j^2 s_j``: ``L (out, m)`` (``None``: the identity) formed once, the scales
+    ``s`` either ``scales(a) (b, m)`` per call or, for a group whose variance does not depend on
+    the layer's input (a bias), the constant ``constant (m,)``. Groups on one layer add up by
+    concatenating ``L`` and ``s``."""
+
+    factor: Tensor | None
+    scales: Callable[[Tensor], Tensor] | None = None
+    constant: Tensor | None = None
 
 
 def _grouped(x: Tensor, q: int) -> Tensor:
@@ -127,6 +147,17 @@ class GroupContraction:
         b, c, P = R.shape
         return gram(self.op, R.reshape(b // q, q * c, P))
 
+    def variance_kernel(self, params: dict[str, Tensor]) -> Kernel:
+        """:meth:`variance` as a function of ``(a, G)`` alone, with what depends only on the
+        covariance and the parameters formed once (for replayed calls: valid while neither
+        changes)."""
+        return lambda a, G: self.variance(a, G, params)
+
+    def quadratic_form(self) -> QuadraticForm | None:
+        """The group's variance as a :class:`QuadraticForm` (a layer applied at one position),
+        or ``None`` when it has none."""
+        return None
+
 
 def _diagonal_like(op: CovarianceOperator) -> bool:
     return isinstance(op, (Diagonal, Isotropic))
@@ -139,14 +170,48 @@ def _flat_pairs(M: Tensor, k: Tensor, S: int) -> Tensor:
     return M[k.unsqueeze(-1), k.unsqueeze(-2)]
 
 
-class _BiasDiagonal(GroupContraction):
-    """A bias with a diagonal block: ``sum_o rows_o^2 v_o``."""
+class _Bias(GroupContraction):
+    """A bias with any block ``B``: rows ``e_k`` give ``B_kk``, other rows (the directions
+    summed over positions) ``r^T B r``."""
 
     closed_form = True
 
+    def _unit(self, G: Tensor | OneHot) -> bool:
+        return isinstance(G, OneHot) and self.call.geometry.feature_dim == -1  # outputs last
+
+    def variance(self, a, G, params):
+        if self._unit(G):
+            v = self.op.diagonal()
+            return v[G.index % v.shape[0]]
+        R = self.call.geometry.bias_rows(dense(G))
+        b, c, out = R.shape
+        return self.op.quadratic_rows(R.reshape(b * c, out)).reshape(b, c)
+
+    def variance_kernel(self, params):
+        v, op, geometry = self.op.diagonal(), self.op, self.call.geometry
+
+        def kernel(a: Tensor, G: Tensor | OneHot) -> Tensor:
+            if self._unit(G):
+                return v[G.index % v.shape[0]]
+            R = geometry.bias_rows(G)
+            b, c, out = R.shape
+            return op.quadratic_rows(R.reshape(b * c, out)).reshape(b, c)
+
+        return kernel
+
+    def quadratic_form(self) -> QuadraticForm | None:
+        if self.call.geometry.positions != 1 or self.call.geometry.feature_dim != -1:
+            return None
+        L = self.op.sqrt_dense()  # (out, r)
+        return QuadraticForm(L, constant=L.new_ones(L.shape[1]))
+
+
+class _BiasDiagonal(_Bias):
+    """A bias with a diagonal block: ``sum_o rows_o^2 v_o``."""
+
     def variance(self, a, G, params):
         v = self.op.diagonal()
-        if isinstance(G, OneHot) and self.call.geometry.feature_dim == -1:  # rows e_k
+        if self._unit(G):
             return v[G.index % v.shape[0]]
         R = self.call.geometry.bias_rows(dense(G))
         return (R * R) @ v
@@ -160,18 +225,46 @@ class _BiasDiagonal(GroupContraction):
 
     def joint(self, a, G, params, q):
         v = self.op.diagonal()
-        if isinstance(G, OneHot) and self.call.geometry.feature_dim == -1:
+        if self._unit(G):
             k = _grouped(G.index % v.shape[0], q)  # (g, q, c)
             return _pairs(_same_output(k).to(v.dtype) * v[k][..., None, None])
         R = self.call.geometry.bias_rows(dense(G))  # (b, c, out)
         R = R.reshape(R.shape[0] // q, q * R.shape[1], R.shape[2])  # (g, q c, out)
         return (R * v) @ R.transpose(-1, -2)
 
+    def variance_kernel(self, params):
+        v, geometry = self.op.diagonal(), self.call.geometry
+
+        def kernel(a: Tensor, G: Tensor | OneHot) -> Tensor:
+            if self._unit(G):
+                return v[G.index % v.shape[0]]
+            R = geometry.bias_rows(G)
+            return (R * R) @ v
+
+        return kernel
+
+    def quadratic_form(self) -> QuadraticForm | None:
+        if self.call.geometry.positions != 1 or self.call.geometry.feature_dim != -1:
+            return None
+        return QuadraticForm(None, constant=self.op.diagonal())
+
 
 class _LinearDiagonal(GroupContraction):
-    """An affine weight applied once per example, diagonal block."""
+    """An affine weight applied once per example, diagonal block — with its bias's diagonal
+    block fused in when both are asked (:func:`fused`): the directions' squares are formed
+    once for both, ``sum_o G_o^2 (sum_i V_oi a_i^2 + v_o)``."""
 
     closed_form = True
+
+    def __init__(
+        self,
+        call: LayerCall,
+        names: tuple[str, ...],
+        op: CovarianceOperator,
+        bias: _BiasDiagonal | None = None,
+    ) -> None:
+        super().__init__(call, names + (() if bias is None else bias.names), op)
+        self.bias = bias
 
     def _V(self) -> Tensor:
         """The variances as the ``(out, in)`` matrix of the map."""
@@ -179,16 +272,17 @@ class _LinearDiagonal(GroupContraction):
         return geometry.matrix(self.op.diagonal().reshape(geometry.weight_shape))
 
     def _weights(self, a: Tensor) -> Tensor:
-        """``w_bo = sum_i V_oi a_bi^2``: ``(b, out)``."""
+        """``w_bo = sum_i V_oi a_bi^2`` (plus the bias's variance ``v_o``): ``(b, out)``."""
         a = self.call.geometry.inputs(a)[:, 0]  # (b, in)
-        return (a * a) @ self._V().T
+        w = (a * a) @ self._V().T
+        return w if self.bias is None else w + self.bias.op.diagonal()
 
     def variance(self, a, G, params):
         w = self._weights(a)
         if isinstance(G, OneHot):
             return w.gather(1, G.index)
         G = G.reshape(*G.shape[:2], -1)
-        return einsum("bco,bo->bc", G * G, w)
+        return (G * G * w.unsqueeze(1)).sum(-1)  # an elementwise pass: no batch of tiny matmuls
 
     def covariance(self, a, G, params, S):
         w = self._weights(a)
@@ -203,13 +297,42 @@ class _LinearDiagonal(GroupContraction):
 
     def joint(self, a, G, params, q):
         V = self._V()  # (out, in)
-        a = _grouped(self.call.geometry.inputs(a)[:, 0], q)  # (g, q, in)
+        x = _grouped(self.call.geometry.inputs(a)[:, 0], q)  # (g, q, in)
         if isinstance(G, OneHot):
-            W = _pair_products(a) @ V.T  # (g, q, q, out)
+            W = _pair_products(x) @ V.T  # (g, q, q, out)
             k = _grouped(G.index, q)  # (g, q, c)
             picked = W.permute(0, 1, 3, 2).gather(2, k.unsqueeze(-1).expand(*k.shape, q))
-            return _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
-        return _weighted_pairs(_grouped(G.reshape(*G.shape[:2], -1), q), a, V)
+            out = _pairs(_same_output(k).to(W.dtype) * picked.unsqueeze(-1))  # (g,q,c,q,c)
+        else:
+            out = _weighted_pairs(_grouped(G.reshape(*G.shape[:2], -1), q), x, V)
+        return out if self.bias is None else out + self.bias.joint(a, G, params, q)
+
+    def quadratic_form(self) -> QuadraticForm:
+        VT = self._V().T.contiguous()
+        v = None if self.bias is None else self.bias.op.diagonal()
+
+        def scales(a: Tensor) -> Tensor:
+            x = a.reshape(a.shape[0], -1)
+            w = (x * x) @ VT
+            return w if v is None else w + v
+
+        return QuadraticForm(None, scales)
+
+    def variance_kernel(self, params):
+        VT = self._V().T.contiguous()
+        v = None if self.bias is None else self.bias.op.diagonal()
+
+        def kernel(a: Tensor, G: Tensor | OneHot) -> Tensor:
+            x = a.reshape(a.shape[0], -1)  # one position: the input itself
+            w = (x * x) @ VT
+            if v is not None:
+                w = w + v
+            if isinstance(G, OneHot):
+                return w.gather(1, G.index)
+            G = G.reshape(*G.shape[:2], -1)
+            return (G * G * w.unsqueeze(1)).sum(-1)
+
+        return kernel
 
 
 class _LinearKronecker(GroupContraction):
@@ -249,6 +372,45 @@ class _LinearKronecker(GroupContraction):
             return s[:, None] * Fg.diagonal()[G.index]
         G = G.reshape(*G.shape[:2], -1)
         return s[:, None] * einsum("bco,op,bcp->bc", G, Fg, G)
+
+    def quadratic_form(self) -> QuadraticForm:
+        Fg, Fa, M = self._sides()
+        if M is None:  # (G B G^T)(x^T A x): L = a square root of B, the scale x^T A x
+            L = psd_sqrt(Fg, "a Kronecker block's output-side factor")
+
+            def pair_scales(a: Tensor) -> Tensor:
+                x = a.reshape(a.shape[0], -1)
+                return ((x @ Fa) * x).sum(-1, keepdim=True).expand(-1, L.shape[1])
+
+            return QuadraticForm(L, pair_scales)
+        MT = M.T.contiguous()
+
+        def eigen_scales(a: Tensor) -> Tensor:
+            x_hat = a.reshape(a.shape[0], -1) @ Fa
+            return (x_hat * x_hat) @ MT
+
+        return QuadraticForm(Fg, eigen_scales)
+
+    def variance_kernel(self, params):
+        Fg, Fa, M = self._sides()
+        MT = None if M is None else M.T.contiguous()
+        diag = Fg.diagonal().contiguous()
+
+        def kernel(a: Tensor, G: Tensor | OneHot) -> Tensor:
+            x = a.reshape(a.shape[0], -1)  # one position: the input itself
+            unit = isinstance(G, OneHot)
+            if MT is None:  # a factor pair: (G B G^T)(x^T A x)
+                s = ((x @ Fa) * x).sum(-1, keepdim=True)
+                if unit:
+                    return s * diag[G.index]
+                G = G.reshape(*G.shape[:2], -1)
+                return s * ((G @ Fg) * G).sum(-1)
+            x_hat = x @ Fa
+            u = (x_hat * x_hat) @ MT  # (b, out)
+            g_hat = Fg[G.index] if unit else G.reshape(*G.shape[:2], -1) @ Fg
+            return (g_hat * g_hat * u.unsqueeze(1)).sum(-1)
+
+        return kernel
 
     def covariance(self, a, G, params, S):
         Fg, s = self._parts(a)
@@ -312,6 +474,26 @@ class _EmbeddingDiagonal(GroupContraction):
         return einsum("bxstd,btd,bxutd->bxsu", G, Vsel, shared)
 
 
+def fused(contractions: list[GroupContraction]) -> list[GroupContraction]:
+    """``contractions`` with each layer's diagonal weight and bias blocks in one contraction
+    (their directions' squares formed once)."""
+    biases = {
+        c.call.index: c
+        for c in contractions
+        if type(c) is _BiasDiagonal and c.call.geometry.feature_dim == -1
+    }
+    out: list[GroupContraction] = []
+    taken: set[int] = set()
+    for c in contractions:
+        bias = biases.get(c.call.index)
+        if type(c) is _LinearDiagonal and c.bias is None and bias is not None:
+            out.append(_LinearDiagonal(c.call, c.names, c.op, bias))
+            taken.add(c.call.index)
+        elif not (type(c) is _BiasDiagonal and c is biases.get(c.call.index)):
+            out.append(c)
+    return out + [b for i, b in biases.items() if i not in taken]
+
+
 def contraction_for(
     call: LayerCall, names: tuple[str, ...], op: CovarianceOperator, joint: bool
 ) -> GroupContraction | None:
@@ -323,8 +505,8 @@ def contraction_for(
         if joint or not (_diagonal_like(op) and names == (call.weight_name,)):
             return None
         return _EmbeddingDiagonal(call, names, op)
-    if names == (call.bias_name,) and _diagonal_like(op):
-        return _BiasDiagonal(call, names, op)
+    if names == (call.bias_name,):
+        return _BiasDiagonal(call, names, op) if _diagonal_like(op) else _Bias(call, names, op)
     if geometry.once and names == (call.weight_name,):
         if _diagonal_like(op):
             return _LinearDiagonal(call, names, op)

@@ -128,7 +128,7 @@ class Problem:
             output_shape=output_shape,
             cost=cost,
             options=options,
-            budget=Budget.of(options.budget_bytes(inputs.device), options.chunk_size),
+            budget=options.budget(inputs.device),
             group_size=q,
             n_samples=n_samples,
             generator=generator,

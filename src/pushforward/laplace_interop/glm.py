@@ -295,7 +295,7 @@ def _output_space_mc(
         scale = torch.linalg.cholesky(var.reshape(-1, K, K))  # (N, K, K)
     mean = f.reshape(-1, K, 1)
     z = torch.randn((K, n_samples), generator=generator, dtype=f.dtype, device=f.device)
-    budget = Budget.of(engine.budget_bytes(f.device))
+    budget = engine.budget(f.device)
     plan = output_mc_plan(f.numel(), var.numel(), K, n_samples, f.element_size(), budget)
     total = torch.zeros_like(mean[..., 0])
     for samples in spans(n_samples, plan.chunk):

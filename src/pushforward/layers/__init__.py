@@ -19,7 +19,7 @@ The functional variance's closed forms (:mod:`pushforward.engine`), the curvatur
 from pushforward.layers.chain import ELEMENTWISE, Chain, find_chain
 from pushforward.layers.directions import Directions, GivenRows, OneHot, OneHotRows, dense
 from pushforward.layers.geometry import LayerGeometry
-from pushforward.layers.pieces import RUNGS, Pieces, first_rung, produce, rungs
+from pushforward.layers.pieces import RUNGS, Pieces, first_rung, produce, rungs, unit_rows
 from pushforward.layers.structure import LayerStructure, layer_structure
 from pushforward.layers.tracing import (
     Analysis,
@@ -53,4 +53,5 @@ __all__ = [
     "layer_structure",
     "produce",
     "rungs",
+    "unit_rows",
 ]

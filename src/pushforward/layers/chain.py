@@ -145,8 +145,8 @@ class Chain:
             g = cotangents(h)  # (b, r, K)
             owned = False  # g is this function's own memory (safe to scale in place)
         else:
-            g = at_head(head_weight)  # (b, r, in): the rows times the head's weight
-            owned = True
+            g = at_head(head_weight)  # (b, r, in): the rows times the head's weight (maybe a view)
+            owned = False
         b, r = g.shape[:2]
         for step, t in zip(reversed(steps), reversed(saved), strict=True):
             if not isinstance(step, _Linear):
@@ -174,10 +174,45 @@ def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | 
     return weight, None if m.bias is None else m.bias.detach()
 
 
+_aten = torch.ops.aten
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+#: ``(module, input z) -> derivative`` from PyTorch's own backward kernels with a gradient of
+#: ones (the very numbers autograd uses), for activations whose derivative reads the input.
+_FROM_INPUT = {
+    nn.GELU: lambda m, z, one: _aten.gelu_backward(one, z, approximate=m.approximate),
+    nn.SiLU: lambda m, z, one: _aten.silu_backward(one, z),
+    nn.Mish: lambda m, z, one: _aten.mish_backward(one, z),
+    nn.ELU: lambda m, z, one: _aten.elu_backward(one, m.alpha, 1, 1, False, z),
+    nn.CELU: lambda m, z, one: _aten.elu_backward(one, m.alpha, 1, 1 / m.alpha, False, z),
+    nn.SELU: lambda m, z, one: _aten.elu_backward(one, _SELU_ALPHA, _SELU_SCALE, 1, False, z),
+    nn.Softplus: lambda m, z, one: _aten.softplus_backward(one, z, m.beta, m.threshold),
+    nn.LeakyReLU: lambda m, z, one: _aten.leaky_relu_backward(one, z, m.negative_slope, False),
+    nn.Hardtanh: lambda m, z, one: _aten.hardtanh_backward(one, z, m.min_val, m.max_val),
+    nn.ReLU6: lambda m, z, one: _aten.hardtanh_backward(one, z, 0.0, 6.0),
+    nn.Hardsigmoid: lambda m, z, one: _aten.hardsigmoid_backward(one, z),
+    nn.Hardswish: lambda m, z, one: _aten.hardswish_backward(one, z),
+}
+#: The same for activations whose derivative reads the output ``y``.
+_FROM_OUTPUT = {
+    nn.Tanh: lambda y, one: _aten.tanh_backward(one, y),
+    nn.Sigmoid: lambda y, one: _aten.sigmoid_backward(one, y),
+}
+
+
 def _with_derivative(module: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(module(z), module'(z))`` for an elementwise activation."""
-    if type(module) is nn.ReLU:
+    """``(module(z), module'(z))`` for an elementwise activation: the derivative from
+    PyTorch's backward kernel (computed before an in-place activation overwrites ``z``), or a
+    forward-mode product with ones for the rest."""
+    kind = type(module)
+    if kind is nn.ReLU:
         return torch.relu(z), z > 0  # autograd's convention: derivative 0 at 0
+    if kind in _FROM_OUTPUT:
+        y = module(z)
+        return y, _FROM_OUTPUT[kind](y, torch.ones_like(y))
+    if kind in _FROM_INPUT:
+        d = _FROM_INPUT[kind](module, z, torch.ones_like(z))
+        return module(z), d
     return jvp(module, (z,), (torch.ones_like(z),))  # under the transform lock (the caller's)
 
 

@@ -40,6 +40,7 @@ backward under nested ``vmap``) is a failure of that rung, and the next one runs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,7 +59,7 @@ from pushforward.layers.directions import Directions, OneHot
 from pushforward.layers.structure import LayerStructure
 from pushforward.layers.tracing import LayerCall, LayerTap, StructureError, is_same_memory
 
-__all__ = ["RUNGS", "Pieces", "first_rung", "produce", "rungs"]
+__all__ = ["RUNGS", "Pieces", "first_rung", "produce", "rungs", "unit_rows"]
 
 #: The rungs, fastest first (see the module docstring), and what each is (for plans).
 RUNGS = {
@@ -248,7 +249,7 @@ def _chain(job: _Job) -> Pieces:
     unit = job.directions.index(*per)
     at_head = None
     if unit is not None and chain.ends_with_linear:
-        at_head = lambda weight: weight[unit]  # noqa: E731 - unit rows times the head: W[k]
+        at_head = functools.partial(unit_rows, unit)
     lock = module_lock(job.fm.module)
     f, a, G = chain.pieces(
         job.params,
@@ -264,6 +265,14 @@ def _chain(job: _Job) -> Pieces:
     if head is not None and head in job.needed:
         G[head] = OneHot(unit, torch.Size((job.b, job.r, *calls[head].output_shape)), f.dtype)
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="chain"))
+
+
+def unit_rows(unit: Tensor, weight: Tensor) -> Tensor:
+    """Unit rows ``e_k`` times a head's weight ``(K, in)``: ``W[k]`` ``(b, r, in)`` — a view
+    when every example has the same rows (all outputs, in order)."""
+    if unit.stride(0) == 0:
+        return weight[unit[0]].unsqueeze(0).expand(unit.shape[0], -1, -1)
+    return weight[unit]
 
 
 def _batched(job: _Job) -> Pieces:

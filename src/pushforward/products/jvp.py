@@ -16,7 +16,7 @@ from torch.func import jvp as func_jvp
 from torch.func import vmap
 
 from pushforward.core.chunking import progress_bar
-from pushforward.core.cost import Budget, measure_cost, tangent_bytes
+from pushforward.core.cost import measure_cost, tangent_bytes
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
@@ -186,7 +186,7 @@ def batched_jvp(
     n = next(iter(tangents.values())).shape[0]
     cost = measure_cost(fm, inputs)
     B = inputs.batch_size
-    budget = Budget.of(options.budget_bytes(inputs.device), options.chunk_size)
+    budget = options.budget(inputs.device)
     held = (n + 1) * B * cost.output_bytes  # the result and f
     per = tangent_bytes(cost, B)
     chunk = budget.chunk(per, held, at_most=n)

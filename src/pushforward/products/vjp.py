@@ -20,7 +20,7 @@ from torch.func import vmap
 
 from pushforward.core.branching import vmap_examples
 from pushforward.core.chunking import RowChunk, progress_bar, row_chunks
-from pushforward.core.cost import Budget, measure_cost, row_bytes
+from pushforward.core.cost import measure_cost, row_bytes
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
@@ -165,7 +165,7 @@ def row_chunk_size(
     """Rows (P-vectors) computed at once within the budget, next to a ``result_bytes`` result
     and the outputs; raises :class:`~pushforward.MemoryBudgetError` when one row does not fit."""
     cost = measure_cost(fm, inputs)
-    budget = Budget.of(options.budget_bytes(inputs.device), options.chunk_size)
+    budget = options.budget(inputs.device)
     held = result_bytes + inputs.batch_size * cost.output_bytes
     per = row_bytes(cost)
     chunk = budget.chunk(per, held)

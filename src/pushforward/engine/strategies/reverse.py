@@ -32,7 +32,7 @@ def row_chunk(p: Problem, per_row: int, held: int) -> int:
     """Rows per chunk: per-example covariances need whole positions, joint covariances whole
     groups or the rows of one group."""
     rows = p.B * p.rows_per_sample
-    chunk = p.budget.chunk(per_row, held, at_most=rows)
+    chunk = p.budget.chunk(per_row, held, at_most=rows, at_least=p.rows_per_sample)
     if p.kind == "covariance":
         chunk = max(p.S, chunk // p.S * p.S)
     return chunk

@@ -35,7 +35,7 @@ from pushforward.core.functional_model import FunctionalModel
 from pushforward.covariance.block_diagonal import BlockDiagonal
 from pushforward.covariance.operator import ParamGroup
 from pushforward.engine.contraction import ChunkedResult
-from pushforward.engine.layer_contractions import GroupContraction, contraction_for
+from pushforward.engine.layer_contractions import GroupContraction, contraction_for, fused
 from pushforward.engine.problem import Problem
 from pushforward.engine.strategies.strategy import (
     Estimate,
@@ -116,7 +116,7 @@ def _split(p: Problem, subplan: SubPlanner) -> Split:
     head = structure.head
     sub = _generic_plan(p, generic, subplan) if generic else None
     head_only = head is not None and sub is None and all(c.call is head for c in contractions)
-    return Split(structure, tuple(contractions), sub, head_only)
+    return Split(structure, tuple(fused(contractions)), sub, head_only)
 
 
 def _generic_plan(p: Problem, groups: list[ParamGroup], subplan: SubPlanner):
@@ -161,7 +161,7 @@ class StructuredStrategy(Strategy):
             )
         for c in split.contractions:
             z = math.prod(c.call.output_shape)
-            size = sum(math.prod(c.op.layout.shapes[n]) for n in c.names)
+            size = sum(math.prod(p.fm.param_shapes[n]) for n in c.names)
             if c.closed_form:
                 flops += rows * 4 * z + p.B * 2 * size
             else:
@@ -175,7 +175,12 @@ class StructuredStrategy(Strategy):
             flops += rows * q * 4 * len(split.contractions)
             # a group's layer inputs and directions are kept until it is complete
             held += p.group_size * per_row * p.rows_per_sample // 2
-        chunk = p.budget.chunk(per_row + per_example // max(p.rows_per_sample, 1), held, rows)
+        chunk = p.budget.chunk(
+            per_row + per_example // max(p.rows_per_sample, 1),
+            held,
+            rows,
+            at_least=p.rows_per_sample,
+        )
         if p.kind == "covariance":
             chunk = max(p.S, chunk // p.S * p.S)
         memory = p.budget.peak(held, chunk, per_row) + per_example * max(
