@@ -4,6 +4,7 @@ and leaves every model as it was (the same ``nn.Parameter`` objects, values, buf
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 import pushforward as pf
-from pushforward.curvature import GGN, laplace_posterior
+from pushforward.curvature import GGN, EmpiricalFisher, laplace_posterior, log_marginal_likelihood
 
 D = torch.float64
 CALLS_PER_CONFIGURATION = 200
@@ -83,6 +84,7 @@ def _functional_jobs() -> dict[str, Job]:
             fm, x, torch.ones(x.shape[0], 3, dtype=D)
         ),
         "jacobian": lambda m, fm, x, y: pf.jacobian(fm, x),
+        "plan execute": lambda m, fm, x, y: pf.plan(fm, x, cov(fm), kind="covariance").execute(),
         "an nn.Module": lambda m, fm, x, y: pf.functional_variance(m, x, cov(fm)),
         "FunctionalModel construction": lambda m, fm, x, y: torch.cat(
             [p.reshape(-1) for p in pf.FunctionalModel(m).params().values()]
@@ -100,10 +102,30 @@ def _curvature_jobs() -> dict[str, Job]:
         "GGN matvec": lambda m, fm, x, y: ggn(fm, x, y).matvec(
             torch.linspace(-1, 1, fm.num_params, dtype=D)
         ),
+        "GGN dense": lambda m, fm, x, y: ggn(fm, x, y).dense(),
+        "GGN lowrank": lambda m, fm, x, y: ggn(fm, x, y).lowrank(3),
+        "EmpiricalFisher diagonal": lambda m, fm, x, y: EmpiricalFisher(
+            fm, [(x, y)], "classification"
+        ).diagonal(),
         "laplace_posterior": lambda m, fm, x, y: laplace_posterior(
             ggn(fm, x, y).diagonal(), 1.0, layout=fm
         ).diagonal(),
+        "log_marginal_likelihood": lambda m, fm, x, y: _marginal_likelihood(ggn(fm, x, y)),
+        "save and load": lambda m, fm, x, y: _saved_and_loaded(
+            laplace_posterior(ggn(fm, x, y).kfac(), 1.0), fm
+        ),
     }
+
+
+def _marginal_likelihood(op) -> torch.Tensor:
+    return log_marginal_likelihood(op, op.diagonal(), 1.0)
+
+
+def _saved_and_loaded(cov, fm) -> torch.Tensor:
+    buffer = io.BytesIO()
+    pf.save(cov, buffer)
+    buffer.seek(0)
+    return pf.load(buffer, model=fm).to_dense()
 
 
 def _flat(result) -> list[torch.Tensor]:
