@@ -33,7 +33,7 @@ def dist(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("package")
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "CHANGELOG.md"):
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(
         ROOT / "src" / "pushforward",
@@ -71,6 +71,8 @@ def test_wheel_and_sdist_carry_one_version_and_the_metadata(dist):
     assert meta["Version"] == version
     assert meta["Requires-Python"] == ">=3.10"
     assert meta["License-Expression"] == "MIT"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    assert f"pushforward-{version}.dist-info/licenses/LICENSE" in names
     classifiers = meta.get_all("Classifier")
     assert "Typing :: Typed" in classifiers
     assert any(c.startswith("Programming Language :: Python :: 3.11") for c in classifiers)
@@ -82,6 +84,7 @@ def test_wheel_and_sdist_carry_one_version_and_the_metadata(dist):
         members = tf.getnames()
     assert f"pushforward-{version}/src/pushforward/py.typed" in members
     assert f"pushforward-{version}/pyproject.toml" in members
+    assert f"pushforward-{version}/LICENSE" in members
 
 
 QUICK_START = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)[0]

@@ -352,6 +352,15 @@ def drop_object_base(app: Sphinx, name: str, obj: object, options: dict, bases: 
     bases[:] = [b for b in bases if b is not object]
 
 
+def drop_empty_bases(app: Sphinx, domain: str, objtype: str, content: nodes.Element) -> None:
+    """Remove the "Bases:" line autodoc still writes when no base is left (Sphinx 9)."""
+    if domain != "py" or objtype not in ("class", "exception"):
+        return
+    for child in list(content.children):
+        if isinstance(child, nodes.paragraph) and child.astext().strip() == "Bases:":
+            content.remove(child)
+
+
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_config_value("pf_public_modules", [], "env")
     app.add_config_value("pf_deferred_warnings", [], "env")
@@ -361,5 +370,6 @@ def setup(app: Sphinx) -> dict[str, object]:
     app.connect("builder-inited", write_api_pages)
     app.connect("builder-inited", write_benchmark_pages)
     app.connect("autodoc-process-bases", drop_object_base)
+    app.connect("object-description-transform", drop_empty_bases)
     app.connect("build-finished", check_every_name_documented)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

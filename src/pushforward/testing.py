@@ -35,8 +35,18 @@ R = TypeVar("R")
 
 
 def brute_force_jacobian(fm: FunctionalModel, x: Any) -> tuple[Tensor, Tensor]:
-    """``(f, J)`` with ``J.shape == f.shape + (P,)``: one ``torch.autograd.grad`` per output
-    entry of a single full-batch forward (no ``torch.func``, no batch slicing)."""
+    """The per-example Jacobian by brute force: one ``torch.autograd.grad`` per output entry.
+
+    All of a single full-batch forward (no ``torch.func``, no batch slicing): slow, obviously
+    right, for small models in float64.
+
+    Args:
+        fm: the model (its selected parameters are the P).
+        x: inputs (tensor, tuple of tensors, or mapping of keyword arguments).
+
+    Returns:
+        ``(f, J)`` with ``J.shape == f.shape + (P,)``.
+    """
     inputs = Inputs.from_user(x)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in fm.params(False).items()}
     with torch.enable_grad():
@@ -88,7 +98,9 @@ def check_covariance_operator(
         op: the operator under test.
         dense: its matrix, built independently.
         layout: the parameter layout to bind to (default: ``op.layout``, if any).
-        rtol: relative tolerance (default ``1e3 * eps`` of ``dense.dtype``); ``atol`` absolute.
+        rtol: relative tolerance, of the reference's largest entry (default ``1e3 * eps`` of
+            ``dense.dtype``).
+        atol: absolute tolerance.
         seed: seed of the random test vectors.
     """
     rtol = 1e3 * torch.finfo(dense.dtype).eps if rtol is None else rtol
@@ -159,12 +171,12 @@ def check_covariance_operator(
 
 
 def peak_memory(fn: Callable[[], R], device: torch.device | str = "cpu") -> tuple[R, int]:
-    """``(fn(), peak)``: the most bytes PyTorch's allocator held at once during the call beyond
-    what it held before (freed and reallocated memory counted once).
+    """``(fn(), peak)``: the most bytes PyTorch's allocator held at once during the call.
 
-    CPU: from the profiler's memory events (``profile_memory=True``); CUDA: from
-    ``torch.cuda.max_memory_allocated``. Allocations outside PyTorch's allocator (NumPy,
-    Python objects) are not counted.
+    Counted beyond what it held before (freed and reallocated memory counted once). CPU: from the
+    profiler's memory events (``profile_memory=True``); CUDA: from
+    ``torch.cuda.max_memory_allocated``. Allocations outside PyTorch's allocator (NumPy, Python
+    objects) are not counted.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,7 +1,8 @@
 """Weight-space covariance operators Σ (P x P) over a model's flat parameter vector.
 
-All share the interface of :class:`CovarianceOperator` (see
-:mod:`pushforward.covariance.operator`); one operator per module.
+All share the interface of :class:`CovarianceOperator`, whose docstring describes the products
+(as columns and as rows), the structure queries and how to write an operator; one operator per
+module.
 """
 
 from pushforward.covariance.block_diagonal import BlockDiagonal

@@ -1,5 +1,8 @@
-"""A covariance operator bound to a model: checked against its parameter layout, in its dtype
-and on its device, remembered per operator and version."""
+"""A covariance operator bound to a model.
+
+Checked against its parameter layout, in its dtype and on its device, remembered per operator
+and version.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ def bind_covariance(
     """``cov`` checked against ``fm``'s parameter layout and cast to ``dtype`` on ``device``.
 
     The bound operator is remembered per (operator, version) in ``fm.cache`` unless the cast
-    would be recorded by autograd (a cached graph could be used once only)."""
+    would be recorded by autograd (a cached graph could be used once only).
+    """
     if not isinstance(cov, CovarianceOperator):
         raise TypeError(f"cov must be a pushforward covariance operator, got {type(cov).__name__}")
     key = (id(cov), dtype, device)

@@ -146,17 +146,27 @@ class BlockDiagonal(CovarianceOperator):
 
     # -- sizes, dtype, costs ---------------------------------------------------------------
     def tensors(self) -> list[Tensor]:
-        """The blocks' tensors; an unbound operator prefers blocks with a dtype of their own
-        (an :class:`Isotropic` from a Python number has none until it is cast)."""
+        """The blocks' floating-point defining tensors.
+
+        An unbound operator prefers blocks with a dtype of their own (an :class:`Isotropic` from a
+        Python number has none until it is cast).
+        """
         return [t for op in self._operators() for t in op.tensors()]
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: the sum over the blocks."""
         return sum(g.operator.matmul_flops() for g in self._bound())
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` for one vector: the sum over the blocks."""
         return sum(g.operator.sqrt_flops() for g in self._bound())
 
     def workspace_bytes(self, rows: int) -> int:
+        """Bytes of temporaries for ``rows`` rows.
+
+        The blocks' own, plus the rows gathered into block order and scattered back (two
+        ``(rows, P)`` tensors).
+        """
         parts = sum(g.operator.workspace_bytes(rows) for g in self._bound())
         return parts + 2 * rows * self.num_params * self.dtype.itemsize
 
@@ -203,13 +213,20 @@ class BlockDiagonal(CovarianceOperator):
         return sum(g.operator.quadratic_rows(X) for g, X in zip(self._bound(), parts, strict=True))
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the blocks' variances, each at its parameters' flat positions."""
         return self._scatter([g.operator.diagonal().unsqueeze(0) for g in self._bound()]).squeeze(0)
 
     # -- structure -----------------------------------------------------------------------------
     def param_groups(self) -> list[ParamGroup]:
+        """The union of the blocks' parameter groups, in block order (needs a bound layout)."""
         return [sub for g in self._bound() for sub in g.operator.param_groups()]
 
     def block(self, name: str) -> CovarianceOperator:
+        """The covariance of parameter ``name`` alone: the ``block(name)`` of the block covering it.
+
+        Raises:
+            KeyError: ``name`` is not a selected parameter.
+        """
         for g in self._bound():
             if name in g.names:
                 return g.operator.block(name)
@@ -218,12 +235,18 @@ class BlockDiagonal(CovarianceOperator):
         )
 
     def marginal(self, index: Tensor) -> CovarianceOperator:
+        """The covariance of the flat coordinates ``index`` ``(n,)``.
+
+        A :class:`Marginal` of this operator (blocks may straddle the selection), unbound.
+        """
         return Marginal(self, index)
 
 
 def _common_dtype(groups: list[ParamGroup]) -> list[ParamGroup]:
-    """Cast blocks made from Python numbers (:class:`Isotropic`) to the others' dtype/device;
-    the rest must agree."""
+    """Cast blocks made from Python numbers (:class:`Isotropic`) to the others' dtype/device.
+
+    The other blocks must agree on dtype and device.
+    """
     fixed = [g for g in groups if not _from_number(g.operator)]
     kinds = {(str(g.operator.dtype), str(g.operator.device)) for g in fixed}
     if len(kinds) > 1:

@@ -142,9 +142,11 @@ def _psd_error(name: str, low: float, top: float) -> ValueError:
 
 
 def check_psd(name: str, M: Tensor) -> Tensor | None:
-    """``M`` (symmetric) must be positive semi-definite up to ``symmetry_tol`` relative to its
-    largest eigenvalue. Returns its lower Cholesky factor when it is numerically positive
-    definite (a by-product the caller may keep), else ``None``."""
+    """``M`` (symmetric) must be positive semi-definite up to ``symmetry_tol``.
+
+    The tolerance is relative to its largest eigenvalue. Returns its lower Cholesky factor when it
+    is numerically positive definite (a by-product the caller may keep), else ``None``.
+    """
     if M.shape[0] == 0:
         return M
     with torch.no_grad():
@@ -183,8 +185,11 @@ def psd_sqrt(M: Tensor, name: str) -> Tensor:
 
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype factorizations of an operator of ``dtype`` run in: float32 for float16 and
-    bfloat16 (PyTorch has no half-precision Cholesky or eigendecomposition), else ``dtype``."""
+    """The dtype factorizations of an operator of ``dtype`` run in.
+
+    float32 for float16 and bfloat16 (PyTorch has no half-precision Cholesky or
+    eigendecomposition), else ``dtype``.
+    """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -194,18 +199,23 @@ def needs_grad(*tensors: Tensor) -> bool:
 
 
 def _stamp(inputs: Sequence[Tensor]) -> tuple[int, ...] | None:
-    """Identity and in-place version of each tensor (``None`` for inference tensors, which
-    keep no version counter: nothing derived from them is cached)."""
+    """Identity and in-place version of each tensor.
+
+    ``None`` for inference tensors, which keep no version counter: nothing derived from them is
+    cached.
+    """
     if any(t.is_inference() for t in inputs):
         return None
     return tuple(v for t in inputs for v in (id(t), t._version))
 
 
 def cached(store: dict[str, Any], key: str, fn: Callable[[], T], *inputs: Tensor) -> T:
-    """``fn()``, a value derived from the tensors ``inputs``, kept in ``store`` under their
-    identities and in-place versions: recomputed after an in-place change of any of them, and
-    never kept when it would be part of an autograd graph (a cached graph could be
-    backpropagated only once)."""
+    """``fn()``, a value derived from the tensors ``inputs``, kept in ``store``.
+
+    Kept under the inputs' identities and in-place versions: recomputed after an in-place change of
+    any of them, and never kept when it would be part of an autograd graph (a cached graph could be
+    backpropagated only once).
+    """
     if needs_grad(*inputs):
         return fn()
     stamp = _stamp(inputs)
@@ -220,8 +230,10 @@ def cached(store: dict[str, Any], key: str, fn: Callable[[], T], *inputs: Tensor
 
 
 def remember(store: dict[str, Any], key: str, value: Any, *inputs: Tensor) -> None:
-    """Put ``value``, derived from ``inputs`` as they are now, into ``store`` for
-    :func:`cached` (e.g. a factor computed by a constructor's check)."""
+    """Put ``value``, derived from ``inputs`` as they are now, into ``store`` for :func:`cached`.
+
+    E.g. a factor computed by a constructor's check.
+    """
     stamp = _stamp(inputs)
     if stamp is not None:
         store[key] = (stamp, value)
@@ -230,8 +242,10 @@ def remember(store: dict[str, Any], key: str, value: Any, *inputs: Tensor) -> No
 def check_lowrank(
     owner: str, U: Tensor, eigvals: Tensor, diag: Tensor | None, check: bool
 ) -> tuple[int, int]:
-    """``(P, k)`` of a low-rank-plus-diagonal form ``U diag(eigvals) U^T + diag(diag)``: shapes
-    always, and with ``check`` finite values and non-negative ``eigvals``."""
+    """``(P, k)`` of a low-rank-plus-diagonal form ``U diag(eigvals) U^T + diag(diag)``.
+
+    Checks the shapes always, and with ``check`` finite values and non-negative ``eigvals``.
+    """
     tensors = {"U": U, "eigvals": eigvals} | ({} if diag is None else {"diag": diag})
     common_dtype_device(owner, tensors)
     if U.dim() != 2:

@@ -84,14 +84,17 @@ class Dense(CovarianceOperator):
 
     @classmethod
     def from_factor(cls, L: Tensor, *, check: bool = True) -> Dense:
-        """Σ = L L^T for any square ``L`` ``(P, P)`` (e.g. ``Q diag(sqrt(λ))``); ``L`` is used as
-        the square-root factor."""
+        """Σ = L L^T for any square ``L`` ``(P, P)`` (e.g. ``Q diag(sqrt(λ))``).
+
+        ``L`` is used as the square-root factor.
+        """
         return cls(factor=L, check=check)
 
     def _fields(self) -> dict[str, Any]:
         return {self._kind: self._matrix if self._kind == "matrix" else self._factor}
 
     def workspace_bytes(self, rows: int) -> int:
+        """An intermediate ``(rows, P)`` and the square-root factor ``(P, P)``, in bytes."""
         P = self.num_params
         return (rows * P + P * P) * self.dtype.itemsize  # an intermediate and the factor
 
@@ -120,16 +123,19 @@ class Dense(CovarianceOperator):
         return (V @ self._factor).square().sum(-1)
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the matrix's diagonal, or the factor's squared row norms."""
         if self._matrix is not None:
             return self._matrix.diagonal()
         return self._factor.square().sum(-1)
 
     def to_dense(self) -> Tensor:
+        """The ``(P, P)`` matrix: the given one, or ``L L^T`` from a factor."""
         if self._matrix is not None:
             return self._matrix
         return self._factor @ self._factor.T
 
     def marginal(self, index: Tensor) -> Dense:
+        """The covariance of the flat coordinates ``index`` ``(n,)``: an unbound :class:`Dense`."""
         index = check_index(index, self.num_params, "marginal index").to(self.device)
         if self._matrix is not None:
             return Dense(self._matrix[index][:, index], check=False)

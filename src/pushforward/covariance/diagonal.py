@@ -63,9 +63,11 @@ class Diagonal(CovarianceOperator):
         return {"variances": self.layout.split(self._var) if self._named else self._var}
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: P."""
         return float(self.num_params)
 
     def workspace_bytes(self, rows: int) -> int:
+        """Bytes of the cached standard deviations ``(P,)`` (any number of rows)."""
         return self.num_params * self.dtype.itemsize  # the cached standard deviations
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
@@ -78,6 +80,10 @@ class Diagonal(CovarianceOperator):
         return V * self._sqrt()
 
     def sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
+        """``out[:] = Z diag(sqrt(v))`` for rows ``Z (n, P)``, in place.
+
+        ``Z`` may be ``out`` itself; no temporary is made.
+        """
         torch.mul(Z, self._sqrt(), out=out)
 
     def _sqrt(self) -> Tensor:
@@ -88,9 +94,11 @@ class Diagonal(CovarianceOperator):
         return V.square() @ self._var
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the variances ``v`` (the defining tensor itself, not a copy)."""
         return self._var
 
     def to_dense(self) -> Tensor:
+        """``diag(v)``, ``(P, P)``."""
         return torch.diag(self._var)
 
     def variances(self, name: str) -> Tensor:
@@ -117,15 +125,22 @@ class Diagonal(CovarianceOperator):
         return Diagonal({n: own[n] for n in layout.names}, check=False)
 
     def param_groups(self) -> list[ParamGroup]:
+        """One group per parameter tensor, each a :class:`Diagonal` (needs a bound layout)."""
         layout = self._require_layout()
         return [ParamGroup((n,), self.block(n)) for n in layout.names]
 
     def block(self, name: str) -> Diagonal:
+        """The variances of parameter ``name``: a :class:`Diagonal` bound to ``layout.sub([name])``.
+
+        Raises:
+            KeyError: ``name`` is not a parameter of the layout.
+        """
         layout = self._require_layout()
         out = Diagonal(self.variances(name).reshape(-1), check=False)
         out.layout = layout.sub([name])
         return out
 
     def marginal(self, index: Tensor) -> Diagonal:
+        """The variances of the flat coordinates ``index`` ``(n,)``: unbound :class:`Diagonal`."""
         index = check_index(index, self.num_params, "marginal index").to(self.device)
         return Diagonal(self._var[index], check=False)

@@ -73,9 +73,11 @@ class Isotropic(CovarianceOperator):
         return out
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: P."""
         return float(self.num_params)
 
     def workspace_bytes(self, rows: int) -> int:
+        """0: the products need no temporaries and nothing is cached."""
         return 0
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
@@ -91,9 +93,11 @@ class Isotropic(CovarianceOperator):
         return V.square().sum(-1) * self.variance
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: σ² in every entry."""
         return self.variance.expand(self.num_params).clone()
 
     def to_dense(self) -> Tensor:
+        """σ² I, ``(P, P)``."""
         return torch.eye(self.num_params, dtype=self.dtype, device=self.device) * self.variance
 
     def bind(self, layout: ParamLayout) -> Isotropic:
@@ -105,10 +109,16 @@ class Isotropic(CovarianceOperator):
         return super().bind(layout)
 
     def param_groups(self) -> list[ParamGroup]:
+        """One group per parameter tensor, each an :class:`Isotropic` (needs a bound layout)."""
         layout = self._require_layout()
         return [ParamGroup((n,), self.block(n)) for n in layout.names]
 
     def block(self, name: str) -> Isotropic:
+        """σ² I over parameter ``name``'s entries, bound to ``layout.sub([name])``.
+
+        Raises:
+            KeyError: ``name`` is not a parameter of the layout.
+        """
         layout = self._require_layout()
         if name not in layout.shapes:
             raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
@@ -118,6 +128,7 @@ class Isotropic(CovarianceOperator):
         return out
 
     def marginal(self, index: Tensor) -> Isotropic:
+        """σ² I over the flat coordinates ``index`` ``(n,)``, unbound, of size n."""
         index = check_index(index, self.num_params, "marginal index")
         return self._sized(index.numel())
 

@@ -94,8 +94,10 @@ class Kronecker(CovarianceOperator):
         damping: bool = False,
         scale: float | Tensor = 1.0,
     ) -> Kronecker:
-        """The covariance whose per-parameter *precision* is given in eigen form, exactly as
-        laplace-torch's ``KronDecomposed`` interprets it (parameters in the model's order).
+        """The covariance whose per-parameter *precision* is given in eigen form.
+
+        Read exactly as laplace-torch's ``KronDecomposed`` interprets it (parameters in the model's
+        order).
 
         Args:
             eigenvectors: per parameter ``[Q1, Q2]`` (weight: Q1 ``(out, out)``, Q2
@@ -106,6 +108,13 @@ class Kronecker(CovarianceOperator):
             damping: laplace-torch's damped form for factor pairs.
             scale: multiplies the curvature like ``KronDecomposed * scale``: each of a
                 block's ``m`` eigenvalue vectors is scaled by ``scale ** (1/m)``.
+
+        Returns:
+            A :class:`Kronecker` with one block per parameter, unbound.
+
+        Raises:
+            ValueError: the groups do not match, shapes disagree, values are not finite, or a
+                block's precision has an eigenvalue <= 0 (not invertible).
 
         A factor pair's precision eigenvalues are ``l1 ⊗ l2 + δ``, or with damping
         ``(l1 + sqrt(δ)) ⊗ (l2 + sqrt(δ))``; a single factor's are ``l + δ``
@@ -171,10 +180,20 @@ class Kronecker(CovarianceOperator):
         damping: bool = False,
         scale: float | Tensor = 1.0,
     ) -> Tensor:
-        """A block's precision eigenvalues from its curvature's (see
-        :meth:`from_precision_eigen`): ``scale l1 ⊗ l2 + δ`` for a factor pair (damped:
-        ``(sqrt(scale) l1 + sqrt(δ)) ⊗ (sqrt(scale) l2 + sqrt(δ))``), ``scale l + δ`` for one
-        factor or a diagonal. Differentiable in ``delta`` and ``scale``."""
+        """A block's precision eigenvalues from its curvature's (see :meth:`from_precision_eigen`).
+
+        Args:
+            eigenvalues: the curvature's eigenvalue vectors ``[l1, l2]`` (a factor pair) or ``[l]``
+                (one factor, or a diagonal).
+            delta: the prior precision δ, a scalar tensor.
+            damping: laplace-torch's damped form for a factor pair.
+            scale: the curvature's scale.
+
+        Returns:
+            ``scale l1 ⊗ l2 + δ`` ``(out, in_flat)`` for a factor pair (damped:
+            ``(sqrt(scale) l1 + sqrt(δ)) ⊗ (sqrt(scale) l2 + sqrt(δ))``), ``scale l + δ`` ``(n,)``
+            for one factor or a diagonal. Differentiable in ``delta`` and ``scale``.
+        """
         factor = scale ** (1 / len(eigenvalues))
         ls = [factor * lam for lam in eigenvalues]
         if len(ls) == 1:
@@ -207,12 +226,19 @@ class Kronecker(CovarianceOperator):
 
     # -- costs -----------------------------------------------------------------------------
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: the sum over the blocks."""
         return float(sum(b.matmul_flops() for b in self._blocks))
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` for one vector: the sum over the blocks."""
         return float(sum(b.sqrt_flops() for b in self._blocks))
 
     def workspace_bytes(self, rows: int) -> int:
+        """Bytes of temporaries for ``rows`` rows.
+
+        The blocks' own, plus the rows split into blocks and concatenated back (two ``(rows, P)``
+        tensors).
+        """
         parts = sum(b.workspace_bytes(rows) for b in self._blocks)
         return parts + 2 * rows * self.num_params * self.dtype.itemsize  # split and concatenated
 
@@ -237,6 +263,7 @@ class Kronecker(CovarianceOperator):
         return sum(b.quadratic_rows(X) for b, X in zip(self._blocks, parts, strict=True))
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the blocks' variances, concatenated in parameter order."""
         return torch.cat([b.diagonal() for b in self._blocks])
 
     # -- structure ----------------------------------------------------------------------------
@@ -263,12 +290,19 @@ class Kronecker(CovarianceOperator):
 
     @property
     def blocks(self) -> dict[str, CovarianceOperator]:
-        """The block operator of every parameter, by name (needs names: :meth:`bind`)."""
+        """The block operator of every parameter, by name (after :meth:`bind` has named them)."""
         return dict(zip(self._require_names(), self._blocks, strict=True))
 
     def factors(self, name: str) -> KroneckerFactors | KroneckerEigen | Tensor:
-        """The block of parameter ``name``: its :class:`KroneckerFactors` or
-        :class:`KroneckerEigen`, or the dense covariance ``(n, n)`` of any other block."""
+        """The block of parameter ``name``, in its Kronecker form where it has one.
+
+        Returns:
+            Its :class:`KroneckerFactors` or :class:`KroneckerEigen`, or for any other block its
+            dense covariance ``(n, n)`` over the parameter's ``n`` entries.
+
+        Raises:
+            KeyError: ``name`` is not one of the named parameters.
+        """
         b = self._block_of(name)
         return b if isinstance(b, KroneckerBlock) else b.to_dense()
 
@@ -287,10 +321,21 @@ class Kronecker(CovarianceOperator):
         return self._blocks[names.index(name)]
 
     def param_groups(self) -> list[ParamGroup]:
+        """One group per parameter tensor: its block, bound to ``layout.sub([name])``.
+
+        Needs a bound layout (:meth:`bind`).
+        """
         layout = self._require_layout()
         return [ParamGroup((n,), self._block_of(n).bind(layout.sub([n]))) for n in layout.names]
 
     def block(self, name: str) -> Kronecker:
+        """The covariance of parameter ``name`` alone: a one-block :class:`Kronecker`.
+
+        It is bound to ``layout.sub([name])``.
+
+        Raises:
+            KeyError: ``name`` is not a parameter of the layout.
+        """
         layout = self._require_layout()
         if name not in layout.shapes:
             raise KeyError(f"unknown parameter {name!r}; parameters: {list(layout.names)}")
@@ -299,6 +344,11 @@ class Kronecker(CovarianceOperator):
         return out
 
     def marginal(self, index: Tensor) -> CovarianceOperator:
+        """The covariance of the flat coordinates ``index`` ``(n,)``.
+
+        A :class:`Marginal` of this operator (the selection may cut through Kronecker blocks),
+        unbound.
+        """
         return Marginal(self, index)
 
 

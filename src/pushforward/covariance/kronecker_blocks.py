@@ -39,7 +39,12 @@ class KroneckerBlock(CovarianceOperator):
         self.sides = (out, inn)
 
     def check_weight(self, name: str, shape: torch.Size) -> None:
-        """Raise unless this block fits a weight ``name`` of ``shape`` (out, *in_shape)."""
+        """Raise unless this block fits a weight ``name`` of ``shape`` ``(out, *in_shape)``.
+
+        Raises:
+            ValueError: ``shape`` has fewer than 2 dimensions, or its ``(out, in_flat)`` differs
+                from this block's sides.
+        """
         numel = math.prod(shape)
         if len(shape) < 2:
             raise ValueError(
@@ -61,17 +66,21 @@ class KroneckerBlock(CovarianceOperator):
         return X.reshape(X.shape[0], *self.sides)
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: ``2 (out² in + out in²)``."""
         out, inn = self.sides
         return 2.0 * (out * out * inn + out * inn * inn)
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` for one vector, as :meth:`matmul_flops`."""
         return self.matmul_flops()
 
     def workspace_bytes(self, rows: int) -> int:
+        """Bytes of two ``(rows, out, in)`` intermediates and the two square factors."""
         out, inn = self.sides
         return (2 * rows * out * inn + out * out + inn * inn) * self.dtype.itemsize
 
     def marginal(self, index: Tensor) -> CovarianceOperator:
+        """The covariance of the flat coordinates ``index`` ``(n,)``: a :class:`Marginal`."""
         return Marginal(self, index)
 
 
@@ -137,6 +146,7 @@ class KroneckerFactors(KroneckerBlock):
         return (X * (self.out_factor @ X @ self.in_factor)).sum((-2, -1))
 
     def diagonal(self) -> Tensor:
+        """``(out * in_flat,)``: ``diag(B) ⊗ diag(A)``, flattened row-major."""
         return torch.outer(self.out_factor.diagonal(), self.in_factor.diagonal()).reshape(-1)
 
 
@@ -201,5 +211,6 @@ class KroneckerEigen(KroneckerBlock):
         return (self._rotate(V).square() * self.eigvals).sum((-2, -1))
 
     def diagonal(self) -> Tensor:
+        """``(out * in_flat,)``: ``(Q_out ∘ Q_out) eigvals (Q_in ∘ Q_in)^T``, row-major."""
         Qo, Qi = self.out_eigvecs, self.in_eigvecs
         return (Qo.square() @ self.eigvals @ Qi.square().T).reshape(-1)

@@ -53,13 +53,20 @@ class LowRank(CovarianceOperator):
         return self.U.shape[1]
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: ``4 P k`` (+ P with ``diag``)."""
         return 4.0 * self.num_params * self.rank + (0 if self.diag is None else self.num_params)
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` for one vector: ``2 P k`` (+ P with ``diag``)."""
         return 2.0 * self.num_params * self.rank + (0 if self.diag is None else self.num_params)
 
     def workspace_bytes(self, rows: int) -> int:
         # the cached scaled factor (P, k), an (rows, k) intermediate and, with diag, its root
+        """Bytes of the cached pieces and of an intermediate for ``rows`` rows.
+
+        The cached ``U diag(sqrt(eigvals))`` ``(P, k)`` (with ``diag``, also its square root
+        ``(P,)``) and a ``(rows, k)`` intermediate.
+        """
         P, k = self.U.shape
         return (P * k + rows * k + (0 if self.diag is None else P)) * self.dtype.itemsize
 
@@ -90,10 +97,16 @@ class LowRank(CovarianceOperator):
         return out if self.diag is None else out + V.square() @ self.diag
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: ``(U ∘ U) eigvals``, plus ``diag`` when given."""
         out = self.U.square() @ self.eigvals
         return out if self.diag is None else out + self.diag
 
     def marginal(self, index: Tensor) -> LowRank:
+        """The covariance of the flat coordinates ``index`` ``(n,)``.
+
+        An unbound :class:`LowRank` with the rows ``U[index]`` (and ``diag[index]``) and the same
+        eigenvalues.
+        """
         index = check_index(index, self.num_params, "marginal index").to(self.device)
         diag = None if self.diag is None else self.diag[index]
         return LowRank(self.U[index], self.eigvals, diag, check=False)

@@ -59,10 +59,16 @@ class LowRankPrecision(CovarianceOperator):
         return {"U": self.U, "eigvals": self.eigvals, "diag": self.diag}
 
     def workspace_bytes(self, rows: int) -> int:
+        """Bytes of the cached pieces and the intermediates for ``rows`` rows.
+
+        The cached ``W``, ``M`` and the square root's ``W Q`` (each ``(P, k)``) and ``diag^{-1/2}``
+        ``(P,)``, and two ``(rows, k)`` intermediates.
+        """
         P, k = self.U.shape  # cached W, M and the square root's W Q (each P x k), intermediates
         return (3 * P * k + P + 2 * rows * k) * self.dtype.itemsize
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: ``4 P k + 2 k² + P``."""
         k = self.U.shape[1]
         return 4.0 * self.num_params * k + 2.0 * k * k + self.num_params
 
@@ -96,7 +102,10 @@ class LowRankPrecision(CovarianceOperator):
         return cached(self._cache, "M", compute, *self._inputs())
 
     def _sqrt_parts(self) -> tuple[Tensor, Tensor]:
-        """``W Q`` ``(P, k)`` and ``c`` ``(k,)`` of the symmetric factor ``I + W Q diag(c) Q^T W^T``."""
+        """``W Q`` ``(P, k)`` and ``c`` ``(k,)`` of the symmetric factor.
+
+        The factor is ``I + W Q diag(c) Q^T W^T``.
+        """
 
         def compute() -> tuple[Tensor, Tensor]:
             W = self._W()
@@ -129,7 +138,12 @@ class LowRankPrecision(CovarianceOperator):
         return X.square().sum(-1) - (X @ self._M()).square().sum(-1)
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the exact variances, ``D^{-1}`` less the Woodbury correction."""
         return self._scale().square() * (1 - self._M().square().sum(-1))
 
     def marginal(self, index: Tensor) -> Marginal:
+        """The covariance of the flat coordinates ``index`` ``(n,)``.
+
+        A :class:`Marginal` of this operator: exact, with the same ``sqrt_cols``, unbound.
+        """
         return Marginal(self, index)

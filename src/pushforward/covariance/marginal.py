@@ -31,12 +31,15 @@ class Marginal(CovarianceOperator):
         return {"parent": self.parent, "index": self.index}
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: the parent's."""
         return self.parent.matmul_flops()
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` for one vector: the parent's."""
         return self.parent.sqrt_flops()
 
     def workspace_bytes(self, rows: int) -> int:
+        """The parent's temporaries plus two embedded ``(rows, P_parent)`` tensors, in bytes."""
         embedded = rows * self.parent.num_params * self.dtype.itemsize
         return 2 * embedded + self.parent.workspace_bytes(rows)
 
@@ -57,8 +60,10 @@ class Marginal(CovarianceOperator):
         return self.parent.quadratic_rows(self._embed(V))
 
     def diagonal(self) -> Tensor:
+        """``(n,)``: the parent's variances at ``index``."""
         return self.parent.diagonal()[self.index]
 
     def marginal(self, index: Tensor) -> CovarianceOperator:
+        """The coordinates ``index`` of this marginal: a :class:`Marginal` of the same parent."""
         index = check_index(index, self.num_params, "marginal index").to(self.index.device)
         return Marginal(self.parent, self.index[index], check=False)

@@ -47,8 +47,13 @@ __all__ = ["CovarianceOperator", "ParamGroup"]
 
 @dataclass(frozen=True)
 class ParamGroup:
-    """Parameters ``names`` whose covariance with every other parameter is zero, and the
-    operator of their block (over ``layout.sub(names)``, i.e. in the model's flat order)."""
+    """Parameters whose covariance with every other parameter is zero, and their block.
+
+    Attributes:
+        names: the parameter names of the group.
+        operator: the covariance of their entries, over ``layout.sub(names)`` (i.e. in the
+            model's flat order).
+    """
 
     names: tuple[str, ...]
     operator: CovarianceOperator
@@ -57,7 +62,7 @@ class ParamGroup:
 class CovarianceOperator(abc.ABC):
     """A symmetric positive semi-definite P x P covariance, applied without forming it."""
 
-    #: The parameter layout this operator's flat order refers to (None: any layout of size P).
+    #: The parameter layout this operator's flat order refers to (None for any layout of size P).
     layout: ParamLayout | None = None
 
     def __init__(self, num_params: int | None, sqrt_cols: int | None = None) -> None:
@@ -67,8 +72,10 @@ class CovarianceOperator(abc.ABC):
     # -- what a subclass provides ---------------------------------------------------------
     @abc.abstractmethod
     def _fields(self) -> dict[str, Any]:
-        """The constructor's keyword arguments that rebuild this operator (``check`` aside):
-        tensors, operators, mappings or sequences of them, and static values."""
+        """The constructor's keyword arguments that rebuild this operator (``check`` aside).
+
+        Tensors, operators, mappings or sequences of them, and static values.
+        """
 
     @abc.abstractmethod
     def _matmul_rows(self, V: Tensor) -> Tensor:
@@ -119,17 +126,21 @@ class CovarianceOperator(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the defining tensors."""
         return self.tensors()[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the defining tensors."""
         return self.tensors()[0].device
 
     def version(self) -> tuple[int, ...]:
-        """Identity and in-place version of every defining tensor: equal versions mean equal
-        values (used to cache work that depends on them). Operators are immutable (copies are
-        new operators), so the defining tensors are listed once and only their in-place
-        versions are read at each call."""
+        """Identity and in-place version of every defining tensor.
+
+        Equal versions mean equal values (used to cache work that depends on them). Operators are
+        immutable (copies are new operators), so the defining tensors are listed once and only their
+        in-place versions are read at each call.
+        """
         tensors = self.__dict__.get("_defining_tensors")
         if tensors is None:
             tensors = self._defining_tensors = tuple(self.tensors())
@@ -137,8 +148,10 @@ class CovarianceOperator(abc.ABC):
 
     # -- public products ----------------------------------------------------------------
     def matmul(self, V: Tensor) -> Tensor:
-        """Σ V for columns ``V`` of shape ``(P,)`` or ``(P, m)``; rows: :meth:`matmul_rows`
-        or ``V @ S``."""
+        """Σ V for columns ``V`` of shape ``(P,)`` or ``(P, m)``, the result of the same shape.
+
+        For rows use :meth:`matmul_rows` or ``V @ S``.
+        """
         return _columns(V, self._num_params, self._matmul_rows, "matmul")
 
     __matmul__ = matmul
@@ -167,8 +180,10 @@ class CovarianceOperator(abc.ABC):
         return self._sqrt_rows(_rows(Z, self.sqrt_cols, "sqrt_rows"))
 
     def sqrt_rows_into(self, Z: Tensor, out: Tensor) -> None:
-        """``out[:] = Z L^T`` for rows ``Z (n, r)`` into ``out (n, P)``; ``Z`` may be ``out``
-        itself when ``r = P`` (operators that can avoid the temporary do)."""
+        """``out[:] = Z L^T`` for rows ``Z (n, r)`` into ``out (n, P)``.
+
+        ``Z`` may be ``out`` itself when ``r = P`` (operators that can avoid the temporary do).
+        """
         out.copy_(self.sqrt_rows(Z))
 
     def sqrt_t_rows(self, V: Tensor) -> Tensor:
@@ -198,14 +213,19 @@ class CovarianceOperator(abc.ABC):
         return self.matmul_flops()
 
     def workspace_bytes(self, rows: int) -> int:
-        """Bytes of temporaries (beyond input and result) when applied to ``rows`` rows, and of
-        what it caches for that (e.g. a factor); the default: one more ``(rows, P)`` tensor."""
+        """Bytes of temporaries when applied to ``rows`` rows, and of what it caches for that.
+
+        Temporaries beyond input and result, and cached pieces such as a factor; the default is one
+        more ``(rows, P)`` tensor.
+        """
         return rows * self.num_params * self.dtype.itemsize
 
     # -- copies --------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled and copied without what it derived from its tensors (cached factors): a copy
-        recomputes them from its own tensors."""
+        """Pickled and copied without what it derived from its tensors (cached factors).
+
+        A copy recomputes them from its own tensors.
+        """
         state = dict(self.__dict__)
         state.pop("_defining_tensors", None)
         if "_cache" in state:
@@ -221,13 +241,17 @@ class CovarianceOperator(abc.ABC):
     def _apply(
         self, fn: Callable[[Tensor], Tensor], index_fn: Callable[[Tensor], Tensor] | None = None
     ) -> CovarianceOperator:
-        """A copy with ``fn`` applied to every floating-point defining tensor and ``index_fn``
-        (default: none) to the integer ones (indices)."""
+        """A copy with ``fn`` applied to every floating-point defining tensor.
+
+        ``index_fn`` (default: none) is applied to the integer ones (indices).
+        """
         return self._rebuild(_map(self._fields(), fn, index_fn))
 
     def to(self, *args: Any, **kwargs: Any) -> CovarianceOperator:
-        """Move/cast every defining tensor, like ``Tensor.to`` (differentiable); indices move
-        with the device and keep their integer dtype."""
+        """Move/cast every defining tensor, like ``Tensor.to`` (differentiable).
+
+        Indices move with the device and keep their integer dtype.
+        """
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         return self._apply(
             lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking),
@@ -236,8 +260,10 @@ class CovarianceOperator(abc.ABC):
 
     # -- saving (pushforward.save / pushforward.load) -------------------------------------
     def _to_state(self) -> dict[str, Any]:
-        """The constructor's fields (tensors, nested operators, plain values) and the bound
-        layout: what :func:`pushforward.save` writes (nested operators as their own states)."""
+        """The constructor's fields (tensors, nested operators, plain values) and the bound layout.
+
+        What :func:`pushforward.save` writes (nested operators as their own states).
+        """
         return {"fields": self._fields(), "layout": self.layout}
 
     @classmethod
@@ -274,9 +300,11 @@ class CovarianceOperator(abc.ABC):
 
     @abc.abstractmethod
     def marginal(self, index: Tensor) -> CovarianceOperator:
-        """The covariance of the flat coordinates ``index`` (a 1-d integer tensor of size n):
-        the n x n operator ``S Σ S^T`` for the row selector ``S``, unbound. Operators without
-        a cheaper restriction return :class:`~pushforward.covariance.marginal.Marginal`."""
+        """The covariance of the flat coordinates ``index`` (a 1-d integer tensor of size n).
+
+        The n x n operator ``S Σ S^T`` for the row selector ``S``, unbound. Operators without a
+        cheaper restriction return :class:`~pushforward.covariance.Marginal`.
+        """
 
     def block(self, name: str) -> CovarianceOperator:
         """The covariance of parameter ``name`` alone, bound to ``layout.sub([name])``."""
@@ -322,8 +350,10 @@ def _leaves(value: Any):
 def _map(
     value: Any, fn: Callable[[Tensor], Tensor], index_fn: Callable[[Tensor], Tensor] | None
 ) -> Any:
-    """``fn`` applied to every floating-point tensor of a field tree and ``index_fn`` to the
-    others (operators copied with ``_apply``)."""
+    """``fn`` applied to every floating-point tensor of a field tree, ``index_fn`` to the others.
+
+    Operators are copied with ``_apply``.
+    """
     if isinstance(value, Tensor):
         if value.is_floating_point():
             return fn(value)

@@ -22,8 +22,10 @@ __all__ = ["PrecisionUpdate"]
 
 
 class PrecisionUpdate(CovarianceOperator):
-    """Σ' = (Σ^{-1} + R^T diag(w) R)^{-1}: the covariance ``base`` (Σ) after adding the
-    curvature of n new rows, applied by Woodbury without forming P x P.
+    """Σ' = (Σ^{-1} + R^T diag(w) R)^{-1}: the covariance ``base`` after adding n new rows.
+
+    The covariance Σ after adding the curvature of n new rows to its precision, applied by
+    Woodbury without forming P x P.
 
     Args:
         base: the covariance Σ before the update (any operator).
@@ -44,9 +46,10 @@ class PrecisionUpdate(CovarianceOperator):
       when ``s`` has repeated values.)
 
     The cached pieces are recomputed after an in-place change of ``rows``, ``weights`` or the
-    base's tensors; a half-precision operator factorizes in float32. The update is exact: rows that are zero outside some parameters leave the others' marginal
-    covariance unchanged, and updating an updated operator again equals one update with all
-    rows (:meth:`updated` does the latter).
+    base's tensors; a half-precision operator factorizes in float32. The update is exact: rows
+    that are zero outside some parameters leave the others' marginal covariance unchanged, and
+    updating an updated operator again equals one update with all rows (:meth:`updated` does the
+    latter).
     """
 
     def __init__(
@@ -91,6 +94,11 @@ class PrecisionUpdate(CovarianceOperator):
         )
 
     def bind(self, layout: ParamLayout) -> CovarianceOperator:
+        """This update with its base bound to ``layout`` (rows and weights unchanged).
+
+        Raises:
+            ValueError: ``layout`` has another number of parameters, or the base refuses it.
+        """
         if self.num_params != layout.num_params:
             return super().bind(layout)  # raises the size error
         if self.layout == layout:
@@ -98,12 +106,19 @@ class PrecisionUpdate(CovarianceOperator):
         return PrecisionUpdate(self.base.bind(layout), self.rows, self.weights, check=False)
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ' v`` for one vector: the base's plus ``4 P n``."""
         return self.base.matmul_flops() + 4.0 * self.num_params * self.rows.shape[0]
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L' z`` for one vector: the base's plus ``4 r n``."""
         return self.base.sqrt_flops() + 4.0 * self.sqrt_cols * self.rows.shape[0]
 
     def workspace_bytes(self, rows: int) -> int:
+        """Bytes of temporaries for ``rows`` rows and of the cached pieces.
+
+        The base's workspace for ``max(rows, n)`` rows, the cached ``M`` ``(n, P)`` and ``Q^T N``
+        ``(n, r)``, and the rows' ``(rows, n)`` products with them.
+        """
         n = self.rows.shape[0]  # cached M (n x P) and N (n x r), and the rows' n products
         cached_bytes = n * (self.num_params + self.sqrt_cols) * self.dtype.itemsize
         return self.base.workspace_bytes(max(rows, n)) + cached_bytes + rows * n * 8
@@ -130,8 +145,10 @@ class PrecisionUpdate(CovarianceOperator):
         return cached(self._cache, "M", compute, *self._inputs())
 
     def _sqrt_parts(self) -> tuple[Tensor, Tensor]:
-        """``Q^T N`` ``(n, r)`` and ``c`` ``(n,)`` of ``(I + N^T N)^{-1/2} = I + N^T Q diag(c)
-        Q^T N``."""
+        """``Q^T N`` ``(n, r)`` and ``c`` ``(n,)`` of the core factor.
+
+        ``(I + N^T N)^{-1/2} = I + N^T Q diag(c) Q^T N``.
+        """
 
         def compute() -> tuple[Tensor, Tensor]:
             A = self._scaled()
@@ -162,7 +179,9 @@ class PrecisionUpdate(CovarianceOperator):
         return self.base.quadratic_rows(V) - (V @ self._M().T).square().sum(-1)
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the base's variances less the column sums of ``M ∘ M``."""
         return self.base.diagonal() - self._M().square().sum(0)
 
     def marginal(self, index: Tensor) -> Marginal:
+        """The covariance of the flat coordinates ``index`` ``(n,)``: a :class:`Marginal`."""
         return Marginal(self, index)

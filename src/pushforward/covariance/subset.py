@@ -16,8 +16,9 @@ __all__ = ["Subset"]
 
 
 class Subset(CovarianceOperator):
-    """Σ = E Σ_s E^T: a covariance ``inner`` (s x s) over the flat coordinates ``indices`` of a
-    P-dimensional space, zero for every other coordinate.
+    """Σ = E Σ_s E^T: a covariance over some flat coordinates, zero for every other one.
+
+    ``inner`` (s x s) covers the flat coordinates ``indices`` of a P-dimensional space.
 
     Args:
         inner: the operator over the ``s`` selected coordinates, in the order of ``indices``.
@@ -52,13 +53,16 @@ class Subset(CovarianceOperator):
         return {"inner": self.inner, "indices": self.indices, "num_params": self._num_params}
 
     def workspace_bytes(self, rows: int) -> int:
+        """The inner operator's temporaries plus two gathered ``(rows, s)`` tensors, in bytes."""
         gathered = rows * self.inner.num_params * self.dtype.itemsize
         return 2 * gathered + self.inner.workspace_bytes(rows)
 
     def matmul_flops(self) -> float:
+        """Floating-point operations of ``Σ v`` for one vector: the inner operator's."""
         return self.inner.matmul_flops()
 
     def sqrt_flops(self) -> float:
+        """Floating-point operations of ``L z`` for one vector: the inner operator's."""
         return self.inner.sqrt_flops()
 
     def _embed(self, X: Tensor) -> Tensor:
@@ -78,10 +82,16 @@ class Subset(CovarianceOperator):
         return self.inner.quadratic_rows(V[:, self.indices])
 
     def diagonal(self) -> Tensor:
+        """``(P,)``: the inner operator's variances at ``indices``, zero elsewhere."""
         d = self.inner.diagonal()
         return d.new_zeros(self.num_params).index_copy(0, self.indices, d)
 
     def marginal(self, index: Tensor) -> CovarianceOperator:
+        """The covariance of the flat coordinates ``index`` ``(n,)``, unbound.
+
+        A :class:`Subset` over those of them inside ``indices`` (the inner operator's marginal),
+        or a zero :class:`Isotropic` when none is.
+        """
         index = check_index(index, self.num_params, "marginal index").to(self.device)
         position = torch.full((self.num_params,), -1, dtype=torch.int64, device=self.device)
         position[self.indices] = torch.arange(self.indices.numel(), device=self.device)
@@ -93,6 +103,11 @@ class Subset(CovarianceOperator):
         return Subset(self.inner.marginal(inner_pos[kept]), kept, index.numel(), check=False)
 
     def param_groups(self) -> list[ParamGroup]:
+        """Uncorrelated parameter groups (needs a bound layout).
+
+        One group per parameter tensor when ``inner`` is a :class:`Diagonal` or :class:`Isotropic`,
+        else one group with every parameter.
+        """
         layout = self._require_layout()
         if isinstance(self.inner, (Diagonal, Isotropic)):
             return [ParamGroup((n,), self.block(n)) for n in layout.names]

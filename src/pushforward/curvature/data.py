@@ -45,8 +45,14 @@ __all__ = ["Batch", "Batches"]
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: its position in the data (among every rank's batches when the data is
-    sharded), the model inputs and the targets."""
+    """One batch: its position in the data, the model inputs and the targets.
+
+    Attributes:
+        index: the batch's position among every rank's batches when the data is sharded (it
+            seeds the batch's Monte Carlo draws), else in the data.
+        inputs: the model inputs, on the model's device.
+        y: the targets.
+    """
 
     index: int
     inputs: Inputs
@@ -103,8 +109,10 @@ class Batches:
         self._examples: int | None = None  # of every rank's shard, from the first pass
 
     def _check_sharding(self) -> None:
-        """Refuse a loader that does not shard as the group says — on every rank at once (a
-        rank raising alone would leave the others waiting in their first collective)."""
+        """Refuse a loader that does not shard as the group says — on every rank at once.
+
+        A rank raising alone would leave the others waiting in their first collective.
+        """
         group, sampler = self.group, self.sampler
         if group is None or group.size == 1:
             return
@@ -141,9 +149,19 @@ class Batches:
             )
 
     def finish(self, values: list[Tensor]) -> tuple[list[Tensor], int]:
-        """``(sums, N)``: ``values`` (this shard's sums of the pass just made) summed over every
-        rank's shard, and the number of examples of the pass over all shards (see the class
-        docstring for what is refused)."""
+        """Sum a pass's ``values`` over every rank's shard and count the pass's examples.
+
+        Args:
+            values: this shard's sums of the pass just made.
+
+        Returns:
+            ``(sums, N)``: ``values`` summed over every rank's shard, and the number of examples of
+            the pass over all shards.
+
+        Raises:
+            ValueError: the pass saw no example, or another number of examples than the first pass
+                (see the class docstring).
+        """
         count = torch.tensor([self._seen], dtype=torch.float64, device=self.device)
         *sums, total = all_reduce_sum([*values, count], self.group)
         examples = int(total.item())
@@ -216,8 +234,10 @@ class Batches:
             yield Batch(self._global_index(index), inputs, y)
 
     def _global_index(self, index: int) -> int:
-        """A batch's index among every rank's batches (it seeds the batch's Monte Carlo draws:
-        the ranks' batches must not share them)."""
+        """A batch's index among every rank's batches.
+
+        It seeds the batch's Monte Carlo draws: the ranks' batches must not share them.
+        """
         if self.group is None:
             return index
         return index * self.group.size + self.group.rank

@@ -1,5 +1,7 @@
-"""The dense curvature ``sum_n sum_r (J_n^T u_nr)(J_n^T u_nr)^T`` from a pass's per-example rows
-(small P: the result has ``P^2`` entries)."""
+"""The dense curvature ``sum_n sum_r (J_n^T u_nr)(J_n^T u_nr)^T`` from a pass's per-example rows.
+
+For small P only: the result has ``P^2`` entries.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ __all__ = ["DenseSums"]
 
 
 class DenseSums:
-    """The running ``(S, S)`` sum of a pass's row outer products (a
-    :class:`~pushforward.curvature.passes.Consumer`): every parameter's per-example rows, no
+    """The running ``(S, S)`` sum of a pass's row outer products.
+
+    A :class:`~pushforward.curvature.passes.Consumer` of every parameter's per-example rows, with no
     layer structure.
 
     Args:
@@ -44,6 +47,7 @@ class DenseSums:
         return 2 * self.total.shape[0] * cost.itemsize
 
     def add(self, pieces: Pieces) -> None:
+        """Add the outer products of one chunk's per-example rows (restricted to ``indices``)."""
         rows = self.fm.flatten(pieces.rows)
         if self.indices is not None:
             rows = rows[..., self.indices]

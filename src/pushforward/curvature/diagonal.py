@@ -61,6 +61,11 @@ class DiagonalSums:
         return 2 * size * cost.itemsize
 
     def add(self, pieces: Pieces) -> None:
+        """Add the squares of one chunk's rows to each parameter's sum.
+
+        Closed forms per layer where the layer structure gives them, the per-example rows of every
+        other parameter.
+        """
         for call, a, G in pieces.layers():
             self._layer(call, a, dense(G))
         for name, rows in pieces.rows.items():

@@ -1,8 +1,8 @@
-"""The output directions of a curvature pass: rows of the loss Hessian's factor, sampled
-gradients or the loss gradient, per example.
+"""The output directions of a curvature pass, per example.
 
-Every curvature here is a sum over examples ``n`` and cotangent rows ``u_nr`` in output space of
-outer products of ``J_n^T u_nr``:
+Rows of the loss Hessian's factor, sampled gradients or the loss gradient. Every curvature here
+is a sum over examples ``n`` and cotangent rows ``u_nr`` in output space of outer products of
+``J_n^T u_nr``:
 
 * exact GGN: ``u_n`` are the rows of a factor of the loss Hessian, position by position
   (:meth:`~pushforward.curvature.likelihoods.Likelihood.factor`);
@@ -52,8 +52,10 @@ class RowKind:
 
 
 class LikelihoodRows(Directions):
-    """The rows of one batch: ``likelihood`` and ``kind`` at targets ``y`` (prepared for outputs
-    ``(B, n, K)``), with the batch's random numbers ``noise`` for ``"mc"``.
+    """The cotangent rows of one batch, from ``likelihood`` and ``kind`` at targets ``y``.
+
+    The targets are prepared for outputs ``(B, n, K)``; ``noise`` holds the batch's random numbers
+    for ``"mc"``.
 
     Args:
         likelihood: the loss.
@@ -61,7 +63,8 @@ class LikelihoodRows(Directions):
         y: the batch's targets, as :meth:`Likelihood.prepare_targets` gives them.
         noise: ``(B, mc, *noise_shape)`` for ``"mc"`` (see :func:`draw_noise`), else ``None``.
         shape: one example's output shape ``f_b`` (``n * K`` entries).
-        n, K: positions and outputs per position.
+        n: positions per example.
+        K: outputs per position.
     """
 
     def __init__(
@@ -79,12 +82,18 @@ class LikelihoodRows(Directions):
         self.rows = kind.count(likelihood, n, K)
 
     def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
+        """The chunk's examples' targets and, for ``"mc"``, their rows' random numbers."""
         y = self.y[chunk.samples]
         if self.noise is None:
             return (y,)
         return y, self.noise[chunk.samples, chunk.rows]
 
     def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
+        """``(b, r, *f_b)``: the cotangent rows ``rows`` of examples with outputs ``f (b, *f_b)``.
+
+        ``per`` are the chunk's tensors from :meth:`per_example`; a likelihood that is not batched
+        runs under ``vmap``, one example at a time.
+        """
         y, noise = per[0], (per[1] if len(per) > 1 else None)
         b = f.shape[0]
         f = f.reshape(b, self.n, self.K)
@@ -98,9 +107,11 @@ class LikelihoodRows(Directions):
         return cot.reshape(b, -1, *self.shape).contiguous()
 
     def cotangents(self, f: Tensor, y: Tensor, noise: Tensor | None, rows: slice) -> Tensor:
-        """``(..., r, n, K)``: the rows ``rows`` of examples ``f (..., n, K)`` — one example
-        (under ``vmap``), or leading example dimensions for a batched likelihood; ``noise`` holds
-        those rows' random numbers already."""
+        """``(..., r, n, K)``: the rows ``rows`` of examples ``f (..., n, K)``.
+
+        One example (under ``vmap``), or leading example dimensions for a batched likelihood;
+        ``noise`` holds those rows' random numbers already.
+        """
         lik, kind = self.likelihood, self.kind.kind
         if kind == "ef":
             return lik.gradient(f, y).unsqueeze(-3)
@@ -123,8 +134,10 @@ class LikelihoodRows(Directions):
 def draw_noise(
     likelihood: Likelihood, kind: RowKind, index: int, B: int, n: int, K: int, dtype, device
 ) -> Tensor | None:
-    """The random numbers of batch ``index``'s sampled targets ``(B, mc, ...)`` (the same on
-    every pass over the data), or ``None`` unless ``kind`` is ``"mc"``."""
+    """The random numbers of batch ``index``'s sampled targets ``(B, mc, ...)``.
+
+    The same on every pass over the data; ``None`` unless ``kind`` is ``"mc"``.
+    """
     if kind.kind != "mc":
         return None
     generator = torch.Generator(device=device).manual_seed(

@@ -93,8 +93,7 @@ class KFACFactors:
 
 
 class KFACSums:
-    """K-FAC's running factor sums over a pass (a
-    :class:`~pushforward.curvature.passes.Consumer`).
+    """K-FAC's running factor sums over a pass (a :class:`~pushforward.curvature.passes.Consumer`).
 
     Args:
         fm: the model.
@@ -116,8 +115,11 @@ class KFACSums:
         self.factors = KFACFactors()
 
     def held_bytes(self) -> int:
-        """The factors and generic blocks (an upper bound: every tensor's ``out^2 + in^2``, or
-        ``numel^2`` / ``numel`` for a generic block)."""
+        """Bytes of the factors and generic blocks.
+
+        An upper bound: every tensor's ``out^2 + in^2``, or ``numel^2`` / ``numel`` for a generic
+        block.
+        """
         held = 0
         for shape in self.fm.param_shapes.values():
             n = math.prod(shape)
@@ -126,8 +128,10 @@ class KFACSums:
         return held * self.fm.dtype.itemsize
 
     def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
-        """What the factors form per row: the directions at positions, unfolded patches, and the
-        generic layers' rows (an upper bound)."""
+        """Bytes the factors form per row (an upper bound).
+
+        The directions at positions, unfolded patches, and the generic layers' rows.
+        """
         shapes = self.fm.param_shapes
         z = 0 if structure is None else structure.z_numel()
         rows = 0
@@ -141,6 +145,11 @@ class KFACSums:
         return 2 * (z + rows) * cost.itemsize
 
     def add(self, pieces: Pieces) -> None:
+        """Fold one chunk's layer pieces into the factor sums and the generic blocks.
+
+        The input-side factors and the example count are added on a chunk's first rows of its
+        examples only (later row chunks repeat the same inputs).
+        """
         result = self.factors
         if pieces.first:
             result.examples += pieces.examples
@@ -206,9 +215,11 @@ class KFACSums:
 def kfac_blocks(
     fm: FunctionalModel, factors: KFACFactors, input_scale: float, output_scale: float
 ) -> dict[str, CovarianceOperator]:
-    """The block of every selected parameter (in the model's order) from summed factors:
-    ``A * input_scale``, ``G * output_scale``; a zero diagonal for a parameter the data never
-    reached."""
+    """The block of every selected parameter (in the model's order) from summed factors.
+
+    ``A * input_scale`` and ``G * output_scale``; a zero diagonal for a parameter the data never
+    reached.
+    """
     blocks: dict[str, CovarianceOperator] = {}
     shapes = fm.param_shapes
     for layer in factors.layers.values():

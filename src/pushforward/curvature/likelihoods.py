@@ -38,7 +38,13 @@ __all__ = ["CrossEntropy", "Gaussian", "Likelihood", "OutputHessian", "as_likeli
 
 
 class Likelihood:
-    """Base class; see the module docstring for the shapes (one example at a time)."""
+    """The base class of likelihoods: what the curvature needs from the loss, per example.
+
+    A likelihood is the negative log-likelihood (NLL) of one example's outputs ``f (n, K)``
+    (``n`` positions, ``K`` outputs per position) given that example's target, summed over the
+    positions. Every method takes one example and is written so that ``torch.func.vmap`` runs it
+    over a batch; a likelihood with ``batched = True`` also takes leading example dimensions.
+    """
 
     #: ``"classification"``, ``"regression"`` or ``"custom"``.
     kind = "custom"
@@ -54,7 +60,10 @@ class Likelihood:
         raise NotImplementedError
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
-        """``(m, n, K)``: the NLL's Hessian (block diagonal over positions) times ``v (m, n, K)``."""
+        """``(m, n, K)``: the NLL's Hessian times ``v (m, n, K)``.
+
+        The Hessian is block diagonal over positions; the default applies :meth:`factor`'s rows.
+        """
         Fr = self.factor(f, y)  # (n, r, K)
         return torch.einsum("trk,trl,mtl->mtk", Fr, Fr, v)
 
@@ -73,8 +82,10 @@ class Likelihood:
         raise NotImplementedError
 
     def sampled_gradient(self, f: Tensor, y: Tensor, noise: Tensor) -> Tensor:
-        """``(n, K)``: the NLL's gradient at a target drawn from the model with ``noise`` (``y``
-        only says which positions count)."""
+        """``(n, K)``: the NLL's gradient at a target drawn from the model with ``noise``.
+
+        ``y`` only says which positions count.
+        """
         raise NotImplementedError
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
@@ -86,8 +97,11 @@ class Likelihood:
         return f.numel()
 
     def prepare_targets(self, y: Tensor, f_shape: torch.Size) -> Tensor:
-        """``y`` of a batch for outputs ``f (B, n, K)``: one value per position ``(B, n)``, one
-        per output ``(B, n, K)``, else as given (its first dimension is the batch)."""
+        """``y`` of a batch, shaped for outputs ``f (B, n, K)``.
+
+        One value per position gives ``(B, n)``, one per output ``(B, n, K)``; anything else is
+        returned as given (its first dimension is the batch).
+        """
         B, n, K = f_shape
         if y.numel() == B * n:
             return y.reshape(B, n)
@@ -124,6 +138,7 @@ class CrossEntropy(Likelihood):
         self.ignore_index = ignore_index
 
     def rows_per_position(self, K: int) -> int:
+        """``K - 1`` (at least 1): the Hessian's rank."""
         return max(K - 1, 1)
 
     def _mask(self, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -133,6 +148,12 @@ class CrossEntropy(Likelihood):
         return (y != self.ignore_index).to(dtype)
 
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
+        """``(..., n, K - 1, K)``: per position, rows whose outer products sum to the Hessian.
+
+        The rows ``sqrt(p_r)(e_r - p)`` rotated by a Householder reflection that maps their one
+        linear dependency onto a zero row, which is dropped (see the class docstring); zero rows for
+        ignored targets. One row of zeros for ``K = 1``.
+        """
         p = torch.softmax(f, dim=-1)  # (..., n, K)
         s = p.sqrt()
         if f.shape[-1] == 1:
@@ -150,11 +171,16 @@ class CrossEntropy(Likelihood):
         return C * self._mask(y, f.dtype)[..., None, None]
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """``(m, n, K)``: ``(diag(p) - p p^T) v`` per position, zero for ignored targets."""
         p = torch.softmax(f, dim=-1)  # (n, K)
         Hv = p * v - p * (v * p).sum(-1, keepdim=True)
         return Hv * self._mask(y, f.dtype)[:, None]
 
     def gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        """``(..., n, K)``: ``softmax(f) - onehot(y)`` (soft targets: ``softmax(f) - y``).
+
+        Zero at positions whose target is the ignore index.
+        """
         p = torch.softmax(f, dim=-1)
         if y.is_floating_point():
             return p - y
@@ -163,18 +189,26 @@ class CrossEntropy(Likelihood):
         return (p - onehot) * mask[..., None]
 
     def noise_shape(self, n: int, K: int) -> tuple[int, ...]:
+        """``(n,)``: one uniform number per position (one drawn class each)."""
         return (n,)
 
     def draw_noise(self, shape, generator, dtype, device):
+        """Uniform random numbers in ``[0, 1)`` of ``shape``, from ``generator``."""
         return torch.rand(shape, generator=generator, dtype=dtype, device=device)
 
     def sampled_gradient(self, f: Tensor, y: Tensor, noise: Tensor) -> Tensor:
+        """``(..., n, K)``: ``softmax(f) - onehot(c)`` for classes ``c`` drawn from ``softmax(f)``.
+
+        Each class is drawn by the inverse CDF of its position's uniform ``noise``; zero at ignored
+        positions.
+        """
         p = torch.softmax(f, dim=-1)
         # inverse CDF: the first class whose cumulative probability exceeds the uniform draw
         drawn = (p.cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp_max(f.shape[-1] - 1)
         return (p - F.one_hot(drawn, f.shape[-1]).to(f.dtype)) * self._mask(y, f.dtype)[..., None]
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """The batch's summed cross-entropy (ignored targets left out), from ``(B, n, K)``."""
         K = f.shape[-1]
         if y.is_floating_point():
             return F.cross_entropy(f.reshape(-1, K), y.reshape(-1, K), reduction="sum")
@@ -183,9 +217,16 @@ class CrossEntropy(Likelihood):
         )
 
     def num_outputs(self, f: Tensor, y: Tensor) -> int:
+        """``K`` times the number of positions whose target counts."""
         return int(self._mask(y, f.dtype).sum()) * f.shape[-1]
 
     def prepare_targets(self, y: Tensor, f_shape: torch.Size) -> Tensor:
+        """Class indices ``(B, n)`` (int64), or soft targets ``(B, n, K)`` as given.
+
+        Raises:
+            ValueError: the targets are neither ``B * n`` class indices nor ``B * n * K``
+                probabilities, or an index is outside ``[0, K)`` and not the ignore index.
+        """
         B, n, K = f_shape
         if y.is_floating_point() and y.numel() == B * n * K:
             return y.reshape(B, n, K)  # soft targets: class probabilities
@@ -222,28 +263,40 @@ class Gaussian(Likelihood):
     batched = True
 
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
+        """``(..., n, K, K)``: identity rows (the unit-noise Hessian is the identity)."""
         K = f.shape[-1]
         return torch.eye(K, dtype=f.dtype, device=f.device).expand(*f.shape, K)
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """``v`` itself: the Hessian is the identity."""
         return v
 
     def gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        """``f - y``."""
         return f - y
 
     def noise_shape(self, n: int, K: int) -> tuple[int, ...]:
+        """``(n, K)``: one standard normal number per output."""
         return (n, K)
 
     def draw_noise(self, shape, generator, dtype, device):
+        """Standard normal random numbers of ``shape``, from ``generator``."""
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
     def sampled_gradient(self, f: Tensor, y: Tensor, noise: Tensor) -> Tensor:
+        """``-noise``: the gradient ``f - (f + noise)`` at the target ``f + noise``."""
         return -noise  # f - (f + noise)
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """``1/2 sum ||f - y||^2`` over the batch (the normalizer left out)."""
         return 0.5 * (f - y).square().sum()
 
     def prepare_targets(self, y: Tensor, f_shape: torch.Size) -> Tensor:
+        """``y`` reshaped to the outputs' shape ``f_shape``.
+
+        Raises:
+            ValueError: ``y`` does not have as many entries as the outputs.
+        """
         if y.numel() != math.prod(f_shape):
             raise ValueError(
                 f"regression targets must have the output's {math.prod(f_shape)} entries "
@@ -282,19 +335,34 @@ class OutputHessian(Likelihood):
         self.hessian, self.nll = hessian, nll
 
     def factor(self, f: Tensor, y: Tensor) -> Tensor:
+        """``(n, K, K)``: rows ``sqrt(λ) q`` of the Hessian's eigendecomposition.
+
+        Negative eigenvalues are clamped to zero.
+        """
         H = self.hessian(f, y)
         lam, Q = torch.linalg.eigh(H)  # (n, K), (n, K, K)
         return (Q * lam.clamp_min(0).sqrt().unsqueeze(-2)).transpose(-1, -2)
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """``(m, n, K)``: the user's Hessian ``(n, K, K)`` times ``v (m, n, K)`` per position."""
         return torch.einsum("tkl,mtl->mtk", self.hessian(f, y), v)
 
     def gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        """``(n, K)``: the gradient of ``nll`` w.r.t. ``f`` (``torch.func.grad``).
+
+        Raises:
+            NotImplementedError: no ``nll`` was given.
+        """
         if self.nll is None:
             return super().gradient(f, y)
         return torch.func.grad(self.nll)(f, y)
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """The batch's summed ``nll``, one example at a time.
+
+        Raises:
+            NotImplementedError: no ``nll`` was given.
+        """
         if self.nll is None:
             return super().loss(f, y)
         return sum(self.nll(f[b], y[b]) for b in range(f.shape[0]))
@@ -304,8 +372,15 @@ class OutputHessian(Likelihood):
 
 
 def as_likelihood(likelihood: str | Likelihood | Callable) -> Likelihood:
-    """``"classification"`` -> :class:`CrossEntropy`, ``"regression"`` -> :class:`Gaussian`, a
-    :class:`Likelihood` as is, a callable as the output-space Hessian (:class:`OutputHessian`)."""
+    """A :class:`Likelihood` from its name, a likelihood, or an output-space Hessian.
+
+    ``"classification"`` -> :class:`CrossEntropy`, ``"regression"`` -> :class:`Gaussian`, a
+    :class:`Likelihood` as is, a callable as the output-space Hessian (:class:`OutputHessian`).
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: anything else.
+    """
     if isinstance(likelihood, Likelihood):
         return likelihood
     if likelihood == "classification":

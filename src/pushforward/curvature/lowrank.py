@@ -44,8 +44,15 @@ def lanczos(
     tol: float = 1e-6,
     check_every: int = 5,
 ) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest eigenpairs of the ``size x size`` operator ``matvec`` (see the module
-    docstring)."""
+    """The ``k`` largest eigenpairs of the ``size x size`` operator ``matvec`` by Lanczos.
+
+    The stopping rule is the module docstring's.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``, ``(k',)`` and ``(size, k')``, largest first, with
+        ``k' = min(k, steps)``: fewer than ``k`` when an invariant subspace of smaller dimension
+        ends the iteration early.
+    """
     limit = iterations if iterations is not None else max_iterations or min(size, 10 * k + 20)
     limit = min(limit, size)
     Q = torch.zeros(size, limit + 1, dtype=dtype, device=device)
@@ -109,8 +116,13 @@ def randomized(
     oversample: int = 10,
     power_iterations: int = 4,
 ) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest eigenpairs by randomized subspace iteration (see the module
-    docstring); ``power_iterations + 2`` products with ``k + oversample`` columns."""
+    """The ``k`` largest eigenpairs by randomized subspace iteration (see the module docstring).
+
+    ``power_iterations + 2`` products with ``k + oversample`` columns.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``, ``(k,)`` and ``(size, k)``, largest first.
+    """
     width = min(size, k + oversample)
     Y = matmat(torch.randn(size, width, generator=generator, dtype=dtype, device=device))
     for _ in range(power_iterations):

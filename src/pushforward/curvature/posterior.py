@@ -54,8 +54,9 @@ __all__ = [
 
 
 class PriorAndNoise(NamedTuple):
-    """What :func:`optimize_prior_precision` returns with ``optimize_sigma=True``; unpacks as
-    ``delta, sigma = ...``.
+    """What :func:`optimize_prior_precision` returns with ``optimize_sigma=True``.
+
+    A named tuple: it unpacks as ``delta, sigma = ...``.
 
     Attributes:
         prior_precision: δ (0-d, ``(L,)`` or ``(P,)`` by the prior structure).
@@ -67,9 +68,11 @@ class PriorAndNoise(NamedTuple):
 
 
 def _needs_noise(kind: str | None, sigma_noise: Any, what: str) -> None:
-    """Refuse a regression curvature without its observation noise (one convention, σ the
-    standard deviation: the curvature is for unit noise, so a silent σ = 1 would be another
-    posterior)."""
+    """Refuse a regression curvature without its observation noise.
+
+    One convention, σ the standard deviation: the curvature is for unit noise, so a silent σ = 1
+    would be another posterior.
+    """
     if kind == "regression" and sigma_noise is None:
         raise ValueError(
             f"{what} of a regression curvature needs the observation noise: pass "
@@ -100,12 +103,12 @@ def laplace_posterior(
     damping: bool = False,
     layout: Any = None,
 ) -> CovarianceOperator:
-    """The Laplace posterior covariance Σ = (s H + diag(δ))^{-1} (see the module docstring).
+    """The Laplace posterior covariance Σ = (s H + diag(δ))^{-1}, s = n_data / (σ² T).
 
     Args:
         curvature: a curvature from ``GGN.diagonal()``, ``.dense()``, ``.lowrank(k)`` or
-            ``.kfac()`` (a :class:`~pushforward.curvature.Curvature`), or the same as plain tensors:
-            ``(P,)``, ``(P, P)``, ``(eigenvalues, eigenvectors)``, a bound
+            ``.kfac()`` (a :class:`~pushforward.curvature.Curvature`), or the same as plain
+            tensors: ``(P,)``, ``(P, P)``, ``(eigenvalues, eigenvectors)``, a bound
             :class:`~pushforward.Kronecker`.
         prior_precision: δ: a scalar, one value per parameter tensor (needs the layout) or per
             parameter (not for K-FAC).
@@ -145,7 +148,15 @@ def log_marginal_likelihood(
     prior_mean: float | Tensor = 0.0,
     damping: bool = False,
 ) -> Tensor:
-    """laplace-torch's Laplace approximation of the log marginal likelihood (module docstring).
+    """laplace-torch's Laplace approximation of the log marginal likelihood.
+
+    With the posterior precision ``P = s H + diag(δ)``, ``s = n_scale / (σ² T)``::
+
+        log p(D) ≈ log_lik − ½ [log det P − Σ log δ + (θ − μ0)^T diag(δ) (θ − μ0)]
+
+    ``log_lik = −loss / T`` (classification) or ``−loss / (σ² T) − n_out log(σ √(2π))``
+    (regression; ``loss = ½ Σ ||f − y||²``, ``n_out`` the observed output scalars);
+    ``n_scale`` is N for a ``reduction="mean"`` curvature, else 1.
 
     Args:
         fit: the :class:`~pushforward.curvature.GGN` / :class:`EmpiricalFisher` the curvature
@@ -153,7 +164,8 @@ def log_marginal_likelihood(
             first time), the number of examples and outputs, the parameters θ and the likelihood.
         curvature: its diagonal, dense matrix, low-rank pair or K-FAC.
         prior_precision: δ (scalar, per tensor or per parameter); differentiable.
-        sigma_noise: σ (regression only); differentiable.
+        sigma_noise: σ, the standard deviation of the observation noise (regression only;
+            required for a regression ``fit``); differentiable.
         temperature: T.
         prior_mean: μ0, scalar or ``(P,)``.
         damping: laplace-torch's damped Kronecker form (K-FAC only).
@@ -162,8 +174,9 @@ def log_marginal_likelihood(
         A scalar tensor.
 
     Raises:
-        ValueError: ``sigma_noise`` other than 1 for a likelihood that is not regression, or a
-            prior precision or σ that is not finite and positive.
+        ValueError: a regression ``fit`` without ``sigma_noise``, ``sigma_noise`` other than 1
+            for a likelihood that is not regression, or a prior precision or σ that is not
+            finite and positive.
     """
     typed = as_curvature(curvature, fit)
     ref = typed.reference()
@@ -223,8 +236,8 @@ def optimize_prior_precision(
         init_prior_prec: marglik: the starting δ (finite, positive).
         n_steps: marglik: Adam steps.
         lr: marglik: Adam's learning rate.
-        sigma_noise: σ, the observation noise (regression); the starting value with
-            ``optimize_sigma``.
+        sigma_noise: σ, the standard deviation of the observation noise (regression; required
+            unless ``optimize_sigma``); the starting value with ``optimize_sigma`` (default 1).
         optimize_sigma: also maximize over σ (regression, marglik).
         temperature: T.
         prior_mean: μ0 (marglik), scalar or ``(P,)``.
@@ -234,7 +247,8 @@ def optimize_prior_precision(
         link: gridsearch, classification: the link of :func:`pushforward.predictive`.
 
     Returns:
-        δ — 0-d for ``"scalar"``, ``(L,)``, or ``(P,)`` — or ``(δ, σ)`` with ``optimize_sigma``.
+        δ — 0-d for ``"scalar"``, ``(L,)``, or ``(P,)`` — or with ``optimize_sigma`` a
+        :class:`PriorAndNoise` ``(δ, σ)``.
 
     Raises:
         ValueError: an unknown ``method`` or ``prior_structure``, options that do not apply to

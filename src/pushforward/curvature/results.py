@@ -431,9 +431,9 @@ class KroneckerCurvature(Kronecker, Curvature):
         return self.matmul(v)
 
     def _spectrum(self) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """Per block ``(eigenvectors, eigenvalues)``, as :meth:`Kronecker.from_precision_eigen` reads them.
+        """Per block ``(eigenvectors, eigenvalues)``, the form ``from_precision_eigen`` reads.
 
-        A diagonal block has no eigenvectors.
+        A diagonal block has no eigenvectors (see :meth:`Kronecker.from_precision_eigen`).
         """
         found = self.__dict__.get("_eigen")
         if found is None:

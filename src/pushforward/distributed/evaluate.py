@@ -71,7 +71,14 @@ def evaluate(
     target_key: str = "labels",
     **options: Any,
 ) -> Any:
-    """``what`` over every example of a sharded data set, in dataset order (module docstring).
+    """``what`` over every example of a sharded data set, gathered in dataset order.
+
+    Each rank computes its shard's batches; the results are gathered to every rank (or to
+    ``root``) in the order of the data set — example ``i`` of the result is ``dataset[i]`` —
+    without the examples a ``DistributedSampler`` repeats to pad its shards. Random draws
+    (samples, ``link="mc"``, ``strategy="monte_carlo"``) start from rank 0's state of
+    ``generator`` in every batch: the samples are joint across the whole data set, equal to one
+    call on all of it, and the generator is advanced as that call would.
 
     Args:
         model: the replicated model (an ``nn.Module``, taken out of any DDP wrapper with
@@ -86,8 +93,9 @@ def evaluate(
             ``"samples"`` (:func:`~pushforward.functional_samples`; ``n_samples=`` and
             ``generator=`` required) or ``"predictive"`` (:func:`~pushforward.predictive`).
         root: ``None``: the result on every rank; a rank: there only (the others get ``None``).
-        process_group: ``"auto"``, ``None`` or a ``ProcessGroup``
-            (see :mod:`pushforward.core.collectives`).
+        process_group: ``"auto"`` (the default group when ``torch.distributed`` is
+            initialized with more than one process, else none), ``None`` (this process's
+            batches only) or a ``ProcessGroup``.
         target_key: the targets' key in mapping batches.
         **options: the matching function's keyword arguments (``outputs=``, which is per
             batch, and ``joint="groups"`` are not supported).
@@ -166,8 +174,10 @@ class _Order:
         self.total = None if sampler is None else len(sampler.dataset)  # type: ignore[arg-type]
 
     def check_count(self, seen: int, group: Group | None) -> None:
-        """Every rank's loader yielded every example its sampler gave (checked together: a
-        rank that raised alone would leave the others waiting in the gather)."""
+        """Every rank's loader yielded every example its sampler gave.
+
+        Checked together: a rank that raised alone would leave the others waiting in the gather.
+        """
         mine = self.indices is None or seen == len(self.indices)
         if not group_min(int(mine), group):
             raise ValueError(
@@ -185,8 +195,10 @@ class _Order:
     def gather(
         self, parts: list[Tensor], dim: int, group: Group | None, root: int | None
     ) -> Tensor | None:
-        """This rank's ``parts`` (batches along ``dim``) and the other ranks', in dataset
-        order along ``dim``, padding left out."""
+        """This rank's ``parts`` and the other ranks', in dataset order along ``dim``.
+
+        ``parts`` are batches along ``dim``; the padding is left out.
+        """
         local = torch.cat(parts, dim).movedim(dim, 0)
         if self.real is not None:
             local = local[: self.real]
@@ -241,9 +253,11 @@ def _computation(
 
 
 class _SharedDraws:
-    """Generators in rank 0's state of the user's ``generator``, one per batch (every batch
-    draws the same perturbations); :meth:`finish` leaves the user's generator where one call on
-    the whole data set would."""
+    """Generators in rank 0's state of the user's ``generator``, one per batch.
+
+    Every batch draws the same perturbations; :meth:`finish` leaves the user's generator where one
+    call on the whole data set would.
+    """
 
     def __init__(self, generator: Any, group: Group | None) -> None:
         if not isinstance(generator, torch.Generator):

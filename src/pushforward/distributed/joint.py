@@ -1,5 +1,4 @@
-"""Rows of a joint covariance's factor for one batch: ``J L`` (or ``J``), by the forward
-strategy's JVPs.
+"""Rows of a joint covariance's factor for one batch: ``J L`` (or ``J``), by forward JVPs.
 
 The joint covariance of examples held by different ranks, ``J S J^T`` across all of them, needs
 something of every example on one rank. With ``S = L L^T`` (``r = cov.sqrt_cols`` columns),
@@ -32,9 +31,12 @@ def row_width(problem: Problem) -> tuple[int, bool]:
 
 
 def joint_plan(problem: Problem) -> ChunkPlan:
-    """The chunks of columns: the rows ``(B, E, w)`` and the outputs are held; one column is the
-    forward strategy's tangent through the batch (its unit row and tangent, ``w + P`` numbers)
-    and the covariance's temporaries."""
+    """The chunks of columns.
+
+    The rows ``(B, E, w)`` and the outputs are held; one column is the forward strategy's tangent
+    through the batch (its unit row and tangent, ``w + P`` numbers) and the covariance's
+    temporaries.
+    """
     width, _ = row_width(problem)
     B, E = problem.B, problem.cost.output_numel
     held = (B * E * width + B * E) * problem.itemsize
@@ -53,9 +55,15 @@ def joint_rows(
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``(f (B, ...), A (B, E, w))``: the outputs and, per example and output (``E`` outputs
-    per example), the row of ``J L`` (``w = r``) or of ``J`` (``w = P`` when ``r > P``).
-    ``strategy`` must be ``"auto"`` (the rows are always pushed forward)."""
+    """The outputs and the rows of ``J L`` (or of ``J``) of every example and output.
+
+    Returns:
+        ``(f (B, ...), A (B, E, w))``: per example and output (``E`` outputs per example), the
+        row of ``J L`` (``w = r``) or of ``J`` (``w = P`` when ``r > P``).
+
+    Raises:
+        ValueError: ``strategy`` other than ``"auto"`` (the rows are always pushed forward).
+    """
     if strategy != "auto":
         raise ValueError(
             f"a joint covariance gathered across ranks is pushed by JVPs; strategy={strategy!r} "

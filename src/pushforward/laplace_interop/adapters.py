@@ -35,6 +35,7 @@ class MappingInput(nn.Module):
         self.model = model
 
     def forward(self, **entries: Any) -> Any:
+        """The model called on one ``dict`` of the keyword arguments ``entries``."""
         return self.model(dict(entries))
 
 

@@ -10,18 +10,20 @@ Pass :class:`PushforwardGGN` or :class:`PushforwardEF` as laplace-torch's ``back
 laplace-torch's own backends form the Jacobian of a whole batch, ``B x K x P``, with ``jacrev``
 (its vectorized backward passes go through the whole batch, O(B^2) work) and contract it even
 for a diagonal GGN. These backends compute per-example rows ``J(x_n)^T u`` (``vmap`` over examples
-of ``torch.func.vjp``, see :mod:`pushforward.products.vjp`) in chunks bounded by ``memory_budget``:
+of ``torch.func.vjp``, as :func:`pushforward.per_example_vjp` does) in chunks bounded by
+``memory_budget``:
 
 * ``diag``: ``sum_n sum_r (J_n^T u_nr)^2`` with ``u_n`` the rows of a factor of the loss Hessian
   w.r.t. the outputs, or the loss gradient (empirical Fisher), through the layer structure
-  (:mod:`pushforward.curvature.diagonal`: a linear layer's ``sum G^2 ⊗ a^2`` in closed form,
-  per-example rows only for other parameters); with ``stochastic=True`` the same from sampled
-  output gradients drawn as laplace-torch draws them;
+  (as :meth:`GGN.diagonal <pushforward.curvature.CurvatureOperator.diagonal>`: a linear layer's
+  ``sum G^2 ⊗ a^2`` in closed form, per-example rows only for other parameters); with
+  ``stochastic=True`` the same from sampled output gradients drawn as laplace-torch draws them;
 * ``full``: the ``P x P`` sum, accumulated chunk by chunk;
 * ``jacobians``/``last_layer_jacobians``/``selected_output_jacobians``/``gradients``: laplace's
   shapes and order, memory linear in the batch (their result's own size);
-* ``kron``: K-FAC from the layer structure (:mod:`pushforward.curvature.kfac`: one forward and
-  one batched backward per loss-Hessian factor row, never a per-example parameter gradient) in
+* ``kron``: K-FAC from the layer structure (as :meth:`GGN.kfac
+  <pushforward.curvature.CurvatureOperator.kfac>`: one forward and one batched backward per
+  loss-Hessian factor row, never a per-example parameter gradient) in
   laplace-torch's ``Kron`` form — the same factors as its default (curvlinops' KFAC), ``"expand"``
   or ``"reduce"`` (``asdl_fisher_kwargs={"kfac_approx": ...}``); also for layers curvlinops
   refuses (embeddings, Hugging Face ``Conv1D``, 1-d parameters such as LayerNorm's, as dense
@@ -64,7 +66,8 @@ What laplace-torch checks by exact class or name, and how these backends get thr
   ``find_spec`` that ``laplace.baselaplace`` calls, once: inside ``LowRankLaplace.__init__``
   with one of these backends as ``backend`` it reports asdfghjkl as present; every other call
   (and every other backend) gets the real answer. So ``Laplace(..., hessian_structure="lowrank",
-  backend=PushforwardGGN)`` fits with :meth:`eig_lowrank` and predicts without asdfghjkl.
+  backend=PushforwardGGN)`` fits with
+  :meth:`~pushforward.laplace_interop.PushforwardGGN.eig_lowrank` and predicts without asdfghjkl.
 * Keyword arguments laplace-torch passes to ``diag``/``full``/``kron`` (its
   ``asdl_fisher_kwargs``, curvlinops' options) are accepted as by the parent classes:
   ``mc_samples`` is the number of Monte Carlo draws (``stochastic=True``), ``kfac_approx`` is
@@ -187,8 +190,11 @@ class _PushforwardCurvature:
     def _cached(
         self, kind: str, source: object, build: Callable[[], tuple[FunctionalModel, Tensor | None]]
     ) -> tuple[FunctionalModel, Tensor | None]:
-        """The functional model of ``kind``, rebuilt when ``source`` (the last layer or the
-        subnetwork indices, which laplace-torch sets after construction) changes."""
+        """The functional model of ``kind``, rebuilt when ``source`` changes.
+
+        ``source`` is the last layer or the subnetwork indices, which laplace-torch sets after
+        construction.
+        """
         cached = self._models.get(kind)
         if cached is None or cached[0] is not source:
             cached = (source, *build())
@@ -241,8 +247,10 @@ class _PushforwardCurvature:
         make_cotangents: Callable[[RowChunk], Tensor],
         differentiable: bool,
     ) -> tuple[Tensor, Tensor]:
-        """``(f (B, *f_b), rows (B, R, S))``: rows ``J_n^T u_nr`` restricted to laplace-torch's
-        parameters, computed in chunks bounded by ``memory_budget``."""
+        """``(f (B, *f_b), rows (B, R, S))``: rows ``J_n^T u_nr`` at laplace-torch's parameters.
+
+        Computed in chunks bounded by ``memory_budget``.
+        """
         fm, inputs = target.fm, target.inputs
         itemsize = measure_cost(fm, inputs).itemsize
         result = inputs.batch_size * rows_per_sample * target.size * itemsize
@@ -303,9 +311,12 @@ class _PushforwardCurvature:
     def last_layer_jacobians(
         self, x: Batch, enable_backprop: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Jacobians ``(B, K, P_last)`` w.r.t. all parameters of ``model.last_layer`` (weight
-        row-major, then bias) through laplace's ``FeatureExtractor`` features, and the model's
-        outputs ``f (B, K)``."""
+        """Jacobians ``(B, K, P_last)`` w.r.t. all parameters of ``model.last_layer``, and ``f``.
+
+        The parameters in order weight (row-major), then bias, through laplace's
+        ``FeatureExtractor`` features; the model's outputs are ``f (B, K)``. ``enable_backprop``
+        keeps the graph to the inputs.
+        """
         target = self._last_layer_target(x, enable_backprop)
         Js, _ = self._one_hot_rows(target, enable_backprop)
         return Js, target.f if enable_backprop else target.f.detach()
@@ -316,7 +327,9 @@ class _PushforwardCurvature:
         """Jacobians of selected outputs ``(B, S, P)`` and all outputs ``f (B, K)``.
 
         Args:
+            x: the batch's inputs (a tensor, or a mapping passed to the model as one argument).
             outputs: output indices per input, ``(B,)`` or ``(B, S)``.
+            enable_backprop: keep the graph to the inputs.
 
         Only the ``B * S`` selected rows are computed (one backward each); the full Jacobian is
         never formed.
@@ -339,9 +352,11 @@ class _PushforwardCurvature:
         return Js, f
 
     def gradients(self, x: Batch, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-example gradients ``Gs (B, P)`` of ``lossfunc`` and the summed loss (no
-        ``factor``), as laplace-torch's ``CurvatureInterface.gradients``: ``Gs[n] = J_n^T g_n``
-        with ``g_n`` the loss gradient w.r.t. example n's outputs."""
+        """Per-example gradients ``Gs (B, P)`` of ``lossfunc`` and the summed loss (no ``factor``).
+
+        As laplace-torch's ``CurvatureInterface.gradients``: ``Gs[n] = J_n^T g_n`` with ``g_n`` the
+        loss gradient w.r.t. example n's outputs.
+        """
         target = self._target(x, False)
         f = self._outputs(target)
         g = self._output_gradients(f, y)
@@ -359,8 +374,10 @@ class _PushforwardCurvature:
         curvature_pass.run_batch(DataBatch(0, target.inputs, y.to(fm.device)), consumer, rows)
 
     def _sum(self, target: _Target, y: Tensor, rows: Directions | None, diagonal: bool) -> Tensor:
-        """The batch's curvature (``(P,)`` diagonal or ``(S, S)`` dense) for ``rows`` (default:
-        the exact GGN's, the loss Hessian's factor), at laplace-torch's parameters."""
+        """The batch's curvature at laplace-torch's parameters: ``(P,)`` diagonal or ``(S, S)``.
+
+        For ``rows`` (default: the exact GGN's, the loss Hessian's factor).
+        """
         if diagonal:
             sums = DiagonalSums(target.fm, "laplace-torch's diag")
             self._run(target, y, RowKind("exact"), sums, rows)
@@ -373,9 +390,11 @@ class _PushforwardCurvature:
     def _honoured(
         self, method: str, kwargs: dict[str, Any], meaningful: dict[str, str]
     ) -> dict[str, Any]:
-        """The keyword arguments of ``method`` that mean something here (``meaningful``: name ->
-        what it does); the others are ignored with a warning naming them (laplace-torch's ``N``
-        silently: the backends here do not need it)."""
+        """The keyword arguments of ``method`` that mean something here.
+
+        ``meaningful`` maps each such name to what it does; the others are ignored with a warning
+        naming them (laplace-torch's ``N`` silently: the backends here do not need it).
+        """
         rest = {k: v for k, v in kwargs.items() if k != "N"}
         used = {k: rest.pop(k) for k in list(rest) if k in meaningful}
         if rest:
@@ -398,8 +417,11 @@ class _PushforwardCurvature:
         return CrossEntropy() if self.likelihood == "classification" else Gaussian()
 
     def _structured_diagonal(self, target: _Target, y: Tensor, rows: RowKind) -> Tensor:
-        """The batch's diagonal through the layer structure (closed forms per layer, see
-        :mod:`pushforward.curvature.diagonal`), at laplace-torch's parameters."""
+        """The batch's diagonal through the layer structure, at laplace-torch's parameters.
+
+        Closed forms per layer, as :meth:`GGN.diagonal
+        <pushforward.curvature.CurvatureOperator.diagonal>` computes them.
+        """
         sums = DiagonalSums(target.fm, "laplace-torch's diag")
         self._run(target, y, rows, sums)
         flat = target.fm.flatten(sums.sums)
@@ -410,9 +432,11 @@ class _PushforwardCurvature:
     def _kron(
         self, x: Batch, y: Tensor, N: int, rows: RowKind, approx: str, scale: float
     ) -> tuple[Tensor, Any]:
-        """``(loss, laplace-torch Kron)`` of one batch: K-FAC factors with ``A`` over ``N``
-        examples and the output side times ``scale`` (the ratio of laplace-torch's curvature to
-        the sweep's; see :meth:`_laplace_kron`)."""
+        """``(loss, laplace-torch Kron)`` of one batch.
+
+        K-FAC factors with ``A`` over ``N`` examples and the output side times ``scale`` (the ratio
+        of laplace-torch's curvature to the sweep's; see :meth:`_laplace_kron`).
+        """
         if approx not in APPROXIMATIONS:
             raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {approx!r}")
         target = self._target(x, False)
@@ -429,9 +453,11 @@ class _PushforwardCurvature:
         return loss.detach(), self._laplace_kron(target.fm, sums.factors, N, scale)
 
     def _laplace_kron(self, fm: FunctionalModel, factors: KFACFactors, N: int, scale: float):
-        """laplace-torch's ``Kron``: per parameter (in its order) a weight's pair, its
-        factor split as laplace-torch's ``Kron *= factor`` does (``sqrt(factor)`` each), or one
-        matrix (a bias, a 1-d parameter)."""
+        """laplace-torch's ``Kron``: per parameter (in its order) a factor pair or one matrix.
+
+        A weight's pair gets its factor split as laplace-torch's ``Kron *= factor`` does
+        (``sqrt(factor)`` each); a bias or any 1-d parameter gets one matrix.
+        """
         from laplace.utils import Kron
 
         root = math.sqrt(self.factor)
@@ -460,8 +486,10 @@ class _PushforwardCurvature:
 
     # -- low rank --------------------------------------------------------------------------
     def _low_rank(self, data_loader: Iterable, operator: type, scale: float, **kwargs: Any):
-        """laplace-torch's ``eig_lowrank``: ``(U (P, k), eigenvalues (k,), loss)`` of the
-        ``low_rank`` leading eigenpairs (eigenvalues above 1e-6 kept, as asdfghjkl's backend)."""
+        """laplace-torch's ``eig_lowrank``: ``(U (P, k), eigenvalues (k,), loss)``.
+
+        The ``low_rank`` leading eigenpairs (eigenvalues above 1e-6 kept, as asdfghjkl's backend).
+        """
         if self.last_layer or self.subnetwork_indices is not None:
             raise ValueError("eig_lowrank is for all weights (LowRankLaplace)")
         data = _LaplaceBatches(self, data_loader)
@@ -507,6 +535,8 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         memory_budget: bytes or a string like ``"1GB"`` bounding the engine's working memory
             (beyond the ``P`` or ``P^2`` result); default half of the available memory. Pass it
             through laplace-torch's ``backend_kwargs``.
+        low_rank: the number of leading eigenpairs :meth:`eig_lowrank` computes (laplace-torch's
+            ``LowRankLaplace``).
 
     ``diag``/``full`` return ``(loss, H)`` with ``loss = factor * lossfunc(f, y)`` and
     ``H = sum_n J_n^T L_n J_n`` over the batch (``L_n``: softmax Hessian, or the identity for
@@ -544,8 +574,11 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         self._init_engine(memory_budget)
 
     def _mc_output_gradients(self, f: Tensor, samples: int) -> Tensor:
-        """``(B, S, K)`` sampled output gradients over ``sqrt(S)``, drawn as laplace-torch's
-        ``GGNInterface._get_mc_functional_fisher`` draws them (same calls, same order)."""
+        """``(B, S, K)`` sampled output gradients over ``sqrt(S)``, drawn as laplace-torch does.
+
+        The same calls in the same order as laplace-torch's
+        ``GGNInterface._get_mc_functional_fisher``.
+        """
         draws = []
         for _ in range(samples):
             if self.likelihood == "regression":
@@ -557,8 +590,10 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         return torch.stack(draws, dim=1) / math.sqrt(samples)
 
     def _samples(self, method: str, kwargs: dict[str, Any]) -> int:
-        """Monte Carlo draws per example for this call: ``mc_samples`` when given (with
-        ``stochastic=True``), else ``num_samples``."""
+        """Monte Carlo draws per example for this call.
+
+        ``mc_samples`` when given (with ``stochastic=True``), else ``num_samples``.
+        """
         meaningful = {"mc_samples": "Monte Carlo draws per example"} if self.stochastic else {}
         used = self._honoured(method, kwargs, meaningful)
         samples = used.get("mc_samples", self.num_samples)
@@ -588,9 +623,12 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         return self._ggn(x, y, False, self._samples("full", kwargs))
 
     def kron(self, x: Batch, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Any]:
-        """``(loss, laplace-torch Kron)``: K-FAC of the batch's GGN (Monte Carlo with
-        ``stochastic=True``: ``mc_samples`` sampled targets per example, drawn from a seed taken
-        from the global generator) with the input factors over ``N`` examples."""
+        """``(loss, laplace-torch Kron)``: K-FAC of the batch's GGN.
+
+        The input factors are over ``N`` examples. Monte Carlo with ``stochastic=True``:
+        ``mc_samples`` sampled targets per example, drawn from a seed taken from the global
+        generator.
+        """
         meaningful = {"kfac_approx": "'expand' or 'reduce'"}
         if self.stochastic:
             meaningful["mc_samples"] = "Monte Carlo draws per example"
@@ -604,21 +642,25 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
         return self._kron(x, y, N, rows, used.get("kfac_approx", "expand"), 1.0)
 
     def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
-        """``(eigenvectors (P, k), eigenvalues (k,), loss)``: the ``low_rank`` leading
-        eigenpairs of the GGN over ``data_loader`` (Lanczos on its matrix-free products; Monte
-        Carlo with ``stochastic=True``), for laplace-torch's ``LowRankLaplace``."""
+        """``(eigenvectors (P, k), eigenvalues (k,), loss)``: the GGN's leading eigenpairs.
+
+        The ``low_rank`` leading ones over ``data_loader``, by Lanczos on the GGN's matrix-free
+        products (Monte Carlo with ``stochastic=True``), for laplace-torch's ``LowRankLaplace``.
+        """
         kwargs = {"mc_samples": self.num_samples} if self.stochastic else {}
         return self._low_rank(data_loader, GGN, 1.0, **kwargs)
 
 
 class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
-    """Empirical Fisher backend: ``H = factor * sum_n G_n G_n^T`` with ``G_n`` the per-example
-    gradients of ``lossfunc`` (laplace-torch's ``EFInterface`` semantics).
+    """Empirical Fisher backend: ``H = factor * sum_n G_n G_n^T`` (laplace-torch's ``EFInterface``).
+
+    ``G_n`` are the per-example gradients of ``lossfunc``.
 
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as
             laplace-torch's backends (set by laplace-torch).
         memory_budget: as for :class:`PushforwardGGN`.
+        low_rank: the number of leading eigenpairs :meth:`eig_lowrank` computes.
 
     ``kron`` is curvlinops' empirical KFAC, as laplace-torch's ``CurvlinopsEF``.
     """
@@ -642,8 +684,11 @@ class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
 
     @property
     def _ef_scale(self) -> float:
-        """laplace-torch's EF over the sweep's: ``factor`` times the squared ratio of its loss
-        gradient to the likelihood's (``MSELoss``: ``2 (f - y)`` vs ``f - y``)."""
+        """laplace-torch's EF over the sweep's.
+
+        ``factor`` times the squared ratio of its loss gradient to the likelihood's (``MSELoss``:
+        ``2 (f - y)`` vs ``f - y``).
+        """
         return self.factor * (4.0 if self.likelihood == "regression" else 1.0)
 
     def _ef(self, x: Batch, y: Tensor, diagonal: bool) -> tuple[Tensor, Tensor]:
@@ -669,21 +714,27 @@ class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
         return self._ef(x, y, diagonal=False)
 
     def kron(self, x: Batch, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Any]:
-        """``(loss, laplace-torch Kron)``: K-FAC of the batch's empirical Fisher (curvlinops'
-        ``fisher_type="empirical"``), input factors over ``N`` examples."""
+        """``(loss, laplace-torch Kron)``: K-FAC of the batch's empirical Fisher.
+
+        curvlinops' ``fisher_type="empirical"``, input factors over ``N`` examples.
+        """
         used = self._honoured("kron", kwargs, {"kfac_approx": "'expand' or 'reduce'"})
         approx = used.get("kfac_approx", "expand")
         return self._kron(x, y, N, RowKind("ef"), approx, self._ef_scale)
 
     def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
-        """``(eigenvectors (P, k), eigenvalues (k,), loss)``: the ``low_rank`` leading
-        eigenpairs of the empirical Fisher over ``data_loader`` (Lanczos)."""
+        """``(eigenvectors (P, k), eigenvalues (k,), loss)``: the empirical Fisher's eigenpairs.
+
+        The ``low_rank`` leading ones, over ``data_loader`` (Lanczos).
+        """
         return self._low_rank(data_loader, EmpiricalFisher, self._ef_scale)
 
 
 class _LaplaceBatches:
-    """A laplace-torch data loader as ``(inputs, y)`` batches of the backend's model (tensor or
-    mapping batches, the targets of a mapping under ``dict_key_y``)."""
+    """A laplace-torch data loader as ``(inputs, y)`` batches of the backend's model.
+
+    Tensor or mapping batches; the targets of a mapping are under ``dict_key_y``.
+    """
 
     def __init__(self, backend: _PushforwardCurvature, loader: Iterable) -> None:
         self.backend, self.loader = backend, loader
@@ -705,9 +756,10 @@ class _LaplaceBatches:
 
 
 def _allow_low_rank() -> None:
-    """Let ``LowRankLaplace(..., backend=PushforwardGGN/PushforwardEF)`` be built without the
-    asdfghjkl package (see the module docstring): wrap, once, the ``find_spec`` that
-    ``laplace.baselaplace`` calls."""
+    """Let ``LowRankLaplace(..., backend=PushforwardGGN/PushforwardEF)`` be built without asdfghjkl.
+
+    See the module docstring: wrap, once, the ``find_spec`` that ``laplace.baselaplace`` calls.
+    """
     real = laplace.baselaplace.find_spec
     if getattr(real, "_pushforward", False):
         return

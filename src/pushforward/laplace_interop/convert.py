@@ -40,9 +40,12 @@ def from_laplace(
             ``bnn``).
         model: the module to wrap instead of laplace-torch's (its parameter names and shapes
             must match). Last-layer Laplace deep-copies the model at construction, so by default
-            the :class:`FunctionalModel` wraps that copy, ``la.model.model``; pass your own module
-            to wrap it instead.
-        output_dims, output_fn: passed to :class:`FunctionalModel`.
+            the :class:`~pushforward.FunctionalModel` wraps that copy, ``la.model.model``; pass
+            your own module to wrap it instead.
+        output_dims: how many trailing dimensions of the output form one output vector, as for
+            :class:`~pushforward.FunctionalModel`.
+        output_fn: maps the model's return value to the output tensor, as for
+            :class:`~pushforward.FunctionalModel`.
 
     Returns:
         ``(fm, cov)``: ``fm`` selects exactly laplace-torch's parameters in its order (its flat
@@ -51,18 +54,20 @@ def from_laplace(
         covariance with its prior precision (scalar, per-layer or diagonal), observation noise
         and temperature applied by laplace-torch itself:
 
-        * Full: :class:`Dense` from laplace-torch's ``posterior_scale`` (Σ = L L^T, exactly
-          its ``posterior_covariance``);
-        * Diag: :class:`Diagonal` of its ``posterior_variance``;
-        * Kron: :class:`Kronecker` of its ``posterior_precision`` (``KronDecomposed``), blocks as
-          ``KroneckerEigen`` per weight and dense per bias. laplace-torch 0.3 builds
-          ``posterior_precision`` with ``damping=False`` even for ``damping=True`` (its ``*``
-          and ``+`` drop the flag), and so do its predictions; this conversion follows it;
-        * LowRank: :class:`LowRankPrecision` of its ``posterior_precision``
+        * Full: :class:`~pushforward.Dense` from laplace-torch's ``posterior_scale``
+          (Σ = L L^T, exactly its ``posterior_covariance``);
+        * Diag: :class:`~pushforward.Diagonal` of its ``posterior_variance``;
+        * Kron: :class:`~pushforward.Kronecker` of its ``posterior_precision``
+          (``KronDecomposed``), blocks as ``KroneckerEigen`` per weight and dense per bias.
+          laplace-torch 0.3 builds ``posterior_precision`` with ``damping=False`` even for
+          ``damping=True`` (its ``*`` and ``+`` drop the flag), and so do its predictions; this
+          conversion follows it;
+        * LowRank: :class:`~pushforward.LowRankPrecision` of its ``posterior_precision``
           ``((U, eigvals), prior_precision_diag)``;
         * Subnet: the tensors containing subnetwork indices are selected, and the sub-covariance
-          (Full: :class:`Dense`, Diag: :class:`Diagonal`, in the order of
-          ``subnetwork_indices``) is embedded by :class:`Subset` (zero elsewhere).
+          (Full: :class:`~pushforward.Dense`, Diag: :class:`~pushforward.Diagonal`, in the order
+          of ``subnetwork_indices``) is embedded by :class:`~pushforward.Subset` (zero
+          elsewhere).
     """
     from laplace.baselaplace import (
         DiagLaplace,
@@ -174,8 +179,11 @@ def _functional_model(
 def _subnet_selection(
     names: Sequence[str], sizes: Sequence[int], indices: Tensor
 ) -> tuple[tuple[str, ...], Tensor]:
-    """The parameter tensors holding subnetwork ``indices`` (flat indices over ``names``) and the
-    indices' positions in the flat vector of those tensors alone."""
+    """The parameter tensors holding subnetwork ``indices``, and the indices' positions in them.
+
+    ``indices`` are flat indices over ``names``; the positions are in the flat vector of the
+    selected tensors alone.
+    """
     indices = indices.to("cpu", torch.int64)
     sizes_t = torch.tensor(list(sizes), dtype=torch.int64)
     starts = sizes_t.cumsum(0) - sizes_t

@@ -1,4 +1,4 @@
-"""laplace-torch's GLM predictive, computed matrix-free: :func:`glm_predictive` and :func:`accelerate`.
+"""laplace-torch's GLM predictive, computed matrix-free: :func:`glm_predictive`, :func:`accelerate`.
 
 For a fitted laplace-torch (0.3) weight-space Laplace approximation ``la`` (``FullLaplace``,
 ``DiagLaplace``, ``KronLaplace``, ``LowRankLaplace``, their last-layer variants
@@ -12,7 +12,7 @@ laplace-torch forms the Jacobian of the whole batch, ``B x K x P`` (``torch.func
 contracts it with the posterior covariance. Here the covariance is converted once
 (:func:`~pushforward.laplace_interop.from_laplace`, cached per object) and pushed through the
 model by this library's engine (:func:`~pushforward.functional_variance` /
-:func:`~pushforward.functional_covariance` / :func:`~pushforward.api.predictive`), which never holds
+:func:`~pushforward.functional_covariance` / :func:`~pushforward.predictive`), which never holds
 the Jacobian: the probit link needs only the diagonal of ``J S J^T``.
 
 Semantics, argument by argument as ``la.__call__`` (laplace-torch 0.3, ``ParametricLaplace``):
@@ -125,8 +125,9 @@ def glm_predictive(
     memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``la(x, pred_type="glm", ...)`` of a fitted laplace-torch Laplace approximation, computed
-    by this library's engine (never the ``B x K x P`` Jacobian).
+    """``la(x, pred_type="glm", ...)`` of a fitted laplace-torch Laplace approximation.
+
+    Computed by this library's engine, never forming the ``B x K x P`` Jacobian.
 
     The positional arguments are ``la.__call__``'s, in its order; the module docstring gives the
     semantics and the (few, deliberate) differences from laplace-torch.
@@ -152,7 +153,7 @@ def glm_predictive(
             same draws for the same seed): the per-example ``K x K`` covariance ``J S J^T`` is
             computed, and ``f + chol(J S J^T) z_i`` with ``z`` ``(K, n_samples)`` standard
             normal, shared by all examples. ``"weight"``: weight-space draws pushed through the
-            linearized model, streamed (:func:`pushforward.api.predictive` with ``link="mc"``):
+            linearized model, streamed (:func:`pushforward.predictive` with ``link="mc"``):
             no ``K x K`` matrix, so for large ``K`` (a vocabulary); not with
             ``diagonal_output``.
         strategy: how variances and covariances are computed: ``"auto"`` (the planner) or a
@@ -259,8 +260,11 @@ def _moments(
     diagonal_output: bool,
     engine: Options,
 ) -> tuple[Tensor, Tensor]:
-    """laplace-torch's ``(f_mu, f_var)``: ``(f (B*K,), (B*K, B*K))`` for ``joint``, else
-    ``(f, var)`` of the output's shape with ``diagonal_output``, else ``(f, (..., K, K))``."""
+    """laplace-torch's ``(f_mu, f_var)``, shaped by ``joint`` and ``diagonal_output``.
+
+    ``(f (B*K,), (B*K, B*K))`` for ``joint``, else ``(f, var)`` of the output's shape with
+    ``diagonal_output``, else ``(f, (..., K, K))``.
+    """
     if joint:
         f, C = functional_covariance(fm, x, cov, joint=True, options=engine)
         return f.flatten(), C
@@ -278,10 +282,12 @@ def _output_space_mc(
     generator: torch.Generator | None,
     engine: Options,
 ) -> Tensor:
-    """laplace-torch's MC link: the mean over ``i`` of ``softmax(f + L z_i)``, ``L`` the Cholesky
-    factor of each example's ``K x K`` covariance (or the standard deviations), ``z``
-    ``(K, n_samples)`` drawn in one call and shared by every example; summed in chunks of
-    samples bounded by the memory budget."""
+    """laplace-torch's MC link: the mean over ``i`` of ``softmax(f + L z_i)``.
+
+    ``L`` is the Cholesky factor of each example's ``K x K`` covariance (or the standard
+    deviations), ``z`` ``(K, n_samples)`` drawn in one call and shared by every example; summed in
+    chunks of samples bounded by the memory budget.
+    """
     if diagonal_output:
         f, var = functional_variance(fm, x, cov, options=engine)
     else:
@@ -308,9 +314,11 @@ def _output_space_mc(
 def output_mc_plan(
     outputs: int, moments: int, K: int, n_samples: int, itemsize: int, budget: Budget
 ) -> ChunkPlan:
-    """The chunks of samples of :func:`_output_space_mc`: the running total, the draws ``z``
-    and the covariance factors are held; a sample makes a draw of every output, its softmax
-    and the total's update."""
+    """The chunks of samples of :func:`_output_space_mc`.
+
+    The running total, the draws ``z`` and the covariance factors are held; a sample makes a draw
+    of every output, its softmax and the total's update.
+    """
     held = (outputs + K * n_samples + moments) * itemsize
     return budget.plan(3 * outputs * itemsize, held, n_samples, "the Monte Carlo predictive")
 
@@ -327,8 +335,11 @@ class _Conversion:
 
 
 class _Snapshot:
-    """The objects a conversion depends on, compared by identity and, for tensors, by their
-    in-place version counter (weak references: a freed object never matches a new one)."""
+    """The objects a conversion depends on, compared by identity.
+
+    Tensors are also compared by their in-place version counter (weak references: a freed object
+    never matches a new one).
+    """
 
     def __init__(self, la: Any) -> None:
         self._items = [_watch(v) for v in _posterior_state(la)]
@@ -402,9 +413,12 @@ def _converted(la: Any, x: Any) -> tuple[FunctionalModel, CovarianceOperator]:
 def _mapping_input(
     fm: FunctionalModel, cov: CovarianceOperator
 ) -> tuple[FunctionalModel, CovarianceOperator]:
-    """The same posterior over the model wrapped in :class:`MappingInput` (which takes the
-    mapping's entries as keyword arguments, as the engine passes them, and hands the model one
-    mapping, as laplace-torch does); its parameter names carry :data:`PREFIX`."""
+    """The same posterior over the model wrapped in :class:`MappingInput`.
+
+    :class:`MappingInput` takes the mapping's entries as keyword arguments, as the engine passes
+    them, and hands the model one mapping, as laplace-torch does; its parameter names carry
+    :data:`PREFIX`.
+    """
     wrapped = FunctionalModel(
         MappingInput(fm.module),
         params=[PREFIX + n for n in fm.param_names],
@@ -422,8 +436,10 @@ _CLASSES: dict[type, type] = {}
 
 
 class _Accelerated:
-    """Placed before a laplace-torch class in an accelerated object's class (see
-    :func:`accelerate`)."""
+    """Placed before a laplace-torch class in an accelerated object's class.
+
+    See :func:`accelerate`.
+    """
 
     def __call__(
         self,
@@ -437,8 +453,10 @@ class _Accelerated:
         fitting: bool = False,
         **model_kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """laplace-torch's ``__call__``; ``pred_type="glm"`` goes to :func:`glm_predictive`
-        (``model_kwargs`` are unused there, as in laplace-torch's GLM path)."""
+        """laplace-torch's ``__call__``; ``pred_type="glm"`` goes to :func:`glm_predictive`.
+
+        ``model_kwargs`` are unused there, as in laplace-torch's GLM path.
+        """
         if _value(pred_type) == "glm":
             return _predict(
                 self,
@@ -470,8 +488,11 @@ class _Accelerated:
         joint: bool = False,
         diagonal_output: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """laplace-torch's GLM moments ``(f_mu, f_var)`` (used by its ``functional_samples``,
-        ``predictive_samples`` and ``_glm_forward_call``), by the engine."""
+        """laplace-torch's GLM moments ``(f_mu, f_var)``, by the engine.
+
+        Used by laplace-torch's ``functional_samples``, ``predictive_samples`` and
+        ``_glm_forward_call``.
+        """
         options = _OPTIONS.get(self, _Options())
         fm, cov = _converted(self, X)
         engine = options.engine(bool(self.enable_backprop))
@@ -522,7 +543,10 @@ def accelerate(
 
     Args:
         la: a laplace-torch weight-space Laplace approximation (see :func:`glm_predictive`).
-        mc_sampling, strategy, memory_budget, progress: as for :func:`glm_predictive`.
+        mc_sampling: how ``link_approx="mc"`` draws, as for :func:`glm_predictive`.
+        strategy: how variances and covariances are computed, as for :func:`glm_predictive`.
+        memory_budget: the engine's working memory, as for :func:`glm_predictive`.
+        progress: show a progress bar over the engine's chunks.
 
     Returns:
         ``la`` itself.
@@ -561,8 +585,13 @@ def accelerate(
 
 
 def restore(la: Any) -> Any:
-    """Undo :func:`accelerate`: ``la`` is of its laplace-torch class again (a no-op for an object
-    that is not accelerated). Returns ``la``."""
+    """Undo :func:`accelerate`: ``la`` is of its laplace-torch class again.
+
+    A no-op for an object that is not accelerated.
+
+    Returns:
+        ``la`` itself.
+    """
     la.__class__ = _original(type(la))
     _OPTIONS.pop(la, None)
     return la

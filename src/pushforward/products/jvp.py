@@ -165,14 +165,19 @@ def batched_jvp(
     """Jacobian-vector products for many tangents, in chunks.
 
     Args:
+        model: a :class:`FunctionalModel` or an ``nn.Module`` (trainable parameters).
+        x: inputs (tensor, tuple of tensors, or mapping of keyword arguments).
         tangents: ``(n, P)`` or ``{name: (n, *shape)}``.
         chunk_size: at most this many tangents pushed at once (default: as many as
             ``memory_budget`` allows).
         memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates, the
             result ``(n, *f.shape)`` included (default: half of the available memory).
+        differentiable: keep the graph so gradients flow to ``x``, the parameters and the
+            tangents.
+        progress: a tqdm progress bar over the chunks.
 
     Returns:
-        ``(f, JV)`` with ``JV.shape == (n, *f.shape)``.
+        ``(f, JV)`` with ``JV.shape == (n, *f.shape)``; ``JV[i, b] = J(x_b) v_i``.
     """
     options = Options(
         memory_budget=memory_budget,

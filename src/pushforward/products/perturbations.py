@@ -34,10 +34,12 @@ __all__ = ["draw_perturbations", "perturbation_chunks", "sample_bytes", "sample_
 
 
 def sample_bytes(cost: ModelCost, examples: int, cov: CovarianceOperator) -> int:
-    """Working bytes of one sample pushed through ``examples`` examples: its draw (``r``
-    numbers) and tangent, the tangent activations, three output-sized tensors per example
-    (``J L z``, the sample and what the caller makes of it, e.g. its softmax) and the
-    covariance's temporaries for one row."""
+    """Working bytes of one sample pushed through ``examples`` examples.
+
+    Its draw (``r`` numbers) and tangent, the tangent activations, three output-sized tensors per
+    example (``J L z``, the sample and what the caller makes of it, e.g. its softmax) and the
+    covariance's temporaries for one row.
+    """
     per = tangent_bytes(cost, examples, outputs=3, extra_numbers=cov.sqrt_cols)
     return per + cov.workspace_bytes(1)
 
@@ -49,10 +51,12 @@ def sample_seeds(n: int, generator: torch.Generator | None, device: torch.device
 
 
 def draw_perturbations(seeds: list[int], cov: CovarianceOperator) -> Tensor:
-    """``(n, P)`` weight-space perturbations ``L z_i``, ``z_i ~ N(0, I_r)`` from its own stream
-    seeded ``seeds[i]``. Without autograd recording, the rows ``z_i`` are drawn on every CPU core
-    at once (threads: PyTorch releases the GIL while it works), then mapped through ``L`` in one
-    batched call (in place when ``r = P``)."""
+    """``(n, P)`` weight-space perturbations ``L z_i``, ``z_i ~ N(0, I_r)`` seeded ``seeds[i]``.
+
+    Each ``z_i`` comes from its own stream. Without autograd recording, the rows ``z_i`` are drawn
+    on every CPU core at once (threads: PyTorch releases the GIL while it works), then mapped
+    through ``L`` in one batched call (in place when ``r = P``).
+    """
     n, r = len(seeds), cov.sqrt_cols
     kw = {"dtype": cov.dtype, "device": cov.device}
 
@@ -85,8 +89,10 @@ def perturbation_chunks(
     generator: torch.Generator | None,
     progress: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(f, J L Z)`` chunk by chunk: ``f`` of the output's shape ``(B, ...)`` and the
-    chunk's output perturbations ``(c, B, ...)``, ``c <= chunk_size``, ``n_samples`` in all.
+    """Yield ``(f, J L Z)`` chunk by chunk, ``n_samples`` perturbations in all.
+
+    ``f`` has the output's shape ``(B, ...)`` and ``J L Z`` holds the chunk's output perturbations
+    ``(c, B, ...)``, ``c <= chunk_size``.
 
     Internal primitive (no validation); differentiable iff grad mode is on.
     """

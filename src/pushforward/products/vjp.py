@@ -54,9 +54,11 @@ def _rows_vmapped(fm: FunctionalModel, params, inputs: Inputs, cotangents: Tenso
 
 
 def _checked(fm: FunctionalModel, rows: dict[str, Tensor], lead: torch.Size) -> dict[str, Tensor]:
-    """``rows`` after checking each is ``(b, R, *shape)``: a transform's batching rule that
-    hands back another lead (PyTorch's ``prelu`` backward under nested ``vmap``) raises, so the
-    next method of the ladder runs instead of a silent broadcast."""
+    """``rows`` after checking each is ``(b, R, *shape)``.
+
+    A transform's batching rule that hands back another lead (PyTorch's ``prelu`` backward under
+    nested ``vmap``) raises, so the next method of the ladder runs instead of a silent broadcast.
+    """
     for name, r in rows.items():
         want = (*lead, *fm.param_shapes[name])
         if tuple(r.shape) != tuple(want):
@@ -146,8 +148,12 @@ def sample_rows(
     """Per-example VJP rows: internal primitive (no chunking, no validation).
 
     Args:
-        cotangents: ``(b, R, *f_b)`` where ``b = inputs.batch_size`` and ``f_b`` is one
-            example's output shape (the output without its batch dimension).
+        fm: the model.
+        params: its selected parameters by name (what the rows are taken with respect to).
+        inputs: the batch, ``b = inputs.batch_size`` examples.
+        cotangents: ``(b, R, *f_b)`` where ``f_b`` is one example's output shape (the output
+            without its batch dimension).
+        flat: concatenate the rows over the parameters (else one tensor per parameter).
 
     Returns:
         ``(f, rows)``: outputs ``(b, *f_b)`` and rows ``(b, R, P)`` with
@@ -162,8 +168,11 @@ def sample_rows(
 def row_chunk_size(
     fm: FunctionalModel, inputs: Inputs, options: Options, result_bytes: int, what: str
 ) -> int:
-    """Rows (P-vectors) computed at once within the budget, next to a ``result_bytes`` result
-    and the outputs; raises :class:`~pushforward.MemoryBudgetError` when one row does not fit."""
+    """Rows (P-vectors) computed at once within the budget.
+
+    Next to a ``result_bytes`` result and the outputs; raises
+    :class:`~pushforward.MemoryBudgetError` when one row does not fit.
+    """
     cost = measure_cost(fm, inputs)
     budget = options.budget(inputs.device)
     held = result_bytes + inputs.batch_size * cost.output_bytes
@@ -219,15 +228,23 @@ def per_example_vjp(
     """Per-example vector-Jacobian products ``J(x_n)^T u_n``.
 
     Args:
+        model: a :class:`FunctionalModel` or an ``nn.Module`` (trainable parameters).
+        x: inputs (tensor, tuple of tensors, or mapping of keyword arguments).
         cotangents: ``u`` of the output's shape ``(*example_dims, *output_shape)``.
         chunk_size: at most this many rows computed at once (default: as many as
             ``memory_budget`` allows).
         memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates, the
             ``(N, P)`` result included (default: half of the available memory).
+        differentiable: keep the graph so gradients flow to ``x``, the parameters and the
+            cotangents.
+        progress: a tqdm progress bar over the chunks.
 
     Returns:
         ``(f, rows)`` with ``rows.shape == (N, P)``, ``N = prod(example_dims)`` (row-major
         over the example dimensions, e.g. batch then token).
+
+    Raises:
+        ValueError: ``cotangents`` do not have the output's shape.
     """
     options = Options(
         memory_budget=memory_budget,
