@@ -1,171 +1,303 @@
-"""GPU check: every exact strategy on CUDA against the CPU float64 result, and GPU timings.
+"""GPU check: the library's GPU figures beside laplace-torch, BackPACK and curvlinops, in one run.
 
-Run on a machine with a CUDA device from the repository root::
+Row groups (``--list``; each guarded: a failure or an out-of-memory is recorded and the run goes
+on; each has a time budget, its elapsed time printed):
 
-    PYTHONPATH=src:tests python benchmarks/gpu_check.py [OUT_DIR]
+* ``w1`` — W1 MLP 784-256-256-10, B=256, diagonal S from a fitted laplace-torch DiagLaplace
+  (``pf.from_laplace``): the model's forward and forward+backward, ``functional_variance``
+  (default; replay off; through ``pf.compile``, its ``.program`` recorded — on CUDA a CUDA
+  graph), the per-example covariance, laplace-torch's ``la._glm_predictive_distribution(x)``
+  on the same posterior; then B = 1 / 16 / 256 / 4096, eager and compiled.
+* ``w1-kron`` (KronLaplace), ``w4`` (the CNN of ``benchmarks/cases/workloads.py``, B=64),
+  ``w3`` (K=1000, B=64): the same predictive rows.
+* ``curvature`` — exact diagonal GGN of W1 over 16,384 points in batches of 2,048
+  (``GGN(model, data).diagonal()`` for the ``nn.Sequential`` and the same MLP as a custom
+  module) beside BackPACK's ``DiagGGNExact``; K-FAC (``GGN(...).kfac()``) beside curvlinops'
+  ``KFACLinearOperator``; values checked against both.
+* ``llm`` — a Llama of TinyLlama-1.1B's dimensions from a config (22 layers, d=2048,
+  intermediate 5632, 32 heads / 4 KV heads, vocabulary 32,000; random weights), peft LoRA r=8
+  on q_proj, v_proj, B=8, T=256, right-padded, float32: the forward; the exact variance and the
+  4 x 4 covariance of 4 answer-token logits at the last non-pad token (``outputs=``); the exact
+  last-token diagonal GGN and K-FAC of one batch; the all-token Monte Carlo K-FAC
+  (``mc_samples=1``) over 4 batches; the full-vocabulary MC predictive with 8 draws; each also
+  as a multiple of the forward, with its peak memory above the model. laplace-torch's
+  KronLaplace and GLM predictive at B=2 beside pushforward on that posterior. A chunk-target
+  sweep of the two answer-logit passes (how far the defaults are from the best target).
+* ``llm-bf16`` — the same passes with a bfloat16 base and float32 LoRA weights, the variances,
+  covariances and GGN diagonal checked against the float32 model with the same weights.
+* ``botorch`` — ``optimize_acqf(qLogExpectedImprovement, q=4, num_restarts=10,
+  raw_samples=512)`` on a PushforwardModel of an MLP 6-200-200-1; 100 posterior calls.
+* ``zoo`` — the test zoo (``tests/zoo.py``, float64) and a GRU and an LSTM model (eval mode,
+  linear head) on the device: every exact strategy, ``auto`` and ``pf.compile``, variance and
+  joint covariance, against the CPU brute force and the same call on the CPU; the recurrent
+  models' ``GGN(...).diagonal()`` / ``.kfac()`` against the CPU. Pass/fail with the error text.
 
-Part 1 runs the model zoo of the tests (float64) on the GPU with each exact strategy and
-compares variances, per-example and joint covariances with the same computation on the CPU.
-Part 2 times the layer-structured strategy and 100 linearized samples on the W1/W3/W4 workloads
-(float32, median of 5 calls after a warm-up; peak CUDA memory above the memory held before).
-Results are printed and written to ``OUT_DIR/gpu_check.json``.
+Timing: the first call is the cold one (recorded apart); then warm calls (5 at most, fewer when
+a row would take over ``--row-seconds``), their median recorded; the peak is
+``torch.cuda.max_memory_allocated`` above what was allocated right before the call (on a CPU
+the RSS high-water mark above the RSS). float32 runs with TF32 off.
+
+Setting up a GPU machine (the repository's ``.venv`` is CPU-only and stays here). With an
+internet connection, in a virtual environment that sees the machine's CUDA PyTorch::
+
+    python -m venv --system-site-packages .venv-gpu && . .venv-gpu/bin/activate
+    pip install -e '.[test,hf,laplace,bo]' backpack-for-pytorch curvlinops-for-pytorch
+
+Without one (the anchors and their dependencies missing from a PyTorch image with transformers,
+peft, BoTorch, scipy and torchvision, as pure-Python wheels fetched where pip works)::
+
+    pip download --no-deps -d .whl laplace-torch==0.3 backpack-for-pytorch==1.7.1 \\
+        curvlinops-for-pytorch==3.0.1 asdfghjkl==0.1a4 unfoldNd==0.2.3 einconv==0.1.0
+    # there:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+
+Then, from the repository root (about 8 minutes on an H100/H200)::
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=src:$PYTHONPATH python3 benchmarks/gpu_check.py \\
+        --out benchmarks/results/gpu_check
+
+An anchor that cannot be imported is recorded as skipped with the reason. ``--device cpu
+--quick`` runs every group at tiny sizes on a CPU in a few minutes (a check of the script, not
+a measurement). Output: ``OUT/gpu_check.json`` (every number; rewritten after each group) and
+``OUT/gpu_check.md`` (the tables).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import statistics
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from gpu_measure import Env, Group, describe_error, format_bytes, format_time, free_memory
+from gpu_rows import GROUPS
 
 import pushforward as pf
 
-warnings.simplefilter("ignore")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare_zoo() -> list[dict]:
-    from test_variance import make_cov
-    from zoo import FACTORIES, make_case
-
-    rows = []
-    for name in FACTORIES:
-        try:
-            make_case(name)
-        except ImportError as err:  # e.g. transformers not installed on the GPU machine
-            print(f"skipping {name}: {err}")
-            continue
-        for cov_kind in ("diag", "kron", "lowrank"):
-            case = make_case(name)
-            cov = make_cov(cov_kind, case.fm)
-            for strategy in ("structured", "reverse", "forward", "auto"):
-                try:
-                    ref = [
-                        pf.functional_variance(case.fm, case.x, cov, strategy=strategy)[1],
-                        pf.functional_covariance(
-                            case.fm, case.x, cov, joint=True, strategy=strategy
-                        )[1],
-                    ]
-                except ValueError:  # strategy not applicable to this problem
-                    continue
-                gpu = make_case(name)
-                gpu.fm.module.cuda()
-                x = _to(gpu.x, "cuda")
-                out = [
-                    pf.functional_variance(gpu.fm, x, cov.to("cuda"), strategy=strategy)[1],
-                    pf.functional_covariance(
-                        gpu.fm, x, cov.to("cuda"), joint=True, strategy=strategy
-                    )[1],
-                ]
-                err = max(
-                    ((o.cpu() - r).abs().max() / r.abs().max().clamp_min(1e-300)).item()
-                    for o, r in zip(out, ref, strict=True)
-                )
-                rows.append({"model": name, "cov": cov_kind, "strategy": strategy, "rel_err": err})
-    return rows
-
-
-def _to(x, device):
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _median_time(fn, repeats: int = 5) -> tuple[float, int]:
-    fn()
-    torch.cuda.synchronize()
-    times, peaks = [], []
-    for _ in range(repeats):
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        peaks.append(torch.cuda.max_memory_allocated() - before)
-    return statistics.median(times), max(peaks)
-
-
-def timings() -> list[dict]:
-    rows = []
-    for label, K, B, arch in (
-        ("W1", 10, 256, "mlp"),
-        ("W3", 1000, 64, "mlp"),
-        ("W4", 10, 64, "cnn"),
-    ):
-        rows += _workload(label, K, B, arch)
-    return rows
-
-
-def _model(arch: str, K: int) -> nn.Module:
-    if arch == "mlp":
-        return nn.Sequential(
-            nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, K)
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, K),
-    )  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
 
 
-def _workload(label: str, K: int, B: int, arch: str) -> list[dict]:
-    torch.manual_seed(0)
-    model = _model(arch, K).cuda().eval()
-    x = torch.randn(B, *((784,) if arch == "mlp" else (1, 28, 28)), device="cuda")
-    fm = pf.FunctionalModel(model)
-    cov = pf.Diagonal(torch.rand(fm.num_params, device="cuda") * 1e-3)
-    g = torch.Generator(device="cuda")
+def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from harness.report import machine_info
 
-    def samples():
-        g.manual_seed(0)
-        return pf.functional_samples(fm, x, cov, 100, generator=g)
-
-    def forwards():
-        with torch.no_grad():
-            for _ in range(100):
-                model(x)
-
-    cases = {
-        f"functional_variance ({pf.plan(fm, x, cov).name})": lambda: pf.functional_variance(
-            fm, x, cov
-        ),
-        "functional_covariance per example": lambda: pf.functional_covariance(fm, x, cov),
+    meta: dict[str, Any] = machine_info(str(device))
+    meta |= {
+        "commit": _commit(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "row_seconds": args.row_seconds,
+        "budget_scale": args.budget_scale,
+        "tf32": False,
+        "settings": pf.settings.current().describe(),
+        "command": " ".join(sys.argv),
     }
-    if label == "W1":
-        cases |= {"100 samples": samples, "100 forward passes": forwards}
-    rows = []
-    for what, fn in cases.items():
-        t, mem = _median_time(fn)
-        rows.append({"workload": label, "what": what, "time_s": t, "peak_bytes": mem})
-    return rows
+    for dist in ("transformers", "peft", "botorch"):
+        try:
+            meta["packages"][dist] = __import__(dist).__version__
+        except Exception as err:
+            meta["packages"][dist] = f"not importable: {describe_error(err)['error']}"
+    if device.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+        free, total = torch.cuda.mem_get_info(device)
+        meta["gpu_memory_bytes"] = {"free": free, "total": total}
+    return meta
 
 
-def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+# -- the report ------------------------------------------------------------------------------------
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _row_line(entry: dict[str, Any]) -> str:
+    if entry.get("status") != "ok":
+        what = f"{entry.get('status')}: {entry.get('error', '')}"
+        return f"| {_cell(entry['row'])} | {entry['library']} | — | — | {_cell(what)} |"
+    ratios = "; ".join(f"{v:.3g}× {k}" for k, v in (entry.get("ratios") or {}).items())
+    notes = []
+    if not entry["warm"]:
+        notes.append("cold call only")
+    program = (entry.get("info") or {}).get("program")
+    if program:
+        notes.append(f"program: {program}")
+    if entry.get("warnings"):
+        notes.append("warned: " + " / ".join(entry["warnings"]))
+    text = "; ".join(x for x in (ratios, *notes) if x)
+    return (
+        f"| {_cell(entry['row'])} | {entry['library']} | {format_time(entry['time_s'])} | "
+        f"{format_bytes(entry['peak_bytes'])} | {_cell(text)} |"
+    )
+
+
+def _zoo_lines(results: list[dict[str, Any]]) -> list[str]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    errs = [r["rel_err_vs_brute_force"] for r in results if "rel_err_vs_brute_force" in r]
+    cpu = [r["rel_err_vs_cpu"] for r in results if "rel_err_vs_cpu" in r]
+    lines = [
+        f"Zoo: {len(results)} comparisons — "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + (f"; worst relative error vs brute force {max(errs):.2g}" if errs else "")
+        + (f", vs the CPU {max(cpu):.2g}" if cpu else "")
+        + ".",
+        "",
+    ]
+    bad = [r for r in results if r["status"] in ("fail", "error", "skipped")]
+    if bad:
+        lines += ["| model | covariance | strategy | status | error / relative error |"]
+        lines += ["|---|---|---|---|---|"]
+        for r in bad:
+            err = r.get("error") or (
+                f"{r.get('rel_err_vs_brute_force', float('nan')):.2g} (brute force), "
+                f"{r.get('rel_err_vs_cpu', float('nan')):.2g} (CPU)"
+            )
+            lines.append(
+                f"| {r['model']} | {r.get('cov', '')} | {r.get('strategy', '')} | "
+                f"{r['status']} | {_cell(err)} |"
+            )
+        lines.append("")
+    return lines
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The tables of ``payload`` (what ``gpu_check.json`` holds)."""
+    meta = payload["meta"]
+    device = meta.get("gpu") or meta.get("cpu")
+    lines = [
+        "# GPU check",
+        "",
+        f"{device}; torch {meta['torch']}"
+        + (f" (CUDA {meta['cuda']})" if meta.get("cuda") else "")
+        + f"; pushforward {meta['packages'].get('pushforward')} at {meta.get('commit')}; "
+        f"{meta['date']}; float32 with TF32 off"
+        + ("; **quick sizes: not a measurement**" if meta["quick"] else "")
+        + f"; total {payload.get('total_s', 0):.0f} s.",
+        "",
+        "Median of warm calls; peak = memory allocated above what was held right before the "
+        "call (`torch.cuda.max_memory_allocated`; on a CPU the RSS high-water mark).",
+        "",
+    ]
+    for name, g in payload["groups"].items():
+        lines += [f"## {name}: {g['title']}", ""]
+        lines.append(f"{g['elapsed_s']:.1f} s (budget {g['budget_s']:.0f} s).")
+        if g.get("error"):
+            lines.append(f"**The group stopped**: {_cell(g['error']['error'])}")
+        lines.append("")
+        notes = {k: v for k, v in g["notes"].items() if k != "zoo"}
+        lines += [f"- {k}: {_cell(v)}" for k, v in notes.items()]
+        if notes:
+            lines.append("")
+        if g["rows"]:
+            lines += ["| row | library | time | peak | ratios, notes |", "|---|---|---|---|---|"]
+            lines += [_row_line(e) for e in g["rows"]]
+            lines.append("")
+        if g["checks"]:
+            lines += ["| check | relative error | tolerance | result |", "|---|---|---|---|"]
+            for c in g["checks"]:
+                err = f"{c['rel_err']:.2g}" if "rel_err" in c else _cell(c.get("error", ""))
+                tol = "—" if c.get("tol") is None else f"{c['tol']:g}"
+                lines.append(f"| {_cell(c['check'])} | {err} | {tol} | {c['status']} |")
+            lines.append("")
+        if "zoo" in g["notes"]:
+            lines += _zoo_lines(g["notes"]["zoo"])
+    return "\n".join(lines) + "\n"
+
+
+def _write(payload: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(payload))
+
+
+# -- running -----------------------------------------------------------------------------------
+def run_group(name: str, env: Env, budget_scale: float) -> dict[str, Any]:
+    """Run group ``name`` guarded; its JSON."""
+    fn, title, budget = GROUPS[name]
+    grp = Group(name, title, budget * budget_scale, env)
+    print(f"== {name}: {title} (budget {grp.budget_s:.0f} s)", flush=True)
+    error = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(grp)
+    except Exception as err:
+        error = describe_error(err)
+        print(f"  [{name}] stopped: {error['error']}")
+    finally:
+        free_memory(env)
+    out = grp.to_json()
+    if error:
+        out["error"] = error
+    print(f"== {name}: {grp.elapsed():.1f} s", flush=True)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a check of the script")
+    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--only", nargs="+", choices=list(GROUPS), help="run these groups")
+    p.add_argument("--skip", nargs="+", choices=list(GROUPS), default=(), help="skip these")
+    p.add_argument("--repeats", type=int, default=5, help="warm calls per row at most")
+    p.add_argument("--row-seconds", type=float, default=10.0, help="warm calls' time per row")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies group budgets")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU default: 1)")
+    p.add_argument("--list", action="store_true", help="list the groups and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        for name, (_, title, budget) in GROUPS.items():
+            print(f"{name:10s} {budget:4.0f} s  {title}")
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device (use --device cpu)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    zoo = compare_zoo()
-    worst = max(zoo, key=lambda r: r["rel_err"])
-    print(f"zoo: {len(zoo)} comparisons GPU vs CPU (float64), worst {worst}")
-    rows = timings()
-    for r in rows:
-        print(
-            f"{r['workload']} {r['what']}: {r['time_s'] * 1e3:.2f} ms, {r['peak_bytes'] / 1e6:.1f} MB"
-        )
-    payload = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "zoo": zoo,
-        "timings": rows,
-    }
-    (out / "gpu_check.json").write_text(json.dumps(payload, indent=2))
+    torch.set_float32_matmul_precision("highest")
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    default_out = "tmp/gpu_check_quick" if args.quick else "gpu_check"
+    out = args.out or ROOT / "benchmarks" / "results" / default_out
+    env = Env(device, quick=args.quick, repeats=args.repeats, row_seconds=args.row_seconds)
+    names = [n for n in (args.only or GROUPS) if n not in args.skip]
+    start = time.perf_counter()
+    payload: dict[str, Any] = {"meta": _meta(args, device), "groups": {}}
+    for name in names:
+        payload["groups"][name] = run_group(name, env, args.budget_scale)
+        payload["total_s"] = time.perf_counter() - start
+        _write(payload, out)
+    print(f"total {payload.get('total_s', 0):.1f} s; written to {out}/gpu_check.{{json,md}}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
