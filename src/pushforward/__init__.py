@@ -22,6 +22,7 @@ from pushforward.api.variance import (
 )
 from pushforward.core.errors import (
     BatchCouplingError,
+    DerivativeOverflowError,
     MemoryBudgetError,
     PushforwardFallbackWarning,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "settings",
     # errors and warnings
     "BatchCouplingError",
+    "DerivativeOverflowError",
     "MemoryBudgetError",
     "PushforwardFallbackWarning",
     # curvature and Laplace posteriors (pushforward.curvature)

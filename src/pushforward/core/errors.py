@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["BatchCouplingError", "MemoryBudgetError", "PushforwardFallbackWarning"]
+__all__ = [
+    "BatchCouplingError",
+    "DerivativeOverflowError",
+    "MemoryBudgetError",
+    "PushforwardFallbackWarning",
+]
 
 
 class BatchCouplingError(ValueError):
     """The model's outputs for one example depend on the other examples of the batch, or on
     random draws: per-example Jacobians are not defined."""
+
+
+class DerivativeOverflowError(RuntimeError):
+    """A half-precision model's derivatives left its dtype's range while its outputs did not
+    (:mod:`pushforward.core.precision`); a plan falls through to its next strategy first."""
 
 
 class MemoryBudgetError(ValueError):

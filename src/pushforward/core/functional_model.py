@@ -15,6 +15,7 @@ parameter attributes replaced once and restored exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import threading
@@ -32,6 +33,7 @@ from pushforward.core.cost import measure_cost
 from pushforward.core.errors import BatchCouplingError
 from pushforward.core.inputs import Inputs
 from pushforward.core.layout import ParamLayout, match_names
+from pushforward.core.rnn import decomposed_rnn
 from pushforward.core.settings import settings
 
 __all__ = [
@@ -61,6 +63,8 @@ class ModelCache:
         failures: per plan key and strategy, why the strategy failed at run time.
         bound: covariance operators bound to this model's layout, by the identity and version
             of the operator the user passed.
+        replays: captured programs of repeated calls (:mod:`pushforward.engine.replay`), by the
+            call's key (least recently used dropped first).
     """
 
     costs: dict[Any, Any] = field(default_factory=dict)
@@ -70,6 +74,7 @@ class ModelCache:
     plans: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
     failures: dict[Any, dict[str, str]] = field(default_factory=dict)
     bound: dict[Any, Any] = field(default_factory=dict)
+    replays: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
 
 
 #: One lock per module: ``functional_call`` swaps a module's parameters in place while it runs,
@@ -156,6 +161,8 @@ class FunctionalModel:
         self._lock = module_lock(model)
         self._probe_rng = random.Random(0)
         self._last_layer_unverified = False
+        # recurrent layers run decomposed on CUDA (cuDNN's backward refuses eval mode)
+        self._recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
         with self._lock:  # another thread may be running the module (parameters swapped)
             names = self._select(params, example_input)
             if not names:
@@ -317,12 +324,13 @@ class FunctionalModel:
         Every module attribute that holds a selected parameter (under any name: tied weights,
         a layer used twice) is replaced exactly once and restored afterwards; entries of
         ``params`` that are not selected parameters replace the tensor of that name. The
-        module's lock is held meanwhile (``functional_call`` swaps its parameters)."""
+        module's lock is held meanwhile (``functional_call`` swaps its parameters). Recurrent
+        layers on CUDA run in elementary operations (:mod:`pushforward.core.rnn`)."""
         swap = {slot: params[name] for slot, name in self._slots if name in params}
         for name, value in params.items():
             if name not in self.layout.shapes:
                 swap[name] = value
-        with self._lock:
+        with self._lock, decomposed_rnn() if self._recurrent else contextlib.nullcontext():
             out = functional_call(self.module, swap, args, kwargs, tie_weights=False, strict=False)
         return self.output_fn(out)
 

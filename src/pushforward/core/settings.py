@@ -48,6 +48,10 @@ class Settings:
             on the device when a plan is made.
         plan_cache: plans kept per model for repeated calls with the same input shapes,
             covariance and options (0 turns the cache off).
+        replay: repeated :func:`~pushforward.functional_variance` calls on a
+            :class:`~pushforward.FunctionalModel` that is a plain chain of linear layers and
+            activations replay the captured program (:mod:`pushforward.engine.replay`) instead
+            of re-checking and re-planning (``False``: every call runs eagerly).
     """
 
     chunk_target: int = 128 * 2**20
@@ -55,13 +59,14 @@ class Settings:
     traffic: float = 8.0
     budget_fraction: float = 0.5
     plan_cache: int = 64
+    replay: bool = True
 
     def describe(self) -> str:
         gpu = "the budget" if self.gpu_chunk_target is None else format_bytes(self.gpu_chunk_target)
         return (
             f"chunk target {format_bytes(self.chunk_target)} (CPU) / {gpu} (GPU), traffic "
             f"factor {self.traffic:g}, default budget fraction {self.budget_fraction:g}, plan "
-            f"cache {self.plan_cache}"
+            f"cache {self.plan_cache}, replay {'on' if self.replay else 'off'}"
         )
 
     def target_for(self, device: torch.device | str | None) -> int | None:
@@ -101,6 +106,8 @@ def _validated(base: Settings, overrides: dict[str, Any]) -> Settings:
         n = values["plan_cache"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"plan_cache must be an integer >= 0, got {n!r}")
+    if "replay" in values and not isinstance(values["replay"], bool):
+        raise TypeError(f"replay must be True or False, got {values['replay']!r}")
     return dataclasses.replace(base, **values)
 
 
@@ -114,6 +121,7 @@ class settings:
         traffic: FLOP-equivalents per element of a parameter-sized vector.
         budget_fraction: default memory budget as a fraction of the available memory.
         plan_cache: plans kept per model (0: off).
+        replay: replay repeated variance calls on plain chains (``False``: always eager).
     """
 
     def __init__(self, **overrides: Any) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.precision import accumulation_dtype
 from pushforward.layers import LayerStructure, Pieces
 
 __all__ = ["DenseSums"]
@@ -36,7 +37,7 @@ class DenseSums:
     ) -> None:
         self.fm, self.indices, self.what = fm, indices, what
         size = fm.num_params if indices is None else len(indices)
-        self.total = torch.zeros(size, size, dtype=fm.dtype, device=fm.device)
+        self.total = torch.zeros(size, size, dtype=accumulation_dtype(fm.dtype), device=fm.device)
 
     def held_bytes(self) -> int:
         """The sum (and its reduced copy at the end)."""

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.precision import accumulation_dtype
 from pushforward.layers import LayerCall, LayerStructure, Pieces, dense
 
 __all__ = ["DiagonalSums"]
@@ -41,11 +42,12 @@ class DiagonalSums:
     def __init__(self, fm: FunctionalModel, what: str = "the curvature's diagonal") -> None:
         self.fm, self.what = fm, what
         self.params = fm.params(False)
-        self.sums = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        dtype = accumulation_dtype(fm.dtype)
+        self.sums = {n: torch.zeros_like(p, dtype=dtype) for n, p in self.params.items()}
 
     def held_bytes(self) -> int:
         """The sums and their flat copy at the end."""
-        return 2 * self.fm.num_params * self.fm.dtype.itemsize
+        return 2 * self.fm.num_params * accumulation_dtype(self.fm.dtype).itemsize
 
     def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
         """The gradient rows formed where no closed form applies (twice: formed and squared)."""

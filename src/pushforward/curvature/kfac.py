@@ -32,6 +32,7 @@ from torch import Tensor
 
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.precision import accumulation_dtype
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
 from pushforward.covariance.kronecker_blocks import KroneckerFactors
@@ -125,7 +126,7 @@ class KFACSums:
             n = math.prod(shape)
             sides = shape[0] ** 2 + (n // shape[0]) ** 2 if len(shape) > 1 else n * n
             held += sides if self.generic == "dense" or len(shape) > 1 else n
-        return held * self.fm.dtype.itemsize
+        return held * accumulation_dtype(self.fm.dtype).itemsize
 
     def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
         """Bytes the factors form per row (an upper bound).
@@ -235,7 +236,7 @@ def kfac_blocks(
             blocks[name] = Dense(total, check=False)
         else:
             blocks[name] = Diagonal(total.reshape(-1), check=False)
-    dtype, device = fm.dtype, fm.device
+    dtype, device = accumulation_dtype(fm.dtype), fm.device
     for name in fm.param_names:
         if name not in blocks:
             zero = torch.zeros(math.prod(shapes[name]), dtype=dtype, device=device)

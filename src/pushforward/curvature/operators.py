@@ -18,7 +18,8 @@ What each method costs (one pass over the data each, chunks bounded by ``memory_
 * :meth:`~CurvatureOperator.lowrank` — leading eigenpairs by Lanczos (one matvec per step) or
   randomized subspace iteration (a few matmats).
 
-Results are in the model's dtype and device, detached.
+Results are in the model's dtype (``float32`` for a half-precision model: sums over the data
+are accumulated in it) and on its device, detached.
 
 **Data parallelism** (``process_group``, see :mod:`pushforward.core.collectives`): in a
 ``torch.distributed`` run each rank passes over its shard of the data and every sum —
@@ -52,6 +53,8 @@ from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
 from pushforward.core.layout import ParamLayout
 from pushforward.core.options import Options, check_positive_int
+from pushforward.core.precision import accumulation_dtype
+from pushforward.covariance.checks import all_finite
 from pushforward.curvature.data import Batches
 from pushforward.curvature.dense import DenseSums
 from pushforward.curvature.diagonal import DiagonalSums
@@ -130,8 +133,12 @@ class CurvatureOperator:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The model's dtype (that of every result)."""
-        return self.fm.dtype
+        """The dtype of every result.
+
+        The model's, ``float32`` for a half-precision model (sums over the data are accumulated
+        in it, :mod:`pushforward.core.precision`).
+        """
+        return accumulation_dtype(self.fm.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -292,7 +299,7 @@ class CurvatureOperator:
         if m == 0:
             return out
         params = fm.params(False)
-        tangents = fm.unflatten(V.T.contiguous())  # {name: (m, *shape)}
+        tangents = fm.unflatten(V.T.to(fm.dtype).contiguous())  # {name: (m, *shape)}
         curvature_pass = self._pass()
         for batch in progress_bar(self.data, self.options.progress, "curvature: products"):
             inputs = fm.prepare(batch.inputs).detach()
@@ -506,6 +513,20 @@ class CurvatureOperator:
         A regression curvature's posterior then asks for the observation noise.
         """
         curvature.likelihood = self.likelihood.kind
+        if isinstance(curvature, Tensor):
+            tensors = [curvature]
+        elif isinstance(curvature, LowRankCurvature):
+            tensors = list(curvature)  # (eigenvalues, eigenvectors)
+        else:
+            tensors = curvature.tensors()
+        for t in tensors:
+            if not all_finite(t):
+                what = f"the {type(self).__name__}'s {type(curvature).__name__}"
+                raise ValueError(
+                    f"{what} is not finite: the model's outputs or their derivatives are not "
+                    "finite on this data (inputs or targets with nan/inf, or derivatives beyond "
+                    "a half-precision base model's range)"
+                )
         return curvature
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ import torch
 from pushforward.core.chunking import progress_bar, row_chunks
 from pushforward.core.cost import Budget, ModelCost, direction_bytes, example_bytes, measure_cost
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.precision import accumulation_dtype
 from pushforward.core.units import format_bytes
 from pushforward.curvature.data import Batch
 from pushforward.curvature.directions import LikelihoodRows, RowKind, draw_noise
@@ -210,6 +211,7 @@ class CurvaturePass:
         """
         fm = self.fm
         params = fm.params(False)
+        dtype = accumulation_dtype(fm.dtype)  # sums over the data in float32 at least
         plan, inputs, structure, rows, generic = self._batch(batch, consumer, rows)
         plan.budget.require(plan.memory, consumer.what)
         for chunk in row_chunks(inputs.batch_size, rows.rows, plan.chunk):
@@ -230,4 +232,4 @@ class CurvaturePass:
                 raise StructureError(
                     f"{consumer.what} needs every example to run the traced layers: {err}"
                 ) from err
-            consumer.add(pieces)
+            consumer.add(pieces.raised(dtype))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from pushforward.core.chunking import RowChunk
 from pushforward.core.einsum import einsum
+from pushforward.core.precision import upcast
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.problem import Problem
 
@@ -57,7 +58,7 @@ class ChunkedResult:
             "covariance": (p.B, p.T, p.S, p.S),
             "joint": (p.groups, p.group_size * p.rows_per_sample, p.group_size * p.rows_per_sample),
         }[p.kind]
-        self.out = torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
+        self.out = torch.zeros(shape, dtype=p.compute_dtype, device=p.inputs.device)
 
     def store_outputs(self, chunk: RowChunk, f: Tensor) -> None:
         """Keep the chunk's outputs ``f`` ``(b, *f_b)`` (once per example)."""
@@ -145,7 +146,8 @@ class RowAccumulator(ChunkedResult):
 
     def _group_rows(self, rows: dict[str, Tensor], b: int, r: int):
         for group in self.groups:
-            parts = [rows[name].reshape(b, r, -1) for name in group.names]
+            dtype = self.problem.compute_dtype
+            parts = [upcast(rows[name].reshape(b, r, -1), dtype) for name in group.names]
             yield group.operator, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def add(self, chunk: RowChunk, f: Tensor, rows: dict[str, Tensor]) -> None:
@@ -180,10 +182,11 @@ class ColumnAccumulator:
             "covariance": (p.B, p.T, p.S, p.S),
             "joint": (p.groups, q, q),
         }[p.kind]
-        self.out = torch.zeros(shape, dtype=p.dtype, device=p.inputs.device)
+        self.out = torch.zeros(shape, dtype=p.compute_dtype, device=p.inputs.device)
 
     def add(self, W: Tensor) -> None:
         p = self.problem
+        W = upcast(W, p.compute_dtype)
         if p.kind == "variance":
             part = (W * W).sum(0)
         elif p.kind == "covariance":

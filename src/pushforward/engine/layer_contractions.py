@@ -55,14 +55,41 @@ Kernel = Callable[[Tensor, "Tensor | OneHot"], Tensor]
 @dataclass(frozen=True)
 class QuadraticForm:
     """A layer group's variance for directions ``G (b, c, out)`` at one position, written
-    ``sum_j (G L)_j^2 s_j``: ``L (out, m)`` (``None``: the identity) formed once, the scales
-    ``s`` either ``scales(a) (b, m)`` per call or, for a group whose variance does not depend on
-    the layer's input (a bias), the constant ``constant (m,)``. Groups on one layer add up by
-    concatenating ``L`` and ``s``."""
+    ``sum_j (G L)_j^2 s_j`` with ``L (out, m)`` formed once (``factor``; ``None``: the
+    identity, ``m = out``) and the scales ``s (b, m)`` of the layer's input ``x (b, in)``:
+
+    * ``s = ((x F)^2) W + c`` — ``weights`` ``W (in', m)``, ``input_factor`` ``F (in, in')``
+      (``None``: the identity), ``constant`` ``c (m,)`` (``None``: zero);
+    * ``s = c`` for a group whose variance does not depend on the input (a bias: no weights);
+    * ``s = scales(x)`` for any other dependence.
+
+    Groups on one layer add up by concatenating ``L`` and ``s``."""
 
     factor: Tensor | None
-    scales: Callable[[Tensor], Tensor] | None = None
+    weights: Tensor | None = None
+    input_factor: Tensor | None = None
     constant: Tensor | None = None
+    scales: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def varies(self) -> bool:
+        """The scales depend on the layer's input."""
+        return self.weights is not None or self.scales is not None
+
+    def scales_of(self, x: Tensor) -> Tensor:
+        """``s (b, m)`` for inputs ``x (b, in)`` (the constant included)."""
+        if self.scales is not None:
+            s = self.scales(x)
+            return s if self.constant is None else s + self.constant
+        if self.weights is None:
+            return self.constant.expand(x.shape[0], -1)
+        y = x if self.input_factor is None else x @ self.input_factor
+        y = y * y
+        return (
+            y @ self.weights
+            if self.constant is None
+            else torch.addmm(self.constant, y, self.weights)
+        )
 
 
 def _grouped(x: Tensor, q: int) -> Tensor:
@@ -308,15 +335,8 @@ class _LinearDiagonal(GroupContraction):
         return out if self.bias is None else out + self.bias.joint(a, G, params, q)
 
     def quadratic_form(self) -> QuadraticForm:
-        VT = self._V().T.contiguous()
         v = None if self.bias is None else self.bias.op.diagonal()
-
-        def scales(a: Tensor) -> Tensor:
-            x = a.reshape(a.shape[0], -1)
-            w = (x * x) @ VT
-            return w if v is None else w + v
-
-        return QuadraticForm(None, scales)
+        return QuadraticForm(None, weights=self._V().T.contiguous(), constant=v)
 
     def variance_kernel(self, params):
         VT = self._V().T.contiguous()
@@ -378,18 +398,11 @@ class _LinearKronecker(GroupContraction):
         if M is None:  # (G B G^T)(x^T A x): L = a square root of B, the scale x^T A x
             L = psd_sqrt(Fg, "a Kronecker block's output-side factor")
 
-            def pair_scales(a: Tensor) -> Tensor:
-                x = a.reshape(a.shape[0], -1)
+            def pair_scales(x: Tensor) -> Tensor:
                 return ((x @ Fa) * x).sum(-1, keepdim=True).expand(-1, L.shape[1])
 
-            return QuadraticForm(L, pair_scales)
-        MT = M.T.contiguous()
-
-        def eigen_scales(a: Tensor) -> Tensor:
-            x_hat = a.reshape(a.shape[0], -1) @ Fa
-            return (x_hat * x_hat) @ MT
-
-        return QuadraticForm(Fg, eigen_scales)
+            return QuadraticForm(L, scales=pair_scales)
+        return QuadraticForm(Fg, weights=M.T.contiguous(), input_factor=Fa)
 
     def variance_kernel(self, params):
         Fg, Fa, M = self._sides()

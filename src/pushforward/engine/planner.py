@@ -22,6 +22,7 @@ the plan remembers the failure and ``print(plan)`` shows it. A named strategy ra
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,6 +35,7 @@ from pushforward.core.fallback import Ladder, first_line
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options, check_generator
+from pushforward.core.precision import HALF, check_overflow
 from pushforward.core.settings import settings
 from pushforward.core.units import format_bytes
 from pushforward.covariance.operator import CovarianceOperator
@@ -104,10 +106,15 @@ class Plan:
         plan's: kept per plan key)."""
         p = self.problem
 
+        half = p.dtype in HALF or p.fm.dtype in HALF
+
         def run(est: Estimate):
             def strategy() -> tuple[Tensor, ...]:
                 with torch.set_grad_enabled(p.differentiable):
-                    return STRATEGIES[est.strategy].run(p, est)
+                    out = STRATEGIES[est.strategy].run(p, est)
+                if half:
+                    check_overflow(out[0], out[1], f"the {est.strategy} strategy")
+                return out
 
             return strategy
 
@@ -249,7 +256,8 @@ def make_plan(
     cache = fm.cache.plans
     entry = cache.get(key) if current.plan_cache else None
     if entry is not None and entry[0]() is cov:  # ids of freed objects are reused: check it
-        cache.move_to_end(key)
+        with contextlib.suppress(KeyError):  # another thread may have just dropped it
+            cache.move_to_end(key)
         return entry[1].with_call(inputs, outputs, generator)
     problem = Problem.build(
         fm,
@@ -265,8 +273,9 @@ def make_plan(
     chosen = replace(plan_problem(problem, options.strategy), key=key)
     if current.plan_cache:
         cache[key] = (weakref.ref(cov), chosen)
-        while len(cache) > current.plan_cache:
-            cache.popitem(last=False)
+        with contextlib.suppress(KeyError):  # another thread may be trimming too
+            while len(cache) > current.plan_cache:
+                cache.popitem(last=False)
     return chosen
 
 

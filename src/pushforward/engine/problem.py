@@ -29,6 +29,7 @@ from pushforward.core.cost import Budget, ModelCost, measure_cost
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
+from pushforward.core.precision import accumulation_dtype
 from pushforward.covariance.binding import bind_covariance
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.products.vjp import one_hot_cotangents
@@ -67,7 +68,9 @@ class Problem:
     Attributes:
         fm: the model.
         inputs: the batch (detached unless ``options.differentiable``).
-        cov: the covariance, bound to ``fm.layout`` and in the output's dtype and device.
+        cov: the covariance, bound to ``fm.layout``, on the inputs' device, in the
+            accumulation dtype (:mod:`pushforward.core.precision`: the output's and the
+            parameters' dtypes promoted, ``float32`` for half precision).
         kind: ``"variance"``, ``"covariance"`` (per example) or ``"joint"``.
         outputs: the selected outputs ``(B, T, S)`` or ``None`` for all K.
         example_shape: the user's example dimensions ``(B, ...)``.
@@ -117,7 +120,8 @@ class Problem:
         )
         B = inputs.batch_size
         q = _group_size(group_size, kind, B)
-        cov = bind_covariance(fm, cov, cost.output_dtype, inputs.device)
+        dtype = accumulation_dtype(cost.output_dtype, fm.dtype)
+        cov = bind_covariance(fm, cov, dtype, inputs.device)
         return cls(
             fm=fm,
             inputs=inputs if options.differentiable else inputs.detach(),
@@ -163,7 +167,13 @@ class Problem:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The outputs' dtype (the cotangents')."""
         return self.cost.output_dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype results are accumulated and returned in (the covariance's)."""
+        return self.cov.dtype
 
     @property
     def differentiable(self) -> bool:

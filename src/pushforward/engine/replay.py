@@ -23,11 +23,24 @@ made, and again whenever the signature changes; a compiled call does not repeat 
 probes of :meth:`~pushforward.FunctionalModel.check_examples`, but it refuses a model switched to
 training mode (BatchNorm, Dropout) since. A new signature, a covariance changed in place, or a
 parameter replaced by another tensor makes a new plan (transparently).
+
+**Automatic replays.** :func:`~pushforward.functional_variance` replays by itself where that
+needs no per-call checks at all: a :class:`~pushforward.FunctionalModel` that is a plain chain
+(a model that cannot couple examples), one tensor input, detached results, the batch in one
+chunk. The first call with a signature runs eagerly — checks, plan, execution — and keeps the
+chain program (:func:`remember`); later calls with the same signature, covariance and options
+run it (:func:`replayed`) as long as nothing it was captured from changed: the covariance's
+tensors (in place or by assignment), the parameters (replaced, or ``.data`` assigned; in-place
+updates such as an optimizer's are read at each call), the layers of the ``nn.Sequential``, hooks
+(the module's or global) and the dropout layers' mode. Any change sends the call back to the
+eager path, which captures anew. ``pushforward.settings(replay=False)`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +52,14 @@ from pushforward.core.fallback import first_line
 from pushforward.core.functional_model import FunctionalModel, as_functional_model, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
+from pushforward.core.precision import HALF
+from pushforward.core.settings import settings
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine.planner import Plan, make_plan
 from pushforward.engine.problem import Kind
-from pushforward.layers import Chain, OneHot, find_chain
+from pushforward.layers import Chain, OneHot, chain_intact, find_chain
 
-__all__ = ["Compiled"]
+__all__ = ["Compiled", "remember", "replay_key", "replayed"]
 
 Program = Callable[[Inputs], tuple[Tensor, ...]]
 
@@ -83,11 +98,24 @@ class Compiled:
         self._cuda_graph = cuda_graph
         self._capture(Inputs.from_user(x))
 
+    @classmethod
+    def automatic(cls, plan: Plan) -> Compiled | None:
+        """The program of an eager call's ``plan`` for automatic replays (:func:`replayed`), or
+        ``None`` unless it is a chain program: the only one that needs no per-call checks
+        (a plain chain of linear layers and elementwise activations cannot couple examples)."""
+        if _chain_program(plan, None) is None:
+            return None
+        self = cls.__new__(cls)
+        p = plan.problem
+        self.fm, self.cov, self.kind, self.outputs = p.fm, p.cov, p.kind, None
+        self.group_size, self.options, self._cuda_graph = None, plan.problem.options, None
+        self._adopt(plan, plan.problem.inputs)
+        return self
+
     # -- capture ------------------------------------------------------------------------------
     def _capture(self, inputs: Inputs) -> None:
-        fm = self.fm
-        self.plan: Plan = make_plan(
-            fm,
+        plan = make_plan(
+            self.fm,
             inputs,
             self.cov,
             self.kind,
@@ -95,6 +123,11 @@ class Compiled:
             outputs=self.outputs,
             group_size=self.group_size,
         )
+        self._adopt(plan, inputs)
+
+    def _adopt(self, plan: Plan, inputs: Inputs) -> None:
+        fm = self.fm
+        self.plan = plan
         self._signature = inputs.signature(with_batch=True)
         tensors = inputs.tensors()
         # one tensor input: recognized by its shape, dtype and device alone
@@ -104,12 +137,14 @@ class Compiled:
             else None
         )
         self._cov_tensors = self.cov.tensors()
-        self._cov_versions = [t._version for t in self._cov_tensors]
+        self._cov_versions = _versions(self._cov_tensors)
         self._slots = _parameter_slots(fm)
         self._coupling = [m for m in fm.module.modules() if _may_couple(m)]
+        self._half = plan.problem.dtype in HALF or fm.dtype in HALF
         program, name = self._program()
         self.program = name
         self._run = program
+        self._intact = program.intact if isinstance(program, _ChainMoments) else _always
         device = inputs.device
         wants_graph = device.type == "cuda" if self._cuda_graph is None else self._cuda_graph
         if wants_graph:
@@ -118,9 +153,14 @@ class Compiled:
     def _unchanged(self) -> bool:
         """The covariance's tensors and the selected parameters are those captured (in-place
         changes of their values are read at each call)."""
-        if [t._version for t in self._cov_tensors] != self._cov_versions:
+        if _versions(self._cov_tensors) != self._cov_versions:
             return False
-        return all(owner._parameters.get(attr) is p for owner, attr, p in self._slots)
+        if not all(
+            owner._parameters.get(attr) is p and p.data_ptr() == ptr
+            for owner, attr, p, ptr in self._slots
+        ):
+            return False
+        return self._intact()
 
     def _program(self) -> tuple[Program, str]:
         plan = self.plan
@@ -151,17 +191,88 @@ class Compiled:
             self._capture(self.fm.prepare(inputs))
         return self._run(inputs)
 
+    def replay(self, x: Tensor) -> tuple[Tensor, ...] | None:
+        """The program's result for a tensor ``x`` of the captured signature (the caller's
+        key says so), or ``None`` when the model or covariance changed since (a module in
+        training mode, a covariance changed in place, a parameter, layer or hook replaced,
+        added or removed): the caller then runs eagerly."""
+        if any(m.training for m in self._coupling) or not self._unchanged():
+            return None
+        out = self._run(Inputs((x,), {}, x.shape[0]))
+        if self._half and not (torch.isfinite(out[1]).all() or not torch.isfinite(out[0]).all()):
+            return None  # derivatives out of a half-precision range: the eager plan falls through
+        return out
+
     def __repr__(self) -> str:
         return f"Compiled({self.kind}, program={self.program!r}, {self.plan.problem.describe()})"
 
 
-def _parameter_slots(fm: FunctionalModel) -> list[tuple[nn.Module, str, Tensor]]:
-    """``(owner module, attribute, parameter)`` of every selected parameter."""
+def replay_key(
+    model: FunctionalModel | nn.Module,
+    x: Any,
+    cov: CovarianceOperator,
+    options: Options,
+    eager_only: bool,
+) -> tuple | None:
+    """The key under which a ``functional_variance`` call is replayed, or ``None`` for calls
+    that always run eagerly: ``eager_only`` (selected outputs, Monte Carlo arguments), a model
+    given as an ``nn.Module`` (a new :class:`FunctionalModel` per call has no memory), inputs
+    other than one tensor, differentiable results, a progress bar, another strategy than the
+    layer-structured one, or replays turned off (``settings(replay=False)``)."""
+    current = settings.current()
+    if (
+        eager_only
+        or not (current.replay and current.plan_cache)
+        or not isinstance(model, FunctionalModel)
+        or type(x) is not Tensor
+        or options.differentiable
+        or options.progress
+        or options.strategy not in _REPLAYED_STRATEGIES
+    ):
+        return None
+    return (x.shape, x.dtype, x.device, id(cov), options, current)
+
+
+_REPLAYED_STRATEGIES = ("auto", "structured", "last_layer")
+
+
+def replayed(fm: FunctionalModel, key: tuple, cov: CovarianceOperator, x: Tensor):
+    """``(f, var)`` replayed for the call of ``key``, or ``None`` (run eagerly)."""
+    entry = fm.cache.replays.get(key)
+    if entry is None or entry[0]() is not cov or entry[1] is None:
+        return None
+    result = entry[1].replay(x)
+    if result is None:  # changed since: the eager call captures anew
+        fm.cache.replays.pop(key, None)
+    return result
+
+
+def remember(fm: FunctionalModel, key: tuple, cov: CovarianceOperator, plan: Plan) -> None:
+    """Keep the program of an eager call's ``plan`` under ``key`` (or that it has none)."""
+    cache, size = fm.cache.replays, settings.current().plan_cache
+    cache[key] = (weakref.ref(cov), Compiled.automatic(plan))
+    with contextlib.suppress(KeyError):  # another thread may be trimming too
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+
+def _always() -> bool:
+    return True
+
+
+def _parameter_slots(fm: FunctionalModel) -> list[tuple[nn.Module, str, Tensor, int]]:
+    """``(owner module, attribute, parameter, its data's address)`` of every selected
+    parameter (an assignment to ``.data`` moves the address)."""
     slots = []
     for name, param in fm.params().items():
         owner, _, attr = name.rpartition(".")
-        slots.append((fm.module.get_submodule(owner), attr, param))
+        slots.append((fm.module.get_submodule(owner), attr, param, param.data_ptr()))
     return slots
+
+
+def _versions(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """In-place changes bump a tensor's version; an assignment to ``.data`` moves its data."""
+    return [(t._version, t.data_ptr()) for t in tensors]
 
 
 def _may_couple(module: nn.Module) -> bool:
@@ -178,144 +289,183 @@ def _may_couple(module: nn.Module) -> bool:
 # -- the chain program ------------------------------------------------------------------------
 def _chain_program(plan: Plan, outputs: Tensor | None) -> Program | None:
     """The hand-differentiated chain and the layers' closed forms of a layer-structured
-    variance over all outputs of a plain chain (``None`` for any other plan)."""
+    variance or per-example covariance over all outputs of a plain chain, the batch in one chunk
+    (``None`` for any other plan: a plan that chunks the batch keeps its chunks)."""
     p = plan.problem
     split = plan.estimate.state
     if (
         plan.name not in ("structured", "last_layer")
-        or p.kind != "variance"
+        or p.kind not in ("variance", "covariance")
         or outputs is not None
         or split.generic is not None
         or p.T != 1
+        or plan.estimate.chunk_size < p.B * p.rows_per_sample  # the plan chunks the batch
     ):
+        return None
+    if p.kind == "covariance" and any(c.quadratic_form() is None for c in split.contractions):
         return None
     chain = find_chain(p.fm, split.structure.calls, p.inputs)
     if chain is None or not chain.ends_with_linear:
         return None
-    return _ChainVariance(p.fm, chain, split, p.B, p.K, p.dtype, p.inputs.device, p)
+    return _ChainMoments(p.fm, chain, split, p)
 
 
-class _ChainVariance:
-    """A chain's variance over all K outputs: forward, the unit rows times the head, the
-    backward by hand, and per layer one closed form with what depends on the covariance formed
-    once (:class:`_LayerVariance`)."""
+class _ChainMoments:
+    """A chain's variance (or per-example covariance) over all K outputs: forward, the unit
+    rows times the head, the backward by hand, and per layer one closed form with what depends
+    on the covariance formed once (:class:`_LayerMoments`)."""
 
-    def __init__(self, fm, chain: Chain, split, B, K, dtype, device, problem) -> None:
-        self.fm, self.chain, self.problem = fm, chain, problem
+    def __init__(self, fm, chain: Chain, split, problem) -> None:
+        self.fm, self.chain = fm, chain
         self.params = fm.params(False)  # views of the parameters: their current values
-        self.head = chain.output_call
+        B, K, covariance = problem.B, problem.K, problem.kind == "covariance"
+        head = chain.output_call
         by_call: dict[int, list] = {}
         for c in split.contractions:
             by_call.setdefault(c.call.index, []).append(c)
-        self.unit = torch.arange(K, device=device).expand(B, K)
         calls = split.structure.calls
+        index = torch.arange(K, device=problem.inputs.device).expand(B, K)
         self.layers = [
             (
-                index,
-                _LayerVariance(
+                i,
+                _LayerMoments(
                     group,
                     self.params,
-                    OneHot(self.unit, (B, K, *calls[index].output_shape), dtype)
-                    if index == self.head
+                    OneHot(index, (B, K, *calls[i].output_shape), problem.compute_dtype)
+                    if i == head
                     else None,
+                    covariance,
                 ),
             )
-            for index, group in by_call.items()
+            for i, group in by_call.items()
         ]
-        self.needed = frozenset(i for i, _ in self.layers if i != self.head)
+        self.needed = frozenset(i for i, _ in self.layers if i != head)
         self.lock = module_lock(fm.module)
+        shape = (*problem.example_shape, *problem.output_shape)
+        self.shape = (*shape, *problem.output_shape) if covariance else shape
+        self.intact = chain_intact(fm.module, chain)
+        self.dtype = problem.compute_dtype
 
     def __call__(self, inputs: Inputs) -> tuple[Tensor, ...]:
-        B = self.unit.shape[0]
+        x = inputs.args[0]
+        B = x.shape[0]
 
         def at_head(weight: Tensor) -> Tensor:  # the unit rows of every output, in order: W
-            return weight.unsqueeze(0).expand(B, -1, -1)
+            return weight.expand(B, -1, -1)
 
         with torch.no_grad():
             f, a, G = self.chain.pieces(
-                self.params, inputs.args[0], _never, self.lock, self.needed, at_head
+                self.params, x, _never, self.lock, self.needed, at_head, flat=True
             )
-            var = None
+            out, dtype = None, self.dtype
             for index, layer in self.layers:
-                part = layer(a[index], G[index])
-                var = part if var is None else var + part
-        p = self.problem
-        return f, var.reshape(*p.example_shape, *p.output_shape)
+                x, g = a[index], G[index]
+                if x.dtype != dtype:  # mixed precision: the pieces raised to the accumulation dtype
+                    x, g = x.to(dtype), (None if g is None else g.to(dtype))
+                part = layer(x, g)
+                out = part if out is None else out + part
+        return f, out.reshape(self.shape)
 
 
-class _LayerVariance:
-    """One layer's share of the variance: its groups' quadratic forms side by side — one
-    product with their output-side factors for all of them, the groups whose scales do not
-    depend on the layer's input (a bias) folded into their factor — or their kernels.
+class _LayerMoments:
+    """One layer's share of the variance, ``sum_j (G L)_j^2 s_j`` over its groups'
+    :class:`~pushforward.engine.layer_contractions.QuadraticForm` side by side (or of the
+    covariance, ``(G L) diag(s) (G L)^T``): the factors ``L`` concatenated once, the scales
+    ``s`` of the layer's input ``x`` one product ``((x F)^2) W + c`` when at most one group
+    depends on the input (its weights widened with zeros for the others' columns, their
+    constants in ``c``), else the groups' scales concatenated. At the head (the directions the
+    unit rows of every output, in order) the variance of output ``k`` is ``sum_j L_kj^2 s_j``:
+    one product ``s (L^2)^T``. Variance groups without a quadratic form keep their kernels (in
+    the layers' layout)."""
 
-    At the head (``G`` the unit rows of all outputs in order), ``sum_j L_kj^2 s_j`` for every
-    output ``k`` is one product ``s (L^2)^T`` plus a constant."""
-
-    def __init__(self, group: list, params: dict[str, Tensor], unit: OneHot | None) -> None:
+    def __init__(
+        self, group: list, params: dict[str, Tensor], unit: OneHot | None, covariance: bool
+    ) -> None:
         forms = [c.quadratic_form() for c in group]
-        self.kernels, self.unit, self.head = None, unit, unit is not None
+        self.unit, self.head, self.covariance = unit, unit is not None, covariance
+        self.kernels = None
         if any(form is None for form in forms):
             self.kernels = [c.variance_kernel(params) for c in group]
             return
-        varying = [f for f in forms if f.scales is not None]
-        fixed = [f for f in forms if f.scales is None]
-        self.scales = [f.scales for f in varying]
-        self.identity = all(f.factor is None for f in forms)
-        if self.identity:  # sum_o G_o^2 (s_o + c_o): the scales add up
-            self.constant = sum(f.constant for f in fixed) if fixed else None
-            self.factor = self.head_factor = None
-            return
-        ref = next(f.factor for f in forms if f.factor is not None)
-        eye = torch.eye(ref.shape[0], dtype=ref.dtype, device=ref.device)
+        forms = [f for f in forms if f.varies] + [f for f in forms if not f.varies]
+        widths = [_width(f) for f in forms]
+        self.factor = None
+        if any(f.factor is not None for f in forms):
+            ref = next(f.factor for f in forms if f.factor is not None)
+            eye = torch.eye(ref.shape[0], dtype=ref.dtype, device=ref.device)
+            self.factor = torch.cat([eye if f.factor is None else f.factor for f in forms], 1)
+        elif len(forms) > 1:  # identity factors side by side: their scales add up
+            widths = [widths[0]] * len(forms)
+        self.forms, self.sum_identity = forms, self.factor is None and len(forms) > 1
+        self.weights = self.input_factor = self.constant = None
+        varying = [f for f in forms if f.varies]
+        self.generic = len(varying) > 1 or (varying and varying[0].weights is None)
+        if not self.generic:
+            ref = self.factor if self.factor is not None else forms[0].weights
+            if ref is None:
+                ref = forms[0].constant
+            total = widths[0] if self.sum_identity else sum(widths)
+            c = ref.new_zeros(total)
+            at = 0
+            for f, w in zip(forms, widths, strict=True):
+                if f.constant is not None:
+                    c[at : at + w] += f.constant
+                at = 0 if self.sum_identity else at + w
+            self.constant = c
+            if varying:
+                v = varying[0]
+                W = v.weights.new_zeros(v.weights.shape[0], total)
+                W[:, : widths[0]] = v.weights
+                self.weights, self.input_factor = W, v.input_factor
+        self.head_factor = None
+        if self.head and self.factor is not None:
+            self.head_factor = self.factor.square().T.contiguous()  # (m, K)
 
-        def factor(f) -> Tensor:
-            return eye if f.factor is None else f.factor
+    def _scales(self, x: Tensor) -> Tensor:
+        """``s (b, m)``, or ``(m,)`` when no group depends on the input."""
+        if self.generic:
+            parts = [f.scales_of(x) for f in self.forms]
+            if self.sum_identity:
+                return sum(parts[1:], parts[0])
+            return torch.cat(parts, -1)
+        if self.weights is None:
+            return self.constant
+        y = x if self.input_factor is None else x @ self.input_factor
+        return torch.addmm(self.constant, y * y, self.weights)
 
-        Lv = [factor(f) for f in varying]
-        Lc = [factor(f) * f.constant.sqrt() for f in fixed]  # the constant scales folded in
-        self.split = sum(L.shape[1] for L in Lv)
-        self.factor = torch.cat(Lv + Lc, 1)
-        self.constant = None
-        if self.head:  # row k of every factor squared, weighted: (s (Lv^2)^T) + rowsum(Lc^2)
-            self.head_factor = torch.cat(Lv, 1).square().T.contiguous() if Lv else None
-            self.constant = torch.cat(Lc, 1).square().sum(1) if Lc else None
-
-    def _scales(self, a: Tensor) -> Tensor | None:
-        if not self.scales:
-            return None
-        if self.identity:
-            total = None
-            for fn in self.scales:
-                total = fn(a) if total is None else total + fn(a)
-            return total
-        parts = [fn(a) for fn in self.scales]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-
-    def __call__(self, a: Tensor, G: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, G: Tensor | None) -> Tensor:
+        """The variance ``(b, K)`` at the head, else ``(b, r)`` (the covariance ``(b, K, K)``,
+        ``(b, r, r)``): inputs ``x (b, in)``, directions ``G (b, r, out)``."""
         if self.kernels is not None:
+            a, G = x.unsqueeze(1), (self.unit if self.head else G.unsqueeze(2))
             var = None
             for kernel in self.kernels:
-                part = kernel(a, self.unit if self.head else G)
+                part = kernel(a, G)
                 var = part if var is None else var + part
             return var
-        s = self._scales(a)
-        if self.identity:
-            w = s if self.constant is None else (self.constant if s is None else s + self.constant)
-            if self.head:  # the unit rows of every output, in order
-                return w if w.dim() == 2 else w.expand(a.shape[0], -1)
-            g = G.reshape(*G.shape[:2], -1)
-            return (g * g * w.unsqueeze(-2)).sum(-1)
+        s = self._scales(x)
+        b = x.shape[0]
+        if self.covariance:
+            if self.head and self.factor is None:
+                return torch.diag_embed(s if s.dim() == 2 else s.expand(b, -1))
+            if self.head:
+                cov = (self.factor * s.unsqueeze(-2)) @ self.factor.T
+                return cov if cov.dim() == 3 else cov.expand(b, -1, -1)
+            g = G if self.factor is None else G @ self.factor
+            return (g * s.unsqueeze(-2)) @ g.transpose(-1, -2)
         if self.head:
-            var = None if s is None else s @ self.head_factor
-            if self.constant is not None:
-                var = self.constant.expand(a.shape[0], -1) if var is None else var + self.constant
-            return var
-        g = G.reshape(*G.shape[:2], -1) @ self.factor
-        g = g * g
-        if s is None:
-            return g.sum(-1)
-        var = (g[..., : self.split] * s.unsqueeze(1)).sum(-1)
-        return var if self.split == g.shape[-1] else var + g[..., self.split :].sum(-1)
+            var = s if self.head_factor is None else s @ self.head_factor
+            return var if var.dim() == 2 else var.expand(b, -1)
+        g = G if self.factor is None else G @ self.factor
+        return torch.linalg.vecdot(g * s.unsqueeze(-2), g)
+
+
+def _width(form) -> int:
+    """The number of columns ``m`` of a quadratic form."""
+    if form.factor is not None:
+        return form.factor.shape[1]
+    ref = form.weights if form.weights is not None else form.constant
+    return ref.shape[-1]
 
 
 def _never(out: Tensor) -> Tensor:

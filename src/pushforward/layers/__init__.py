@@ -16,7 +16,7 @@ The functional variance's closed forms (:mod:`pushforward.engine`), the curvatur
 (:mod:`pushforward.curvature`) and the samples all use this package through the names below.
 """
 
-from pushforward.layers.chain import ELEMENTWISE, Chain, find_chain
+from pushforward.layers.chain import ELEMENTWISE, Chain, chain_intact, find_chain
 from pushforward.layers.directions import Directions, GivenRows, OneHot, OneHotRows, dense
 from pushforward.layers.geometry import LayerGeometry
 from pushforward.layers.pieces import RUNGS, Pieces, first_rung, produce, rungs, unit_rows
@@ -47,6 +47,7 @@ __all__ = [
     "StructureError",
     "analyze",
     "dense",
+    "chain_intact",
     "find_chain",
     "first_rung",
     "is_same_memory",

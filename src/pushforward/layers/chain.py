@@ -34,7 +34,7 @@ from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import TRANSFORM_LOCK
 from pushforward.layers.tracing import LayerCall, StructureError
 
-__all__ = ["Chain", "find_chain"]
+__all__ = ["Chain", "chain_intact", "find_chain"]
 
 #: Activations whose Jacobian is diagonal (one output entry per input entry): the derivative
 #: is one forward-mode product with a tangent of ones.
@@ -100,6 +100,7 @@ class Chain:
         lock: AbstractContextManager,
         needed: frozenset[int] | None = None,
         at_head: Callable[[Tensor], Tensor] | None = None,
+        flat: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         """``(f (b, K), a, G)`` for inputs ``x (b, in)`` (``(b, ...)`` when the chain starts by
         flattening its input): per traced layer call its input ``(b, 1, in)`` and its output
@@ -108,12 +109,13 @@ class Chain:
         calls' gradients are formed (default: all; the others are ``None``). With ``at_head``
         (the chain ending in a linear layer) the backward starts at that layer's input with
         ``at_head(weight) (b, r, in)`` — the rows times its weight, formed by the caller — and
-        the last layer's own gradients are left to the caller (they are its rows). Frozen weights
-        are read from the modules while ``lock`` (the module's) is held."""
+        the last layer's own gradients are left to the caller (they are its rows). ``flat``: the
+        inputs ``(b, in)`` and the gradients ``(b, r, out)`` as they are (no layer layout).
+        Frozen weights are read from the modules while ``lock`` (the module's) is held."""
         needed = frozenset(range(self.calls)) if needed is None else needed
         a: list[Tensor | None] = [None] * self.calls
         G: list[Tensor | None] = [None] * self.calls
-        saved: list[Tensor] = []  # per step: a linear layer's weight, an activation's derivative
+        saved: list = []  # per step: a linear layer's weight, an activation's backward
         if self.flatten:
             x = x.flatten(1)
         h = x
@@ -124,14 +126,14 @@ class Chain:
                 if isinstance(step, _Linear):
                     weight, bias = _values(step, params)
                     if step.call is not None:
-                        a[step.call] = h.unsqueeze(1)
+                        a[step.call] = h if flat else h.unsqueeze(1)
                     h = F.linear(h, weight, bias)
                     saved.append(weight)
                 else:
                     if h is x:  # an in-place activation must not change the caller's inputs
                         h = h.clone()
-                    h, d = _with_derivative(step, h)
-                    saved.append(d)
+                    h, back = _activation(step, h)
+                    saved.append(back)
         if any(v is None for v in a):
             raise StructureError("a traced layer call is not in the chain")
         left = set(needed)
@@ -150,11 +152,11 @@ class Chain:
         b, r = g.shape[:2]
         for step, t in zip(reversed(steps), reversed(saved), strict=True):
             if not isinstance(step, _Linear):
-                g = g.mul_(t.unsqueeze(1)) if owned else g * t.unsqueeze(1)
+                g = t(g, owned)
                 owned = True
                 continue
             if step.call is not None:
-                G[step.call] = g.unsqueeze(2)
+                G[step.call] = g if flat else g.unsqueeze(2)
                 owned = False
                 left.discard(step.call)
                 if not left:  # nothing further back is needed
@@ -177,43 +179,67 @@ def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | 
 _aten = torch.ops.aten
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
-#: ``(module, input z) -> derivative`` from PyTorch's own backward kernels with a gradient of
-#: ones (the very numbers autograd uses), for activations whose derivative reads the input.
+#: ``(module, input z, gradient g) -> g`` through the activation, by PyTorch's own backward
+#: kernels (the very numbers autograd uses), for activations whose derivative reads the input.
 _FROM_INPUT = {
-    nn.GELU: lambda m, z, one: _aten.gelu_backward(one, z, approximate=m.approximate),
-    nn.SiLU: lambda m, z, one: _aten.silu_backward(one, z),
-    nn.Mish: lambda m, z, one: _aten.mish_backward(one, z),
-    nn.ELU: lambda m, z, one: _aten.elu_backward(one, m.alpha, 1, 1, False, z),
-    nn.CELU: lambda m, z, one: _aten.elu_backward(one, m.alpha, 1, 1 / m.alpha, False, z),
-    nn.SELU: lambda m, z, one: _aten.elu_backward(one, _SELU_ALPHA, _SELU_SCALE, 1, False, z),
-    nn.Softplus: lambda m, z, one: _aten.softplus_backward(one, z, m.beta, m.threshold),
-    nn.LeakyReLU: lambda m, z, one: _aten.leaky_relu_backward(one, z, m.negative_slope, False),
-    nn.Hardtanh: lambda m, z, one: _aten.hardtanh_backward(one, z, m.min_val, m.max_val),
-    nn.ReLU6: lambda m, z, one: _aten.hardtanh_backward(one, z, 0.0, 6.0),
-    nn.Hardsigmoid: lambda m, z, one: _aten.hardsigmoid_backward(one, z),
-    nn.Hardswish: lambda m, z, one: _aten.hardswish_backward(one, z),
+    nn.GELU: lambda m, z, g: _aten.gelu_backward(g, z, approximate=m.approximate),
+    nn.SiLU: lambda m, z, g: _aten.silu_backward(g, z),
+    nn.Mish: lambda m, z, g: _aten.mish_backward(g, z),
+    nn.ELU: lambda m, z, g: _aten.elu_backward(g, m.alpha, 1, 1, False, z),
+    nn.CELU: lambda m, z, g: _aten.elu_backward(g, m.alpha, 1, 1 / m.alpha, False, z),
+    nn.SELU: lambda m, z, g: _aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1, False, z),
+    nn.Softplus: lambda m, z, g: _aten.softplus_backward(g, z, m.beta, m.threshold),
+    nn.LeakyReLU: lambda m, z, g: _aten.leaky_relu_backward(g, z, m.negative_slope, False),
+    nn.Hardtanh: lambda m, z, g: _aten.hardtanh_backward(g, z, m.min_val, m.max_val),
+    nn.ReLU6: lambda m, z, g: _aten.hardtanh_backward(g, z, 0.0, 6.0),
+    nn.Hardsigmoid: lambda m, z, g: _aten.hardsigmoid_backward(g, z),
+    nn.Hardswish: lambda m, z, g: _aten.hardswish_backward(g, z),
 }
-#: The same for activations whose derivative reads the output ``y``.
+#: ``(gradient g, output y) -> g`` through the activation, for activations whose derivative
+#: reads the output (these kernels broadcast ``y`` over the rows).
 _FROM_OUTPUT = {
-    nn.Tanh: lambda y, one: _aten.tanh_backward(one, y),
-    nn.Sigmoid: lambda y, one: _aten.sigmoid_backward(one, y),
+    nn.Tanh: lambda g, y: _aten.tanh_backward(g, y),
+    nn.Sigmoid: lambda g, y: _aten.sigmoid_backward(g, y),
 }
 
 
-def _with_derivative(module: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(module(z), module'(z))`` for an elementwise activation: the derivative from
-    PyTorch's backward kernel (computed before an in-place activation overwrites ``z``), or a
-    forward-mode product with ones for the rest."""
+Backward = Callable[[Tensor, bool], Tensor]
+
+
+def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
+    """``(module(z), backward)``: ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of
+    cotangents through the activation (``owned``: ``g`` may be overwritten). PyTorch's own
+    backward kernels give the very numbers autograd does: applied to the rows directly when their
+    shapes allow (one row per example, or kernels that broadcast), else the derivative (the
+    kernel at a gradient of ones) times the rows; activations without a kernel here take a
+    forward-mode product with ones (under the caller's transform lock)."""
     kind = type(module)
-    if kind is nn.ReLU:
-        return torch.relu(z), z > 0  # autograd's convention: derivative 0 at 0
+    if kind is nn.ReLU:  # autograd's convention: derivative 0 at 0
+        y = torch.relu(z)
+        return y, lambda g, owned: _aten.threshold_backward(g, y.unsqueeze(1), 0)
     if kind in _FROM_OUTPUT:
-        y = module(z)
-        return y, _FROM_OUTPUT[kind](y, torch.ones_like(y))
-    if kind in _FROM_INPUT:
-        d = _FROM_INPUT[kind](module, z, torch.ones_like(z))
-        return module(z), d
-    return jvp(module, (z,), (torch.ones_like(z),))  # under the transform lock (the caller's)
+        y, kernel = module(z), _FROM_OUTPUT[kind]
+        return y, lambda g, owned: kernel(g, y.unsqueeze(1))
+    if kind in _FROM_INPUT and not getattr(module, "inplace", False):
+        kernel = _FROM_INPUT[kind]
+
+        def backward(g: Tensor, owned: bool) -> Tensor:
+            zr = z.unsqueeze(1)
+            if g.shape == zr.shape:
+                return kernel(module, zr, g)
+            return _scaled(g, kernel(module, zr, torch.ones_like(zr)), owned)
+
+        return module(z), backward
+    if kind in _FROM_INPUT:  # in place: the derivative before z is overwritten
+        d = _FROM_INPUT[kind](module, z, torch.ones_like(z)).unsqueeze(1)
+        return module(z), lambda g, owned: _scaled(g, d, owned)
+    y, d = jvp(module, (z,), (torch.ones_like(z),))
+    d = d.unsqueeze(1)
+    return y, lambda g, owned: _scaled(g, d, owned)
+
+
+def _scaled(g: Tensor, d: Tensor, owned: bool) -> Tensor:
+    return g.mul_(d) if owned else g * d
 
 
 def _flatten(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -239,6 +265,26 @@ def _global_hooks() -> bool:
         or module_globals._global_backward_hooks
         or module_globals._global_backward_pre_hooks
     )
+
+
+def chain_intact(model: nn.Module, chain: Chain) -> Callable[[], bool]:
+    """A check, cheap enough for every replayed call, that ``model`` is still the ``chain``
+    found in it: the same modules in its ``nn.Sequential`` containers, no hooks on them nor
+    global ones, its dropout layers still in eval mode."""
+    containers = [m for m in model.modules() if type(m) is nn.Sequential]
+    layout = [tuple(c._modules.values()) for c in containers]
+    modules = [*containers, *(m for c in containers for m in c._modules.values())]
+    dropouts = [m for m in modules if type(m) is nn.Dropout]
+
+    def intact() -> bool:
+        return (
+            all(tuple(c._modules.values()) == v for c, v in zip(containers, layout, strict=True))
+            and not _global_hooks()
+            and not any(map(_hooked, modules))
+            and not any(d.training for d in dropouts)
+        )
+
+    return intact
 
 
 def find_chain(fm: FunctionalModel, calls: tuple[LayerCall, ...], inputs: Inputs) -> Chain | None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -54,6 +54,7 @@ from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
+from pushforward.core.precision import upcast
 from pushforward.layers.chain import Chain, find_chain
 from pushforward.layers.directions import Directions, OneHot
 from pushforward.layers.structure import LayerStructure
@@ -110,6 +111,26 @@ class Pieces:
         return [
             (c, a, G) for c, a, G in zip(self.calls, self.a, self.G, strict=True) if G is not None
         ]
+
+    def raised(self, dtype: torch.dtype) -> Pieces:
+        """The pieces in the accumulation dtype ``dtype`` (:mod:`pushforward.core.precision`):
+        floating inputs, directions and rows raised, token ids as they are; ``self`` when
+        nothing changes."""
+        pieces = [*self.a, *(G for G in self.G if G is not None), *self.rows.values()]
+        if all(p.dtype == dtype or not p.dtype.is_floating_point for p in pieces):
+            return self
+        return replace(
+            self,
+            a=[_raised(a, dtype) for a in self.a],
+            G=[None if G is None else _raised(G, dtype) for G in self.G],
+            rows={n: _raised(r, dtype) for n, r in self.rows.items()},
+        )
+
+
+def _raised(piece: Tensor | OneHot, dtype: torch.dtype) -> Tensor | OneHot:
+    if isinstance(piece, OneHot):
+        return piece if piece.dtype == dtype else OneHot(piece.index, piece.shape, dtype)
+    return upcast(piece, dtype) if piece.dtype.is_floating_point else piece
 
 
 @dataclass(frozen=True)

@@ -190,8 +190,9 @@ class LayerCall:
             return self.geometry.weight_rows(a, G)
         from torch.func import vjp, vmap
 
-        weight = self.weight(params)
+        weight = self.weight(params).to(a.dtype)  # the pieces' dtype (mixed precision)
         bias = params[self.bias_name] if self.bias_name else self.bias_value
+        bias = None if bias is None else bias.to(a.dtype)
 
         def grad(a1: Tensor, g1: Tensor) -> Tensor:
             return vjp(lambda w: self.apply(a1, w, bias), weight)[1](g1)[0]

@@ -22,6 +22,7 @@ from pushforward.core.functional_model import FunctionalModel, as_functional_mod
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
 from pushforward.core.options import Options
+from pushforward.core.precision import upcast
 from pushforward.covariance.checks import all_finite
 
 __all__ = ["batched_jvp", "jvp", "push_tangents"]
@@ -97,8 +98,11 @@ def push_tangents(
 ) -> tuple[Tensor, Tensor]:
     """``(f, J V)`` for tangents ``{name: (n, *shape)}``: ``J V`` has shape ``(n, *f.shape)``.
 
-    Internal primitive (no chunking, no validation); differentiable iff grad mode is on.
+    Internal primitive (no chunking, no validation); differentiable iff grad mode is on. The
+    tangents are cast to their parameters' dtypes (forward mode pairs each tangent with its
+    primal).
     """
+    tangents = {name: upcast(t, params[name].dtype) for name, t in tangents.items()}
     return _FORWARD(fm, fm, params, inputs, tangents)
 
 

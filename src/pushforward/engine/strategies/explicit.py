@@ -75,7 +75,7 @@ class ExplicitStrategy(Strategy):
         J, f = None, None
         for cols in spans(p.P, tangents_at_once):
             n = cols.stop - cols.start
-            unit = torch.zeros(n, p.P, dtype=p.dtype, device=sub.device)
+            unit = torch.zeros(n, p.P, dtype=p.fm.dtype, device=sub.device)
             unit[torch.arange(n), torch.arange(cols.start, cols.stop)] = 1
             f, JV = push_tangents(p.fm, params, sub, p.fm.unflatten(unit))
             column = JV.reshape(n, sub.batch_size, p.T, p.K).permute(1, 2, 3, 0)

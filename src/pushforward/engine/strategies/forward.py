@@ -77,7 +77,7 @@ def pushed_columns(
     width = p.cov.sqrt_cols if by_factor else p.P
     chunks = spans(width, chunk_size)
     for cols in progress_bar(chunks, p.progress, "forward columns", total=len(chunks)):
-        Z = unit_rows(cols.start, cols.stop, width, p.dtype, p.inputs.device)
+        Z = unit_rows(cols.start, cols.stop, width, p.compute_dtype, p.inputs.device)
         tangents = p.cov.sqrt_rows(Z) if by_factor else Z
         f, JV = push_tangents(p.fm, params, p.inputs, p.fm.unflatten(tangents))
         yield cols, f, JV

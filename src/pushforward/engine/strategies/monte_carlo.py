@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from pushforward.core.precision import upcast
 from pushforward.engine.problem import Problem
 from pushforward.engine.strategies.strategy import (
     Estimate,
@@ -101,7 +102,7 @@ class MonteCarloStrategy(Strategy):
         f = None
         for chunk_f, W in self.chunks(p, estimate):
             f = chunk_f
-            moments.add(p.select(W).square())
+            moments.add(upcast(p.select(W), p.compute_dtype).square())
         return f, moments.mean, moments.stderr()
 
     def chunks(self, problem: Problem, estimate: Estimate) -> Iterator[tuple[Tensor, Tensor]]:

@@ -213,6 +213,7 @@ class StructuredStrategy(Strategy):
                 needed=split.needed,
                 differentiable=p.differentiable,
             )
+            pieces = pieces.raised(p.compute_dtype)
             layers = [
                 (c, pieces.a[c.call.index], pieces.G[c.call.index]) for c in split.contractions
             ]
