@@ -13,12 +13,14 @@ relative error ``max|got - want| / max|want|``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import signal
 import statistics
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ from harness import procmem
 from torch import Tensor
 
 __all__ = [
+    "CallTimeout",
     "Env",
     "Group",
     "describe_error",
@@ -35,6 +38,7 @@ __all__ = [
     "free_memory",
     "rel_err",
     "summary",
+    "time_limit",
 ]
 
 
@@ -47,6 +51,8 @@ class Env:
         quick: tiny sizes (a check of the script; its numbers are not measurements).
         repeats: warm calls per row at most.
         row_seconds: warm calls of one row stop once they would take longer than this.
+        call_limit: seconds one call may run before it is interrupted (``CallTimeout``, recorded
+            as a timeout; a kernel already queued on the GPU still finishes).
         seed: seeds every model, input and posterior.
     """
 
@@ -54,6 +60,7 @@ class Env:
     quick: bool = False
     repeats: int = 5
     row_seconds: float = 10.0
+    call_limit: float = 120.0
     seed: int = 0
 
     @property
@@ -75,14 +82,36 @@ class Env:
         return torch.randint(high, shape, generator=g).to(self.device)
 
 
+class CallTimeout(BaseException):
+    """A call ran past ``Env.call_limit`` (a ``BaseException``, like ``KeyboardInterrupt``, so
+    that no ``except Exception`` inside a library swallows it and carries on)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`CallTimeout` in the block after ``seconds`` (SIGALRM; main thread only)."""
+
+    def alarm(signum: int, frame: object) -> None:
+        raise CallTimeout(f"the call ran past {seconds:g} s and was interrupted")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def describe_error(err: BaseException) -> dict[str, str]:
-    """``status`` ("oom" for failed allocations, else "error"), ``error`` (type and first line of
-    the message) and the end of the ``traceback``."""
+    """``status`` ("oom" for failed allocations, "timeout", else "error"), ``error`` (type and
+    first line of the message) and the end of the ``traceback``."""
     text = str(err).strip()
     oom = isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text
     first = text.splitlines()[0] if text else ""
+    status = "oom" if oom else "timeout" if isinstance(err, CallTimeout) else "error"
     return {
-        "status": "oom" if oom else "error",
+        "status": status,
         "error": f"{type(err).__name__}: {first}"[:500],
         "traceback": traceback.format_exc()[-2500:],
     }
@@ -117,8 +146,9 @@ def _call(fn: Callable[[], Any], env: Env) -> tuple[float, int | None, Any]:
         before = procmem.rss_bytes()
         exact = procmem.reset_peak_rss()
     start = time.perf_counter()
-    out = fn()
-    env.sync()
+    with time_limit(env.call_limit):
+        out = fn()
+        env.sync()
     elapsed = time.perf_counter() - start
     if env.cuda:
         peak: int | None = torch.cuda.max_memory_allocated(env.device) - before
@@ -130,6 +160,8 @@ def _call(fn: Callable[[], Any], env: Env) -> tuple[float, int | None, Any]:
 def _warning_texts(caught: Iterable[warnings.WarningMessage]) -> list[str]:
     texts: list[str] = []
     for w in caught:
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            continue
         text = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:300]}"
         if text not in texts:
             texts.append(text)
@@ -178,19 +210,17 @@ class Group:
         self.notes[key] = value
         print(f"  [{self.name}] {key}: {value}")
 
-    def _skip(self, row: str, library: str) -> dict[str, Any] | None:
+    def skip_if_spent(self, row: str, library: str = "pushforward") -> bool:
+        """Whether the group's budget is spent (then ``row`` is recorded as skipped)."""
         if self.remaining() > 0:
-            return None
-        entry = {
-            "row": row,
-            "library": library,
-            "status": "skipped",
-            "error": f"the group's time budget ({self.budget_s:.0f} s) was spent",
-        }
-        self._add(entry)
-        return entry
+            return False
+        reason = f"the group's time budget ({self.budget_s:.0f} s) was spent"
+        self._add({"row": row, "library": library, "status": "skipped", "error": reason})
+        return True
 
-    def fail(self, row: str, err: BaseException, library: str = "pushforward", **extra) -> None:
+    def fail(
+        self, row: str, err: BaseException, library: str = "pushforward", **extra: Any
+    ) -> None:
         """Record ``row`` as failed with ``err`` (e.g. its setup raised)."""
         self._add({"row": row, "library": library, **extra, **describe_error(err)})
         free_memory(self.env)
@@ -216,7 +246,7 @@ class Group:
         divided by (``multiple`` times that row's time), recorded under ``ratios``. ``once``: one
         call only (recorded as cold). ``repeats``: warm calls at most (default ``env.repeats``).
         """
-        if self._skip(row, library) is not None:
+        if self.skip_if_spent(row, library):
             return None
         entry: dict[str, Any] = {"row": row, "library": library}
         if info:
@@ -249,7 +279,7 @@ class Group:
             texts = _warning_texts(caught)
             if texts:
                 entry["warnings"] = texts
-        except Exception as err:
+        except (Exception, CallTimeout) as err:
             out = None
             entry |= describe_error(err)
             free_memory(self.env)
