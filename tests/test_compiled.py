@@ -236,3 +236,25 @@ def test_automatic_replay_of_per_example_covariances(cov_kind, monkeypatch):
         before = count.calls
         assert pf.functional_covariance(fm, x, cov, joint=True)[1].shape == (10, 10)
         assert count.calls == before + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("quiet_fallbacks")
+@pytest.mark.parametrize("model", ["mlp", "cnn_batchnorm_eval", "gpt2_tiny"])
+@pytest.mark.parametrize("what", ["variance", "covariance", "joint"])
+def test_replay_equals_eager_on_cuda(model, what):
+    case = make_case(model)
+    fm = pf.FunctionalModel(case.fm.module.cuda(), output_fn=case.fm.output_fn)
+    cov = make_cov("diag", fm)
+    x = {k: v.cuda() for k, v in case.x.items()} if isinstance(case.x, dict) else case.x.cuda()
+    compiled = pf.compile(fm, cov, x, what=what)
+    if model == "mlp":  # the chain program has no host syncs: it is captured
+        assert compiled.program.endswith("+ CUDA graph"), compiled.program
+    for inputs in (x, _again(x), x):
+        got = compiled(inputs)
+        with pf.settings(replay=False):
+            if what == "variance":
+                want = pf.functional_variance(fm, inputs, cov)
+            else:
+                want = pf.functional_covariance(fm, inputs, cov, joint=what == "joint")
+        assert rel_err(got[1], want[1]) <= TOL, (compiled.program, rel_err(got[1], want[1]))

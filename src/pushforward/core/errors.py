@@ -17,7 +17,7 @@ class BatchCouplingError(ValueError):
 
 class DerivativeOverflowError(RuntimeError):
     """A half-precision model's derivatives left its dtype's range while its outputs did not
-    (:mod:`pushforward.core.precision`); a plan falls through to its next strategy first."""
+    (``pushforward.core.precision``); a plan falls through to its next strategy first."""
 
 
 class MemoryBudgetError(ValueError):

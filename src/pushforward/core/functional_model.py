@@ -325,7 +325,7 @@ class FunctionalModel:
         a layer used twice) is replaced exactly once and restored afterwards; entries of
         ``params`` that are not selected parameters replace the tensor of that name. The
         module's lock is held meanwhile (``functional_call`` swaps its parameters). Recurrent
-        layers on CUDA run in elementary operations (:mod:`pushforward.core.rnn`)."""
+        layers on CUDA run in elementary operations (``pushforward.core.rnn``)."""
         swap = {slot: params[name] for slot, name in self._slots if name in params}
         for name, value in params.items():
             if name not in self.layout.shapes:

@@ -136,7 +136,7 @@ class CurvatureOperator:
         """The dtype of every result.
 
         The model's, ``float32`` for a half-precision model (sums over the data are accumulated
-        in it, :mod:`pushforward.core.precision`).
+        in it, ``pushforward.core.precision``).
         """
         return accumulation_dtype(self.fm.dtype)
 

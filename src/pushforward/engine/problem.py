@@ -69,7 +69,7 @@ class Problem:
         fm: the model.
         inputs: the batch (detached unless ``options.differentiable``).
         cov: the covariance, bound to ``fm.layout``, on the inputs' device, in the
-            accumulation dtype (:mod:`pushforward.core.precision`: the output's and the
+            accumulation dtype (``pushforward.core.precision``: the output's and the
             parameters' dtypes promoted, ``float32`` for half precision).
         kind: ``"variance"``, ``"covariance"`` (per example) or ``"joint"``.
         outputs: the selected outputs ``(B, T, S)`` or ``None`` for all K.

@@ -113,7 +113,7 @@ class Pieces:
         ]
 
     def raised(self, dtype: torch.dtype) -> Pieces:
-        """The pieces in the accumulation dtype ``dtype`` (:mod:`pushforward.core.precision`):
+        """The pieces in the accumulation dtype ``dtype`` (``pushforward.core.precision``):
         floating inputs, directions and rows raised, token ids as they are; ``self`` when
         nothing changes."""
         pieces = [*self.a, *(G for G in self.G if G is not None), *self.rows.values()]
