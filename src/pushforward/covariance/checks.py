@@ -39,6 +39,8 @@ __all__ = [
     "check_symmetric",
     "common_dtype_device",
     "factor_dtype",
+    "inv_sqrt_update",
+    "inv_sqrt_update_rows",
     "needs_grad",
     "psd_sqrt",
     "remember",
@@ -191,6 +193,36 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     eigendecomposition), else ``dtype``.
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def inv_sqrt_update(B: Tensor) -> tuple[Tensor, Tensor]:
+    """The symmetric inverse square root ``(I + B B^T)^{-1/2} = I + (B Q) diag(c) (B Q)^T``.
+
+    The Woodbury form of the square-root factors of :class:`~pushforward.LowRankPrecision` and
+    ``PrecisionUpdate``: from the eigendecomposition ``B^T B = Q diag(s) Q^T`` (``k x k``),
+    ``c = ((1 + s)^{-1/2} - 1) / s``, computed as ``-1 / (r (1 + r))`` with ``r = sqrt(1 + s)``
+    (no division by a zero ``s``; negative rounding of ``s`` clamped to 0). Factorized in
+    :func:`factor_dtype` (float32 for half precision), the results cast back to ``B``'s dtype.
+    Like any ``eigh`` gradient, its gradient is undefined when ``s`` has repeated values.
+
+    Args:
+        B: ``(m, k)``.
+
+    Returns:
+        ``(B Q (m, k), c (k,))``; :func:`inv_sqrt_update_rows` applies the factor.
+    """
+    work = B.to(factor_dtype(B.dtype))
+    s, Q = torch.linalg.eigh(work.T @ work)
+    root = (1 + s.clamp_min(0)).sqrt()
+    return (work @ Q).to(B.dtype), (-1 / (root * (1 + root))).to(B.dtype)
+
+
+def inv_sqrt_update_rows(X: Tensor, BQ: Tensor, c: Tensor) -> Tensor:
+    """Rows of ``X (I + B B^T)^{-1/2}`` for ``X (n, m)``, from :func:`inv_sqrt_update`'s pieces.
+
+    The factor is symmetric: these are also its products with the columns ``X^T``.
+    """
+    return X + ((X @ BQ) * c) @ BQ.T
 
 
 def needs_grad(*tensors: Tensor) -> bool:

@@ -11,6 +11,8 @@ from pushforward.covariance.checks import (
     cached,
     check_lowrank,
     factor_dtype,
+    inv_sqrt_update,
+    inv_sqrt_update_rows,
 )
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator
@@ -36,8 +38,9 @@ class LowRankPrecision(CovarianceOperator):
       ``I + W^T W`` (exact gradients everywhere);
     * the square-root factor is the exact ``D^{-1/2} (I + W W^T)^{-1/2}`` with the symmetric
       inverse square root ``I + W Q diag(c) Q^T W^T`` from the eigendecomposition
-      ``W^T W = Q diag(s) Q^T``, ``c = ((1 + s)^{-1/2} - 1) / s``; ``sqrt_cols = P``. (Its
-      gradient, like any ``eigh`` gradient, is undefined when ``s`` has repeated values.)
+      ``W^T W = Q diag(s) Q^T``, ``c = ((1 + s)^{-1/2} - 1) / s`` (the Woodbury inverse square
+      root ``PrecisionUpdate`` uses too); ``sqrt_cols = P``. (Its gradient, like any ``eigh``
+      gradient, is undefined when ``s`` has repeated values.)
 
     Cost: O(P k) per row and O(P k²) once (recomputed after an in-place change of ``U``,
     ``eigvals`` or ``diag``; in float32 for a half-precision operator); :meth:`marginal`/
@@ -106,15 +109,7 @@ class LowRankPrecision(CovarianceOperator):
 
         The factor is ``I + W Q diag(c) Q^T W^T``.
         """
-
-        def compute() -> tuple[Tensor, Tensor]:
-            W = self._W()
-            work = W.to(factor_dtype(W.dtype))
-            s, Q = torch.linalg.eigh(work.T @ work)
-            root = (1 + s.clamp_min(0)).sqrt()
-            return (work @ Q).to(W.dtype), (-1 / (root * (1 + root))).to(W.dtype)
-
-        return cached(self._cache, "sqrt", compute, *self._inputs())
+        return cached(self._cache, "sqrt", lambda: inv_sqrt_update(self._W()), *self._inputs())
 
     # -- products ------------------------------------------------------------------------
     def _matmul_rows(self, V: Tensor) -> Tensor:
@@ -124,8 +119,7 @@ class LowRankPrecision(CovarianceOperator):
 
     def _inv_sqrt_core(self, X: Tensor) -> Tensor:
         """Rows of ``X (I + W W^T)^{-1/2}`` (the core factor is symmetric)."""
-        WQ, c = self._sqrt_parts()
-        return X + ((X @ WQ) * c) @ WQ.T
+        return inv_sqrt_update_rows(X, *self._sqrt_parts())
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         return self._inv_sqrt_core(Z) * self._scale()

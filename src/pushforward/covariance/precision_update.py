@@ -14,6 +14,8 @@ from pushforward.covariance.checks import (
     check_nonnegative,
     common_dtype_device,
     factor_dtype,
+    inv_sqrt_update,
+    inv_sqrt_update_rows,
 )
 from pushforward.covariance.marginal import Marginal
 from pushforward.covariance.operator import CovarianceOperator
@@ -116,8 +118,8 @@ class PrecisionUpdate(CovarianceOperator):
     def workspace_bytes(self, rows: int) -> int:
         """Bytes of temporaries for ``rows`` rows and of the cached pieces.
 
-        The base's workspace for ``max(rows, n)`` rows, the cached ``M`` ``(n, P)`` and ``Q^T N``
-        ``(n, r)``, and the rows' ``(rows, n)`` products with them.
+        The base's workspace for ``max(rows, n)`` rows, the cached ``M`` ``(n, P)`` and ``N^T Q``
+        ``(r, n)``, and the rows' ``(rows, n)`` products with them.
         """
         n = self.rows.shape[0]  # cached M (n x P) and N (n x r), and the rows' n products
         cached_bytes = n * (self.num_params + self.sqrt_cols) * self.dtype.itemsize
@@ -145,24 +147,19 @@ class PrecisionUpdate(CovarianceOperator):
         return cached(self._cache, "M", compute, *self._inputs())
 
     def _sqrt_parts(self) -> tuple[Tensor, Tensor]:
-        """``Q^T N`` ``(n, r)`` and ``c`` ``(n,)`` of the core factor.
+        """``N^T Q`` ``(r, n)`` and ``c`` ``(n,)`` of the core factor.
 
-        ``(I + N^T N)^{-1/2} = I + N^T Q diag(c) Q^T N``.
+        ``(I + N^T N)^{-1/2} = I + N^T Q diag(c) Q^T N`` (:func:`inv_sqrt_update` of ``N^T``).
         """
 
         def compute() -> tuple[Tensor, Tensor]:
-            A = self._scaled()
-            N = self.base.sqrt_t_rows(A).to(factor_dtype(A.dtype))  # A L
-            s, Q = torch.linalg.eigh(N @ N.T)
-            root = (1 + s.clamp_min(0)).sqrt()
-            return (Q.T @ N).to(A.dtype), (-1 / (root * (1 + root))).to(A.dtype)
+            return inv_sqrt_update(self.base.sqrt_t_rows(self._scaled()).T)  # N^T = (A L)^T
 
         return cached(self._cache, "sqrt", compute, *self._inputs())
 
     def _core(self, X: Tensor) -> Tensor:
         """Rows of ``X (I + N^T N)^{-1/2}`` (the core factor is symmetric)."""
-        QN, c = self._sqrt_parts()
-        return X + ((X @ QN.T) * c) @ QN
+        return inv_sqrt_update_rows(X, *self._sqrt_parts())
 
     # -- products ------------------------------------------------------------------------
     def _matmul_rows(self, V: Tensor) -> Tensor:
