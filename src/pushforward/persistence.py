@@ -67,6 +67,13 @@ from pushforward.covariance import (
     PrecisionUpdate,
     Subset,
 )
+from pushforward.curvature.results import (
+    Curvature,
+    DenseCurvature,
+    DiagonalCurvature,
+    KroneckerCurvature,
+    LowRankCurvature,
+)
 
 __all__ = ["FORMAT_VERSION", "from_state", "load", "register", "save", "to_state"]
 
@@ -143,6 +150,8 @@ def to_state(obj: Any) -> dict[str, Any]:
     """The envelope :func:`save` writes for ``obj`` (plain containers and tensors only)."""
     name = _name_of(obj)
     layout = getattr(obj, "layout", None)
+    if not isinstance(layout, ParamLayout):  # a tensor's ``layout`` is torch.strided
+        layout = getattr(obj, "param_layout", None)
     return {
         "format": "pushforward",
         "format_version": FORMAT_VERSION,
@@ -276,8 +285,12 @@ def _check_layout(kind: str, header: Mapping[str, Any], fm: FunctionalModel) -> 
 
 
 def _check_size(kind: str, obj: Any, fm: FunctionalModel) -> None:
-    """An object saved without a layout (an unbound operator) must at least have P."""
-    size = getattr(obj, "_num_params", None) if isinstance(obj, CovarianceOperator) else None
+    """An object saved without a layout (an unbound operator or curvature) must at least have P."""
+    size = None
+    if isinstance(obj, CovarianceOperator):
+        size = getattr(obj, "_num_params", None)
+    elif isinstance(obj, Curvature):
+        size = obj.size
     if size is not None and size != fm.num_params:
         raise ValueError(
             f"the saved {kind} has size P={size}, but the model's selected parameters have "
@@ -408,3 +421,6 @@ for _operator in (
     Subset,
 ):
     register(_operator)
+
+for _curvature in (DenseCurvature, DiagonalCurvature, KroneckerCurvature, LowRankCurvature):
+    register(_curvature)

@@ -250,6 +250,18 @@ class _TensorCurvature(Tensor, Curvature):
     def __reduce_ex__(self, protocol: Any) -> Any:
         return type(self), (self.values.clone(), self.param_layout)
 
+    # -- saving (pushforward.save / pushforward.load) -------------------------------------
+    def _to_state(self) -> dict[str, Any]:
+        """The values, the layout and the likelihood's kind (what :func:`pushforward.save` writes)."""
+        return {"values": self.values, "layout": self.param_layout, "likelihood": self.likelihood}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> _TensorCurvature:
+        """The curvature of a saved state, exactly as saved."""
+        out = cls(state["values"], state["layout"])
+        out.likelihood = state["likelihood"]
+        return out
+
     def __deepcopy__(self, memo: dict) -> Any:
         return type(self)(self.values.clone(), self.param_layout)
 
@@ -357,6 +369,22 @@ class LowRankCurvature(tuple, Curvature):
     def __getnewargs__(self):
         return (self[0], self[1], self.param_layout)
 
+    def _to_state(self) -> dict[str, Any]:
+        """The eigenpairs, the layout and the likelihood's kind (see :func:`pushforward.save`)."""
+        return {
+            "eigenvalues": self.eigenvalues,
+            "eigenvectors": self.eigenvectors,
+            "layout": self.param_layout,
+            "likelihood": self.likelihood,
+        }
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> LowRankCurvature:
+        """The curvature of a saved state, exactly as saved."""
+        out = cls(state["eigenvalues"], state["eigenvectors"], state["layout"])
+        out.likelihood = state["likelihood"]
+        return out
+
     @property
     def eigenvalues(self) -> Tensor:
         """λ, ``(k,)``."""
@@ -429,6 +457,20 @@ class KroneckerCurvature(Kronecker, Curvature):
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for ``v (P,)``, block by block."""
         return self.matmul(v)
+
+    def _to_state(self) -> dict[str, Any]:
+        """The blocks, the layout and the likelihood's kind (see :func:`pushforward.save`)."""
+        return {**super()._to_state(), "likelihood": self.likelihood}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> KroneckerCurvature:
+        """The curvature of a saved state, exactly as saved.
+
+        Its eigendecompositions are made again when first needed.
+        """
+        out = super()._from_state(state)
+        out.likelihood = state["likelihood"]
+        return out
 
     def _spectrum(self) -> list[tuple[list[Tensor], list[Tensor]]]:
         """Per block ``(eigenvectors, eigenvalues)``, the form ``from_precision_eigen`` reads.
