@@ -29,9 +29,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from pushforward.core.collectives import Group, all_reduce_sum, group_min, refuse_late_start
+from pushforward.core.collectives import (
+    Group,
+    all_reduce_sum,
+    gather_rows,
+    group_min,
+    refuse_late_start,
+)
 from pushforward.core.inputs import Inputs
 from pushforward.core.shards import (
     distributed_sampler,
@@ -40,7 +46,7 @@ from pushforward.core.shards import (
     split_batch,
 )
 
-__all__ = ["Batch", "Batches"]
+__all__ = ["Batch", "Batches", "check_samplers_agree", "refuse_on_every_rank"]
 
 
 @dataclass(frozen=True)
@@ -141,12 +147,8 @@ class Batches:
                 f"{sampler.num_replicas}, but this process is rank {group.rank} of "
                 f"{group.size} in the process group the curvature is summed over"
             )
-        if not group_min(int(problem is None), group):
-            raise ValueError(
-                problem
-                or "the data of another rank are not sharded as the process group says (its "
-                "error names the problem); every rank refuses them"
-            )
+        refuse_on_every_rank(None if problem is None else ValueError(problem), group)
+        check_samplers_agree(sampler, group)
 
     def finish(self, values: list[Tensor]) -> tuple[list[Tensor], int]:
         """Sum a pass's ``values`` over every rank's shard and count the pass's examples.
@@ -241,3 +243,95 @@ class Batches:
         if self.group is None:
             return index
         return index * self.group.size + self.group.rank
+
+
+def refuse_on_every_rank(problem: Exception | None, group: Group | None) -> None:
+    """Raise ``problem`` (this rank's, or ``None``) here and a ``ValueError`` on the others.
+
+    Together, in one collective: a rank raising alone would leave the others waiting in their
+    next collective until the backend's timeout, or failing with the backend's own error
+    ("connection closed by peer").
+    """
+    if group is None or group.size == 1:
+        if problem is not None:
+            raise problem
+        return
+    if not group_min(int(problem is None), group):
+        if problem is not None:
+            raise problem
+        raise ValueError(
+            "the data of another rank are not sharded as the process group says (its error "
+            "names the problem); every rank refuses them"
+        )
+
+
+#: What two ranks' ``DistributedSampler`` must agree on, and how a difference is named.
+_SAMPLER_FIELDS = (
+    ("examples", "its data set has {} examples"),
+    ("num_replicas", "num_replicas={}"),
+    ("shuffle", "shuffle={}"),
+    ("seed", "seed {}"),
+    ("epoch", "epoch {} (set_epoch)"),
+    ("drop_last", "drop_last={}"),
+)
+
+
+def check_samplers_agree(sampler: DistributedSampler | None, group: Group | None) -> None:
+    """Raise on every rank when the ranks' samplers would not split one data set into shards.
+
+    A ``DistributedSampler`` with another data set size, ``num_replicas``, ``shuffle``, seed,
+    epoch or ``drop_last`` on some rank than on the others shuffles or pads differently: the
+    shards overlap, and examples would be counted twice or not at all. Ranks without a sampler
+    (other collections, taken as their shard as they are) are not compared. One all-gather of
+    seven integers per rank.
+    """
+    if group is None or group.size == 1:
+        return
+    mine = [-1] * (len(_SAMPLER_FIELDS) + 1)
+    if sampler is not None:
+        mine = [
+            1,
+            len(sampler.dataset),  # type: ignore[arg-type]
+            sampler.num_replicas,
+            int(sampler.shuffle),
+            int(sampler.seed),
+            int(sampler.epoch),
+            int(sampler.drop_last),
+        ]
+    rows = gather_rows(torch.tensor([mine], dtype=torch.int64), group)
+    assert rows is not None  # gathered on every rank
+    values = [r[0].tolist() for r in rows]
+    with_sampler = [r for r, v in enumerate(values) if v[0] == 1]
+    if sampler is None or not with_sampler:
+        return
+    first = with_sampler[0]
+    odd = next((r for r in with_sampler if values[r] != values[first]), None)
+    if odd is None:
+        return
+    me = group.rank
+
+    def describe(rank: int, other: int) -> str:
+        """What ``rank``'s sampler has where ``other``'s differs."""
+        return ", ".join(
+            text.format(bool(v) if name in ("shuffle", "drop_last") else v)
+            for (name, text), v, w in zip(
+                _SAMPLER_FIELDS, values[rank][1:], values[other][1:], strict=True
+            )
+            if v != w
+        )
+
+    if values[me] != values[first]:
+        where = (
+            f"this rank's ({me}) DistributedSampler differs from rank {first}'s: "
+            f"{describe(me, first)} (rank {first}: {describe(first, me)})"
+        )
+    else:
+        where = (
+            f"the DistributedSampler of another rank ({odd}) differs from this rank's ({me}): "
+            f"{describe(odd, me)} (this rank: {describe(me, odd)})"
+        )
+    raise ValueError(
+        f"{where}; every rank must shard the same data set with the same num_replicas, shuffle, "
+        "seed, epoch and drop_last (only rank= differs), or the shards overlap and examples are "
+        "counted twice or not at all"
+    )

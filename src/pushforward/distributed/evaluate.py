@@ -53,6 +53,7 @@ from pushforward.core.shards import (
 )
 from pushforward.covariance.binding import bind_covariance
 from pushforward.covariance.operator import CovarianceOperator
+from pushforward.curvature.data import check_samplers_agree, refuse_on_every_rank
 from pushforward.distributed.joint import joint_rows
 
 __all__ = ["evaluate"]
@@ -148,26 +149,33 @@ class _Order:
     def __init__(self, loader: Iterable, group: Group | None) -> None:
         sampler = distributed_sampler(loader)
         size = 1 if group is None else group.size
-        if size > 1:
-            refuse_accelerate_shards(loader)
-        if sampler is None and size > 1:
-            raise ValueError(
+        # refused on every rank at once: a rank raising alone would leave the others waiting
+        problem: Exception | None = None
+        try:
+            if size > 1:
+                refuse_accelerate_shards(loader)
+        except TypeError as err:
+            problem = err
+        if problem is None and sampler is None and size > 1:
+            problem = ValueError(
                 "evaluate over several ranks needs a DataLoader with a DistributedSampler, whose "
                 "order it can recover to put the results in dataset order (got "
                 f"{type(loader).__name__} without one)"
             )
-        if sampler is not None and group is not None:
+        if problem is None and sampler is not None and group is not None:
             if sampler.drop_last:
-                raise ValueError(
+                problem = ValueError(
                     "the DistributedSampler drops examples (drop_last=True): the result would "
                     "miss some of the data set; use drop_last=False (its padding is left out)"
                 )
-            if (sampler.num_replicas, sampler.rank) != (group.size, group.rank):
-                raise ValueError(
+            elif (sampler.num_replicas, sampler.rank) != (group.size, group.rank):
+                problem = ValueError(
                     f"the DistributedSampler shards for rank {sampler.rank} of "
                     f"{sampler.num_replicas}, but this process is rank {group.rank} of "
                     f"{group.size} in the process group"
                 )
+        refuse_on_every_rank(problem, group)
+        check_samplers_agree(sampler, group)
         self.sampler = sampler
         self.indices = None if sampler is None else torch.tensor(list(iter(sampler)))
         self.real = None if sampler is None else real_examples(sampler)
