@@ -462,13 +462,27 @@ class FunctionalModel:
         chained)."""
         return _InputErrors(self, inputs)
 
-    def prepare(self, x: Any) -> Inputs:
-        """Validate the model state and normalize the inputs of one call."""
+    def prepare(self, x: Any, check: bool = True) -> Inputs:
+        """Validate the model state and normalize the inputs of one call.
+
+        Args:
+            x: the call's inputs (a tensor, a tuple or a dict of them).
+            check: run :meth:`check_examples` on them. A caller passing ``False`` must run it
+                before anything evaluates several examples together (the planner defers it to
+                the strategy that runs, and skips it at a signature's later calls for plans
+                that evaluate every example by itself).
+        """
         self.check_independent()
         inputs = Inputs.from_user(x)
         self._verify_last_layer(inputs)
-        self.check_examples(inputs)
+        if check:
+            self.check_examples(inputs)
         return inputs
+
+    def checked_before(self, inputs: Inputs) -> bool:
+        """Whether :meth:`check_examples` passed once on inputs of this signature (its first
+        call's full check, with the randomness test, is done)."""
+        return inputs.signature() in self.cache.independence
 
     def __repr__(self) -> str:
         return (

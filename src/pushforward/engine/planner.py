@@ -56,6 +56,9 @@ class Plan:
         candidates: every strategy's estimate, chosen first, then the fallback order.
         rejected: ``(strategy, reason)`` for the strategies that cannot compute the problem.
         named: the strategy was named by the caller (no fallback).
+        checked: the call's examples were checked for interactions
+            (:meth:`~pushforward.FunctionalModel.check_examples`); when not, a strategy that
+            evaluates several examples together checks them before it runs.
         key: the plan-cache key (run-time failures are remembered under it).
     """
 
@@ -65,6 +68,7 @@ class Plan:
     rejected: tuple[tuple[str, str], ...] = ()
     named: bool = False
     key: Any = None
+    checked: bool = True
 
     @property
     def name(self) -> str:
@@ -110,6 +114,8 @@ class Plan:
 
         def run(est: Estimate):
             def strategy() -> tuple[Tensor, ...]:
+                if not (self.checked or est.alone):
+                    p.fm.check_examples(p.inputs)
                 with torch.set_grad_enabled(p.differentiable):
                     out = STRATEGIES[est.strategy].run(p, est)
                 if half:
@@ -123,10 +129,16 @@ class Plan:
         return Ladder("strategy", methods, scope=scope, message=_fallback_message)
 
     def with_call(
-        self, inputs: Inputs, outputs: Tensor | None, generator: torch.Generator | None
+        self,
+        inputs: Inputs,
+        outputs: Tensor | None,
+        generator: torch.Generator | None,
+        checked: bool = True,
     ) -> Plan:
-        """This plan for another call with the same signature (cache hit)."""
-        return replace(self, problem=self.problem.with_call(inputs, outputs, generator))
+        """This plan for another call with the same signature (cache hit); ``checked``: its
+        examples were checked (see :attr:`checked`)."""
+        problem = self.problem.with_call(inputs, outputs, generator)
+        return replace(self, problem=problem, checked=checked)
 
     def __str__(self) -> str:
         p = self.problem
@@ -237,7 +249,7 @@ def make_plan(
 ) -> Plan:
     """:func:`plan` with the options as one value; reuses a cached plan when one fits."""
     fm = as_functional_model(model)
-    inputs = fm.prepare(x)
+    inputs = fm.prepare(x, check=False)  # checked below, or by the strategy that runs
     check_generator(generator, inputs.device)
     if not isinstance(cov, CovarianceOperator):
         raise TypeError(f"cov must be a pushforward covariance operator, got {type(cov).__name__}")
@@ -255,10 +267,14 @@ def make_plan(
     )
     cache = fm.cache.plans
     entry = cache.get(key) if current.plan_cache else None
-    if entry is not None and entry[0]() is cov:  # ids of freed objects are reused: check it
+    hit = entry is not None and entry[0]() is cov  # ids of freed objects are reused: check it
+    checked = not (hit and fm.checked_before(inputs))
+    if checked:  # a signature's first call, or a new plan: before the problem is traced on them
+        fm.check_examples(inputs)
+    if hit:
         with contextlib.suppress(KeyError):  # another thread may have just dropped it
             cache.move_to_end(key)
-        return entry[1].with_call(inputs, outputs, generator)
+        return entry[1].with_call(inputs, outputs, generator, checked=checked)
     problem = Problem.build(
         fm,
         inputs,

@@ -59,6 +59,10 @@ class Estimate:
         chunk_size: rows, tangents or examples processed at once (meaning per strategy).
         passes: what is computed, in words (e.g. ``"2,560 VJP rows"``).
         exact: whether the result is exact (not a Monte Carlo estimate).
+        alone: every example is evaluated by itself (each chunk holds one example): no other
+            example's values can reach its results, so the per-call check that examples do
+            not interact (:meth:`~pushforward.FunctionalModel.check_examples`) is not needed
+            after a signature's first call.
         state: what the strategy prepared while estimating and uses when running.
     """
 
@@ -69,6 +73,7 @@ class Estimate:
     passes: str
     exact: bool = True
     state: Any = field(default=None, compare=False, repr=False)
+    alone: bool = False
 
     def summary(self) -> str:
         return (

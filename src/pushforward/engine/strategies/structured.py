@@ -191,7 +191,10 @@ class StructuredStrategy(Strategy):
             flops += sub.estimate.flops
             memory = max(memory, sub.estimate.memory + p.result_bytes())
             passes += f" + {sub.name} for {len(sub.problem.fm.param_names)} other tensors"
-        return Estimate(self.name, flops, memory, int(chunk), passes, state=split)
+        # chunks never span examples; one holds a single example below two examples' rows
+        alone = split.generic is None and p.kind != "joint"
+        alone = alone and (p.B == 1 or chunk < 2 * p.rows_per_sample)
+        return Estimate(self.name, flops, memory, int(chunk), passes, state=split, alone=alone)
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
         p = problem
