@@ -27,7 +27,11 @@ of ``torch.func.vjp``, as :func:`pushforward.per_example_vjp` does) in chunks bo
   laplace-torch's ``Kron`` form — the same factors as its default (curvlinops' KFAC), ``"expand"``
   or ``"reduce"`` (``asdl_fisher_kwargs={"kfac_approx": ...}``); also for layers curvlinops
   refuses (embeddings, Hugging Face ``Conv1D``, 1-d parameters such as LayerNorm's, as dense
-  blocks);
+  blocks). Except for a layer run on ``R`` rows per example folded into the batch inside
+  ``forward`` (a reward model reshaping its pairs ``(B, 2, d)`` to ``(2B, d)``): its input factor
+  is averaged over ``N R`` rows (K-FAC "expand", the factor of the same network written on
+  ``(B, 2, d)``), where curvlinops sums the ``R B`` rows over ``N = B``: ``1 / R`` of the
+  default backend's;
 * ``eig_lowrank``: the leading eigenpairs of the GGN (or EF) by Lanczos over the data
   (``low_rank`` of them, laplace-torch's ``LowRankLaplace``), without asdfghjkl.
 
