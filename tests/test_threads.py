@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 import pushforward as pf
-from pushforward.curvature import GGN, EmpiricalFisher, laplace_posterior, log_marginal_likelihood
+from pushforward.curvature import (
+    GGN,
+    EmpiricalFisher,
+    laplace_posterior,
+    log_marginal_likelihood,
+    optimize_prior_precision,
+)
 
 D = torch.float64
 CALLS_PER_CONFIGURATION = 200
@@ -218,3 +224,51 @@ def test_every_entry_point_from_several_threads(threads, same_model):
 def test_curvature_of_sequential_mlps_from_several_threads(threads, same_model):
     """The hand-differentiated path of ``nn.Sequential`` MLPs."""
     _stress("sequential", _curvature_jobs(), threads, same_model)
+
+
+def _more_jobs() -> dict[str, Job]:
+    """The other public entry points, on plain ``nn.Sequential`` chains (whose repeated
+    ``functional_variance`` calls replay a captured program) and on the traced path."""
+
+    def cov(fm):
+        return pf.Diagonal(torch.linspace(0.05, 0.2, fm.num_params, dtype=D))
+
+    compiled: dict[int, object] = {}  # one compiled function per model, shared by the threads
+
+    def compiled_call(fm, x):
+        if id(fm) not in compiled:  # made by the single-threaded reference pass
+            compiled[id(fm)] = pf.compile(fm, cov(fm), x)
+        return compiled[id(fm)](x)
+
+    def backend(m):
+        laplace_interop = pytest.importorskip("pushforward.laplace_interop")
+        return laplace_interop.PushforwardGGN(m, "classification")
+
+    def evaluate(fm, x):
+        from pushforward.distributed import evaluate
+
+        return evaluate(fm, [x[:4], x[4:]], cov(fm))
+
+    def prior(fm, x, y):
+        op = GGN(fm, [(x, y)], "classification")
+        return optimize_prior_precision(op, op.diagonal(), n_steps=5)
+
+    return {
+        "compile": lambda m, fm, x, y: compiled_call(fm, x),
+        "monte_carlo_variance": lambda m, fm, x, y: pf.monte_carlo_variance(
+            fm, x, cov(fm), 16, generator=torch.Generator().manual_seed(0)
+        ),
+        "optimize_prior_precision": lambda m, fm, x, y: prior(fm, x, y),
+        "distributed.evaluate": lambda m, fm, x, y: evaluate(fm, x),
+        "laplace backend diag": lambda m, fm, x, y: backend(m).diag(x, y),
+        "laplace backend kron": lambda m, fm, x, y: [
+            t for block in backend(m).kron(x, y, N=6)[1].kfacs for t in block
+        ],
+    }
+
+
+@pytest.mark.usefixtures("quiet_fallbacks")
+@pytest.mark.parametrize(("threads", "same_model"), CONFIGURATIONS, ids=IDS)
+@pytest.mark.parametrize("kind", ["sequential", "residual"])
+def test_the_other_entry_points_and_replays_from_several_threads(kind, threads, same_model):
+    _stress(kind, {**_functional_jobs(), **_more_jobs()}, threads, same_model)

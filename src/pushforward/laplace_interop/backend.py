@@ -102,7 +102,7 @@ from torch import Tensor, nn
 
 from pushforward.core.chunking import RowChunk
 from pushforward.core.cost import measure_cost
-from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
 from pushforward.curvature.data import Batch as DataBatch
@@ -564,15 +564,18 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if low_rank < 1:
             raise ValueError(f"low_rank must be >= 1, got {low_rank}")
-        super().__init__(
-            model,
-            likelihood,
-            last_layer,
-            subnetwork_indices,
-            dict_key_x,
-            dict_key_y,
-            stochastic=stochastic,
-        )
+        # laplace-torch reads the trainable parameters here: not while another thread's call
+        # has the module's parameters swapped
+        with module_lock(model):
+            super().__init__(
+                model,
+                likelihood,
+                last_layer,
+                subnetwork_indices,
+                dict_key_x,
+                dict_key_y,
+                stochastic=stochastic,
+            )
         self.num_samples = int(num_samples)
         self.low_rank = int(low_rank)
         self._init_engine(memory_budget)
@@ -682,7 +685,10 @@ class PushforwardEF(_PushforwardCurvature, CurvlinopsEF):
     ) -> None:
         if low_rank < 1:
             raise ValueError(f"low_rank must be >= 1, got {low_rank}")
-        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        with module_lock(model):  # as PushforwardGGN: not while its parameters are swapped
+            super().__init__(
+                model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y
+            )
         self.low_rank = int(low_rank)
         self._init_engine(memory_budget)
 
