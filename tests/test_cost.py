@@ -122,3 +122,18 @@ def test_over_budget_is_one_error_type_everywhere():
         with pytest.raises(pf.MemoryBudgetError, match="memory budget of 64 B") as err:
             call()
         assert isinstance(err.value, ValueError) and err.value.need > 64
+
+
+def test_attention_flops_take_grouped_query_heads() -> None:
+    """The fused attention kernels' FLOPs: PyTorch's count where it has one (as many key/value
+    heads as query heads), and grouped-query attention (fewer key/value heads; some PyTorch
+    versions' own formula raises on it) counted as its repeated-heads equivalent."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    from pushforward.core.cost import _ATTENTION_FORMULAS, _attention_flops
+
+    assert _ATTENTION_FORMULAS  # the kernels of this PyTorch version are covered
+    q, k, v = (2, 8, 16, 32), (2, 8, 24, 32), (2, 8, 24, 64)
+    assert _attention_flops(q, k, v) == sdpa_flop_count(q, k, v)
+    grouped = _attention_flops(q, (2, 2, 24, 32), (2, 2, 24, 64))
+    assert grouped == sdpa_flop_count(q, k, v)

@@ -28,7 +28,6 @@ def compile(
     strategy: str = "auto",
     memory_budget: int | str | None = None,
     chunk_size: int | None = None,
-    cuda_graph: bool | None = None,
 ) -> Compiled:
     """Capture ``functional_variance`` (``what="variance"``), ``functional_covariance``
     (``"covariance"``: per example) or the joint covariance (``"joint"``, within groups of
@@ -37,7 +36,7 @@ def compile(
     The model is checked, the plan made and a program captured now (see
     :mod:`pushforward.engine.replay`): ``compiled(x)`` then runs just the program — for a plain
     chain of linear layers and activations, the hand-differentiated chain and the layers' closed
-    forms; on CUDA, a CUDA graph replay (``cuda_graph=False`` turns it off). Inputs of another
+    forms. Inputs of another
     signature, a covariance changed in place or a replaced parameter capture a new program.
 
     Args:
@@ -47,7 +46,6 @@ def compile(
         outputs: selected outputs (as in ``functional_variance``), the same at every call.
         group_size: ``what="joint"``: batch elements per group (default: the whole batch).
         strategy, memory_budget, chunk_size: see :class:`~pushforward.Options`.
-        cuda_graph: capture a CUDA graph (default: on CUDA).
 
     Returns:
         A :class:`~pushforward.engine.Compiled`; ``compiled(x)`` returns ``(f, var)`` or
@@ -74,5 +72,4 @@ def compile(
         outputs=outputs,
         group_size=group_size,
         options=options,
-        cuda_graph=cuda_graph,
     )

@@ -118,7 +118,7 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
         held = [*fm.module.parameters(), *fm.module.buffers()]
     for t in [*params.values(), *held, *one.tensors()]:
         seen.add(t.untyped_storage().data_ptr())
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FORMULAS)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
         out = fm.call(params, one.args, one.kwargs)
     fm.split_shape(out.shape)
@@ -132,6 +132,27 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
         itemsize=itemsize,
         forward_flops=float(max(counter.get_total_flops(), activation_bytes // itemsize)),
     )
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of scaled dot-product attention ``softmax(Q K^T) V`` on ``(b, h, s, d)`` shapes,
+    with fewer key/value heads than query heads allowed (grouped-query attention: PyTorch's
+    own formula refuses them in some versions)."""
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (d_q + d_v)
+
+
+#: The fused attention kernels' FLOP formulas used by :func:`_measure`.
+_ATTENTION_FORMULAS = {
+    getattr(torch.ops.aten, name): _attention_flops
+    for name in (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+}
 
 
 def tangent_bytes(cost: ModelCost, examples: int, outputs: int = 1, extra_numbers: int = 0) -> int:

@@ -11,12 +11,11 @@ only runs the program:
 * for a plain chain of linear layers and activations (an ``nn.Sequential`` MLP) under the
   layer-structured strategy, the program is the hand-differentiated chain and the layers'
   closed forms, nothing else (no tracing, no recognition, no plan lookup);
-* otherwise it is the captured plan run directly on the new inputs (no checks, no lookup);
-* on CUDA the program is captured once more into a CUDA graph (static input and output
-  buffers): a call copies its inputs in, replays the graph and copies the results out. Where
-  capture cannot be exact — an operation that waits for the host (a value read into Python,
-  ``torch.equal``), a data-dependent branch — it is refused with the reason and the program runs
-  eagerly.
+* otherwise it is the captured plan run directly on the new inputs (no checks, no lookup).
+
+The programs run eagerly on every device: they are not captured into CUDA graphs (a capture of
+the chain program reproduced its results on the captured inputs but not on later calls, so
+graph replays are not offered).
 
 The checks of a first call (the model's mode, the examples' independence) run when the plan is
 made, and again whenever the signature changes; a compiled call does not repeat the per-call
@@ -39,7 +38,6 @@ eager path, which captures anew. ``pushforward.settings(replay=False)`` turns it
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -47,8 +45,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pushforward.core.errors import PushforwardFallbackWarning
-from pushforward.core.fallback import first_line
 from pushforward.core.functional_model import FunctionalModel, as_functional_model, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
@@ -72,7 +68,7 @@ class Compiled:
 
     Attributes:
         plan: the plan the program was captured from (``print(compiled.plan)``).
-        program: ``"chain"``, ``"plan"``, or either with ``" + CUDA graph"``.
+        program: ``"chain"`` or ``"plan"``.
     """
 
     def __init__(
@@ -85,7 +81,6 @@ class Compiled:
         outputs: Tensor | None = None,
         group_size: int | None = None,
         options: Options | None = None,
-        cuda_graph: bool | None = None,
     ) -> None:
         self.fm = as_functional_model(model)
         self.cov, self.kind, self.outputs = cov, kind, outputs
@@ -95,7 +90,6 @@ class Compiled:
                 "a compiled call returns detached results; differentiable=True runs eagerly "
                 "(the plan cache already skips planning for repeated calls)"
             )
-        self._cuda_graph = cuda_graph
         self._capture(Inputs.from_user(x))
 
     @classmethod
@@ -108,7 +102,7 @@ class Compiled:
         self = cls.__new__(cls)
         p = plan.problem
         self.fm, self.cov, self.kind, self.outputs = p.fm, p.cov, p.kind, None
-        self.group_size, self.options, self._cuda_graph = None, plan.problem.options, None
+        self.group_size, self.options = None, plan.problem.options
         self._adopt(plan, plan.problem.inputs)
         return self
 
@@ -145,10 +139,6 @@ class Compiled:
         self.program = name
         self._run = program
         self._intact = program.intact if isinstance(program, _ChainMoments) else _always
-        device = inputs.device
-        wants_graph = device.type == "cuda" if self._cuda_graph is None else self._cuda_graph
-        if wants_graph:
-            self._run, self.program = _graphed(program, inputs, name)
 
     def _unchanged(self) -> bool:
         """The covariance's tensors and the selected parameters are those captured (in-place
@@ -470,37 +460,3 @@ def _width(form) -> int:
 
 def _never(out: Tensor) -> Tensor:
     raise AssertionError("the rows start at the head")  # pragma: no cover
-
-
-# -- CUDA graphs ------------------------------------------------------------------------------
-def _graphed(program: Program, inputs: Inputs, name: str) -> tuple[Program, str]:
-    """``program`` captured into a CUDA graph with static input and output buffers, or the
-    program itself (with a warning naming the reason) when capture fails."""
-    static = inputs.map(lambda t: t.detach().clone())
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy initializations happen outside the capture
-                program(static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = program(static)
-    except Exception as err:  # any capture failure: run eagerly, say why
-        warnings.warn(
-            f"pushforward: the {name} program cannot be captured into a CUDA graph "
-            f"({type(err).__name__}: {first_line(err)}); it runs eagerly",
-            PushforwardFallbackWarning,
-            stacklevel=4,
-        )
-        return program, name
-    buffers = static.tensors()
-
-    def replay(new: Inputs) -> tuple[Tensor, ...]:
-        for buffer, t in zip(buffers, new.tensors(), strict=True):
-            buffer.copy_(t)
-        graph.replay()
-        return tuple(t.clone() for t in outputs)
-
-    return replay, f"{name} + CUDA graph"
