@@ -42,6 +42,7 @@ CASE_MODULES: tuple[str, ...] = (
     "cases.botorch",
     "cases.distributed",
     "cases.llm_lora",
+    "cases.host",
 )
 
 

@@ -136,7 +136,7 @@ class Plan:
         checked: bool = True,
     ) -> Plan:
         """This plan for another call with the same signature (cache hit); ``checked``: its
-        examples were checked (see :attr:`checked`)."""
+        examples were checked (see the ``checked`` attribute)."""
         problem = self.problem.with_call(inputs, outputs, generator)
         return replace(self, problem=problem, checked=checked)
 
