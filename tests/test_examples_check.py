@@ -112,3 +112,21 @@ def test_a_fallback_that_evaluates_examples_together_checks_first(monkeypatch) -
         wild[1, 0] = 50.0
         with pytest.raises(pf.BatchCouplingError, match="depends on the other examples"):
             pf.functional_variance(fm, wild, cov)
+
+
+def test_a_curvature_pass_checks_the_examples_of_every_batch_against_its_own_forward() -> None:
+    """A data pass checks each later batch's probes against the outputs of its own forward:
+    a batch whose examples interact is refused, also when the first batch's did not."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pushforward.curvature import GGN
+
+    fm = _model()
+    calm = torch.randn(4, 3, dtype=D)
+    wild = calm.clone()
+    wild[1, 0] = 50.0
+    y = torch.tensor([0, 1, 0, 1])
+    data = DataLoader(TensorDataset(torch.cat([calm, wild]), torch.cat([y, y])), batch_size=4)
+    GGN(fm, [(calm, y)], "classification").diagonal()  # the first batch passes
+    with pytest.raises(pf.BatchCouplingError, match="depends on the other examples"):
+        GGN(fm, data, "classification").diagonal()

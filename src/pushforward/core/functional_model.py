@@ -363,7 +363,7 @@ class FunctionalModel:
                 "computing predictive quantities."
             )
 
-    def check_examples(self, inputs: Inputs) -> None:
+    def check_examples(self, inputs: Inputs, outputs: Tensor | None = None) -> None:
         """Raise :class:`BatchCouplingError` when the model's output for an example changes
         between two identical calls (random draws: a functional ``F.dropout(training=True)``)
         or with the other examples of the batch (batch statistics, ``h - h.mean(0)``, a
@@ -391,6 +391,10 @@ class FunctionalModel:
         output) may pass a given call; as probes change from call to call, a coupling that
         persists is found. Failures of the model on the inputs (a dtype or shape it cannot
         take) are raised here with the inputs' shapes and dtypes and what the model takes.
+
+        ``outputs``, when given, are the model's outputs for the whole of ``inputs`` run
+        together at the module's parameters (a pass's own forward): they stand for the batch's
+        forward, which is then not run again.
         """
         key = inputs.signature()
         first = key not in self.cache.independence
@@ -405,8 +409,11 @@ class FunctionalModel:
                 raise BatchCouplingError(_RANDOM)
             if B < 2:
                 return
-            context = self._context(batch, probes, key)
-            together = self._current(batch, context)
+            if outputs is not None and outputs.shape[1:] == alone.shape[1:] and len(outputs) == B:
+                context, together = list(range(B)), outputs.detach()
+            else:
+                context = self._context(batch, probes, key)
+                together = self._current(batch, context)
             rows = together[[context.index(k) for k in probes]]
             if not _close(rows, alone):
                 for j, k in enumerate(probes):

@@ -155,7 +155,11 @@ class CurvaturePass:
         Its rows are the likelihood's, unless given.
         """
         fm, lik = self.fm, self.likelihood
-        inputs = fm.prepare(batch.inputs).detach()
+        # a signature's first batch is checked now; later ones against the pass's own forward
+        inputs = fm.prepare(batch.inputs, check=False)
+        if not fm.checked_before(inputs):
+            fm.check_examples(inputs)
+        inputs = inputs.detach()
         cost = measure_cost(fm, inputs)
         structure = layer_structure(fm, inputs) if consumer.structured else None
         n, K = self.output_split(cost)
@@ -232,4 +236,6 @@ class CurvaturePass:
                 raise StructureError(
                     f"{consumer.what} needs every example to run the traced layers: {err}"
                 ) from err
+            if sub.batch_size > 1:  # the examples that ran together: do they interact?
+                fm.check_examples(sub, outputs=pieces.f)
             consumer.add(pieces.raised(dtype))
