@@ -114,10 +114,14 @@ class Plan:
 
         def run(est: Estimate):
             def strategy() -> tuple[Tensor, ...]:
+                problem = p
                 if not (self.checked or est.alone):
-                    p.fm.check_examples(p.inputs)
+                    if est.strategy in _CHECKING_STRATEGIES:
+                        problem = replace(p, check_chunks=True)
+                    else:
+                        p.fm.check_examples(p.inputs)
                 with torch.set_grad_enabled(p.differentiable):
-                    out = STRATEGIES[est.strategy].run(p, est)
+                    out = STRATEGIES[est.strategy].run(problem, est)
                 if half:
                     check_overflow(out[0], out[1], f"the {est.strategy} strategy")
                 return out
@@ -168,6 +172,11 @@ class Plan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+#: Strategies that check the examples they run together against their own forward
+#: (``Problem.check_chunks``) instead of a forward of the batch for the check alone.
+_CHECKING_STRATEGIES = frozenset({"structured", "last_layer"})
 
 
 def _fallback_message(failures, used: str, inner: list[str]) -> str:

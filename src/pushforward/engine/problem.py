@@ -81,6 +81,9 @@ class Problem:
         group_size: ``kind="joint"``: batch elements per group (``B``: the whole batch).
         n_samples: Monte Carlo strategies: samples to draw (``None``: their default).
         generator: Monte Carlo strategies: source of the draws.
+        check_chunks: the call's examples are not checked yet: the strategy checks those it
+            runs together against its own forward
+            (:meth:`~pushforward.FunctionalModel.check_examples` with their outputs).
     """
 
     fm: FunctionalModel
@@ -96,6 +99,7 @@ class Problem:
     group_size: int
     n_samples: int | None = None
     generator: torch.Generator | None = None
+    check_chunks: bool = False
 
     @classmethod
     def build(

@@ -204,6 +204,10 @@ class StructuredStrategy(Strategy):
         rows = directions(p)
         q = p.group_size if p.kind == "joint" else 1
         chunks = row_chunks(p.B, p.rows_per_sample, estimate.chunk_size, q)
+        check_chunks = p.check_chunks
+        if check_chunks and split.generic is not None:  # its strategy runs the whole batch
+            p.fm.check_examples(p.inputs)
+            check_chunks = False
         for chunk in progress_bar(chunks, p.progress, "structured directions", total=len(chunks)):
             sub = p.inputs.slice(chunk.samples.start, chunk.samples.stop)
             pieces = produce(
@@ -216,6 +220,8 @@ class StructuredStrategy(Strategy):
                 needed=split.needed,
                 differentiable=p.differentiable,
             )
+            if check_chunks and sub.batch_size > 1:  # examples run together: do they interact?
+                p.fm.check_examples(sub, outputs=pieces.f)
             pieces = pieces.raised(p.compute_dtype)
             layers = [
                 (c, pieces.a[c.call.index], pieces.G[c.call.index]) for c in split.contractions
