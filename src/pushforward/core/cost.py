@@ -97,8 +97,6 @@ def measure_cost(fm, inputs: Inputs) -> ModelCost:
 def _measure(fm, inputs: Inputs) -> ModelCost:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pushforward.core.functional_model import module_lock  # (it imports this module)
-
     saved = 0
     seen: set[int] = set()
 
@@ -112,11 +110,8 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
 
     one = inputs.slice(0, 1).detach()
     params = {n: p.detach().requires_grad_(True) for n, p in fm.params(False).items()}
-    # parameters, buffers and inputs are not per-example activations (the module's own read
-    # under its lock: another thread's call swaps them while it runs)
-    with module_lock(fm.module):
-        held = [*fm.module.parameters(), *fm.module.buffers()]
-    for t in [*params.values(), *held, *one.tensors()]:
+    # parameters, buffers and inputs are not per-example activations
+    for t in [*params.values(), *fm.module_tensors(), *one.tensors()]:
         seen.add(t.untyped_storage().data_ptr())
     counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FORMULAS)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:

@@ -486,6 +486,12 @@ class FunctionalModel:
             self.check_examples(inputs)
         return inputs
 
+    def module_tensors(self) -> list[Tensor]:
+        """The module's own parameters and buffers, read under its lock (another thread's call
+        swaps its parameters while it runs)."""
+        with self._lock:
+            return [*self.module.parameters(), *self.module.buffers()]
+
     def checked_before(self, inputs: Inputs) -> bool:
         """Whether :meth:`check_examples` passed once on inputs of this signature (its first
         call's full check, with the randomness test, is done)."""
