@@ -71,21 +71,8 @@ nitpick_ignore_regex = [
 
 # Docstring problems in src/ still to fix: regular expressions searched in "<docstring or
 # file>: <warning>". Only the packages still exempt from ruff's D rules (pyproject.toml:
-# core, engine, layers, api, botorch, pushforward/__init__.py) may have entries here; every
-# other warning fails the build.
-pf_deferred_warnings = [
-    # pushforward.botorch: a property docstring whose first line napoleon reads as "type:
-    # description", and a reference to an internal module
-    r"PushforwardModel\.covariance[:\d]*: .*reference target not found",
-    r"target not found: pushforward\.botorch\.paths$",
-    # pushforward.api: a reference to an internal function, and a reStructuredText error
-    r"target not found: pushforward\.api\.sampling\.functional_samples$",
-    r"functional_covariance:\d+: Field list ends without a blank line",
-    # pushforward.api and pushforward.core (compile, Settings, Options): references to internal
-    # modules and classes of the engine and the cost model
-    r"docstring of pushforward\.(api|core)\.[\w.]+:\d+: .*target not found: "
-    r"pushforward\.(engine\.replay|engine\.Compiled|core\.cost\.Budget)$",
-]
+# engine, layers) may have entries here; every other warning fails the build.
+pf_deferred_warnings: list[str] = []
 
 # -- autodoc: the API reference is written by the pf-api directive from each __all__ -----------
 autodoc_default_options = {

@@ -29,28 +29,43 @@ def compile(
     memory_budget: int | str | None = None,
     chunk_size: int | None = None,
 ) -> Compiled:
-    """Capture ``functional_variance`` (``what="variance"``), ``functional_covariance``
-    (``"covariance"``: per example) or the joint covariance (``"joint"``, within groups of
-    ``group_size``) of ``model`` and ``cov`` for repeated calls on inputs like ``x``.
+    """Capture a functional variance or covariance of ``model`` and ``cov`` for repeated calls.
+
+    ``what`` picks :func:`~pushforward.functional_variance` (``"variance"``),
+    :func:`~pushforward.functional_covariance` per example (``"covariance"``) or the joint
+    covariance within groups of ``group_size`` batch elements (``"joint"``), for repeated calls
+    on inputs like ``x``.
 
     The model is checked, the plan made and a program captured now (see
-    :mod:`pushforward.engine.replay`): ``compiled(x)`` then runs just the program — for a plain
+    ``pushforward.engine.replay``): ``compiled(x)`` then runs just the program — for a plain
     chain of linear layers and activations, the hand-differentiated chain and the layers' closed
-    forms. Inputs of another
-    signature, a covariance changed in place or a replaced parameter capture a new program.
+    forms; otherwise the captured plan, without the per-call checks and plan lookup. Inputs of
+    another signature (shapes, dtypes, device), a covariance changed in place or a replaced
+    parameter capture a new program. The program runs eagerly on every device (no CUDA graph
+    capture).
 
     Args:
-        model, cov, x: as for :func:`~pushforward.functional_variance` (``x``: example inputs
-            with the batch size and shapes of the calls to come).
-        what: which result.
+        model: a :class:`~pushforward.FunctionalModel` or an ``nn.Module``, as for
+            :func:`~pushforward.functional_variance`.
+        cov: the weight-space covariance S, a :class:`~pushforward.CovarianceOperator`.
+        x: example inputs with the batch size and shapes of the calls to come (tensor, tuple
+            of tensors or mapping of keyword arguments).
+        what: which result: ``"variance"``, ``"covariance"`` or ``"joint"``.
         outputs: selected outputs (as in ``functional_variance``), the same at every call.
         group_size: ``what="joint"``: batch elements per group (default: the whole batch).
-        strategy, memory_budget, chunk_size: see :class:`~pushforward.Options`.
+        strategy: as for :func:`~pushforward.functional_variance` (see
+            :class:`~pushforward.Options`).
+        memory_budget: bytes or a string like ``"2GB"`` (see :class:`~pushforward.Options`).
+        chunk_size: at most this many rows/tangents per chunk (see
+            :class:`~pushforward.Options`).
 
     Returns:
-        A :class:`~pushforward.engine.Compiled`; ``compiled(x)`` returns ``(f, var)`` or
-        ``(f, cov)`` as the matching function does (detached: for gradients call the functions
-        themselves, whose plans are cached too).
+        A ``Compiled`` callable: ``compiled(x)`` returns ``(f, var)`` or ``(f, cov)`` as the
+        matching function does (detached: for gradients call the functions themselves, whose
+        plans are cached too); ``compiled.plan`` is the plan it was captured from.
+
+    Raises:
+        ValueError: ``what`` is not one of the three.
 
     Example:
         >>> import torch, pushforward as pf

@@ -81,8 +81,8 @@ def predictive(
             ``"mc"`` (see the module docstring).
         n_samples: samples for ``link="mc"`` and for ``strategy="monte_carlo"``.
         generator: ``torch.Generator`` for those samples; ``link="mc"`` with a generator
-            averages exactly the samples :func:`~pushforward.api.sampling.functional_samples` draws
-            with an identically seeded one.
+            averages exactly the samples :func:`~pushforward.functional_samples` draws with
+            an identically seeded one.
         noise_variance: regression only: observation noise σ², a number or a tensor that
             broadcasts against the outputs (e.g. one per output), added to the variance.
         strategy: how the variance (``probit``, regression) or per-example covariance
@@ -219,8 +219,10 @@ def _mc(
     generator: torch.Generator | None,
     options: Options,
 ) -> Tensor:
-    """Average of ``softmax(f + J L z_i)`` over samples, streamed chunk by chunk through the
-    Monte Carlo strategy's plan (its draws and chunks)."""
+    """Average of ``softmax(f + J L z_i)`` over samples.
+
+    Streamed chunk by chunk through the Monte Carlo strategy's plan (its draws and chunks).
+    """
     found = make_plan(fm, x, cov, "variance", options, n_samples=n_samples, generator=generator)
     p = found.problem
     _check_classes(p.K)

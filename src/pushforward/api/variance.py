@@ -114,11 +114,32 @@ def functional_covariance(
             batch elements, ``(B / group_size, group_size*T*K, group_size*T*K)`` (the q points
             of each t-batch of a BoTorch acquisition function) — no covariance across groups
             is computed.
+        model: a :class:`FunctionalModel` or an ``nn.Module`` (trainable parameters).
+        x: inputs (tensor, tuple of tensors or mapping of keyword arguments), batch first.
+        cov: the weight-space covariance S, a :class:`~pushforward.covariance.CovarianceOperator`.
         group_size: batch elements per group for ``joint="groups"``.
-        Other arguments as in :func:`functional_variance`.
+        outputs: optional integer index tensor ``(*example_dims, S)`` selecting S outputs per
+            example, as in :func:`functional_variance`.
+        strategy: ``"auto"`` or a strategy name, as in :func:`functional_variance`.
+        memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates
+            (default: half of the available memory).
+        differentiable: keep the graph: gradients flow to ``x``, the model's parameters and the
+            covariance's tensors.
+        progress: show a tqdm bar over chunks.
+        chunk_size: at most this many rows/tangents per chunk.
+        options: ``strategy``, ``memory_budget``, ``differentiable``, ``progress`` and
+            ``chunk_size`` as one :class:`~pushforward.Options` (instead of those keywords).
 
     Returns:
-        ``(f, cov)``.
+        ``(f, cov)``: the outputs ``f`` in the model's dtype and the covariance in the
+        accumulation dtype (``float32`` for a half-precision model), of the shape given by
+        ``joint``.
+
+    Raises:
+        ValueError: ``joint`` is not ``False``, ``True`` or ``"groups"``, or ``group_size`` is
+            given without ``joint="groups"`` (or missing with it).
+        pushforward.MemoryBudgetError: no strategy fits ``memory_budget``.
+        pushforward.BatchCouplingError: the model's output for an example depends on the batch.
     """
     options = Options.resolve(
         options,

@@ -60,8 +60,10 @@ LIKELIHOODS = ("regression",)
 
 @dataclass(frozen=True)
 class PosteriorSource:
-    """What a posterior of a :class:`PushforwardModel` was computed from (kept on the posterior
-    as ``posterior.pushforward_source``; :class:`~pushforward.botorch.PathwiseSampler` reads it).
+    """What a posterior of a :class:`PushforwardModel` was computed from.
+
+    It is kept on the posterior as ``posterior.pushforward_source``;
+    :class:`~pushforward.botorch.PathwiseSampler` reads it.
 
     Attributes:
         model: the model.
@@ -222,9 +224,11 @@ class PushforwardModel(Model, FantasizeMixin):
         strategy: str = "auto",
         memory_budget: int | str | None = None,
     ) -> PushforwardModel:
-        """The model of a fitted laplace-torch regression Laplace approximation (any structure
-        :func:`pushforward.from_laplace` converts: full, diagonal, Kronecker, low-rank,
-        last-layer, subnetwork), with its observation noise ``la.sigma_noise ** 2``.
+        """The model of a fitted laplace-torch regression Laplace approximation.
+
+        Any structure :func:`pushforward.from_laplace` converts is accepted (full, diagonal,
+        Kronecker, low-rank, last-layer, subnetwork); the observation noise is
+        ``la.sigma_noise ** 2``.
 
         Args:
             la: the fitted Laplace approximation, or a laplace-bayesopt ``LaplaceBoTorch``
@@ -233,12 +237,18 @@ class PushforwardModel(Model, FantasizeMixin):
             observation_noise: whether every posterior adds σ² (see the class); default
                 ``False`` for a Laplace approximation, ``True`` for a ``LaplaceBoTorch`` (the
                 same posteriors as it).
-            outcome_transform, input_transform, strategy, memory_budget: as for the class.
+            outcome_transform: a fitted BoTorch outcome transform, as for the class (default: a
+                ``LaplaceBoTorch``'s own, else none).
+            input_transform: a fitted BoTorch input transform, as for the class (default: a
+                ``LaplaceBoTorch``'s own, else none).
+            strategy: passed to :func:`pushforward.functional_covariance`, as for the class.
+            memory_budget: passed to :func:`pushforward.functional_covariance`, as for the class.
 
-        What the model keeps is detached from autograd: a Laplace approximation whose prior
-        precision or noise was tuned with gradients (``la.log_marginal_likelihood(prior, σ)``
-        stores them with their graph) gives a model that can be deep-copied and
-        back-propagated through on its own.
+        Returns:
+            A :class:`PushforwardModel`. What it keeps is detached from autograd: a Laplace
+            approximation whose prior precision or noise was tuned with gradients
+            (``la.log_marginal_likelihood(prior, σ)`` stores them with their graph) gives a model
+            that can be deep-copied and back-propagated through on its own.
         """
         from pushforward.laplace_interop.convert import from_laplace
 
@@ -274,10 +284,15 @@ class PushforwardModel(Model, FantasizeMixin):
 
     @property
     def covariance(self) -> CovarianceOperator:
-        """The weight-space posterior covariance: the one given, or after conditioning the
-        :class:`~pushforward.covariance.PrecisionUpdate` by the conditioning points' rows (a
-        model conditioned on a batch of observation sets has one per batch element: not
-        available)."""
+        """The weight-space posterior covariance S, a :class:`~pushforward.CovarianceOperator`.
+
+        The one given, or after conditioning the :class:`~pushforward.covariance.PrecisionUpdate` by
+        the conditioning points' rows.
+
+        Raises:
+            ValueError: the model is conditioned on a batch of observation sets (it has one
+                weight-space covariance per batch element).
+        """
         cond = self._conditioning
         if cond is None:
             return self._cov
@@ -294,9 +309,14 @@ class PushforwardModel(Model, FantasizeMixin):
 
     @property
     def weight_shift(self) -> Tensor | None:
-        """``(P,)``: the posterior mean of the weights minus θ*, ``S J_n^T C^{-1} (Y_n -
-        f(X_n))`` (``None`` before conditioning). Needs one conditioning set and unbatched
-        observations (``batch_shape == ()``)."""
+        """The posterior mean of the weights minus θ*, ``(P,)`` (``None`` before conditioning).
+
+        It is ``S J_n^T C^{-1} (Y_n - f(X_n))``.
+
+        Raises:
+            ValueError: the model is conditioned on a batch of observation sets, or on batched
+                observations (``batch_shape != ()``): it needs one conditioning set.
+        """
         cond = self._conditioning
         if cond is None:
             return None
@@ -310,15 +330,19 @@ class PushforwardModel(Model, FantasizeMixin):
 
     @property
     def num_outputs(self) -> int:
+        """m, the number of outputs the posteriors are over (after :meth:`subset_output`)."""
         return len(self._selection)
 
     @property
     def batch_shape(self) -> torch.Size:
+        """The model's batch shape (``()``, or that of the observation sets it is conditioned on)."""
         return torch.Size() if self._conditioning is None else self._conditioning.batch_shape
 
     def _set_transformed_inputs(self) -> None:
-        """No training inputs are stored (the network was trained elsewhere), so there is
-        nothing to transform when switching modes."""
+        """Do nothing: no training inputs are stored (the network was trained elsewhere).
+
+        So there is nothing to transform when switching modes.
+        """
 
     def _check_inputs(self, X: Tensor, what: str = "X") -> None:
         """A clear error for inputs the network cannot take (type, rank, dtype)."""
@@ -359,6 +383,7 @@ class PushforwardModel(Model, FantasizeMixin):
                 variance; a tensor ``batch_shape x q x m`` of noise variances to add (in the
                 outcome-transformed space), broadcast against the points.
             posterior_transform: applied last (e.g. a scalarization of several outputs).
+            **kwargs: accepted for BoTorch's ``Model.posterior`` interface and ignored.
 
         Returns:
             A :class:`GPyTorchPosterior` (or what the outcome and posterior transforms make of
@@ -438,8 +463,11 @@ class PushforwardModel(Model, FantasizeMixin):
         return self._latent_batched(X, selection)
 
     def _latent_shared(self, X: Tensor, selection: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """Conditioned on one set of points: ``K_XX - W C^{-1} W^T`` and ``f + W C^{-1} r``
-        with ``W = J(X) S J_n^T`` from ``n m`` Jacobian-vector products."""
+        """The moments conditioned on one set of points, ``(mean, covariance)``.
+
+        They are ``f + W C^{-1} r`` and ``K_XX - W C^{-1} W^T`` with ``W = J(X) S J_n^T`` from
+        ``n m`` Jacobian-vector products.
+        """
         q, d, s = X.shape[-2], X.shape[-1], len(selection)
         batch = X.shape[:-2]
         flat = X.reshape(-1, d)
@@ -464,8 +492,11 @@ class PushforwardModel(Model, FantasizeMixin):
         return mean, cov.expand(*out, q * s, q * s)
 
     def _latent_batched(self, X: Tensor, selection: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """Conditioned on a batch of point sets: the joint covariance of each t-batch with its
-        own conditioning points, then the Gaussian conditioning of both moments."""
+        """The moments conditioned on a batch of point sets, ``(mean, covariance)``.
+
+        The joint covariance of each t-batch with its own conditioning points, then the Gaussian
+        conditioning of both moments.
+        """
         cond = self._conditioning
         q, d, s = X.shape[-2], X.shape[-1], len(selection)
         n, m = cond.X.shape[-2], self._width
@@ -490,8 +521,10 @@ class PushforwardModel(Model, FantasizeMixin):
         return mean, cov.expand(*out, q * s, q * s)
 
     def _update(self) -> _Update:
-        """The weight-space update of the shared conditioning set (cached while the
-        covariance and the network's parameters are unchanged and need no gradient)."""
+        """The weight-space update of the shared conditioning set.
+
+        Cached while the covariance and the network's parameters are unchanged and need no gradient.
+        """
         cond = self._conditioning
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._cov_tensors)
         params = self._fm.params(True).values()  # the module's own tensors (stable ids)
@@ -553,22 +586,31 @@ class PushforwardModel(Model, FantasizeMixin):
 
     # -- sample functions ----------------------------------------------------------------
     def function_samples(self, n: int, *, generator: torch.Generator | None = None) -> SamplePaths:
-        """``n`` fixed pathwise sample functions ``f̃_i(X) = f(X) + J(X) δ_i``, ``δ_i`` drawn
-        from the weight-space posterior (after conditioning: mean :attr:`weight_shift`,
-        covariance :attr:`covariance`): a callable mapping X (``batch_shape x q x d``) to
-        ``n x batch_shape x q x m`` samples, the same functions at every call, differentiable
-        in X (see :mod:`pushforward.botorch.paths`). A model conditioned on a batch of
-        observation sets (a fantasy model) has no single weight posterior and refuses.
+        """``n`` fixed pathwise sample functions ``f̃_i(X) = f(X) + J(X) δ_i``.
+
+        ``δ_i`` are drawn from the weight-space posterior (after conditioning: mean
+        :attr:`weight_shift`, covariance :attr:`covariance`). The result is a callable mapping X
+        (``batch_shape x q x d``) to ``n x batch_shape x q x m`` samples, the same functions at
+        every call, differentiable in X (see ``pushforward.botorch.paths``).
 
         Args:
             n: number of sample functions.
             generator: ``torch.Generator`` (on the network's device) for the draws.
+
+        Returns:
+            A :class:`~pushforward.botorch.SamplePaths`.
+
+        Raises:
+            ValueError: the model is conditioned on a batch of observation sets (a fantasy model):
+                it has no single weight posterior.
         """
         return SamplePaths(self, n, generator)
 
     def _noise_matrix(self, selection: tuple[int, ...], q: int, dtype: torch.dtype) -> Tensor:
-        """``(q s, q s)`` diagonal of the noise variances of ``selection`` at q points (kept per
-        shape while the noise buffer is unchanged)."""
+        """``(q s, q s)`` diagonal matrix of the noise variances of ``selection`` at q points.
+
+        Kept per shape while the noise buffer is unchanged.
+        """
         noise = self.noise
         key = (selection, q, dtype, noise.data_ptr(), noise._version)
         found = self._noise_matrices.get(key)
@@ -581,8 +623,11 @@ class PushforwardModel(Model, FantasizeMixin):
 
     # -- outputs ---------------------------------------------------------------------------
     def subset_output(self, idcs: list[int]) -> PushforwardModel:
-        """The model over outputs ``idcs`` (of this model's outputs). Conditioning keeps using
-        every output of the conditioning points (the marginal of the conditioned model)."""
+        """The model over outputs ``idcs`` (of this model's outputs).
+
+        Conditioning keeps using every output of the conditioning points (the marginal of the
+        conditioned model).
+        """
         local = _check_indices(idcs, self.num_outputs)
         new = self._copy()
         new._selection = tuple(self._selection[i] for i in local)
@@ -606,8 +651,11 @@ class PushforwardModel(Model, FantasizeMixin):
         return self._fm.layout
 
     def _to_state(self) -> dict[str, Any]:
-        """Everything but the network's code: the weights θ* (checked at loading), the
-        covariance, noise, options, output selection, conditioning and transforms."""
+        """The model's state: everything but the network's code.
+
+        The weights θ* (checked at loading), the covariance, noise, options, output selection,
+        conditioning and transforms.
+        """
         cond = self._conditioning
         conditioning = None
         if cond is not None:
@@ -636,8 +684,12 @@ class PushforwardModel(Model, FantasizeMixin):
     def _from_state(
         cls, state: dict[str, Any], model: nn.Module | FunctionalModel | None = None
     ) -> PushforwardModel:
-        """The model of ``state`` on ``model`` (the network, with the weights it was saved
-        with: ``ValueError`` naming the first parameter whose values differ)."""
+        """The model of ``state`` on ``model``, the network with the weights it was saved with.
+
+        Raises:
+            ValueError: ``model`` is missing, or a parameter's values differ from the saved ones
+                (naming the first).
+        """
         if model is None:
             raise ValueError(
                 "loading a PushforwardModel needs its network: pass model=... (the nn.Module, "
@@ -683,14 +735,22 @@ class PushforwardModel(Model, FantasizeMixin):
         self.observation_noise = bool(state["observation_noise"])
 
     def get_extra_state(self) -> dict[str, Any]:
-        """What ``state_dict()`` carries besides the noise and the transforms' buffers: the
-        whole saved model (:func:`pushforward.persistence.to_state`), so that
-        ``load_state_dict`` restores the posterior exactly or refuses."""
+        """What ``state_dict()`` carries besides the noise and the transforms' buffers.
+
+        It is the whole saved model (:func:`pushforward.persistence.to_state`), so that
+        ``load_state_dict`` restores the posterior exactly or refuses.
+        """
         return to_state(self)
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore the posterior of a ``state_dict()`` (this model's network must hold the
-        weights it was saved with, and the same parameter names and shapes)."""
+        """Restore the posterior of a ``state_dict()``.
+
+        This model's network must hold the weights it was saved with, and the same parameter names
+        and shapes.
+
+        Raises:
+            ValueError: the weights, names, shapes or outputs differ, or the state is not a model's.
+        """
         restored = from_state(state, model=self._fm)
         if not isinstance(restored, PushforwardModel):
             raise ValueError(f"the state holds a {type(restored).__name__}, not a model")
@@ -700,8 +760,10 @@ class PushforwardModel(Model, FantasizeMixin):
     def condition_on_observations(
         self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any
     ) -> PushforwardModel:
-        """The model conditioned on observations ``(X, Y)``: exact Gaussian-process
-        conditioning of the linearized network, mean and covariance (module docstring).
+        """The model conditioned on observations ``(X, Y)``.
+
+        Exact Gaussian-process conditioning of the linearized network, mean and covariance (module
+        docstring).
 
         Args:
             X: ``batch_shape x n' x d`` inputs (before the input transform).
@@ -711,10 +773,17 @@ class PushforwardModel(Model, FantasizeMixin):
             noise: noise variances of the observations, broadcastable to
                 ``batch_shape x n' x m`` (in the outcome-transformed space); default the
                 model's ``noise``.
+            **kwargs: BoTorch's interface passes none; any given raise ``TypeError``.
 
         Returns:
             A new :class:`PushforwardModel`; this one is unchanged. Conditioning a conditioned
             model again equals conditioning this one on all the observations at once.
+
+        Raises:
+            TypeError: unexpected keyword arguments, or ``Y`` not a tensor.
+            ValueError: a model with selected outputs (condition the full model, then subset), ``Y``
+                of the wrong shape, non-finite ``X`` or ``Y``, no noise, or noise variances that do
+                not broadcast or are not finite and positive.
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -776,8 +845,11 @@ class PushforwardModel(Model, FantasizeMixin):
 
 # -- helpers -----------------------------------------------------------------------------------
 def _unwrap_laplace_botorch(la: Any) -> tuple[Any, dict[str, Any]]:
-    """``(laplace approximation, defaults)``: a laplace-bayesopt ``LaplaceBoTorch`` gives its
-    ``bnn`` and, as defaults, its transforms and its noise in every posterior."""
+    """Unwrap a laplace-bayesopt ``LaplaceBoTorch``: ``(laplace approximation, defaults)``.
+
+    A ``LaplaceBoTorch`` gives its ``bnn`` and, as defaults, its transforms and its noise in every
+    posterior; anything else is returned with no defaults.
+    """
     if not (isinstance(la, Model) and hasattr(la, "bnn")):
         return la, {}
     if la.bnn is None:
@@ -901,9 +973,12 @@ def _check_indices(indices: Sequence[int] | None, m: int) -> tuple[int, ...] | N
 
 
 def _distribution(mean: Tensor, cov: Tensor) -> MultivariateNormal:
-    """``MultivariateNormal`` (one output) or interleaved ``MultitaskMultivariateNormal``
-    from mean ``(*batch, q, s)`` and covariance ``(*batch, q s, q s)``; the covariance is
-    lazy, so a singular one (repeated points, no noise) is factored only when sampled."""
+    """The Gaussian of mean ``(*batch, q, s)`` and covariance ``(*batch, q s, q s)``.
+
+    A ``MultivariateNormal`` for one output, else an interleaved ``MultitaskMultivariateNormal``;
+    the covariance is lazy, so a singular one (repeated points, no noise) is factored only when
+    sampled.
+    """
     covariance = DenseLinearOperator(cov)
     if mean.shape[-1] == 1:
         return MultivariateNormal(mean.squeeze(-1), covariance)

@@ -25,8 +25,10 @@ __all__ = ["PathwiseThompsonSampling", "thompson_candidates"]
 
 
 class PathwiseThompsonSampling(AcquisitionFunction):
-    """The value of a q-batch ``X`` (``b x q x d``) under q fixed sample functions:
-    ``sum_i f̃_i(x_i)`` (point ``i`` scored by sample ``i``), shape ``(b,)``.
+    """Thompson sampling as an acquisition function: a q-batch scored by q fixed sample functions.
+
+    The value of a q-batch ``X`` (``b x q x d``) is ``sum_i f̃_i(x_i)`` (point ``i`` scored by
+    sample ``i``), shape ``(b,)``.
 
     Args:
         model: a :class:`PushforwardModel`.
@@ -36,6 +38,10 @@ class PathwiseThompsonSampling(AcquisitionFunction):
             several outputs).
         maximize: ``False``: the value is ``-sum_i f̃_i(x_i)`` (so that maximizing it minimizes
             the sample functions).
+
+    Raises:
+        TypeError: ``model`` is not a :class:`PushforwardModel`.
+        ValueError: a model with several outputs and no ``posterior_transform``.
     """
 
     def __init__(
@@ -61,6 +67,11 @@ class PathwiseThompsonSampling(AcquisitionFunction):
 
     @t_batch_mode_transform()
     def forward(self, X: Tensor) -> Tensor:
+        """The value of each q-batch of ``X`` (``b x q x d``): ``(b,)``.
+
+        Raises:
+            ValueError: a q-batch does not hold exactly ``num_samples`` points.
+        """
         q = self.paths.n
         if X.shape[-2] != q:
             raise ValueError(
@@ -87,10 +98,23 @@ def thompson_candidates(
     maximize: bool = True,
     **optimize_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """q Thompson-sampling candidates in the box ``bounds`` (``2 x d``): the maximizers (with
-    ``maximize=False`` the minimizers) of q fresh sample functions, found by ``optimize_acqf``
-    (``num_restarts`` L-BFGS-B starts chosen from ``raw_samples`` random q-batches; other
-    keyword arguments are passed on).
+    """Thompson-sampling candidates: q points in the box ``bounds`` (``2 x d``).
+
+    The candidates are the maximizers (with ``maximize=False`` the minimizers) of q fresh sample
+    functions, found by ``optimize_acqf`` (``num_restarts`` L-BFGS-B starts chosen from
+    ``raw_samples`` random q-batches; other keyword arguments are passed on).
+
+    Args:
+        model: a :class:`PushforwardModel` (one output, or several with a
+            ``posterior_transform``).
+        bounds: ``2 x d`` lower and upper bounds of the search box.
+        q: number of candidates (and of sample functions).
+        generator: ``torch.Generator`` for the sample functions' draws.
+        num_restarts: L-BFGS-B starts.
+        raw_samples: random q-batches the starts are chosen from.
+        posterior_transform: scalarizes a multi-output model's samples.
+        maximize: ``False``: minimize the sample functions instead.
+        **optimize_kwargs: passed on to ``optimize_acqf``.
 
     Returns:
         ``(candidates (q, d), values (q,))``: each candidate and its sample function's value.

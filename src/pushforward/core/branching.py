@@ -49,8 +49,11 @@ class DivergentBranch(RuntimeError):
 
 
 class _UniformReads(TorchFunctionMode):
-    """Answers value reads of tensors batched at vmap level ``level`` when the value is the
-    same for every example, and raises :class:`DivergentBranch` otherwise."""
+    """Answer value reads of tensors batched at vmap level ``level`` that agree across examples.
+
+    A read whose value is the same for every example is answered with it; otherwise
+    :class:`DivergentBranch` is raised.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,10 +88,13 @@ class _UniformReads(TorchFunctionMode):
 
 
 def vmap_examples(fn: Callable[..., Any], inputs: Sequence[Any]) -> Any:
-    """``vmap(fn)(*inputs)`` over dim 0 of every input (``Tensor`` or pytree of them), with
-    value reads in Python control flow answered per group of examples that agree (see the
-    module docstring). ``fn`` sees one example per call, as under ``vmap``; the result is a
-    pytree of tensors batched along dim 0, in the examples' order (differentiable)."""
+    """``vmap(fn)(*inputs)`` over dim 0 of every input, with data-dependent Python branches.
+
+    ``inputs`` are tensors or pytrees of them. Value reads in Python control flow are answered per
+    group of examples that agree (see the module docstring). ``fn`` sees one example per call, as
+    under ``vmap``; the result is a pytree of tensors batched along dim 0, in the examples' order
+    (differentiable).
+    """
     mode = _UniformReads()
 
     def one(*args: Any) -> Any:

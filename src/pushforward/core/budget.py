@@ -17,9 +17,11 @@ __all__ = ["available_memory", "parse_memory"]
 
 
 def parse_memory(budget: int | float | str | None, device: torch.device | None = None) -> int:
-    """Bytes from ``budget``: a number of bytes, a string like ``"2GB"``/``"512 MiB"``, or
-    ``None`` for the default (``settings.budget_fraction`` of the memory available on
-    ``device``)."""
+    """Bytes from ``budget``, or the default budget of ``device``.
+
+    ``budget`` is a number of bytes, a string like ``"2GB"``/``"512 MiB"``, or ``None`` for the
+    default (``settings.budget_fraction`` of the memory available on ``device``).
+    """
     if budget is None:
         return int(settings.current().budget_fraction * available_memory(device))
     return parse_bytes(budget, "memory budget")

@@ -27,12 +27,12 @@ class RowChunk:
 def row_chunks(
     batch_size: int, rows_per_sample: int, chunk_size: int, group_size: int = 1
 ) -> list[RowChunk]:
-    """Cover ``batch_size x rows_per_sample`` rows with chunks of at most ``chunk_size`` rows
-    (at least one row per chunk), in order.
+    """Cover ``batch_size x rows_per_sample`` rows with chunks of at most ``chunk_size`` rows.
 
-    With ``group_size = q > 1`` the batch is read as groups of ``q`` consecutive examples: a
-    chunk holds whole groups when a group's rows fit, and never crosses from one group into
-    the next otherwise (a joint covariance within groups needs all rows of a group together).
+    Chunks come in order and hold at least one row each. With ``group_size = q > 1`` the batch is
+    read as groups of ``q`` consecutive examples: a chunk holds whole groups when a group's rows
+    fit, and never crosses from one group into the next otherwise (a joint covariance within groups
+    needs all rows of a group together).
     """
     chunk_size = max(1, int(chunk_size))
     if rows_per_sample <= 0 or batch_size <= 0:

@@ -91,8 +91,14 @@ def resolve_group(process_group: Any = AUTO) -> Group | None:
 
 
 def refuse_late_start() -> None:
-    """Raise when ``torch.distributed`` runs several processes now although ``"auto"`` found
-    none when it was resolved (summing this rank's data alone would be silently wrong)."""
+    """Raise when ``torch.distributed`` now runs several processes that ``"auto"`` did not see.
+
+    ``"auto"`` found no process group when it was resolved; summing this rank's data alone would
+    be silently wrong.
+
+    Raises:
+        RuntimeError: a process group of more than one process is initialized.
+    """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError(
             "torch.distributed was initialized after this object resolved process_group='auto' "
@@ -102,10 +108,12 @@ def refuse_late_start() -> None:
 
 
 def all_reduce_sum(tensors: list[Tensor], group: Group | None) -> list[Tensor]:
-    """The element-wise sums of ``tensors`` over the group's ranks (the same on every rank);
-    the tensors themselves without a group. Every rank must pass tensors of the same shapes and
-    dtypes in the same order: that is checked first (one small collective), and a mismatch
-    raises on every rank rather than hanging."""
+    """The element-wise sums of ``tensors`` over the group's ranks (the same on every rank).
+
+    Without a group, the tensors themselves. Every rank must pass tensors of the same shapes and
+    dtypes in the same order: that is checked first (one small collective), and a mismatch raises
+    on every rank rather than hanging.
+    """
     if group is None or not tensors:
         return list(tensors)
     layout = [(tuple(t.shape), str(t.dtype)) for t in tensors]
@@ -134,8 +142,10 @@ def group_min(value: int, group: Group | None) -> int:
 
 
 def broadcast_bytes(data: Tensor, group: Group | None, src: int = 0) -> Tensor:
-    """Rank ``src``'s ``uint8`` tensor ``data`` (the same length on every rank), e.g. a
-    generator's state."""
+    """Rank ``src``'s ``uint8`` tensor ``data``, e.g. a generator's state, on every rank.
+
+    ``data`` has the same length on every rank.
+    """
     if group is None:
         return data
     t = data.to(group.device(data.device)).clone()
@@ -144,9 +154,11 @@ def broadcast_bytes(data: Tensor, group: Group | None, src: int = 0) -> Tensor:
 
 
 def gather_rows(rows: Tensor, group: Group | None, root: int | None = None) -> list[Tensor] | None:
-    """Every rank's ``rows`` ``(n_rank, *shape)`` (``n_rank`` may differ between ranks; the
-    trailing shape and dtype may not), in rank order: on every rank (``root=None``) or on rank
-    ``root`` only (the others get ``None``)."""
+    """Every rank's ``rows`` ``(n_rank, *shape)``, in rank order.
+
+    ``n_rank`` may differ between ranks; the trailing shape and dtype may not. The rows are gathered
+    on every rank (``root=None``) or on rank ``root`` only (the others get ``None``).
+    """
     if group is None:
         return [rows]
     device = group.device(rows.device)

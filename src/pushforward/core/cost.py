@@ -76,6 +76,7 @@ class ModelCost:
 
     @property
     def output_bytes(self) -> int:
+        """Bytes of one batch element's output."""
         return self.output_numel * self.itemsize
 
     @property
@@ -85,8 +86,11 @@ class ModelCost:
 
 
 def measure_cost(fm, inputs: Inputs) -> ModelCost:
-    """Run ``fm`` on the first example with saved-tensor hooks and a FLOP counter; cached per
-    input signature in ``fm.cache``."""
+    """Measure ``fm``'s per-example cost (:class:`ModelCost`) on the first example of ``inputs``.
+
+    The example runs with saved-tensor hooks and a FLOP counter; the result is cached per input
+    signature in ``fm.cache``.
+    """
     key = inputs.signature()
     found = fm.cache.costs.get(key)
     if found is None:
@@ -130,9 +134,11 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of scaled dot-product attention ``softmax(Q K^T) V`` on ``(b, h, s, d)`` shapes,
-    with fewer key/value heads than query heads allowed (grouped-query attention: PyTorch's
-    own formula refuses them in some versions)."""
+    """FLOPs of scaled dot-product attention ``softmax(Q K^T) V`` on ``(b, h, s, d)`` shapes.
+
+    Fewer key/value heads than query heads are allowed (grouped-query attention: PyTorch's own
+    formula refuses them in some versions).
+    """
     b, h, s_q, d_q = query_shape
     s_k, d_v = key_shape[-2], value_shape[-1]
     return 2 * b * h * s_q * s_k * (d_q + d_v)
@@ -151,56 +157,68 @@ _ATTENTION_FORMULAS = {
 
 
 def tangent_bytes(cost: ModelCost, examples: int, outputs: int = 1, extra_numbers: int = 0) -> int:
-    """Working bytes of one forward-mode tangent pushed through ``examples`` examples: the
-    tangent activations next to the primal ones and the operations' temporaries (three times
-    the activations), ``outputs``
-    output-sized tensors per example (the tangent's output and what the caller keeps of it),
-    the tangent itself as a flat vector and as per-parameter views copied by ``vmap`` (``2P``),
-    and ``extra_numbers`` more (e.g. a random draw of ``r`` numbers)."""
+    """Working bytes of one forward-mode tangent pushed through ``examples`` examples.
+
+    They are the tangent activations next to the primal ones and the operations' temporaries (three
+    times the activations), ``outputs`` output-sized tensors per example (the tangent's output and
+    what the caller keeps of it), the tangent itself as a flat vector and as per-parameter views
+    copied by ``vmap`` (``2P``), and ``extra_numbers`` more (e.g. a random draw of ``r`` numbers).
+    """
     per_example = 3 * cost.activation_bytes + outputs * cost.output_bytes
     return examples * per_example + (2 * cost.num_params + extra_numbers) * cost.itemsize
 
 
 def row_bytes(cost: ModelCost, extra: int = 0) -> int:
-    """Working bytes of one reverse-mode row ``J(x_b)^T u``: a backward through one example's
-    activations (their gradients next to them), its cotangent, and its P-vector three times
-    (the per-parameter gradients, the flat row and what the caller makes of it), plus
-    ``extra`` bytes."""
+    """Working bytes of one reverse-mode row ``J(x_b)^T u``.
+
+    They are a backward through one example's activations (their gradients next to them), its
+    cotangent, and its P-vector three times (the per-parameter gradients, the flat row and what the
+    caller makes of it), plus ``extra`` bytes.
+    """
     return 2 * cost.activation_bytes + cost.output_bytes + 3 * cost.param_bytes + extra
 
 
 def direction_bytes(
     cost: ModelCost, layer_outputs: int = 0, param_rows: int = 0, autograd: bool = True
 ) -> int:
-    """Working bytes of one output direction taken back through one example to its layer
-    outputs: a backward through the example's activations (their gradients, formed and freed
-    step by step: at most about the activations' size at once; none without ``autograd``, a
-    chain differentiated by hand), the direction itself twice (at the output and, for a head, at
-    its input), the gradients of ``layer_outputs`` layer-output entries and the rows of
-    ``param_rows`` parameter entries (each twice: formed, then handed on)."""
+    """Working bytes of one output direction taken back through one example to its layer outputs.
+
+    They are a backward through the example's activations (their gradients, formed and freed step
+    by step: at most about the activations' size at once; none without ``autograd``, a chain
+    differentiated by hand), the direction itself twice (at the output and, for a head, at its
+    input), the gradients of ``layer_outputs`` layer-output entries and the rows of ``param_rows``
+    parameter entries (each twice: formed, then handed on).
+    """
     through = cost.activation_bytes if autograd else 0
     return through + 2 * cost.output_bytes + 2 * (layer_outputs + param_rows) * cost.itemsize
 
 
 def example_bytes(cost: ModelCost) -> int:
-    """Bytes one example's forward keeps while its chunk's directions go back: its activations
-    and two output-sized tensors (the outputs and what the directions are made from)."""
+    """Bytes one example's forward keeps while its chunk's directions go back.
+
+    They are its activations and two output-sized tensors (the outputs and what the directions are
+    made from).
+    """
     return cost.activation_bytes + 2 * cost.output_bytes
 
 
 def product_bytes(cost: ModelCost) -> tuple[int, int]:
-    """``(per example and column, per column)``: one column of a curvature product ``J^T H J v``
-    through one example — its forward-mode activations next to the primal ones and the backward
-    through them, three output-sized tensors — and per column the tangent, the gradient and the
-    result (``P`` entries each)."""
+    """Bytes of one column of ``J^T H J v``: ``(per example and column, per column)``.
+
+    Per example and column: its forward-mode activations next to the primal ones and the backward
+    through them, three output-sized tensors; per column: the tangent, the gradient and the result
+    (``P`` entries each).
+    """
     per_pair = 3 * cost.activation_bytes + 3 * cost.output_bytes
     return per_pair, 3 * cost.param_bytes
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """A chunked computation of ``units`` units: what it holds throughout, what one unit takes,
-    and how many units go in a chunk.
+    """A chunked computation of ``units`` units.
+
+    It records what the computation holds throughout, what one unit takes, and how many units go in
+    a chunk.
 
     Attributes:
         held: bytes held through the computation (its result, its inputs' copies).
@@ -253,10 +271,12 @@ class Budget:
         at_most: int | None = None,
         at_least: int | None = None,
     ) -> int:
-        """Units per chunk: as many ``per_unit``-byte units as fit next to ``held`` bytes,
-        within the chunk target, the cap and ``at_most`` — at least 1 (:meth:`peak` tells
-        whether even that fits), and at least ``at_least`` when the budget (not the target)
-        allows them (one example's rows: fewer would repeat its forward pass)."""
+        """Units per chunk: as many ``per_unit``-byte units as fit next to ``held`` bytes.
+
+        The chunk also stays within the chunk target, the cap and ``at_most``; it is at least 1
+        (:meth:`peak` tells whether even that fits), and at least ``at_least`` when the budget (not
+        the target) allows them (one example's rows: fewer would repeat its forward pass).
+        """
         room = self.total - held
         target = room if self.chunk_target is None else min(room, self.chunk_target)
         n = max(1, target // max(per_unit, 1))
@@ -268,8 +288,12 @@ class Budget:
         return int(max(n, 1))
 
     def plan(self, per_unit: int, held: int, units: int, what: str) -> ChunkPlan:
-        """The chunks of ``units`` units of ``per_unit`` bytes next to ``held`` bytes, checked to
-        fit (:meth:`require`, naming ``what``)."""
+        """The chunks of ``units`` units of ``per_unit`` bytes next to ``held`` bytes.
+
+        Raises:
+            pushforward.MemoryBudgetError: even the smallest chunks do not fit (:meth:`require`,
+                naming ``what``).
+        """
         plan = ChunkPlan(held, per_unit, self.chunk(per_unit, held, at_most=max(units, 1)), units)
         self.require(plan.memory, what)
         return plan
@@ -290,6 +314,7 @@ class Budget:
             )
 
     def describe(self) -> str:
+        """One line for ``print(plan)``: the budget and the chunk sizes it allows on its device."""
         cap = "" if self.cap is None else f", chunk_size <= {self.cap:,}"
         if self.chunk_target is None:
             chunks = f"chunks as large as it allows on {self.device}"

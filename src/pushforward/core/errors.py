@@ -11,13 +11,20 @@ __all__ = [
 
 
 class BatchCouplingError(ValueError):
-    """The model's outputs for one example depend on the other examples of the batch, or on
-    random draws: per-example Jacobians are not defined."""
+    """The model's output for one example depends on the batch or on random draws.
+
+    The outputs for one example change with the other examples of the batch, or between two
+    identical calls: per-example Jacobians are not defined.
+    """
 
 
 class DerivativeOverflowError(RuntimeError):
-    """A half-precision model's derivatives left its dtype's range while its outputs did not
-    (``pushforward.core.precision``); a plan falls through to its next strategy first."""
+    """A half-precision model's derivatives left its dtype's range while its outputs did not.
+
+    Raised by ``pushforward.core.precision``'s checks (typically a float16 model, whose range ends
+    at 65,504); a plan falls through to its next strategy first, and the error reaches the caller
+    only when no strategy is left (or one was forced with ``strategy=``).
+    """
 
 
 class MemoryBudgetError(ValueError):

@@ -84,10 +84,13 @@ class Ladder:
         return dict(owner.cache.failures.get(self.state_key, {}))
 
     def __call__(self, owner: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run the first method that works for ``owner`` (a FunctionalModel, whose cache
-        remembers it) on ``args``/``kwargs``. One warning, once a slower method has worked,
-        names what failed and why (and what the working method stepped down to inside); when
-        every method fails, the last failure is raised, chained to the first (no warning)."""
+        """Run the first method that works for ``owner`` on ``args``/``kwargs``.
+
+        ``owner`` is a FunctionalModel, whose cache remembers the method that worked. One warning,
+        once a slower method has worked, names what failed and why (and what the working method
+        stepped down to inside); when every method fails, the last failure is raised, chained to the
+        first (no warning).
+        """
         state: dict[tuple, int] = owner.cache.methods
         failed: dict[str, str] = owner.cache.failures.setdefault(self.state_key, {})
         start = state.get(self.state_key, 0)

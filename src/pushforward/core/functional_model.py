@@ -63,7 +63,7 @@ class ModelCache:
         failures: per plan key and strategy, why the strategy failed at run time.
         bound: covariance operators bound to this model's layout, by the identity and version
             of the operator the user passed.
-        replays: captured programs of repeated calls (:mod:`pushforward.engine.replay`), by the
+        replays: captured programs of repeated calls (``pushforward.engine.replay``), by the
             call's key (least recently used dropped first).
     """
 
@@ -178,8 +178,10 @@ class FunctionalModel:
 
     # -- copies ---------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled and copied without its cache and lock (a copy starts with a fresh cache and
-        takes the lock of its own module)."""
+        """Pickled and copied without its cache and lock.
+
+        A copy starts with a fresh cache and takes the lock of its own module.
+        """
         state = dict(self.__dict__)
         del state["cache"], state["_lock"], state["_probe_rng"]
         return state
@@ -272,15 +274,19 @@ class FunctionalModel:
     # -- flat <-> dict -------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the first selected parameter."""
         return self.params()[self.param_names[0]].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the first selected parameter."""
         return self.params()[self.param_names[0]].device
 
     def params(self, differentiable: bool = True) -> dict[str, Tensor]:
-        """The selected parameters ``{name: tensor}`` (detached unless ``differentiable``); read
-        under the module's lock, so never a tensor another thread swapped in."""
+        """The selected parameters ``{name: tensor}`` (detached unless ``differentiable``).
+
+        They are read under the module's lock, so never a tensor another thread swapped in.
+        """
         with self._lock:
             named = dict(self.module.named_parameters())
         return {n: named[n] if differentiable else named[n].detach() for n in self.param_names}
@@ -292,6 +298,7 @@ class FunctionalModel:
 
     @property
     def param_shapes(self) -> dict[str, torch.Size]:
+        """``{name: shape}`` of the selected parameters, in layout order."""
         return dict(self.layout.shapes)
 
     @property
@@ -325,7 +332,8 @@ class FunctionalModel:
         a layer used twice) is replaced exactly once and restored afterwards; entries of
         ``params`` that are not selected parameters replace the tensor of that name. The
         module's lock is held meanwhile (``functional_call`` swaps its parameters). Recurrent
-        layers on CUDA run in elementary operations (``pushforward.core.rnn``)."""
+        layers on CUDA run in elementary operations (``pushforward.core.rnn``).
+        """
         swap = {slot: params[name] for slot, name in self._slots if name in params}
         for name, value in params.items():
             if name not in self.layout.shapes:
@@ -364,10 +372,12 @@ class FunctionalModel:
             )
 
     def check_examples(self, inputs: Inputs, outputs: Tensor | None = None) -> None:
-        """Raise :class:`BatchCouplingError` when the model's output for an example changes
-        between two identical calls (random draws: a functional ``F.dropout(training=True)``)
-        or with the other examples of the batch (batch statistics, ``h - h.mean(0)``, a
-        normalisation, branch or depth chosen from a batch-wide value).
+        """Raise :class:`BatchCouplingError` when an output depends on the batch or on chance.
+
+        That is, when the model's output for an example changes between two identical calls (random
+        draws: a functional ``F.dropout(training=True)``) or with the other examples of the batch
+        (batch statistics, ``h - h.mean(0)``, a normalisation, branch or depth chosen from a
+        batch-wide value).
 
         What is checked, on every call (every public function runs it on its inputs), without
         gradients: the model runs on the batch, and *probe* examples run alone, each as a batch
@@ -433,9 +443,11 @@ class FunctionalModel:
         self.cache.independence.add(key)
 
     def _current(self, batch: Inputs, examples: list[int]) -> Tensor:
-        """The output for ``examples`` of ``batch`` (run as one batch) at the module's own
-        parameters (no swap needed), under its lock; a failure is re-raised naming the batch's
-        shapes and dtypes (:meth:`_input_errors`)."""
+        """The output for ``examples`` of ``batch``, run as one batch at the module's parameters.
+
+        No parameter swap is needed; the forward runs under the module's lock, and a failure is
+        re-raised naming the batch's shapes and dtypes (:meth:`_input_errors`).
+        """
         if len(examples) == batch.batch_size:
             part = batch
         elif len(examples) == 1:
@@ -446,10 +458,12 @@ class FunctionalModel:
             return self.output_fn(self.module(*part.args, **part.kwargs))
 
     def _context(self, batch: Inputs, probes: list[int], key: Any) -> list[int]:
-        """The examples run together with the probes (sorted): the whole batch, or a
-        pseudo-random subset when the whole batch's forward would take more than
-        ``settings.chunk_target`` bytes by the measured per-example memory (``key``: the
-        inputs' signature)."""
+        """The examples run together with the probes (sorted).
+
+        They are the whole batch, or a pseudo-random subset when the whole batch's forward would
+        take more than ``settings.chunk_target`` bytes by the measured per-example memory (``key``:
+        the inputs' signature).
+        """
         B = batch.batch_size
         if max(len(probes), 2) >= B:
             return list(range(B))
@@ -464,9 +478,11 @@ class FunctionalModel:
         return sorted(chosen)
 
     def _input_errors(self, inputs: Inputs) -> _InputErrors:
-        """Context in which a failure of the model's forward (on ``inputs`` or part of them) is
-        re-raised naming the inputs' shapes and dtypes and what the model takes (torch's error
-        chained)."""
+        """Context in which a failure of the model's forward is re-raised naming its inputs.
+
+        A failure on ``inputs`` (or part of them) is re-raised naming the inputs' shapes and dtypes
+        and what the model takes (torch's error chained).
+        """
         return _InputErrors(self, inputs)
 
     def prepare(self, x: Any, check: bool = True) -> Inputs:
@@ -487,14 +503,18 @@ class FunctionalModel:
         return inputs
 
     def module_tensors(self) -> list[Tensor]:
-        """The module's own parameters and buffers, read under its lock (another thread's call
-        swaps its parameters while it runs)."""
+        """The module's own parameters and buffers, read under its lock.
+
+        Another thread's call swaps its parameters while it runs; the lock keeps those out.
+        """
         with self._lock:
             return [*self.module.parameters(), *self.module.buffers()]
 
     def checked_before(self, inputs: Inputs) -> bool:
-        """Whether :meth:`check_examples` passed once on inputs of this signature (its first
-        call's full check, with the randomness test, is done)."""
+        """Whether :meth:`check_examples` passed once on inputs of this signature.
+
+        That is, whether its first call's full check, with the randomness test, is done.
+        """
         return inputs.signature() in self.cache.independence
 
     def __repr__(self) -> str:
@@ -519,9 +539,12 @@ _WRAPPED = (RuntimeError, TypeError, ValueError, IndexError)
 
 
 class _InputErrors:
-    """Re-raise a failure of the model on ``inputs`` (exactly one of :data:`_WRAPPED`) with a
-    message naming the inputs and what the model takes: a ``TypeError`` when the inputs' dtypes
-    do not match the model's, else an error of the same type."""
+    """Re-raise a failure of the model on ``inputs`` with a message naming what it takes.
+
+    The failure is exactly one of :data:`_WRAPPED`. The message names the inputs and what the model
+    takes: a ``TypeError`` when the inputs' dtypes do not match the model's, else an error of the
+    same type.
+    """
 
     def __init__(self, fm: FunctionalModel, inputs: Inputs) -> None:
         self.fm, self.inputs = fm, inputs
@@ -572,9 +595,11 @@ def _input_error_message(
 
 
 def _first_layer(module: nn.Module) -> str | None:
-    """What the first registered layer takes, e.g. ``"0 (Linear) takes inputs with 3 features
-    (last dimension) of dtype float32"``; ``None`` when it is not a linear, convolution or
-    embedding layer."""
+    """What the first registered layer takes, as a sentence (``None`` when unknown).
+
+    E.g. ``"0 (Linear) takes inputs with 3 features (last dimension) of dtype float32"``; ``None``
+    when it is not a linear, convolution or embedding layer.
+    """
     for name, m in module.named_modules():
         label = f"{name or '<root>'} ({type(m).__name__})"
         if isinstance(m, nn.Linear):
@@ -595,9 +620,11 @@ def _first_layer(module: nn.Module) -> str | None:
 
 
 def _parameter_slots(module: nn.Module, names: list[str]) -> tuple[tuple[str, str], ...]:
-    """``(path, name)`` for every module attribute that holds a selected parameter ``name``:
-    one path per distinct (module object, attribute), however many names reach it (a layer
-    used twice is reached under two names; replacing it twice would restore it wrongly)."""
+    """``(path, name)`` for every module attribute that holds a selected parameter ``name``.
+
+    One path per distinct (module object, attribute), however many names reach it (a layer used
+    twice is reached under two names; replacing it twice would restore it wrongly).
+    """
     selected = dict(module.named_parameters())
     by_id = {id(selected[n]): n for n in names}
     seen: set[tuple[int, str]] = set()
@@ -634,8 +661,11 @@ def _coupling_modules(module: nn.Module):
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
-    """Equal up to rounding (a batched and an unbatched kernel may round differently):
-    within ``10 sqrt(eps)`` of ``a``'s largest finite magnitude, non-finite entries equal."""
+    """Whether ``a`` and ``b`` are equal up to rounding.
+
+    A batched and an unbatched kernel may round differently: entries must agree within
+    ``10 sqrt(eps)`` of ``a``'s largest finite magnitude, and non-finite entries must be equal.
+    """
     if a.shape != b.shape:
         return False
     if not a.is_floating_point() or not a.numel():

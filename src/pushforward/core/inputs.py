@@ -34,8 +34,11 @@ class Inputs:
 
     @classmethod
     def from_user(cls, x: Any) -> Inputs:
-        """Normalize ``x``: a tensor, a tuple/list of positional arguments, or a mapping
-        (e.g. a Hugging Face ``BatchEncoding``) of keyword arguments."""
+        """Normalize ``x`` into positional and keyword arguments.
+
+        ``x`` is a tensor, a tuple/list of positional arguments, or a mapping (e.g. a Hugging Face
+        ``BatchEncoding``) of keyword arguments.
+        """
         if isinstance(x, Inputs):
             return x
         if isinstance(x, Tensor):
@@ -102,8 +105,10 @@ class Inputs:
         return self.map(lambda t: t[torch.as_tensor(index, dtype=torch.long, device=t.device)])
 
     def describe(self) -> str:
-        """The batched tensors' names, shapes and dtypes, e.g. ``"x: (5, 3) float64"`` (a
-        lone tensor is ``x``, positional ones ``x[i]``, keyword ones ``x['name']``)."""
+        """The batched tensors' names, shapes and dtypes, e.g. ``"x: (5, 3) float64"``.
+
+        A lone tensor is ``x``, positional ones ``x[i]``, keyword ones ``x['name']``.
+        """
         named = list(_named_tensors(self.args, self.kwargs))
         lone = len(named) == 1 and not self.kwargs
 
@@ -119,16 +124,20 @@ class Inputs:
         )
 
     def detach(self) -> Inputs:
+        """The same inputs with every tensor detached from autograd."""
         return self.map(Tensor.detach)
 
     @property
     def device(self) -> torch.device:
+        """The device of the first tensor."""
         return self.tensors()[0].device
 
     def signature(self, with_batch: bool = False) -> tuple:
-        """What one example's computation depends on besides the values: each tensor's shape
-        (without the batch dimension unless ``with_batch``) and dtype, and the static
-        arguments (flags, configuration)."""
+        """What one example's computation depends on besides the values, as a hashable key.
+
+        Each tensor's shape (without the batch dimension unless ``with_batch``) and dtype, and the
+        static arguments (flags, configuration).
+        """
         tensors = tuple(
             (tuple(t.shape if with_batch else t.shape[1:]), t.dtype, t.device.type)
             for t in self.tensors()

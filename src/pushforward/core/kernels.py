@@ -42,9 +42,12 @@ __all__ = [
 
 
 class _SafeKernels:
-    """The process-wide flags of :func:`transform_safe_kernels`, set while any thread is inside
-    the block and restored when the last one leaves (PyTorch's flags are global: two threads
-    saving and restoring them independently would leave them switched off)."""
+    """The process-wide flags of :func:`transform_safe_kernels`, shared by all threads.
+
+    They are set while any thread is inside the block and restored when the last one leaves
+    (PyTorch's flags are global: two threads saving and restoring them independently would leave
+    them switched off).
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -78,8 +81,10 @@ _SAFE = _SafeKernels()
 
 @contextlib.contextmanager
 def transform_safe_kernels() -> Iterator[None]:
-    """Math attention backend and no ``MultiheadAttention`` fast path inside the block (set
-    process-wide while any thread is inside, restored when the last one leaves)."""
+    """Math attention backend and no ``MultiheadAttention`` fast path inside the block.
+
+    Set process-wide while any thread is inside, restored when the last one leaves.
+    """
     _SAFE.enter()
     try:
         yield
@@ -137,9 +142,12 @@ def decomposed_layer_norm() -> Iterator[None]:
 
 
 def transform_kernels(safe_attention: bool) -> contextlib.ExitStack:
-    """The kernel context for a transformed computation: :func:`consistent_embedding`,
-    :func:`transform_safe_kernels` when ``safe_attention``, and :func:`decomposed_layer_norm` when
-    grad mode is on (the result will be differentiated again); under :data:`TRANSFORM_LOCK`."""
+    """The kernel context for a transformed computation, under :data:`TRANSFORM_LOCK`.
+
+    It enters :func:`consistent_embedding`, :func:`transform_safe_kernels` when ``safe_attention``,
+    and :func:`decomposed_layer_norm` when grad mode is on (the result will be differentiated
+    again).
+    """
     stack = contextlib.ExitStack()
     stack.enter_context(TRANSFORM_LOCK)
     stack.enter_context(consistent_embedding())

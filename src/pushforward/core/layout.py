@@ -13,9 +13,12 @@ __all__ = ["ParamLayout", "match_names"]
 
 
 def match_names(names: Sequence[str], wanted: Iterable[str]) -> tuple[tuple[str, ...], list[str]]:
-    """``(hits, missing)``: the entries of ``names`` equal to, or under the prefix ``w.`` of, any
-    ``w`` in ``wanted`` (``"head"`` matches ``"head.weight"`` and ``"head.bias"``), in the order
-    of ``names``; and the entries of ``wanted`` that match nothing."""
+    """Match ``wanted`` names or prefixes against ``names``: ``(hits, missing)``.
+
+    ``hits`` are the entries of ``names`` equal to, or under the prefix ``w.`` of, any ``w`` in
+    ``wanted`` (``"head"`` matches ``"head.weight"`` and ``"head.bias"``), in the order of
+    ``names``; ``missing`` are the entries of ``wanted`` that match nothing.
+    """
     wanted = list(wanted)
 
     def hit(n: str, w: str) -> bool:
@@ -55,9 +58,11 @@ class ParamLayout:
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor]) -> ParamLayout:
+        """The layout of ``tensors`` ``{name: tensor}``, in their order."""
         return cls(tuple(tensors), {n: t.shape for n, t in tensors.items()})
 
     def sizes(self) -> list[int]:
+        """Each parameter's number of entries, in layout order."""
         return [self.slices[n].stop - self.slices[n].start for n in self.names]
 
     def sub(self, names: Iterable[str]) -> ParamLayout:

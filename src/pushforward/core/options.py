@@ -19,8 +19,12 @@ __all__ = ["Options", "check_generator", "check_positive_int"]
 
 
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
-    """``value`` as an int, or ``TypeError``/``ValueError`` naming ``name`` unless it is a
-    positive integer (or ``None`` when allowed)."""
+    """``value`` as an int, checked to be a positive integer (or ``None`` when allowed).
+
+    Raises:
+        TypeError: ``value`` is not an integer (``bool`` included), naming ``name``.
+        ValueError: ``value`` is not positive, naming ``name``.
+    """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -82,14 +86,16 @@ class Options:
         return parse_memory(self.memory_budget, device)
 
     def budget(self, device: torch.device | None = None) -> Budget:
-        """The :class:`~pushforward.core.cost.Budget` of these options on ``device``."""
+        """The ``Budget`` (bytes and chunk target) of these options on ``device``."""
         return Budget.of(self.budget_bytes(device), self.chunk_size, device)
 
     @classmethod
     def resolve(cls, options: Options | None, **keywords: Any) -> Options:
-        """``options`` when given — then every keyword must be left at its default — else the
-        keywords as one :class:`Options` (what the public functions do with their
-        ``options=`` and their individual keywords)."""
+        """``options`` when given, else the keywords as one :class:`Options`.
+
+        This is what the public functions do with their ``options=`` and their individual keywords:
+        when ``options`` is given, every keyword must be left at its default.
+        """
         if options is None:
             return cls(**keywords)
         if not isinstance(options, Options):

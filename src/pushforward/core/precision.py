@@ -14,8 +14,8 @@ the model's dtype).
 Half precision has a narrow range (``float16`` overflows above 65,504): a model whose outputs are
 finite can still have derivatives that overflow in its dtype — attention masked with the dtype's
 minimum is the usual case. A strategy whose results are not finite where the outputs are raises
-:class:`~pushforward.DerivativeOverflowError`, and the plan falls through to its next strategy (one whose
-products take another route may stay in range); when none does, the error is raised: never a
+:class:`~pushforward.DerivativeOverflowError`, and the plan falls through to its next strategy (one
+whose products take another route may stay in range); when none does, the error is raised: never a
 silent ``nan``.
 """
 
@@ -46,8 +46,15 @@ def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def check_overflow(f: Tensor | None, result: Tensor, how: str) -> None:
-    """Raise :class:`~pushforward.DerivativeOverflowError` when ``result`` is not finite where
-    the outputs ``f`` are (``None``: outputs not at hand, taken as finite)."""
+    """Raise :class:`~pushforward.DerivativeOverflowError` when ``result`` overflowed.
+
+    That is, when ``result`` has non-finite entries while the outputs ``f`` are all finite
+    (``f=None``: outputs not at hand, taken as finite); ``how`` names the computation in the
+    message.
+
+    Raises:
+        pushforward.DerivativeOverflowError: as above.
+    """
     if bool(torch.isfinite(result).all()) or (f is not None and not bool(torch.isfinite(f).all())):
         return
     dtype = "half precision" if f is None else str(f.dtype).removeprefix("torch.")

@@ -80,9 +80,12 @@ def _run(
     batch_first: bool,
     per_layer: int,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The stacked (bidirectional) recurrence: ``(output, final states)`` as PyTorch returns
-    them; ``states`` ``(layers * directions, N, H)`` each, ``params`` in ``_flat_weights``
-    order (``per_layer`` tensors per layer and direction)."""
+    """The stacked (bidirectional) recurrence in elementary operations.
+
+    Returns ``(output, final states)`` as PyTorch returns them; ``states`` are
+    ``(layers * directions, N, H)`` each, ``params`` in ``_flat_weights`` order (``per_layer``
+    tensors per layer and direction).
+    """
     if batch_first:
         x = x.transpose(0, 1)  # (L, N, H_in)
     directions = 2 if bidirectional else 1
@@ -175,7 +178,9 @@ class _DecomposedRNN(TorchFunctionMode):
 
 @contextlib.contextmanager
 def decomposed_rnn(everywhere: bool = False) -> Iterator[None]:
-    """Recurrent layers on CUDA computed in elementary operations inside the block (see the
-    module docstring); ``everywhere``: on every device (the CPU included: for tests)."""
+    """Recurrent layers on CUDA computed in elementary operations inside the block.
+
+    See the module docstring; ``everywhere``: on every device (the CPU included: for tests).
+    """
     with _DecomposedRNN(everywhere):
         yield

@@ -48,9 +48,10 @@ class Settings:
             on the device when a plan is made.
         plan_cache: plans kept per model for repeated calls with the same input shapes,
             covariance and options (0 turns the cache off).
-        replay: repeated :func:`~pushforward.functional_variance` calls on a
+        replay: repeated :func:`~pushforward.functional_variance` and per-example
+            :func:`~pushforward.functional_covariance` calls on a
             :class:`~pushforward.FunctionalModel` that is a plain chain of linear layers and
-            activations replay the captured program (:mod:`pushforward.engine.replay`) instead
+            activations replay the captured program (``pushforward.engine.replay``) instead
             of re-checking and re-planning (``False``: every call runs eagerly).
     """
 
@@ -62,6 +63,7 @@ class Settings:
     replay: bool = True
 
     def describe(self) -> str:
+        """The settings in one line, as ``print(plan)`` shows them."""
         gpu = "the budget" if self.gpu_chunk_target is None else format_bytes(self.gpu_chunk_target)
         return (
             f"chunk target {format_bytes(self.chunk_target)} (CPU) / {gpu} (GPU), traffic "
@@ -121,7 +123,8 @@ class settings:
         traffic: FLOP-equivalents per element of a parameter-sized vector.
         budget_fraction: default memory budget as a fraction of the available memory.
         plan_cache: plans kept per model (0: off).
-        replay: replay repeated variance calls on plain chains (``False``: always eager).
+        replay: replay repeated variance and per-example covariance calls on plain chains
+            (``False``: always eager).
     """
 
     def __init__(self, **overrides: Any) -> None:
@@ -138,6 +141,7 @@ class settings:
         _CURRENT.reset(self._tokens.pop())
 
     def __call__(self, fn):
+        """Use as a decorator: ``fn`` runs with these settings at every call."""
         import functools
 
         @functools.wraps(fn)

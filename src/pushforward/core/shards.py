@@ -1,5 +1,7 @@
-"""Batches of a data set and the shards of a data-parallel run: reading one batch, and what a
-``DataLoader``'s ``DistributedSampler`` says about the examples of this rank.
+"""Batches of a data set and the shards of a data-parallel run.
+
+What is read here: one batch, and what a ``DataLoader``'s ``DistributedSampler`` says about the
+examples of this rank.
 
 * :func:`split_batch` — the one reader of a batch: ``x``, ``(x,)``, ``(x, y)``, or a mapping
   holding the model's keyword arguments and (for a loss) the targets under a key;
@@ -23,9 +25,11 @@ __all__ = ["distributed_sampler", "real_examples", "refuse_accelerate_shards", "
 def split_batch(
     batch: Any, target_key: str = "labels", *, targets: bool = True, index: int | None = None
 ) -> tuple[Any, Any]:
-    """``(x, y)`` of one batch: ``(x, y)``, or a mapping with the targets under ``target_key``
-    (the rest are the model's keyword arguments). Without ``targets`` (an evaluation batch) also
-    ``x`` alone or ``(x,)``, and ``y`` may be missing (``None``).
+    """``(x, y)`` of one batch.
+
+    The batch is ``(x, y)``, or a mapping with the targets under ``target_key`` (the rest are the
+    model's keyword arguments). Without ``targets`` (an evaluation batch) also ``x`` alone or
+    ``(x,)``, and ``y`` may be missing (``None``).
 
     Raises:
         TypeError / KeyError: a batch of another form, naming it (and its position ``index``).
@@ -78,9 +82,11 @@ def refuse_accelerate_shards(data: Any) -> None:
 
 
 def real_examples(sampler: DistributedSampler) -> int:
-    """How many of the sampler's examples for its rank come first and are not padding (a
-    ``drop_last=False`` sampler pads the shards to equal length by repeating examples, which
-    then come last in some shards)."""
+    """How many of the sampler's examples for its rank come first and are not padding.
+
+    A ``drop_last=False`` sampler pads the shards to equal length by repeating examples, which then
+    come last in some shards.
+    """
     if sampler.drop_last:
         return sampler.num_samples
     return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]

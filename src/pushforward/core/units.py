@@ -25,8 +25,15 @@ _UNITS = {
 
 
 def parse_bytes(value: int | float | str, what: str = "memory budget") -> int:
-    """Bytes from a positive number or a string like ``"2GB"``/``"512 MiB"`` (decimal units
-    ``KB``/``MB``/``GB``/``TB``, binary ``KiB``/``MiB``/``GiB``/``TiB``)."""
+    """Bytes from a positive number or a string like ``"2GB"``/``"512 MiB"``.
+
+    Decimal units ``KB``/``MB``/``GB``/``TB``, binary ``KiB``/``MiB``/``GiB``/``TiB``.
+
+    Raises:
+        TypeError: ``value`` is neither a number (``bool`` excluded) nor a string.
+        ValueError: an unreadable string, or a value that is not positive and finite (naming
+            ``what``).
+    """
     if isinstance(value, bool):
         raise TypeError(f"{what} must be a number of bytes or a string like '2GB'")
     if isinstance(value, (int, float)):
