@@ -21,7 +21,8 @@ from botorch.posteriors import Posterior
 from botorch.sampling.base import MCSampler
 from torch import Tensor
 
-from pushforward.core.cost import Budget, measure_cost
+from pushforward.core.chunking import spans
+from pushforward.core.cost import measure_cost
 from pushforward.core.options import Options, check_generator, check_positive_int
 from pushforward.covariance.binding import bind_covariance
 from pushforward.products.jvp import push_tangents
@@ -56,8 +57,10 @@ class SamplePaths:
         self._draws: Tensor | None = None
 
     def perturbations(self) -> Tensor:
-        """``(n, P)``: the weight-space draws ``δ_i = L z_i`` (plus the model's
-        ``weight_shift`` once it is conditioned on observations)."""
+        """The weight-space draws ``δ_i = L z_i``, shape ``(n, P)``.
+
+        Plus the model's ``weight_shift`` once it is conditioned on observations.
+        """
         if any(t.requires_grad for t in self._cov.tensors()) and torch.is_grad_enabled():
             return self._shifted(draw_perturbations(self._seeds, self._cov))
         if self._draws is None:
@@ -70,8 +73,21 @@ class SamplePaths:
         return draws if shift is None else draws + shift.to(draws)
 
     def latent(self, X: Tensor, selection: tuple[int, ...] | None = None) -> Tensor:
-        """The samples of the network outputs ``selection`` (default the model's) at inputs
-        already through the input transform: ``n x batch_shape x q x s``."""
+        """The samples of the network outputs ``selection`` (default the model's).
+
+        Args:
+            X: inputs already through the input transform, ``batch_shape x q x d``.
+            selection: indices of the network's outputs (default the model's selection).
+
+        Returns:
+            ``n x batch_shape x q x s`` samples, ``s = len(selection)``.
+
+        Raises:
+            ValueError: ``X`` has fewer than 2 dimensions, or the network's outputs are not
+                ``(N, num_outputs)``.
+            pushforward.MemoryBudgetError: even one sample function at a time does not fit the
+                model's memory budget.
+        """
         model, fm = self.model, self.model.functional_model
         selection = model._selection if selection is None else selection
         if X.dim() < 2:
@@ -84,7 +100,7 @@ class SamplePaths:
         options = Options(memory_budget=model._engine["memory_budget"])
         cost = measure_cost(fm, inputs)
         B = inputs.batch_size
-        budget = Budget.of(options.budget_bytes(inputs.device))
+        budget = options.budget(inputs.device)
         held = (2 * self.n + 1) * B * cost.output_bytes + self.n * self._cov.num_params * (
             self._cov.dtype.itemsize
         )
@@ -96,10 +112,8 @@ class SamplePaths:
             inputs = inputs if differentiable else inputs.detach()
             params = fm.params(differentiable)
             parts = []
-            for start in range(0, self.n, chunk):
-                f, JV = push_tangents(
-                    fm, params, inputs, fm.unflatten(draws[start : start + chunk])
-                )
+            for span in spans(self.n, chunk):
+                f, JV = push_tangents(fm, params, inputs, fm.unflatten(draws[span]))
                 parts.append(f + JV)
             samples = torch.cat(parts) if len(parts) > 1 else parts[0]
         if samples.dim() != 3 or samples.shape[-1] != model._width:
@@ -111,9 +125,12 @@ class SamplePaths:
         return samples.reshape(self.n, *X.shape[:-1], len(selection))
 
     def __call__(self, X: Tensor) -> Tensor:
-        """The sample functions at ``X`` (``batch_shape x q x d``, before the input transform):
-        ``n x batch_shape x q x m`` in the outcome space (after the outcome transform's
-        ``untransform``)."""
+        """The sample functions at ``X`` (``batch_shape x q x d``, before the input transform).
+
+        Returns:
+            ``n x batch_shape x q x m`` samples in the outcome space (after the outcome transform's
+            ``untransform``).
+        """
         model = self.model
         model.eval()
         model._check_inputs(X)
@@ -124,9 +141,9 @@ class SamplePaths:
 
 
 class PathwiseSampler(MCSampler):
-    """A BoTorch sampler drawing fixed pathwise sample functions of a
-    :class:`~pushforward.botorch.PushforwardModel`.
+    """A BoTorch sampler drawing fixed pathwise sample functions of a model.
 
+    The model is a :class:`~pushforward.botorch.PushforwardModel`.
     ``sampler(posterior)`` evaluates the same ``sample_shape.numel()`` sample functions (drawn
     with ``seed``) at the posterior's points, whatever the t-batch shape: MC acquisition values
     are deterministic and smooth in X, consistent across calls, and joint across t-batches.
@@ -136,6 +153,10 @@ class PathwiseSampler(MCSampler):
 
     Use with ``cache_root=False`` in acquisition functions that would otherwise cache a
     Cholesky factor of base samples (``qLogNoisyExpectedImprovement``).
+
+    Args:
+        sample_shape: the sample shape; ``sample_shape.numel()`` sample functions are drawn.
+        seed: seed of the draws (BoTorch's default when ``None``).
     """
 
     def __init__(self, sample_shape: torch.Size, seed: int | None = None) -> None:
@@ -151,6 +172,12 @@ class PathwiseSampler(MCSampler):
         return self._paths[0]
 
     def forward(self, posterior: Posterior) -> Tensor:
+        """The sample functions at the posterior's points: ``sample_shape x batch_shape x q x m``.
+
+        Raises:
+            ValueError: the posterior does not come from ``PushforwardModel.posterior``, or it
+                asks for observation noise from a model without ``noise``.
+        """
         source = getattr(posterior, "pushforward_source", None)
         if source is None:
             raise ValueError(
