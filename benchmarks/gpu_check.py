@@ -5,8 +5,8 @@ on; each has a time budget, its elapsed time printed):
 
 * ``w1`` — W1 MLP 784-256-256-10, B=256, diagonal S from a fitted laplace-torch DiagLaplace
   (``pf.from_laplace``): the model's forward and forward+backward, ``functional_variance``
-  (default; replay off; through ``pf.compile``, its ``.program`` recorded — on CUDA a CUDA
-  graph), the per-example covariance, laplace-torch's ``la._glm_predictive_distribution(x)``
+  (default; replay off; through ``pf.compile``, its ``.program`` recorded), the per-example
+  covariance, laplace-torch's ``la._glm_predictive_distribution(x)``
   on the same posterior; then B = 1 / 16 / 256 / 4096, eager and compiled.
 * ``w1-kron`` (KronLaplace), ``w4`` (the CNN of ``benchmarks/cases/workloads.py``, B=64),
   ``w3`` (K=1000, B=64): the same predictive rows.
