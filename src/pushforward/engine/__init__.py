@@ -25,8 +25,11 @@ MONTE_CARLO = MonteCarloStrategy.name
 
 
 def monte_carlo_chunks(found: Plan):
-    """``(f, W)`` chunk by chunk of a Monte Carlo plan: ``W (c, B, T, K)`` the chunk's pushed
-    samples ``J L z_i`` (see :class:`~pushforward.engine.strategies.monte_carlo.MonteCarloStrategy`)."""
+    """Yield ``(f, W)`` chunk by chunk of a Monte Carlo plan.
+
+    ``W (c, B, T, K)`` holds the chunk's pushed samples ``J L z_i`` (see
+    ``pushforward.engine.strategies.monte_carlo.MonteCarloStrategy``).
+    """
     return MonteCarloStrategy().chunks(found.problem, found.estimate)
 
 

@@ -9,7 +9,7 @@ Two kinds of pieces arrive:
   forward mode: :class:`ColumnAccumulator` sums their outer products, since
   ``J S J^T = sum_j (J L e_j)(J L e_j)^T``.
 
-A joint covariance within groups of ``q`` batch elements (see :mod:`pushforward.engine.problem`)
+A joint covariance within groups of ``q`` batch elements (see ``pushforward.engine.problem``)
 needs the rows of a whole group together: :class:`GroupRows` keeps the pieces of a group that
 arrive over several chunks (each row multiplied by the square-root factor once) until the group
 is complete.
@@ -32,8 +32,11 @@ __all__ = ["ChunkedResult", "ColumnAccumulator", "GroupRows", "RowAccumulator", 
 
 
 def gram(cov: CovarianceOperator, A: Tensor) -> Tensor:
-    """``A S A^T`` batched: ``A (..., m, P)`` -> ``(..., m, m)``, each row multiplied by the
-    covariance once (through the square-root factor when it is thinner than P)."""
+    """``A S A^T`` batched: ``A (..., m, P)`` -> ``(..., m, m)``.
+
+    Each row is multiplied by the covariance once (through the square-root factor when it is
+    thinner than P).
+    """
     P = A.shape[-1]
     flat = A.reshape(-1, P)
     if cov.sqrt_cols <= P:
@@ -82,6 +85,11 @@ class ChunkedResult:
             self.out[chunk.samples, self.positions(chunk)] = values
 
     def outputs(self) -> Tensor:
+        """The outputs ``f`` gathered so far, ``(B, *sample_shape)``.
+
+        Raises:
+            ValueError: no chunk stored outputs (the batch is empty).
+        """
         if self.f is None:
             raise ValueError("no outputs were computed: the batch is empty")
         return self.f.reshape(self.problem.B, *self.problem.sample_shape)
@@ -107,6 +115,11 @@ class GroupRows:
         self.pending: list[tuple[RowChunk, Tensor]] = []
 
     def add(self, chunk: RowChunk, W: Tensor) -> None:
+        """Take a chunk's transformed rows ``W (b, r, w)``; store the blocks of completed groups.
+
+        Each complete group's block ``G G^T`` ``(q*R, q*R)`` (``G`` the group's rows,
+        ``(q*R, w)``) is passed to ``store`` with the group's index.
+        """
         p = self.problem
         q, R = p.group_size, p.rows_per_sample
         start, stop = chunk.samples.start, chunk.samples.stop
@@ -151,6 +164,13 @@ class RowAccumulator(ChunkedResult):
             yield group.operator, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def add(self, chunk: RowChunk, f: Tensor, rows: dict[str, Tensor]) -> None:
+        """Contract a chunk's reverse-mode rows into the result.
+
+        Args:
+            chunk: the chunk's examples and rows.
+            f: the chunk's outputs ``(b, *f_b)``.
+            rows: the rows ``J^T e`` per parameter, ``{name: (b, r, *shape)}``.
+        """
         p = self.problem
         self.store_outputs(chunk, f)
         b, r = chunk.samples.stop - chunk.samples.start, chunk.rows.stop - chunk.rows.start
@@ -185,6 +205,7 @@ class ColumnAccumulator:
         self.out = torch.zeros(shape, dtype=p.compute_dtype, device=p.inputs.device)
 
     def add(self, W: Tensor) -> None:
+        """Add the outer products of the pushed columns ``W (n, B, T, S)`` to the result."""
         p = self.problem
         W = upcast(W, p.compute_dtype)
         if p.kind == "variance":
@@ -200,4 +221,9 @@ class ColumnAccumulator:
         self.out = self.out + part if torch.is_grad_enabled() else self.out.add_(part)
 
     def result(self) -> Tensor:
+        """The canonical result summed so far.
+
+        ``(B, T, S)`` variances, ``(B, T, S, S)`` covariances or ``(groups, q*R, q*R)`` joint
+        blocks.
+        """
         return self.out

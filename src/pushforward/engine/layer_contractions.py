@@ -14,7 +14,7 @@ layer's parameters is determined by the layer input ``a_n`` and ``G_nj = d f_nj 
   sum_d G_td V_{id_t d} G_t'd``;
 * anything else (convolutions, weight sharing over positions, dense or low-rank blocks): the
   layer's per-example weight-gradient rows are formed (from the layer's normalized geometry,
-  :class:`~pushforward.layers.LayerGeometry`: any stride, padding, dilation and groups) and
+  ``pushforward.layers.LayerGeometry``: any stride, padding, dilation and groups) and
   contracted with the block's operator.
 
 Joint covariances within groups of ``q`` consecutive examples (:meth:`GroupContraction.joint`)
@@ -54,16 +54,18 @@ Kernel = Callable[[Tensor, "Tensor | OneHot"], Tensor]
 
 @dataclass(frozen=True)
 class QuadraticForm:
-    """A layer group's variance for directions ``G (b, c, out)`` at one position, written
-    ``sum_j (G L)_j^2 s_j`` with ``L (out, m)`` formed once (``factor``; ``None``: the
-    identity, ``m = out``) and the scales ``s (b, m)`` of the layer's input ``x (b, in)``:
+    """A layer group's variance for directions ``G (b, c, out)`` at one position.
+
+    It is written ``sum_j (G L)_j^2 s_j`` with ``L (out, m)`` formed once (``factor``; ``None``:
+    the identity, ``m = out``) and the scales ``s (b, m)`` of the layer's input ``x (b, in)``:
 
     * ``s = ((x F)^2) W + c`` — ``weights`` ``W (in', m)``, ``input_factor`` ``F (in, in')``
       (``None``: the identity), ``constant`` ``c (m,)`` (``None``: zero);
     * ``s = c`` for a group whose variance does not depend on the input (a bias: no weights);
     * ``s = scales(x)`` for any other dependence.
 
-    Groups on one layer add up by concatenating ``L`` and ``s``."""
+    Groups on one layer add up by concatenating ``L`` and ``s``.
+    """
 
     factor: Tensor | None
     weights: Tensor | None = None
@@ -109,12 +111,13 @@ def _pair_products(a: Tensor) -> Tensor:
 
 
 def _weighted_pairs(G: Tensor, a: Tensor, M: Tensor) -> Tensor:
-    """``sum_{o,i} G[g,n,j,o] M[o,i] a[g,n,i] a[g,m,i] G[g,m,l,o]`` for the examples ``n, m`` of
-    each group: ``G (g, q, c, o)``, ``a (g, q, i)``, ``M (o, i)`` -> ``(g, q c, q c)``.
+    """``sum_{o,i} G[g,n,j,o] M[o,i] a[g,n,i] a[g,m,i] G[g,m,l,o]`` for the examples of a group.
 
-    Only the pairs ``n <= m`` are contracted (the result is symmetric), each as a broadcast
-    product, one matmul with ``M`` and one batched matmul (a three-operand ``einsum`` would
-    search a contraction path at every call)."""
+    ``G (g, q, c, o)``, ``a (g, q, i)``, ``M (o, i)`` -> ``(g, q c, q c)``, for every pair of
+    examples ``n, m`` of each group. Only the pairs ``n <= m`` are contracted (the result is
+    symmetric), each as a broadcast product, one matmul with ``M`` and one batched matmul (a
+    three-operand ``einsum`` would search a contraction path at every call).
+    """
     g, q, c = G.shape[:3]
     n, m = torch.triu_indices(q, q, device=G.device)
     U = (a[:, n] * a[:, m]) @ M.T  # (g, pairs, o)
@@ -168,21 +171,27 @@ class GroupContraction:
         return gram(self.op, R.reshape(b, c // S, S, P))
 
     def joint(self, a: Tensor, G: Tensor | OneHot, params: dict[str, Tensor], q: int) -> Tensor:
-        """``(b / q, q c, q c)``: covariance between all directions of the examples of each
-        group of ``q`` consecutive examples."""
+        """``(b / q, q c, q c)``: covariance between all directions of a group's examples.
+
+        The groups are of ``q`` consecutive examples.
+        """
         R = self.rows(a, G, params)
         b, c, P = R.shape
         return gram(self.op, R.reshape(b // q, q * c, P))
 
     def variance_kernel(self, params: dict[str, Tensor]) -> Kernel:
-        """:meth:`variance` as a function of ``(a, G)`` alone, with what depends only on the
-        covariance and the parameters formed once (for replayed calls: valid while neither
-        changes)."""
+        """:meth:`variance` as a function of ``(a, G)`` alone.
+
+        What depends only on the covariance and the parameters is formed once (for replayed
+        calls: valid while neither changes).
+        """
         return lambda a, G: self.variance(a, G, params)
 
     def quadratic_form(self) -> QuadraticForm | None:
-        """The group's variance as a :class:`QuadraticForm` (a layer applied at one position),
-        or ``None`` when it has none."""
+        """The group's variance as a :class:`QuadraticForm`, or ``None`` when it has none.
+
+        Only a layer applied at one position has one.
+        """
         return None
 
 
@@ -198,8 +207,10 @@ def _flat_pairs(M: Tensor, k: Tensor, S: int) -> Tensor:
 
 
 class _Bias(GroupContraction):
-    """A bias with any block ``B``: rows ``e_k`` give ``B_kk``, other rows (the directions
-    summed over positions) ``r^T B r``."""
+    """A bias with any block ``B``.
+
+    Rows ``e_k`` give ``B_kk``, other rows (the directions summed over positions) ``r^T B r``.
+    """
 
     closed_form = True
 
@@ -277,9 +288,11 @@ class _BiasDiagonal(_Bias):
 
 
 class _LinearDiagonal(GroupContraction):
-    """An affine weight applied once per example, diagonal block — with its bias's diagonal
-    block fused in when both are asked (:func:`fused`): the directions' squares are formed
-    once for both, ``sum_o G_o^2 (sum_i V_oi a_i^2 + v_o)``."""
+    """An affine weight applied once per example, diagonal block.
+
+    Its bias's diagonal block is fused in when both are asked (:func:`fused`): the directions'
+    squares are formed once for both, ``sum_o G_o^2 (sum_i V_oi a_i^2 + v_o)``.
+    """
 
     closed_form = True
 
@@ -361,8 +374,10 @@ class _LinearKronecker(GroupContraction):
     closed_form = True
 
     def _sides(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(output side, input side, eigenvalues (out, in) or None)`` of the block: the
-        factors, or the eigenvectors and eigenvalues of the eigen form."""
+        """``(output side, input side, eigenvalues (out, in) or None)`` of the block.
+
+        The factors, or the eigenvectors and eigenvalues of the eigen form.
+        """
         block, geometry = self.op, self.call.geometry
         if isinstance(block, KroneckerFactors):
             return (*geometry.pair(block.out_factor, block.in_factor), None)
@@ -370,9 +385,12 @@ class _LinearKronecker(GroupContraction):
         return Qg, Qa, geometry.matrix(block.eigvals)
 
     def _parts(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """``(Fg, s)`` for a factor pair: the output-side factor and ``a^T A a`` per example; or
-        ``(Qg, u)`` for the eigen form: output-side eigenvectors and ``u_bo = sum_i M_oi
-        (Q_a^T a_b)_i^2``."""
+        """The output side and the per-example scales of the block for inputs ``a``.
+
+        ``(Fg, s)`` for a factor pair: the output-side factor and ``a^T A a`` per example; or
+        ``(Qg, u)`` for the eigen form: output-side eigenvectors and
+        ``u_bo = sum_i M_oi (Q_a^T a_b)_i^2``.
+        """
         a = self.call.geometry.inputs(a)[:, 0]  # (b, in)
         Fg, Fa, M = self._sides()
         if M is None:
@@ -488,8 +506,10 @@ class _EmbeddingDiagonal(GroupContraction):
 
 
 def fused(contractions: list[GroupContraction]) -> list[GroupContraction]:
-    """``contractions`` with each layer's diagonal weight and bias blocks in one contraction
-    (their directions' squares formed once)."""
+    """``contractions`` with each layer's diagonal weight and bias blocks in one contraction.
+
+    The fused contraction forms their directions' squares once.
+    """
     biases = {
         c.call.index: c
         for c in contractions
@@ -510,9 +530,11 @@ def fused(contractions: list[GroupContraction]) -> list[GroupContraction]:
 def contraction_for(
     call: LayerCall, names: tuple[str, ...], op: CovarianceOperator, joint: bool
 ) -> GroupContraction | None:
-    """The contraction for a covariance group on one layer call, or None if the group must go
-    through the generic strategies (embeddings with a non-diagonal block, or any embedding in a
-    joint covariance: their rows are vocabulary-sized)."""
+    """The contraction for a covariance group on one layer call, or None.
+
+    None if the group must go through the generic strategies (embeddings with a non-diagonal
+    block, or any embedding in a joint covariance: their rows are vocabulary-sized).
+    """
     geometry = call.geometry
     if geometry.lookup:
         if joint or not (_diagonal_like(op) and names == (call.weight_name,)):

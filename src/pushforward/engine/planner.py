@@ -72,15 +72,20 @@ class Plan:
 
     @property
     def name(self) -> str:
+        """The chosen strategy's name (e.g. ``"structured"``, ``"reverse"``)."""
         return self.estimate.strategy
 
     @property
     def chunk_size(self) -> int:
+        """The chosen strategy's chunk size (rows, tangents or samples per chunk)."""
         return self.estimate.chunk_size
 
     def fallbacks(self) -> list[Estimate]:
-        """The strategies tried in order under ``auto``: the chosen one, then every other
-        exact one that fits the budget, cheapest first."""
+        """The strategies tried in order under ``auto``, as their estimates.
+
+        The chosen one, then every other exact one that fits the budget, cheapest first (a
+        named strategy: only itself).
+        """
         if self.named:
             return [self.estimate]
         budget = self.problem.budget.total
@@ -94,20 +99,26 @@ class Plan:
         return self._ladder().failures(self.problem.fm)
 
     def execute(self) -> tuple[Tensor, ...]:
-        """Run the plan: ``(f, result)`` in the user's shapes (a Monte Carlo strategy adds the
-        result's standard error: ``(f, result, stderr)``)."""
+        """Run the plan: ``(f, result)`` in the user's shapes.
+
+        A Monte Carlo strategy adds the result's standard error: ``(f, result, stderr)``.
+        """
         f, *results = self.run_canonical()
         return (f, *(self.problem.user_result(r) for r in results))
 
     def run_canonical(self) -> tuple[Tensor, ...]:
-        """Run the plan: ``(f, result, ...)`` with the results in canonical layout; a strategy
-        that fails for a reason of the transform machinery falls through to the next one in
-        order (remembered per plan, shown by ``print(plan)``)."""
+        """Run the plan: ``(f, result, ...)`` with the results in canonical layout.
+
+        A strategy that fails for a reason of the transform machinery falls through to the next
+        one in order (remembered per plan, shown by ``print(plan)``).
+        """
         return self._ladder()(self.problem.fm)
 
     def _ladder(self) -> Ladder:
-        """The plan's strategies in fallback order, as one :class:`Ladder` (its memory is the
-        plan's: kept per plan key)."""
+        """The plan's strategies in fallback order, as one ``Ladder``.
+
+        Its memory of failures is the plan's: kept per plan key.
+        """
         p = self.problem
 
         half = p.dtype in HALF or p.fm.dtype in HALF
@@ -139,8 +150,17 @@ class Plan:
         generator: torch.Generator | None,
         checked: bool = True,
     ) -> Plan:
-        """This plan for another call with the same signature (cache hit); ``checked``: its
-        examples were checked (see the ``checked`` attribute)."""
+        """This plan for another call with the same signature (cache hit).
+
+        Args:
+            inputs: the call's inputs.
+            outputs: the call's selected outputs, or ``None``.
+            generator: the call's ``torch.Generator`` for a Monte Carlo strategy, or ``None``.
+            checked: the call's examples were checked (see the ``checked`` attribute).
+
+        Returns:
+            A :class:`Plan` with the same strategy and estimates, for the new call's problem.
+        """
         problem = self.problem.with_call(inputs, outputs, generator)
         return replace(self, problem=problem, checked=checked)
 
@@ -209,15 +229,27 @@ def plan(
     """Choose how to compute ``J S J^T`` for ``model`` at ``x``.
 
     Args:
+        model: a :class:`~pushforward.FunctionalModel` or an ``nn.Module`` (trainable
+            parameters).
+        x: inputs (tensor, tuple of tensors or mapping of keyword arguments), batch first.
+        cov: the weight-space covariance S, a :class:`~pushforward.CovarianceOperator`.
         kind: ``"variance"`` (per-example diagonal), ``"covariance"`` (per-example K x K) or
             ``"joint"`` (across examples: the whole batch, or within groups of ``group_size``
             consecutive examples).
+        outputs: optional integer index tensor ``(*example_dims, S)`` selecting S outputs per
+            example, as in :func:`~pushforward.functional_variance`.
         strategy: ``"auto"`` or a strategy name (``structured``, ``reverse``, ``forward``,
             ``explicit``, ``monte_carlo``; ``last_layer`` is ``structured``'s one-forward case for
             a posterior on the linear head); a named strategy
             that cannot handle the problem raises ``ValueError`` saying why.
-        memory_budget, differentiable, progress, chunk_size: see
-            :class:`~pushforward.core.options.Options`.
+        memory_budget: bytes or a string like ``"2GB"`` bounding what the call allocates (see
+            :class:`~pushforward.Options`).
+        differentiable: keep the graph when the plan runs: gradients flow to ``x``, the
+            model's parameters and the covariance's tensors.
+        progress: show a tqdm bar over chunks when the plan runs.
+        chunk_size: at most this many rows/tangents/samples per chunk.
+        group_size: ``kind="joint"``: consecutive examples per group (default: the whole
+            batch).
         n_samples: samples drawn by a Monte Carlo strategy (``monte_carlo``; default 100).
         generator: ``torch.Generator`` for a Monte Carlo strategy's draws.
 

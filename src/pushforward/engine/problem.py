@@ -145,8 +145,10 @@ class Problem:
     def with_call(
         self, inputs: Inputs, outputs: Tensor | None, generator: torch.Generator | None
     ) -> Problem:
-        """The same problem for another call's inputs, selected outputs and generator (same
-        shapes): what a cached plan runs on."""
+        """The same problem for another call's inputs, selected outputs and generator.
+
+        The call has the same shapes: this is what a cached plan runs on.
+        """
         return replace(
             self,
             inputs=inputs if self.options.differentiable else inputs.detach(),
@@ -155,8 +157,10 @@ class Problem:
         )
 
     def rebased(self, other: Problem) -> Problem:
-        """This problem (of a sub-model) for the call of ``other``: its inputs, selected outputs
-        and generator."""
+        """This problem (of a sub-model) for the call of ``other``.
+
+        It takes ``other``'s inputs, selected outputs and generator.
+        """
         return replace(self, inputs=other.inputs, outputs=other.outputs, generator=other.generator)
 
     def restricted(self, fm: FunctionalModel, cov: CovarianceOperator) -> Problem:
@@ -181,34 +185,42 @@ class Problem:
 
     @property
     def differentiable(self) -> bool:
+        """Whether the result keeps its graph (``options.differentiable``)."""
         return self.options.differentiable
 
     @property
     def progress(self) -> bool:
+        """Whether a progress bar is shown over the chunks (``options.progress``)."""
         return self.options.progress
 
     @property
     def B(self) -> int:
+        """The number of batch elements."""
         return self.inputs.batch_size
 
     @property
     def T(self) -> int:
+        """Example positions per batch element (the product of its example dimensions)."""
         return math.prod(self.example_shape[1:])
 
     @property
     def K(self) -> int:
+        """Outputs per example (the product of the output dimensions)."""
         return math.prod(self.output_shape)
 
     @property
     def S(self) -> int:
+        """Selected outputs per example (``K`` when none are selected)."""
         return self.K if self.outputs is None else self.outputs.shape[-1]
 
     @property
     def P(self) -> int:
+        """The number of scalar parameters of the model."""
         return self.fm.num_params
 
     @property
     def rows_per_sample(self) -> int:
+        """Rows per batch element, ``T * S``."""
         return self.T * self.S
 
     @property
@@ -218,9 +230,15 @@ class Problem:
 
     @property
     def itemsize(self) -> int:
+        """Bytes per element of the model's parameters."""
         return self.cost.itemsize
 
     def result_bytes(self) -> int:
+        """Bytes of the canonical result, at the parameters' element size.
+
+        ``(B, T, S)`` for a variance, ``(B, T, S, S)`` for a per-example covariance and
+        ``(groups, q*T*S, q*T*S)`` for a joint covariance.
+        """
         n = self.B * self.T * self.S
         size = {
             "variance": n,
@@ -273,6 +291,7 @@ class Problem:
         return result.reshape(*lead, self.S, self.S)
 
     def describe(self) -> str:
+        """The problem in one line: what is asked, its sizes and the covariance's type."""
         if self.kind == "joint" and self.group_size < self.B:
             what = f"joint covariance within {self.groups} groups of {self.group_size}"
         else:

@@ -94,9 +94,11 @@ class Compiled:
 
     @classmethod
     def automatic(cls, plan: Plan) -> Compiled | None:
-        """The program of an eager call's ``plan`` for automatic replays (:func:`replayed`), or
-        ``None`` unless it is a chain program: the only one that needs no per-call checks
-        (a plain chain of linear layers and elementwise activations cannot couple examples)."""
+        """The program of an eager call's ``plan`` for automatic replays (:func:`replayed`).
+
+        ``None`` unless it is a chain program: the only one that needs no per-call checks (a
+        plain chain of linear layers and elementwise activations cannot couple examples).
+        """
         if _chain_program(plan, None) is None:
             return None
         self = cls.__new__(cls)
@@ -141,8 +143,11 @@ class Compiled:
         self._intact = program.intact if isinstance(program, _ChainMoments) else _always
 
     def _unchanged(self) -> bool:
-        """The covariance's tensors and the selected parameters are those captured (in-place
-        changes of their values are read at each call)."""
+        """Whether the covariance's tensors and the selected parameters are those captured.
+
+        In-place changes of their values are read at each call; the chain program also checks
+        its layers, hooks and dropout modes.
+        """
         if _versions(self._cov_tensors) != self._cov_versions:
             return False
         if not all(
@@ -167,8 +172,10 @@ class Compiled:
 
     # -- calls ----------------------------------------------------------------------------------
     def __call__(self, x: Any) -> tuple[Tensor, ...]:
-        """What the compiled function returns for inputs ``x`` (a new signature, covariance
-        version or parameter tensor captures a new program first)."""
+        """What the compiled function returns for inputs ``x``.
+
+        A new signature, covariance version or parameter tensor captures a new program first.
+        """
         if self._tensor is not None and isinstance(x, Tensor):
             same = (x.shape, x.dtype, x.device) == self._tensor
             inputs = Inputs((x,), {}, x.shape[0]) if same else Inputs.from_user(x)
@@ -182,10 +189,13 @@ class Compiled:
         return self._run(inputs)
 
     def replay(self, x: Tensor) -> tuple[Tensor, ...] | None:
-        """The program's result for a tensor ``x`` of the captured signature (the caller's
-        key says so), or ``None`` when the model or covariance changed since (a module in
-        training mode, a covariance changed in place, a parameter, layer or hook replaced,
-        added or removed): the caller then runs eagerly."""
+        """The program's result for a tensor ``x`` of the captured signature, or ``None``.
+
+        The caller's key says the signature is the captured one. ``None`` when the model or
+        covariance changed since (a module in training mode, a covariance changed in place, a
+        parameter, layer or hook replaced, added or removed), or when a half-precision model's
+        result is not finite where its outputs are: the caller then runs eagerly.
+        """
         if any(m.training for m in self._coupling) or not self._unchanged():
             return None
         out = self._run(Inputs((x,), {}, x.shape[0]))
@@ -204,11 +214,13 @@ def replay_key(
     options: Options,
     eager_only: bool,
 ) -> tuple | None:
-    """The key under which a ``functional_variance`` call is replayed, or ``None`` for calls
-    that always run eagerly: ``eager_only`` (selected outputs, Monte Carlo arguments), a model
-    given as an ``nn.Module`` (a new :class:`FunctionalModel` per call has no memory), inputs
-    other than one tensor, differentiable results, a progress bar, another strategy than the
-    layer-structured one, or replays turned off (``settings(replay=False)``)."""
+    """The key under which a ``functional_variance`` call is replayed, or ``None``.
+
+    ``None`` for calls that always run eagerly: ``eager_only`` (selected outputs, Monte Carlo
+    arguments), a model given as an ``nn.Module`` (a new ``FunctionalModel`` per call has no
+    memory), inputs other than one tensor, differentiable results, a progress bar, another
+    strategy than the layer-structured one, or replays turned off (``settings(replay=False)``).
+    """
     current = settings.current()
     if (
         eager_only
@@ -251,8 +263,10 @@ def _always() -> bool:
 
 
 def _parameter_slots(fm: FunctionalModel) -> list[tuple[nn.Module, str, Tensor, int]]:
-    """``(owner module, attribute, parameter, its data's address)`` of every selected
-    parameter (an assignment to ``.data`` moves the address)."""
+    """``(owner module, attribute, parameter, its data's address)`` of every selected parameter.
+
+    An assignment to ``.data`` moves the address.
+    """
     slots = []
     for name, param in fm.params().items():
         owner, _, attr = name.rpartition(".")
@@ -278,9 +292,12 @@ def _may_couple(module: nn.Module) -> bool:
 
 # -- the chain program ------------------------------------------------------------------------
 def _chain_program(plan: Plan, outputs: Tensor | None) -> Program | None:
-    """The hand-differentiated chain and the layers' closed forms of a layer-structured
-    variance or per-example covariance over all outputs of a plain chain, the batch in one chunk
-    (``None`` for any other plan: a plan that chunks the batch keeps its chunks)."""
+    """The chain program of a plan, or ``None``.
+
+    The hand-differentiated chain and the layers' closed forms of a layer-structured variance
+    or per-example covariance over all outputs of a plain chain, the batch in one chunk
+    (``None`` for any other plan: a plan that chunks the batch keeps its chunks).
+    """
     p = plan.problem
     split = plan.estimate.state
     if (
@@ -301,9 +318,11 @@ def _chain_program(plan: Plan, outputs: Tensor | None) -> Program | None:
 
 
 class _ChainMoments:
-    """A chain's variance (or per-example covariance) over all K outputs: forward, the unit
-    rows times the head, the backward by hand, and per layer one closed form with what depends
-    on the covariance formed once (:class:`_LayerMoments`)."""
+    """A chain's variance (or per-example covariance) over all K outputs.
+
+    The forward, the unit rows times the head, the backward by hand, and per layer one closed
+    form with what depends on the covariance formed once (``_LayerMoments``).
+    """
 
     def __init__(self, fm, chain: Chain, split, problem) -> None:
         self.fm, self.chain = fm, chain
@@ -358,15 +377,18 @@ class _ChainMoments:
 
 
 class _LayerMoments:
-    """One layer's share of the variance, ``sum_j (G L)_j^2 s_j`` over its groups'
-    :class:`~pushforward.engine.layer_contractions.QuadraticForm` side by side (or of the
-    covariance, ``(G L) diag(s) (G L)^T``): the factors ``L`` concatenated once, the scales
+    """One layer's share of the variance or of the per-example covariance.
+
+    The variance is ``sum_j (G L)_j^2 s_j`` over its groups'
+    ``pushforward.engine.layer_contractions.QuadraticForm`` side by side (the covariance,
+    ``(G L) diag(s) (G L)^T``): the factors ``L`` concatenated once, the scales
     ``s`` of the layer's input ``x`` one product ``((x F)^2) W + c`` when at most one group
     depends on the input (its weights widened with zeros for the others' columns, their
     constants in ``c``), else the groups' scales concatenated. At the head (the directions the
     unit rows of every output, in order) the variance of output ``k`` is ``sum_j L_kj^2 s_j``:
     one product ``s (L^2)^T``. Variance groups without a quadratic form keep their kernels (in
-    the layers' layout)."""
+    the layers' layout).
+    """
 
     def __init__(
         self, group: list, params: dict[str, Tensor], unit: OneHot | None, covariance: bool
@@ -424,8 +446,11 @@ class _LayerMoments:
         return torch.addmm(self.constant, y * y, self.weights)
 
     def __call__(self, x: Tensor, G: Tensor | None) -> Tensor:
-        """The variance ``(b, K)`` at the head, else ``(b, r)`` (the covariance ``(b, K, K)``,
-        ``(b, r, r)``): inputs ``x (b, in)``, directions ``G (b, r, out)``."""
+        """The layer's share for inputs ``x (b, in)`` and directions ``G (b, r, out)``.
+
+        The variance ``(b, K)`` at the head, else ``(b, r)`` (the covariance ``(b, K, K)``,
+        ``(b, r, r)``).
+        """
         if self.kernels is not None:
             a, G = x.unsqueeze(1), (self.unit if self.head else G.unsqueeze(2))
             var = None

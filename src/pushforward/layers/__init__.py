@@ -1,18 +1,18 @@
-"""Layer structure and the one producer of layer pieces (directly above :mod:`pushforward.core`).
+"""Layer structure and the one producer of layer pieces (directly above ``pushforward.core``).
 
-* :mod:`~pushforward.layers.tracing` — which parameters are the weight or bias of a linear,
+* ``pushforward.layers.tracing`` — which parameters are the weight or bias of a linear,
   convolution or embedding call used once (the only module that knows ops by name);
-* :mod:`~pushforward.layers.geometry` — each such call's geometry, normalized: inputs and
+* ``pushforward.layers.geometry`` — each such call's geometry, normalized: inputs and
   directions at positions, the weight as a matrix, Kronecker factor order, gradient rows;
-* :mod:`~pushforward.layers.structure` — the structure of a model for an input signature
+* ``pushforward.layers.structure`` — the structure of a model for an input signature
   (traced once, cached);
-* :mod:`~pushforward.layers.directions` — the output directions a pass takes back;
-* :mod:`~pushforward.layers.pieces` — :func:`produce`: per chunk, each layer's input and output
+* ``pushforward.layers.directions`` — the output directions a pass takes back;
+* ``pushforward.layers.pieces`` — :func:`produce`: per chunk, each layer's input and output
   directions and the other parameters' rows, by the first rung of one ladder that can (a
   hand-differentiated chain, a batched backward, ``vmap`` over examples, a loop);
-* :mod:`~pushforward.layers.chain` — the hand-differentiated chain.
+* ``pushforward.layers.chain`` — the hand-differentiated chain.
 
-The functional variance's closed forms (:mod:`pushforward.engine`), the curvature passes
+The functional variance's closed forms (``pushforward.engine``), the curvature passes
 (:mod:`pushforward.curvature`) and the samples all use this package through the names below.
 """
 

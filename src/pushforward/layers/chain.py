@@ -14,7 +14,7 @@ whose modules are exactly ``nn.Linear`` or one of the elementwise activations be
 tensor — or on one ``(B, ...)`` tensor that an ``nn.Flatten()`` first in the chain flattens (an
 MLP on images) — its output the last module's. Subclasses are not accepted (they may override
 ``forward``), nor anything else: those models take the general rungs of the producer
-(:mod:`pushforward.layers.pieces`), which give the same numbers.
+(``pushforward.layers.pieces``), which give the same numbers.
 """
 
 from __future__ import annotations
@@ -102,16 +102,26 @@ class Chain:
         at_head: Callable[[Tensor], Tensor] | None = None,
         flat: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        """``(f (b, K), a, G)`` for inputs ``x (b, in)`` (``(b, ...)`` when the chain starts by
-        flattening its input): per traced layer call its input ``(b, 1, in)`` and its output
-        gradients ``(b, r, 1, out)`` for the cotangent rows ``cotangents(f) (b, r, K)`` (the
-        layout of one-example shapes inside the model). The backward stops once the ``needed``
-        calls' gradients are formed (default: all; the others are ``None``). With ``at_head``
-        (the chain ending in a linear layer) the backward starts at that layer's input with
-        ``at_head(weight) (b, r, in)`` — the rows times its weight, formed by the caller — and
-        the last layer's own gradients are left to the caller (they are its rows). ``flat``: the
-        inputs ``(b, in)`` and the gradients ``(b, r, out)`` as they are (no layer layout).
-        Frozen weights are read from the modules while ``lock`` (the module's) is held."""
+        """The chain's layer pieces by hand: one forward on the chunk, one backward of its rows.
+
+        Args:
+            params: the selected parameters by name (frozen weights are read from the modules).
+            x: inputs ``(b, in)`` (``(b, ...)`` when the chain starts by flattening its input).
+            cotangents: the cotangent rows ``cotangents(f) (b, r, K)`` of the outputs.
+            lock: the module's lock, held while frozen weights are read from the modules.
+            needed: the layer calls whose gradients are formed; the backward stops once they
+                are (default: all; the others are ``None``).
+            at_head: with the chain ending in a linear layer, start the backward at that
+                layer's input with ``at_head(weight) (b, r, in)`` — the rows times its weight,
+                formed by the caller — and leave the last layer's own gradients to the caller
+                (they are its rows).
+            flat: give the inputs ``(b, in)`` and the gradients ``(b, r, out)`` as they are (no
+                layer layout).
+
+        Returns:
+            ``(f (b, K), a, G)``: per traced layer call its input ``(b, 1, in)`` and its output
+            gradients ``(b, r, 1, out)`` (the layout of one-example shapes inside the model).
+        """
         needed = frozenset(range(self.calls)) if needed is None else needed
         a: list[Tensor | None] = [None] * self.calls
         G: list[Tensor | None] = [None] * self.calls
@@ -207,12 +217,15 @@ Backward = Callable[[Tensor, bool], Tensor]
 
 
 def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
-    """``(module(z), backward)``: ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of
-    cotangents through the activation (``owned``: ``g`` may be overwritten). PyTorch's own
-    backward kernels give the very numbers autograd does: applied to the rows directly when their
-    shapes allow (one row per example, or kernels that broadcast), else the derivative (the
-    kernel at a gradient of ones) times the rows; activations without a kernel here take a
-    forward-mode product with ones (under the caller's transform lock)."""
+    """``(module(z), backward)`` for an elementwise activation.
+
+    ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of cotangents through the activation
+    (``owned``: ``g`` may be overwritten). PyTorch's own backward kernels give the very numbers
+    autograd does: applied to the rows directly when their shapes allow (one row per example, or
+    kernels that broadcast), else the derivative (the kernel at a gradient of ones) times the
+    rows; activations without a kernel here take a forward-mode product with ones (under the
+    caller's transform lock).
+    """
     kind = type(module)
     if kind is nn.ReLU:  # autograd's convention: derivative 0 at 0
         y = torch.relu(z)
@@ -268,9 +281,12 @@ def _global_hooks() -> bool:
 
 
 def chain_intact(model: nn.Module, chain: Chain) -> Callable[[], bool]:
-    """A check, cheap enough for every replayed call, that ``model`` is still the ``chain``
-    found in it: the same modules in its ``nn.Sequential`` containers, no hooks on them nor
-    global ones, its dropout layers still in eval mode."""
+    """A check that ``model`` is still the ``chain`` found in it, cheap enough for every call.
+
+    The check (called with no arguments, for every replayed call) holds while ``model`` has the
+    same modules in its ``nn.Sequential`` containers, no hooks on them nor global ones, and its
+    dropout layers still in eval mode.
+    """
     containers = [m for m in model.modules() if type(m) is nn.Sequential]
     layout = [tuple(c._modules.values()) for c in containers]
     modules = [*containers, *(m for c in containers for m in c._modules.values())]
@@ -288,9 +304,11 @@ def chain_intact(model: nn.Module, chain: Chain) -> Callable[[], bool]:
 
 
 def find_chain(fm: FunctionalModel, calls: tuple[LayerCall, ...], inputs: Inputs) -> Chain | None:
-    """The chain ``fm`` is, with its linear layers lined up with the traced layer ``calls``
-    (every selected parameter is a linear weight or bias, used once); ``None`` when ``fm`` or
-    ``inputs`` is anything else. Checked for every batch (cheap): hooks or modules may change."""
+    """The chain ``fm`` is, with its linear layers lined up with the traced layer ``calls``.
+
+    Every selected parameter is a linear weight or bias, used once; ``None`` when ``fm`` or
+    ``inputs`` is anything else. Checked for every batch (cheap): hooks or modules may change.
+    """
     model = fm.module
     if (
         type(model) is not nn.Sequential

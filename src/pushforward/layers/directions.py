@@ -7,14 +7,14 @@ directions are is the caller's business:
 * :class:`OneHotRows` — unit vectors at chosen output positions (a functional variance's rows
   ``e_k``: one per asked-for output);
 * :class:`GivenRows` — cotangents computed beforehand (laplace-torch's sampled gradients);
-* the curvature's likelihood rows (:mod:`pushforward.curvature.directions`) — rows of a factor
+* the curvature's likelihood rows (``pushforward.curvature.directions``) — rows of a factor
   of the loss Hessian, sampled gradients or the loss gradient, which depend on the outputs ``f``
   of the pass itself.
 
 A :class:`Directions` gives, for a chunk, its per-example tensors (sliced and ``vmap``-ped along
 with the examples) and turns a chunk's outputs into its cotangent rows, batched over a leading
 example dimension, so that one implementation serves every rung of the producer
-(:mod:`pushforward.layers.pieces`).
+(``pushforward.layers.pieces``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class OneHot:
         self.index, self.shape, self.dtype = index, torch.Size(shape), dtype
 
     def dense(self) -> Tensor:
+        """The directions as a dense tensor of shape ``shape``, ``(b, r, *z_n)``."""
         b, r = self.index.shape
         out = torch.zeros(b, r, self.shape[2:].numel(), dtype=self.dtype, device=self.index.device)
         return out.scatter_(2, self.index.unsqueeze(-1), 1).reshape(self.shape)
@@ -64,18 +65,27 @@ class Directions(abc.ABC):
 
     @abc.abstractmethod
     def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
-        """Tensors with a leading dimension over the chunk's examples (targets, random draws,
-        indices), already restricted to the chunk's rows where they are per row; they are
-        sliced and ``vmap``-ped along with the examples."""
+        """Tensors with a leading dimension over the chunk's examples.
+
+        Targets, random draws, indices: already restricted to the chunk's rows where they are
+        per row; they are sliced and ``vmap``-ped along with the examples.
+        """
 
     @abc.abstractmethod
     def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
-        """``(b, r, *f_b)``: the cotangent rows ``rows`` of examples with outputs ``f
-        (b, *f_b)`` and per-example tensors ``per`` (as :meth:`per_example` made them)."""
+        """``(b, r, *f_b)``: the cotangent rows ``rows`` of examples with outputs ``f (b, *f_b)``.
+
+        Args:
+            f: the examples' outputs ``(b, *f_b)``.
+            rows: the rows to form (the chunk's rows).
+            *per: the per-example tensors, as :meth:`per_example` made them.
+        """
 
     def index(self, *per: Tensor) -> Tensor | None:
-        """``(b, r)`` flat output positions when every row is a unit vector (else ``None``):
-        such rows are never materialized where a closed form can use the index."""
+        """``(b, r)`` flat output positions when every row is a unit vector (else ``None``).
+
+        Such rows are never materialized where a closed form can use the index.
+        """
         return None
 
 
@@ -95,9 +105,11 @@ class OneHotRows(Directions):
         self._index, self.rows, self.shape, self.dtype = index, rows, torch.Size(shape), dtype
 
     def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
+        """``(index,)``: the chunk's flat output positions ``(b, r)``."""
         return (self._index(chunk),)
 
     def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
+        """The unit rows ``(b, r, *f_b)`` at the positions ``per[0]`` (``f``, ``rows`` unused)."""
         (index,) = per
         b, r = index.shape
         cot = torch.zeros(b, r, math.prod(self.shape), dtype=self.dtype, device=index.device)
@@ -105,6 +117,7 @@ class OneHotRows(Directions):
         return cot.view(b, r, *self.shape)
 
     def index(self, *per: Tensor) -> Tensor:
+        """``(b, r)``: the rows' flat output positions, ``per[0]``."""
         return per[0]
 
 
@@ -115,7 +128,9 @@ class GivenRows(Directions):
         self.U, self.rows = U, U.shape[1]
 
     def per_example(self, chunk: RowChunk) -> tuple[Tensor, ...]:
+        """``(U[chunk's examples, chunk's rows],)``: the chunk's cotangents ``(b, r, *f_b)``."""
         return (self.U[chunk.samples, chunk.rows],)
 
     def dense(self, f: Tensor, rows: slice, *per: Tensor) -> Tensor:
+        """The given cotangents ``per[0]`` ``(b, r, *f_b)`` in the outputs' dtype."""
         return per[0].to(f.dtype)

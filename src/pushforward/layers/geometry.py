@@ -1,6 +1,6 @@
 """The geometry of a traced layer call, normalized once: how its weight maps inputs to outputs.
 
-Every layer the tracer recognizes (:mod:`pushforward.layers.tracing`) is one of two shapes of
+Every layer the tracer recognizes (``pushforward.layers.tracing``) is one of two shapes of
 computation, whatever op ran it:
 
 * **affine**: at each of ``T`` positions of an example, ``z_t = W x_t + b`` with ``W`` an
@@ -40,9 +40,17 @@ __all__ = ["LayerGeometry", "Patches"]
 
 @dataclass(frozen=True)
 class Patches:
-    """A convolution's input patch extraction (1-d or 2-d): ``(b, C, *spatial)`` ->
-    ``(b, C * prod(kernel), L)`` in the weight's ``(C, *kernel)`` order, after the convolution's
-    own zero padding, at its ``L`` output locations."""
+    """A convolution's input patch extraction (1-d or 2-d).
+
+    ``(b, C, *spatial)`` -> ``(b, C * prod(kernel), L)`` in the weight's ``(C, *kernel)`` order,
+    after the convolution's own zero padding, at its ``L`` output locations.
+
+    Attributes:
+        kernel: the kernel's spatial size.
+        stride: the convolution's stride per spatial dimension.
+        dilation: the convolution's dilation per spatial dimension.
+        padding: ``(before, after)`` zero padding per spatial dimension.
+    """
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
@@ -50,6 +58,7 @@ class Patches:
     padding: tuple[tuple[int, int], ...]
 
     def __call__(self, x: Tensor) -> Tensor:
+        """The patches ``(b, C * prod(kernel), L)`` of inputs ``x (b, C, *spatial)``."""
         kernel, stride, dilation, pads = self.kernel, self.stride, self.dilation, self.padding
         if len(kernel) == 1:  # as a 2-d convolution of height 1
             x = x.unsqueeze(2)
@@ -93,8 +102,10 @@ class LayerGeometry:
     # -- what the layer is ----------------------------------------------------------------
     @property
     def once(self) -> bool:
-        """An ungrouped affine map applied at one position per example: its Jacobian block for
-        direction ``g`` is ``g x^T`` (no sum over positions)."""
+        """An ungrouped affine map applied at one position per example.
+
+        Its Jacobian block for direction ``g`` is ``g x^T`` (no sum over positions).
+        """
         return not self.lookup and self.groups == 1 and self.positions == 1 and self.unfoldable
 
     @property
@@ -104,8 +115,10 @@ class LayerGeometry:
 
     @property
     def plain(self) -> bool:
-        """A linear layer over features stored last (no patches, no groups): what can be a
-        model's output head."""
+        """A linear layer over features stored last (no patches, no groups).
+
+        Only such a layer can be a model's output head.
+        """
         return not self.lookup and self.spatial == 0 and self.groups == 1
 
     # -- normalized views -------------------------------------------------------------------
@@ -137,8 +150,10 @@ class LayerGeometry:
         return (ids != self.padding_idx).to(dtype)
 
     def matrix(self, W: Tensor) -> Tensor:
-        """A weight-shaped tensor (storage order) as the ``(out, in)`` matrix of the affine map
-        (``(out, in / groups * prod(kernel))`` for a convolution)."""
+        """A weight-shaped tensor (storage order) as the ``(out, in)`` matrix of the affine map.
+
+        A convolution's is ``(out, in / groups * prod(kernel))``.
+        """
         return W.T if self.transposed else W.reshape(self.weight_shape[0], -1)
 
     def storage(self, M: Tensor) -> Tensor:
@@ -146,17 +161,22 @@ class LayerGeometry:
         return (M.T if self.transposed else M).reshape(self.weight_shape)
 
     def pair(self, output_side: Tensor, input_side: Tensor) -> tuple[Tensor, Tensor]:
-        """A Kronecker pair in the weight's storage order: ``(first, second)`` with the block
-        ``first ⊗ second`` of the row-major flattened weight (an embedding's rows are its
-        tokens, a transposed weight's rows its inputs)."""
+        """A Kronecker pair in the weight's storage order.
+
+        ``(first, second)`` with the block ``first ⊗ second`` of the row-major flattened weight
+        (an embedding's rows are its tokens, a transposed weight's rows its inputs).
+        """
         if self.transposed or self.lookup:
             return input_side, output_side
         return output_side, input_side
 
     # -- per-example gradient rows -----------------------------------------------------------
     def weight_rows(self, a: Tensor, G: Tensor) -> Tensor:
-        """``(b, r, numel(W))``: per example and direction, the weight's gradient ``sum_t g_t
-        x_t^T`` (an embedding: ``g_t`` added to its token's row), in storage order."""
+        """``(b, r, numel(W))``: per example and direction, the weight's gradient.
+
+        The gradient is ``sum_t g_t x_t^T`` (an embedding: ``g_t`` added to its token's row), in
+        storage order.
+        """
         b, r = G.shape[:2]
         g = self.outputs(G)  # (b, r, T, out)
         if self.lookup:
@@ -180,9 +200,11 @@ class LayerGeometry:
 
 
 def patches_of(weight_shape: torch.Size, static: dict, channels_first: bool) -> Patches | None:
-    """The :class:`Patches` of a 1-d/2-d convolution with ``weight_shape`` and the call's
-    ``stride``/``padding``/``dilation`` (numbers, tuples, ``"valid"`` or ``"same"``); ``None``
-    for a 3-d convolution."""
+    """The :class:`Patches` of a 1-d/2-d convolution, or ``None`` for a 3-d convolution.
+
+    Made from ``weight_shape`` and the call's ``stride``/``padding``/``dilation`` in ``static``
+    (numbers, tuples, ``"valid"`` or ``"same"``); ``None`` too for inputs not channels-first.
+    """
     spatial = len(weight_shape) - 2
     if spatial not in (1, 2) or not channels_first:
         return None

@@ -1,24 +1,26 @@
-"""The one producer of layer pieces: per chunk of examples, each layer's input ``a`` and output
-directions ``G``, and the rows of the parameters on no layer.
+"""The one producer of layer pieces: per chunk of examples, each layer's input and directions.
+
+Per chunk of examples, :func:`produce` gives each layer's input ``a`` and output directions
+``G``, and the rows of the parameters on no layer.
 
 For a layer ``z = op(a, W, b)`` the Jacobian of example ``n``'s output in direction ``u`` w.r.t.
 the layer's parameters is determined by ``a_n`` and ``G_n = J_z^T u``: every layer-aware
 computation of the library — the functional variance's closed forms, the curvature's diagonal
 and K-FAC — is written against these *pieces*, and :func:`produce` is the only code that makes
-them. It takes a chunk of examples, the rows of its :class:`~pushforward.layers.directions.Directions`
+them. It takes a chunk of examples, the rows of its ``pushforward.layers.directions.Directions``
 (one-hot rows for variances, a likelihood's rows for curvature), which layer calls need their
 ``G`` and which parameters need per-example rows (``generic``: those on no matched layer), and
-runs the first rung of its ladder that can (one :class:`~pushforward.core.fallback.Ladder`):
+runs the first rung of its ladder that can (one ``pushforward.core.fallback.Ladder``):
 
 1. ``chain`` — a plain ``nn.Sequential`` of linear layers and elementwise activations is
-   differentiated by hand (:mod:`pushforward.layers.chain`): one forward on the chunk, one
+   differentiated by hand (``pushforward.layers.chain``): one forward on the chunk, one
    product with each weight for all rows of all examples;
 2. ``batched`` — every matched call leads with the batch dimension: one plain batched forward
    with a zero *probe* on each layer's output, then one batched backward
    (``is_grads_batched``) for all rows of all examples: examples are independent (checked when
    the inputs are prepared), so example ``b``'s probe gradient is its own ``G_b``;
 3. ``vmapped`` — the forward under ``vmap`` over examples (value reads in Python control flow
-   answered per group of examples that agree, :func:`~pushforward.core.branching.vmap_examples`):
+   answered per group of examples that agree, ``pushforward.core.branching.vmap_examples``):
    one batched backward when no per-example parameter rows are asked, else ``vjp`` per example
    with all its rows at once;
 4. ``loop`` — example by example, one plain backward per row (no transform at all);
@@ -27,7 +29,7 @@ runs the first rung of its ladder that can (one :class:`~pushforward.core.fallba
    traced layers.
 
 **The head.** When the model's output is a lined-up linear head's output (same memory), its
-``G`` is the pass's own rows (a :class:`~pushforward.layers.directions.OneHot` for unit rows)
+``G`` is the pass's own rows (a ``pushforward.layers.directions.OneHot`` for unit rows)
 and the backward starts at the head's input with the rows times its weight — it never goes
 through a vocabulary-sized head; when only the head's ``G`` is needed, no backward runs at all.
 
@@ -104,6 +106,7 @@ class Pieces:
 
     @property
     def examples(self) -> int:
+        """The number of examples ``b`` in the chunk."""
         return self.chunk.samples.stop - self.chunk.samples.start
 
     def layers(self):
@@ -113,9 +116,11 @@ class Pieces:
         ]
 
     def raised(self, dtype: torch.dtype) -> Pieces:
-        """The pieces in the accumulation dtype ``dtype`` (``pushforward.core.precision``):
-        floating inputs, directions and rows raised, token ids as they are; ``self`` when
-        nothing changes."""
+        """The pieces in the accumulation dtype ``dtype`` (``pushforward.core.precision``).
+
+        Floating inputs, directions and rows are raised, token ids kept as they are; ``self``
+        when nothing changes.
+        """
         pieces = [*self.a, *(G for G in self.G if G is not None), *self.rows.values()]
         if all(p.dtype == dtype or not p.dtype.is_floating_point for p in pieces):
             return self
@@ -186,14 +191,16 @@ def produce(
     allow_unstructured: bool = False,
     only: str | None = None,
 ) -> Pieces:
-    """The pieces of the examples ``inputs`` (the chunk's, ``chunk.samples`` of the batch) for
-    the rows ``chunk.rows`` of ``directions`` (see the module docstring).
+    """The pieces of a chunk's examples for its rows of ``directions`` (see the module docstring).
 
     Args:
-        fm: the model; ``params`` its selected parameters (requiring grad only when
-            ``differentiable``).
+        fm: the model.
         structure: the layer structure of the inputs' signature (``None``: no layer call; every
             parameter in ``generic``).
+        params: the model's selected parameters (requiring grad only when ``differentiable``).
+        inputs: the chunk's examples (``chunk.samples`` of the batch).
+        chunk: the chunk: its examples and its rows ``chunk.rows`` of ``directions``.
+        directions: the cotangent rows the pass takes back.
         generic: parameters whose per-example rows are asked (on no matched layer call).
         needed: the layer calls whose ``G`` is asked (default: all).
         differentiable: keep the autograd graph (to the inputs, parameters and rows).
@@ -202,9 +209,14 @@ def produce(
         only: run this rung alone (a key of :data:`RUNGS`; it must apply), without the ladder
             (tests compare the rungs).
 
+    Returns:
+        The chunk's :class:`Pieces`: ``f (b, *f_b)``, per layer call its input and output
+        directions, and the generic parameters' rows ``(b, r, *shape)``.
+
     Raises:
         StructureError: an example does not run the traced layers (and the rows of every
             parameter are not allowed).
+        ValueError: ``only`` names a rung that does not apply.
     """
     calls = () if structure is None else structure.calls
     needed = frozenset(range(len(calls))) if needed is None else needed
@@ -237,8 +249,10 @@ def first_rung(
     differentiable: bool = False,
     allow_unstructured: bool = False,
 ) -> str:
-    """The rung :func:`produce` tries first for these arguments (its name, a key of
-    :data:`RUNGS`)."""
+    """The rung :func:`produce` tries first for these arguments.
+
+    Its name, a key of :data:`RUNGS`.
+    """
     chain = structure is not None and not generic and not differentiable
     chain = chain and find_chain(fm, structure.calls, inputs) is not None
     return rungs(structure, generic, chain, allow_unstructured)[0]
@@ -247,10 +261,12 @@ def first_rung(
 def rungs(
     structure: LayerStructure | None, generic: bool, chain: bool, allow_unstructured: bool
 ) -> tuple[str, ...]:
-    """The rungs that apply, in ladder order: the chain for a plain chain, one batched backward
-    when no parameter needs per-example rows and every layer leads with the batch dimension,
-    ``vmap`` and a loop over examples, and the rows of every parameter when allowed (or when
-    there is no layer structure)."""
+    """The rungs that apply, in ladder order (keys of :data:`RUNGS`).
+
+    The chain for a plain chain, one batched backward when no parameter needs per-example rows
+    and every layer leads with the batch dimension, ``vmap`` and a loop over examples, and the
+    rows of every parameter when allowed (or when there is no layer structure).
+    """
     names: list[str] = []
     if structure is not None:
         if chain:
@@ -289,8 +305,10 @@ def _chain(job: _Job) -> Pieces:
 
 
 def unit_rows(unit: Tensor, weight: Tensor) -> Tensor:
-    """Unit rows ``e_k`` times a head's weight ``(K, in)``: ``W[k]`` ``(b, r, in)`` — a view
-    when every example has the same rows (all outputs, in order)."""
+    """Unit rows ``e_k`` times a head's weight ``(K, in)``: ``W[k]`` ``(b, r, in)``.
+
+    A view when every example has the same rows (all outputs, in order).
+    """
     if unit.stride(0) == 0:
         return weight[unit[0]].unsqueeze(0).expand(unit.shape[0], -1, -1)
     return weight[unit]
@@ -345,8 +363,11 @@ def _batched(job: _Job) -> Pieces:
 
 
 def _start(job: _Job, per, f: Tensor, inputs: list[Tensor], shortcut: bool):
-    """``(tensor, cotangents (r, b, ...))`` the backward starts from: the output with the rows,
-    or (head shortcut) the head's input with the rows times its weight."""
+    """``(tensor, cotangents (r, b, ...))`` the backward starts from.
+
+    The output with the rows, or (head shortcut) the head's input with the rows times its
+    weight.
+    """
     s = job.structure
     if shortcut:
         weight = s.head.weight(job.params)
@@ -442,8 +463,10 @@ def _start_cotangents(job: _Job, per, f: Tensor, head: LayerCall | None) -> Tens
 
 
 def _per_example_vjp(job: _Job) -> Pieces:
-    """``vjp`` per example (under ``vmap`` over examples), all its rows at once: the layer
-    directions and the generic parameters' rows."""
+    """``vjp`` per example (under ``vmap`` over examples), all its rows at once.
+
+    It gives the layer directions and the generic parameters' rows.
+    """
     s = job.structure
     calls = () if s is None else s.calls
     needed = [c.index for c in calls if c.index in job.needed]
@@ -488,9 +511,11 @@ def _per_example_vjp(job: _Job) -> Pieces:
 
 
 def _loop(job: _Job) -> Pieces:
-    """Example by example, one plain backward per row: no transform at all (the fallback when
-    ``vmap`` cannot run the model, e.g. data-dependent control flow, or a batching rule is
-    wrong)."""
+    """Example by example, one plain backward per row: no transform at all.
+
+    The fallback when ``vmap`` cannot run the model (e.g. data-dependent control flow) or a
+    batching rule is wrong.
+    """
     s = job.structure
     calls = () if s is None else s.calls
     needed = [c.index for c in calls if c.index in job.needed]
@@ -594,9 +619,11 @@ def _detached(pieces: Pieces) -> Pieces:
 
 
 def _checked(job: _Job, pieces: Pieces) -> Pieces:
-    """``pieces`` after checking every shape against one example's trace; a mismatch (a
-    transform's batching rule giving a wrong lead) raises ``RuntimeError`` (the next rung
-    runs)."""
+    """``pieces`` after checking every shape against one example's trace.
+
+    A mismatch (a transform's batching rule giving a wrong lead) raises ``RuntimeError`` (the
+    next rung runs).
+    """
     b, r = job.b, job.r
 
     def expect(what: str, t: Tensor, shape: tuple) -> None:

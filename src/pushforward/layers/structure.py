@@ -1,6 +1,6 @@
 """The layer structure of a model for one input signature: traced once, shared by every pass.
 
-:func:`layer_structure` traces one example (:func:`~pushforward.layers.tracing.analyze`) and
+:func:`layer_structure` traces one example (``pushforward.layers.tracing.analyze``) and
 keeps the result in the model's cache under the input signature, so the functional variance,
 the samples and every curvature pass over the same model and inputs share one trace. It adds
 what every consumer needs on top of the analysis:
@@ -49,6 +49,7 @@ class LayerStructure:
 
     @property
     def calls(self) -> tuple[LayerCall, ...]:
+        """The traced layer calls, in forward order (their ``index`` is their position)."""
         return tuple(self.analysis.calls)
 
     def generic(self, names: Iterable[str]) -> tuple[str, ...]:
@@ -67,8 +68,10 @@ class LayerStructure:
         return (u @ head.geometry.matrix(weight)).reshape(b, r, *head.input_shape)
 
     def head_unit_cotangents(self, index: Tensor, weight: Tensor) -> Tensor:
-        """Unit rows at flat output positions ``index (b, r)`` -> ``(b, r, *a_head)``: ``W[k]``
-        at each row's position."""
+        """Unit rows at flat output positions ``index (b, r)`` -> ``(b, r, *a_head)``.
+
+        Each row is ``W[k]`` at its position ``t`` (``index = t * K + k``), zero elsewhere.
+        """
         head = self.head
         M = head.geometry.matrix(weight)  # (K, in)
         t, k = index // self.outputs, index % self.outputs
@@ -80,8 +83,10 @@ class LayerStructure:
 
 
 def layer_structure(fm: FunctionalModel, inputs: Inputs) -> LayerStructure:
-    """The layer structure of ``fm`` on inputs of ``inputs``' signature (traced on its first
-    example; cached in ``fm.cache``)."""
+    """The layer structure of ``fm`` on inputs of ``inputs``' signature.
+
+    Traced on the first example and cached in ``fm.cache``.
+    """
     key = ("layers", inputs.signature())
     found = fm.cache.structures.get(key)
     if found is None:

@@ -14,7 +14,7 @@ the weight or bias of a supported layer operation:
 Everything else — LayerNorm, attention internals, custom ops, a module called twice, tied
 weights, functional reuse — leaves the parameter unmatched and the generic methods handle it.
 This module is the only place that knows the ops by name: each matched call gets its
-:class:`~pushforward.layers.geometry.LayerGeometry` here, and everything downstream is written
+``pushforward.layers.geometry.LayerGeometry`` here, and everything downstream is written
 against that.
 
 :class:`LayerTap` then re-runs the forward and adds a *probe* to each matched layer's output
@@ -41,8 +41,10 @@ __all__ = ["Analysis", "LayerCall", "LayerTap", "StructureError", "analyze", "is
 
 
 class StructureError(RuntimeError):
-    """The layer structure found by :func:`analyze` does not hold for this forward pass (the
-    caller steps down to a method that does not rely on it)."""
+    """The layer structure found by :func:`analyze` does not hold for this forward pass.
+
+    The caller steps down to a method that does not rely on it.
+    """
 
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -91,7 +93,7 @@ def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
 
 
 def _geometry(func: Callable, bound: dict[str, Any], out: Tensor) -> LayerGeometry:
-    """The normalized geometry of one supported call (see :mod:`pushforward.layers.geometry`)."""
+    """The normalized geometry of one supported call (see ``pushforward.layers.geometry``)."""
     kind = _SIGNATURES[func][0]
     shape = bound["weight"].shape
     if kind == "embedding":
@@ -170,6 +172,7 @@ class LayerCall:
 
     @property
     def weight_shape(self) -> torch.Size:
+        """The weight's storage shape."""
         return self.geometry.weight_shape
 
     def apply(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -184,8 +187,10 @@ class LayerCall:
         return params[self.weight_name] if self.weight_name else self.weight_value
 
     def weight_rows(self, a: Tensor, G: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """``(b, r, numel(W))``: per-example weight gradient rows (storage order) — by the
-        geometry's closed form, or (a 3-d convolution) by ``vmap`` of the op's own VJP."""
+        """``(b, r, numel(W))``: per-example weight gradient rows (storage order).
+
+        By the geometry's closed form, or (a 3-d convolution) by ``vmap`` of the op's own VJP.
+        """
         if self.geometry.unfoldable:
             return self.geometry.weight_rows(a, G)
         from torch.func import vjp, vmap
@@ -323,8 +328,7 @@ def is_same_memory(z: Tensor, output: Tensor) -> bool:
 
 
 class LayerTap(TorchFunctionMode):
-    """Adds ``probes[i]`` to the output of matched layer call ``i`` and records its input and
-    output.
+    """Adds ``probes[i]`` to the output of matched layer call ``i``; records its input and output.
 
     The tap identifies a layer call by its posterior weight/bias tensors (the very tensors passed
     to the model), so it follows the model's own control flow; a matched parameter seen in any
@@ -342,8 +346,10 @@ class LayerTap(TorchFunctionMode):
 
     @contextlib.contextmanager
     def active(self, probes: Sequence[Tensor | None]) -> Iterator[LayerTap]:
-        """Tap the forward passes run inside the block; ``probes[i]`` is added to layer call
-        ``i``'s output (``None``: nothing is added)."""
+        """Tap the forward passes run inside the block.
+
+        ``probes[i]`` is added to layer call ``i``'s output (``None``: nothing is added).
+        """
         self.probes = probes
         self.inputs = [None] * len(self.analysis.calls)
         self.outputs = [None] * len(self.analysis.calls)

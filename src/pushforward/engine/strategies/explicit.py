@@ -35,11 +35,16 @@ def _tangents_at_once(p: Problem, examples: int, held: int) -> int:
 
 
 class ExplicitStrategy(Strategy):
+    """Materialize the Jacobian of blocks of examples by unit-tangent JVPs, then contract it."""
+
     name = "explicit"
 
     def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
-        """Chunks: ``chunk_size`` unit tangents pushed at once through blocks of
-        ``state`` examples (the blocks take at most half the room)."""
+        """Cost and memory of ``P`` unit-tangent JVPs per block of examples.
+
+        Chunks: ``chunk_size`` unit tangents pushed at once through blocks of ``state``
+        examples (the blocks take at most half the room).
+        """
         p = problem
         held = held_bytes(p)
         per_example = _block_bytes(p) + tangent_bytes(p.cost, 1, outputs=2)
@@ -54,6 +59,10 @@ class ExplicitStrategy(Strategy):
         return Estimate(self.name, flops, memory, tangents, passes, state=examples)
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
+        """``(f, result)``: each block's Jacobian ``(b, T, K, P)``, its selected rows contracted.
+
+        The rows ``(b, T*S, P)`` go to a ``RowAccumulator``; the result is in canonical layout.
+        """
         p = problem
         params = p.fm.params(p.differentiable)
         examples, tangents_at_once = estimate.state, estimate.chunk_size

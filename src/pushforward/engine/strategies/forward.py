@@ -31,9 +31,15 @@ def unit_rows(start: int, stop: int, size: int, dtype: torch.dtype, device) -> T
 
 
 class ForwardStrategy(Strategy):
+    """Push the covariance's square-root columns ``L e_j`` through JVPs: one per column."""
+
     name = "forward"
 
     def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        """Cost and memory of ``r`` JVPs (``r`` the square-root factor's columns), chunked.
+
+        The chunk size is the number of columns pushed at once for the whole batch.
+        """
         p = problem
         r = p.cov.sqrt_cols
         held = 2 * p.result_bytes() + p.outputs_bytes()  # the sum and its update, f
@@ -55,6 +61,11 @@ class ForwardStrategy(Strategy):
         )
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
+        """``(f, result)``: the outer products of the pushed columns ``J L e_j``, summed.
+
+        The columns ``(c, B, T, S)`` of each chunk go to a ``ColumnAccumulator``; the result is
+        in canonical layout (a zero covariance, ``r = 0``: zeros, ``f`` from one forward).
+        """
         p = problem
         acc = ColumnAccumulator(p)
         f = None
@@ -69,10 +80,17 @@ class ForwardStrategy(Strategy):
 def pushed_columns(
     p: Problem, chunk_size: int, by_factor: bool = True
 ) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """``(columns, f, J T^T)`` chunk by chunk: the Jacobian times tangent rows ``T`` — the
-    covariance's square-root columns ``L e_j`` (``by_factor``; ``r`` of them) or the unit vectors
-    ``e_j`` (``P`` of them) — ``(c, *f.shape)`` for the ``c`` columns of each chunk, one JVP per
-    column for the whole batch."""
+    """Yield ``(columns, f, J T^T)`` chunk by chunk, one JVP per column for the whole batch.
+
+    ``J T^T`` is the Jacobian times tangent rows ``T`` — the covariance's square-root columns
+    ``L e_j`` (``by_factor``; ``r`` of them) or the unit vectors ``e_j`` (``P`` of them) —
+    ``(c, *f.shape)`` for the ``c`` columns of each chunk.
+
+    Args:
+        p: the problem.
+        chunk_size: columns pushed at once.
+        by_factor: push the square-root columns ``L e_j`` (else the unit vectors ``e_j``).
+    """
     params = p.fm.params(p.differentiable)
     width = p.cov.sqrt_cols if by_factor else p.P
     chunks = spans(width, chunk_size)

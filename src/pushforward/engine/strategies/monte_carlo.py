@@ -33,8 +33,10 @@ DEFAULT_SAMPLES = 100
 
 
 class RunningMoments:
-    """Mean and sum of squared deviations over dim 0, merged chunk by chunk (Chan et al.'s
-    pairwise update: stable where ``E[y^2] - E[y]^2`` would cancel)."""
+    """Mean and sum of squared deviations over dim 0, merged chunk by chunk.
+
+    Chan et al.'s pairwise update: stable where ``E[y^2] - E[y]^2`` would cancel.
+    """
 
     def __init__(self) -> None:
         self.count = 0
@@ -56,8 +58,13 @@ class RunningMoments:
         self.count += c
 
     def stderr(self) -> Tensor:
-        """Standard error of the mean: ``sqrt(s^2 / n)`` with the unbiased sample variance
-        (infinite from a single observation)."""
+        """Standard error of the mean: ``sqrt(s^2 / n)`` with the unbiased sample variance.
+
+        It is infinite from a single observation.
+
+        Raises:
+            ValueError: no observations were added.
+        """
         if self.m2 is None:
             raise ValueError("no observations")
         if self.count < 2:
@@ -66,14 +73,22 @@ class RunningMoments:
 
 
 class MonteCarloStrategy(Strategy):
+    """Estimate the diagonal variance from the squares of pushed samples ``J L z_i`` (not exact)."""
+
     name = "monte_carlo"
     exact = False
 
     @staticmethod
     def samples(problem: Problem) -> int:
+        """The number of samples to draw: the problem's ``n_samples`` or :data:`DEFAULT_SAMPLES`."""
         return DEFAULT_SAMPLES if problem.n_samples is None else problem.n_samples
 
     def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        """Cost and memory of one JVP per sample, chunked; only for ``kind="variance"``.
+
+        The chunk size is the number of samples pushed at once for the whole batch. Raises
+        :class:`NotApplicable` for a covariance.
+        """
         p = problem
         if p.kind != "variance":
             raise NotApplicable(
@@ -95,8 +110,10 @@ class MonteCarloStrategy(Strategy):
         )
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor, Tensor]:
-        """``(f, var, stderr)``, ``var`` and its standard error in canonical layout
-        ``(B, T, S)``."""
+        """``(f, var, stderr)``: the estimated variance and its standard error.
+
+        ``var`` and ``stderr`` are in canonical layout ``(B, T, S)``.
+        """
         p = problem
         moments = RunningMoments()
         f = None
@@ -106,8 +123,11 @@ class MonteCarloStrategy(Strategy):
         return f, moments.mean, moments.stderr()
 
     def chunks(self, problem: Problem, estimate: Estimate) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(f, W)`` chunk by chunk: ``f`` the outputs, ``W (c, B, T, K)`` the chunk's
-        perturbations ``J L z_i`` (``n_samples`` in all, ``estimate.chunk_size`` at a time)."""
+        """Yield ``(f, W)`` chunk by chunk: the outputs and the chunk's perturbations.
+
+        ``W (c, B, T, K)`` holds the perturbations ``J L z_i`` (``n_samples`` in all,
+        ``estimate.chunk_size`` at a time).
+        """
         p = problem
         for f, W in perturbation_chunks(
             p.fm,

@@ -20,8 +20,11 @@ __all__ = ["ReverseStrategy", "held_bytes", "row_chunk"]
 
 
 def held_bytes(p: Problem) -> int:
-    """Bytes held for the whole run: the result, the outputs ``f`` and, for a joint covariance,
-    one group's rows (multiplied by the square-root factor) while the group fills."""
+    """Bytes held for the whole run.
+
+    The result, the outputs ``f`` and, for a joint covariance, one group's rows (multiplied by
+    the square-root factor) while the group fills.
+    """
     held = p.result_bytes() + p.outputs_bytes()
     if p.kind == "joint":
         held += p.group_size * p.rows_per_sample * p.cov.sqrt_cols * p.itemsize
@@ -29,8 +32,11 @@ def held_bytes(p: Problem) -> int:
 
 
 def row_chunk(p: Problem, per_row: int, held: int) -> int:
-    """Rows per chunk: per-example covariances need whole positions, joint covariances whole
-    groups or the rows of one group."""
+    """Rows per chunk, within the budget for ``per_row`` bytes a row and ``held`` bytes held.
+
+    Per-example covariances need whole positions, joint covariances whole groups or the rows of
+    one group.
+    """
     rows = p.B * p.rows_per_sample
     chunk = p.budget.chunk(per_row, held, at_most=rows, at_least=p.rows_per_sample)
     if p.kind == "covariance":
@@ -39,9 +45,15 @@ def row_chunk(p: Problem, per_row: int, held: int) -> int:
 
 
 class ReverseStrategy(Strategy):
+    """Per-example VJP rows ``J(x_b)^T e_k`` in chunks, each multiplied by the covariance once."""
+
     name = "reverse"
 
     def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        """Cost and memory of one VJP row per (example, position, selected output), chunked.
+
+        The chunk size is the number of rows alive at once.
+        """
         p = problem
         rows = p.B * p.rows_per_sample
         per_row = row_bytes(p.cost, p.cov.workspace_bytes(1) + p.cov.sqrt_cols * p.itemsize)
@@ -56,6 +68,11 @@ class ReverseStrategy(Strategy):
         )
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
+        """``(f, result)``: the rows of each chunk contracted with the covariance.
+
+        The rows ``{name: (b, r, *shape)}`` go to a ``RowAccumulator``; the result is in
+        canonical layout.
+        """
         p = problem
         params = p.fm.params(p.differentiable)
         acc = RowAccumulator(p)

@@ -28,9 +28,13 @@ class SubPlan(Protocol):
     estimate: Estimate
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The chosen strategy's name."""
+        ...
 
-    def run_canonical(self) -> tuple[Tensor, ...]: ...
+    def run_canonical(self) -> tuple[Tensor, ...]:
+        """Run the sub-plan: ``(f, result, ...)`` with the results in canonical layout."""
+        ...
 
 
 #: Plans a sub-problem (the structured strategy's generic remainder) with the strategies not in
@@ -39,8 +43,10 @@ SubPlanner = Callable[[Problem, tuple[str, ...]], SubPlan]
 
 
 def traffic() -> float:
-    """FLOP-equivalents per element of a materialized parameter-sized vector
-    (``settings.traffic``)."""
+    """FLOP-equivalents per element of a materialized parameter-sized vector.
+
+    The current ``settings.traffic``.
+    """
     return settings.current().traffic
 
 
@@ -76,6 +82,7 @@ class Estimate:
     alone: bool = False
 
     def summary(self) -> str:
+        """The estimate in one line: strategy, passes, chunk size, FLOPs and memory."""
         return (
             f"{self.strategy}: {self.passes}, chunks of {self.chunk_size:,}; "
             f"est. {self.flops:.2e} FLOP, {format_bytes(self.memory)}"
@@ -94,5 +101,8 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
-        """``(f, result)``: ``f`` in the user's output shape, ``result`` in canonical layout
-        (see :mod:`pushforward.engine.problem`). Runs under the problem's grad mode."""
+        """Compute ``(f, result)`` as estimated.
+
+        ``f`` is in the user's output shape, ``result`` in canonical layout (see
+        ``pushforward.engine.problem``). Runs under the problem's grad mode.
+        """

@@ -2,10 +2,10 @@
 
 The layer pieces of every chunk — each matched layer's input ``a`` and its output directions
 ``G = df/dz`` for the chunk's one-hot rows — come from the one producer of layer pieces
-(:func:`pushforward.layers.produce`: a hand-differentiated chain for a plain ``nn.Sequential``,
+(``pushforward.layers.produce``: a hand-differentiated chain for a plain ``nn.Sequential``,
 one batched backward, ``vmap`` over examples, a loop); each layer's Jacobian is ``G ⊗ a`` and
 its covariance block is contracted in closed form or from the layer's own gradient rows (see
-:mod:`pushforward.engine.layer_contractions`). No per-example gradient w.r.t. all P parameters
+``pushforward.engine.layer_contractions``). No per-example gradient w.r.t. all P parameters
 is ever formed. Parameters the analysis cannot prove to be a layer's weight or bias (and
 covariance groups spanning several layers) go through the generic strategies on a sub-model,
 and the two uncorrelated contributions are added.
@@ -16,8 +16,8 @@ head (last-layer Laplace) no backward runs at all — one batched forward gives 
 (the ``last_layer`` strategy name means this).
 
 **Proof per call.** The layer structure is traced once per input signature, on one example;
-every call re-proves what it relies on (see :mod:`pushforward.layers.pieces`). A failed proof
-raises :class:`~pushforward.layers.StructureError` after the producer's own ladder is
+every call re-proves what it relies on (see ``pushforward.layers.pieces``). A failed proof
+raises ``pushforward.layers.StructureError`` after the producer's own ladder is
 exhausted, and ``auto`` falls through to the next strategy.
 """
 
@@ -136,9 +136,20 @@ def directions(p: Problem) -> OneHotRows:
 
 
 class StructuredStrategy(Strategy):
+    """Contract the covariance inside matched layers from their inputs and output directions.
+
+    Parameters outside the matched layers go through a generic sub-plan (module docstring).
+    """
+
     name = "structured"
 
     def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        """Cost and memory of the layer pieces' pass and the contractions, plus the sub-plan's.
+
+        The chunk size is the number of rows (output directions) taken back at once;
+        ``state`` is the problem's ``Split``. Raises :class:`NotApplicable` when no covariance
+        group is a single matched layer's weight or bias.
+        """
         p = problem
         split = _split(p, subplan)
         rows = p.B * p.rows_per_sample
@@ -197,6 +208,11 @@ class StructuredStrategy(Strategy):
         return Estimate(self.name, flops, memory, int(chunk), passes, state=split, alone=alone)
 
     def run(self, problem: Problem, estimate: Estimate) -> tuple[Tensor, Tensor]:
+        """``(f, result)``: each chunk's layer pieces contracted, plus the generic sub-plan's.
+
+        The result is in canonical layout; a failed proof of the layer structure raises
+        ``StructureError`` once the producer's ladder is exhausted.
+        """
         p = problem
         split: Split = estimate.state
         params = p.fm.params(p.differentiable)
@@ -236,13 +252,20 @@ class StructuredStrategy(Strategy):
 
 
 class LastLayerStrategy(StructuredStrategy):
-    """The structured strategy's one-forward case, by name: every posterior parameter is the
-    weight or bias of the linear layer whose output is the model's output (last-layer Laplace).
-    Refuses (saying why) any other problem."""
+    """The structured strategy's one-forward case, by name.
+
+    Every posterior parameter is the weight or bias of the linear layer whose output is the
+    model's output (last-layer Laplace). Refuses (saying why) any other problem.
+    """
 
     name = "last_layer"
 
     def estimate(self, problem: Problem, subplan: SubPlanner) -> Estimate:
+        """The structured strategy's estimate, for a posterior on the head alone.
+
+        Raises :class:`NotApplicable` (saying why) unless every posterior parameter sits on
+        the linear layer whose output is the model's output.
+        """
         _require_head_only(problem)
         est = super().estimate(problem, subplan)
         if not est.state.head_only:
