@@ -6,7 +6,6 @@ measurement). Anchors that are not importable are recorded as skipped with the r
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cases.curvature import _backpack
+from cases.llm_lora import LastToken
 from cases.workloads import _cnn as w4_cnn
 from cases.workloads import custom_mlp, mlp
 from gpu_measure import (
@@ -280,27 +281,6 @@ def w4(grp: Group) -> None:
 
 
 # -- exact diagonal GGN and K-FAC over a data set ----------------------------------------------
-def _backpack_diagonal(model: nn.Module, data: list) -> Callable[[], Tensor]:
-    from backpack import backpack, extend
-    from backpack.extensions import DiagGGNExact
-
-    extended = extend(copy.deepcopy(model))
-    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
-
-    def run() -> Tensor:
-        total = None
-        for xb, yb in data:
-            extended.zero_grad()
-            loss = loss_fn(extended(xb), yb)
-            with backpack(DiagGGNExact()):
-                loss.backward()
-            d = torch.cat([p.diag_ggn_exact.flatten() for p in extended.parameters()])
-            total = d if total is None else total + d
-        return total
-
-    return run
-
-
 def _curvlinops_kfac(model: nn.Module, data: list) -> Callable[[], Any]:
     from curvlinops import KFACLinearOperator
 
@@ -351,7 +331,7 @@ def curvature(grp: Group) -> None:
         grp,
         "DiagGGNExact",
         "BackPACK",
-        lambda: _backpack_diagonal(model, data),
+        lambda: _backpack(model, data),
         ratio_to=("GGN diagonal, nn.Sequential", "GGN diagonal, custom nn.Module"),
     )
     grp.check("GGN diagonal (nn.Sequential) = BackPACK", d_seq, d_bp, TOL_F32)
@@ -419,19 +399,6 @@ MC_DRAWS, MC_BATCHES = 8, 4
 
 def _last_positions(attention_mask: Tensor) -> Tensor:
     return attention_mask.long().sum(1) - 1
-
-
-class LastToken(nn.Module):
-    """``(B, V)``: the LM's logits at each row's last non-pad token (right padding)."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return logits[rows, _last_positions(attention_mask)]
 
 
 class AnswerHead(nn.Module):

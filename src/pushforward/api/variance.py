@@ -10,7 +10,7 @@ from torch import Tensor
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.options import Options, check_positive_int
 from pushforward.covariance.operator import CovarianceOperator
-from pushforward.engine import MONTE_CARLO, make_plan, remember, replay_key, replayed
+from pushforward.engine import MONTE_CARLO, executed, make_plan
 
 __all__ = ["functional_covariance", "functional_variance", "monte_carlo_variance"]
 
@@ -67,26 +67,24 @@ def functional_variance(
     if n_samples is not None:
         check_positive_int(n_samples, "n_samples")
     eager_only = outputs is not None or n_samples is not None or generator is not None
-    key = replay_key(model, x, cov, options, eager_only)
-    if key is not None:
-        key = ("variance", *key)
-        result = replayed(model, key, cov, x)
-        if result is not None:
-            return result  # type: ignore[return-value]
-    found = make_plan(
+    return executed(
         model,
         x,
         cov,
         "variance",
         options,
-        outputs=outputs,
-        n_samples=n_samples,
-        generator=generator,
+        eager_only,
+        lambda: make_plan(
+            model,
+            x,
+            cov,
+            "variance",
+            options,
+            outputs=outputs,
+            n_samples=n_samples,
+            generator=generator,
+        ),
     )
-    f, var, *_ = found.execute()
-    if key is not None:
-        remember(model, key, cov, found)
-    return f, var
 
 
 def functional_covariance(
@@ -154,17 +152,16 @@ def functional_covariance(
     if (joint == "groups") != (group_size is not None):
         raise ValueError("joint='groups' needs group_size=..., and group_size needs joint='groups'")
     kind = "covariance" if joint is False else "joint"
-    key = replay_key(model, x, cov, options, outputs is not None or joint is not False)
-    if key is not None:
-        key = (kind, *key)
-        result = replayed(model, key, cov, x)
-        if result is not None:
-            return result  # type: ignore[return-value]
-    found = make_plan(model, x, cov, kind, options, outputs=outputs, group_size=group_size)
-    f, result, *_ = found.execute()
-    if key is not None:
-        remember(model, key, cov, found)
-    return f, result
+    eager_only = outputs is not None or joint is not False
+    return executed(
+        model,
+        x,
+        cov,
+        kind,
+        options,
+        eager_only,
+        lambda: make_plan(model, x, cov, kind, options, outputs=outputs, group_size=group_size),
+    )
 
 
 def monte_carlo_variance(

@@ -114,24 +114,24 @@ def _per_layer(params: Sequence[Tensor], layers: int, bidirectional: bool) -> in
     return len(params) // (layers * (2 if bidirectional else 1))
 
 
-def rnn_tanh(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    """``torch.rnn_tanh`` (the padded-tensor form) in elementary operations."""
-    per = _per_layer(params, num_layers, bidirectional)
-    out, (h,) = _run(
-        _rnn_cell(torch.tanh), x, (hx,), params, has_biases, num_layers, bidirectional,
-        batch_first, per,
-    )  # fmt: skip
-    return out, h
+def _simple(nonlinearity: Callable[[Tensor], Tensor], name: str):
+    """``torch.rnn_<name>`` (the padded-tensor form) in elementary operations."""
+
+    def run(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+        per = _per_layer(params, num_layers, bidirectional)
+        cell = _rnn_cell(nonlinearity)
+        out, (h,) = _run(
+            cell, x, (hx,), params, has_biases, num_layers, bidirectional, batch_first, per
+        )
+        return out, h
+
+    run.__name__ = run.__qualname__ = f"rnn_{name}"
+    run.__doc__ = f"``torch.rnn_{name}`` (the padded-tensor form) in elementary operations."
+    return run
 
 
-def rnn_relu(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    """``torch.rnn_relu`` (the padded-tensor form) in elementary operations."""
-    per = _per_layer(params, num_layers, bidirectional)
-    out, (h,) = _run(
-        _rnn_cell(torch.relu), x, (hx,), params, has_biases, num_layers, bidirectional,
-        batch_first, per,
-    )  # fmt: skip
-    return out, h
+rnn_tanh = _simple(torch.tanh, "tanh")
+rnn_relu = _simple(torch.relu, "relu")
 
 
 def gru(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):

@@ -13,7 +13,7 @@ by ``tools/import_rules.py``, keeps its modules private):
 
 from pushforward.engine.planner import Plan, make_plan, plan
 from pushforward.engine.problem import Problem
-from pushforward.engine.replay import Compiled, remember, replay_key, replayed
+from pushforward.engine.replay import Compiled, executed
 from pushforward.engine.strategies import STRATEGIES
 from pushforward.engine.strategies.forward import pushed_columns
 from pushforward.engine.strategies.monte_carlo import MonteCarloStrategy
@@ -36,9 +36,7 @@ def monte_carlo_chunks(found: Plan):
 __all__ = [
     "MONTE_CARLO",
     "Compiled",
-    "remember",
-    "replay_key",
-    "replayed",
+    "executed",
     "STRATEGY_NAMES",
     "Plan",
     "Problem",

@@ -55,7 +55,7 @@ from pushforward.engine.planner import Plan, make_plan
 from pushforward.engine.problem import Kind
 from pushforward.layers import Chain, OneHot, chain_intact, find_chain
 
-__all__ = ["Compiled", "remember", "replay_key", "replayed"]
+__all__ = ["Compiled", "executed"]
 
 Program = Callable[[Inputs], tuple[Tensor, ...]]
 
@@ -205,6 +205,33 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"Compiled({self.kind}, program={self.program!r}, {self.plan.problem.describe()})"
+
+
+def executed(
+    model: FunctionalModel | nn.Module,
+    x: Any,
+    cov: CovarianceOperator,
+    kind: Kind,
+    options: Options,
+    eager_only: bool,
+    plan: Callable[[], Plan],
+) -> tuple[Tensor, Tensor]:
+    """A call's ``(f, result)``: replayed when a program of it is kept, else run eagerly.
+
+    The eager path executes ``plan()`` (the call's plan) and keeps its program for the next
+    call with the same key (:func:`replay_key`; ``kind`` tells the functions apart).
+    """
+    key = replay_key(model, x, cov, options, eager_only)
+    if key is not None:
+        key = (kind, *key)
+        result = replayed(model, key, cov, x)
+        if result is not None:
+            return result  # type: ignore[return-value]
+    found = plan()
+    f, result, *_ = found.execute()
+    if key is not None:
+        remember(model, key, cov, found)  # type: ignore[arg-type]
+    return f, result
 
 
 def replay_key(
