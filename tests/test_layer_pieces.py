@@ -15,6 +15,7 @@ from zoo import make_case
 import pushforward as pf
 import pushforward.curvature.passes as passes
 import pushforward.engine.strategies.structured as structured
+import pushforward.layers.pieces as pieces_module
 from pushforward.curvature import CrossEntropy
 from pushforward.curvature.data import Batch
 from pushforward.curvature.diagonal import DiagonalSums
@@ -54,6 +55,20 @@ def gpt2_lora_padded():
     return pf.FunctionalModel(model), {"input_ids": ids, "attention_mask": mask}
 
 
+class LastToken(nn.Module):
+    """A language model's logits at each row's last non-pad token: indexed after its frozen
+    vocabulary head."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        rows = torch.arange(input_ids.shape[0])
+        return logits[rows, attention_mask.sum(1) - 1]
+
+
 def cases():
     torch.manual_seed(0)
     mlp = make_case("mlp")
@@ -66,7 +81,13 @@ def cases():
         "cnn": (cnn.fm, cnn.x),
         "embedding": (tagger, ids),
         "gpt2_lora_padded": gpt2_lora_padded(),
+        "gpt2_last_token": last_token(),
     }
+
+
+def last_token():
+    fm, batch = gpt2_lora_padded()
+    return pf.FunctionalModel(LastToken(fm.module)), batch
 
 
 def assembled(records: list, B: int, R: int, calls: list[int]) -> dict:
@@ -98,7 +119,7 @@ def recorder(module, monkeypatch, rung: str, records: list) -> None:
     monkeypatch.setattr(module, "produce", record)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "embedding", "gpt2_lora_padded"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "embedding", "gpt2_lora_padded", "gpt2_last_token"])
 def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
     fm, x = cases()[name]
     inputs = fm.prepare(x)
@@ -135,3 +156,51 @@ def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
     assert {"vmapped", "loop"} <= set(ran), ran
     assert ("batched" in ran) == (name != "cnn"), ran  # BatchNorm's parameters: rows per example
     assert ("chain" in ran) == (name == "mlp"), ran
+
+
+class SkipAroundHead(nn.Module):
+    """A frozen head whose input also reaches the output another way (``head(h) + h @ M``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 5).requires_grad_(False)
+        self.register_buffer("M", torch.randn(4, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(h)[:, 1:] + (h @ self.M)[:, 1:]
+
+
+@pytest.mark.parametrize("name", ["gpt2_last_token", "skip"])
+def test_frozen_head_rows_start_at_its_input_only_when_the_output_depends_on_it_alone(
+    name, monkeypatch
+):
+    """The batched rung takes the rows back through a frozen head (a language model's vocabulary
+    projection, indexed after it) only at the positions they touch; an output that depends on
+    the head's input another way takes the plain backward. Exact either way."""
+    if name == "skip":
+        torch.manual_seed(0)
+        fm, x = pf.FunctionalModel(SkipAroundHead().to(DT)), torch.randn(3, 3, dtype=DT)
+    else:
+        fm, x = last_token()
+    used: list[bool] = []
+    inner = pieces_module._frozen_head
+
+    def spy(last, f):
+        found = inner(last, f)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(pieces_module, "_frozen_head", spy)
+    monkeypatch.setattr(structured, "produce", lambda *a, **k: produce(*a, **k, only="batched"))
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    _, J = pf.testing.brute_force_jacobian(fm, x)
+    with pf.settings(plan_cache=0):
+        _, var = pf.functional_variance(fm, x, S, strategy="structured")
+        _, cov = pf.functional_covariance(fm, x, S, strategy="structured")
+    Jf = J.reshape(J.shape[0], -1, J.shape[-1])
+    want = torch.einsum("bkp,p,blp->bkl", Jf, S.diagonal(), Jf)
+    torch.testing.assert_close(var.reshape(len(Jf), -1), want.diagonal(dim1=1, dim2=2))
+    torch.testing.assert_close(cov.reshape(want.shape), want)
+    assert used and all(used) == (name != "skip"), used

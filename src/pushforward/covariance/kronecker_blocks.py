@@ -65,6 +65,18 @@ class KroneckerBlock(CovarianceOperator):
         """Rows ``(n, out * in)`` as ``(n, out, in)``."""
         return X.reshape(X.shape[0], *self.sides)
 
+    @staticmethod
+    def _sandwich(left: Tensor, X: Tensor, right: Tensor) -> Tensor:
+        """``left @ X[j] @ right`` for every row ``X (n, out, in)``, as two matrix products.
+
+        ``left @ X`` would broadcast ``left`` over the rows (one thin product per row); here
+        the rows' columns are side by side in one product instead.
+        """
+        n, out, _ = X.shape
+        Y = X @ right  # one (n out, in) x (in, in) product
+        Y = left @ Y.transpose(0, 1).reshape(out, -1)
+        return Y.reshape(left.shape[0], n, -1).transpose(0, 1)
+
     def matmul_flops(self) -> float:
         """Floating-point operations of ``Σ v`` for one vector: ``2 (out² in + out in²)``."""
         out, inn = self.sides
@@ -131,19 +143,19 @@ class KroneckerFactors(KroneckerBlock):
         )
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
-        return (self.out_factor @ self._grid(V) @ self.in_factor).reshape(V.shape)
+        return self._sandwich(self.out_factor, self._grid(V), self.in_factor).reshape(V.shape)
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         LB, LA = self._chol()
-        return (LB @ self._grid(Z) @ LA.T).reshape(Z.shape)
+        return self._sandwich(LB, self._grid(Z), LA.T).reshape(Z.shape)
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         LB, LA = self._chol()
-        return (LB.T @ self._grid(V) @ LA).reshape(V.shape)
+        return self._sandwich(LB.T, self._grid(V), LA).reshape(V.shape)
 
     def _quadratic_rows(self, V: Tensor) -> Tensor:
         X = self._grid(V)
-        return (X * (self.out_factor @ X @ self.in_factor)).sum((-2, -1))
+        return (X * self._sandwich(self.out_factor, X, self.in_factor)).sum((-2, -1))
 
     def diagonal(self) -> Tensor:
         """``(out * in_flat,)``: ``diag(B) ⊗ diag(A)``, flattened row-major."""
@@ -194,15 +206,15 @@ class KroneckerEigen(KroneckerBlock):
 
     def _rotate(self, X: Tensor) -> Tensor:
         """``Q_out^T X Q_in`` for rows ``X`` as ``(n, out, in)``."""
-        return self.out_eigvecs.T @ self._grid(X) @ self.in_eigvecs
+        return self._sandwich(self.out_eigvecs.T, self._grid(X), self.in_eigvecs)
 
     def _matmul_rows(self, V: Tensor) -> Tensor:
         Y = self._rotate(V) * self.eigvals
-        return (self.out_eigvecs @ Y @ self.in_eigvecs.T).reshape(V.shape)
+        return self._sandwich(self.out_eigvecs, Y, self.in_eigvecs.T).reshape(V.shape)
 
     def _sqrt_rows(self, Z: Tensor) -> Tensor:
         Y = self._grid(Z) * self.eigvals.sqrt()
-        return (self.out_eigvecs @ Y @ self.in_eigvecs.T).reshape(Z.shape)
+        return self._sandwich(self.out_eigvecs, Y, self.in_eigvecs.T).reshape(Z.shape)
 
     def _sqrt_t_rows(self, V: Tensor) -> Tensor:
         return (self._rotate(V) * self.eigvals.sqrt()).reshape(V.shape)

@@ -32,6 +32,11 @@ runs the first rung of its ladder that can (one ``pushforward.core.fallback.Ladd
 ``G`` is the pass's own rows (a ``pushforward.layers.directions.OneHot`` for unit rows)
 and the backward starts at the head's input with the rows times its weight — it never goes
 through a vocabulary-sized head; when only the head's ``G`` is needed, no backward runs at all.
+A *frozen* linear head (no posterior parameter: a LoRA language model's vocabulary projection)
+whose output reaches the model's output through one-input operations only (the logits at chosen
+positions and tokens) is crossed the same way on the batched rung: the rows are taken to the
+head's output, multiplied by its weight only at the positions they touch, and the backward
+starts at its input.
 
 **Checked, never trusted.** Each rung proves what it relies on (the tap raises when a matched
 layer runs twice, not at all, or its parameter is used elsewhere; the head shortcut checks the
@@ -60,7 +65,13 @@ from pushforward.core.precision import upcast
 from pushforward.layers.chain import Chain, find_chain
 from pushforward.layers.directions import Directions, OneHot
 from pushforward.layers.structure import LayerStructure
-from pushforward.layers.tracing import LayerCall, LayerTap, StructureError, is_same_memory
+from pushforward.layers.tracing import (
+    LayerCall,
+    LayerTap,
+    LinearCall,
+    StructureError,
+    is_same_memory,
+)
 
 __all__ = ["RUNGS", "Pieces", "first_rung", "produce", "rungs", "unit_rows"]
 
@@ -344,8 +355,12 @@ def _batched(job: _Job) -> Pieces:
         ]
         if shortcut:
             G[head.index] = _head_directions(job, per, f)
+        frozen = None if shortcut or job.differentiable else _frozen_head(tap.last_linear, f)
         if backward:
-            start, cot = _start(job, per, f, tap.inputs, shortcut)
+            if frozen is not None:
+                start, cot = _frozen_head_start(job, per, f, frozen)
+            else:
+                start, cot = _start(job, per, f, tap.inputs, shortcut)
             grads = torch.autograd.grad(
                 start,
                 [probes[i] for i in backward],
@@ -380,6 +395,60 @@ def _start(job: _Job, per, f: Tensor, inputs: list[Tensor], shortcut: bool):
         return start, cot.transpose(0, 1).reshape(job.r, *start.shape)
     cot = job.cotangents(f.detach(), per)
     return f, cot.transpose(0, 1)
+
+
+def _frozen_head(last: LinearCall | None, f: Tensor) -> LinearCall | None:
+    """``last`` when the outputs ``f`` are a function of its output alone (else ``None``).
+
+    A frozen linear head (no posterior parameter, nothing upstream in its weight or bias) whose
+    output reaches ``f`` through a chain of one-input operations (indexing, views, a cast, a
+    scale): a language model's logits at chosen positions and tokens. The autograd graph is
+    walked from ``f`` to the head's output; any second differentiable input on the way
+    (a skip connection around the head, a second use of its input) refuses.
+    """
+    if last is None or not (last.output.requires_grad and last.input.requires_grad):
+        return None
+    if last.weight.requires_grad or (last.bias is not None and last.bias.requires_grad):
+        return None
+    node, target = f.grad_fn, last.output.grad_fn
+    for _ in range(_FROZEN_HEAD_DEPTH):
+        if node is None:
+            return None
+        if node is target:
+            return last
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+#: One-input operations allowed between a frozen head's output and the model's output.
+_FROZEN_HEAD_DEPTH = 16
+
+
+def _frozen_head_start(job: _Job, per, f: Tensor, head: LinearCall) -> tuple[Tensor, Tensor]:
+    """``(head input, cotangents (r, *input))``: the rows taken back through a frozen head.
+
+    The rows reach the head's output ``(r, *out)`` through the cheap operations after it; the
+    product with the head's weight is made only for the positions where a row is nonzero (a
+    language model's vocabulary projection at the one position a pass asks about, not at every
+    token). A position whose row is all zero contributes exactly zero.
+    """
+    r = job.r
+    rows = job.cotangents(f.detach(), per).transpose(0, 1)
+    (at_out,) = torch.autograd.grad(
+        f, head.output, rows if r > 1 else rows[0], retain_graph=True, is_grads_batched=r > 1
+    )
+    W = head.weight
+    flat = at_out.reshape(-1, W.shape[0])
+    hit = flat.ne(0).any(1).nonzero().squeeze(1)
+    if 2 * hit.numel() < flat.shape[0]:
+        at_in = flat.new_zeros(flat.shape[0], W.shape[1]).index_copy_(0, hit, flat[hit] @ W)
+    else:
+        at_in = flat @ W
+    start = head.input
+    return start, at_in.to(start.dtype).reshape(r, *start.shape)
 
 
 def _head_directions(job: _Job, per, f: Tensor) -> Tensor | OneHot:

@@ -37,7 +37,15 @@ from torch.utils._pytree import tree_flatten
 
 from pushforward.layers.geometry import LayerGeometry, patches_of, positions_of
 
-__all__ = ["Analysis", "LayerCall", "LayerTap", "StructureError", "analyze", "is_same_memory"]
+__all__ = [
+    "Analysis",
+    "LayerCall",
+    "LayerTap",
+    "LinearCall",
+    "StructureError",
+    "analyze",
+    "is_same_memory",
+]
 
 
 class StructureError(RuntimeError):
@@ -327,12 +335,24 @@ def is_same_memory(z: Tensor, output: Tensor) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class LinearCall:
+    """A ``F.linear`` call on no posterior parameter: ``output = input @ weight.T + bias``."""
+
+    input: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    output: Tensor
+
+
 class LayerTap(TorchFunctionMode):
     """Adds ``probes[i]`` to the output of matched layer call ``i``; records its input and output.
 
     The tap identifies a layer call by its posterior weight/bias tensors (the very tensors passed
     to the model), so it follows the model's own control flow; a matched parameter seen in any
-    other call raises (the structure changed since :func:`analyze`).
+    other call raises (the structure changed since :func:`analyze`). It also keeps the last
+    ``F.linear`` call on no posterior parameter (``last_linear``: a frozen head, e.g. a language
+    model's vocabulary projection).
     """
 
     def __init__(self, analysis: Analysis, params: dict[str, Tensor]) -> None:
@@ -343,6 +363,7 @@ class LayerTap(TorchFunctionMode):
         self.inputs: list[Tensor | None] = []
         self.outputs: list[Tensor | None] = []
         self.seen: list[int] = []
+        self.last_linear: LinearCall | None = None
 
     @contextlib.contextmanager
     def active(self, probes: Sequence[Tensor | None]) -> Iterator[LayerTap]:
@@ -354,6 +375,7 @@ class LayerTap(TorchFunctionMode):
         self.inputs = [None] * len(self.analysis.calls)
         self.outputs = [None] * len(self.analysis.calls)
         self.seen = [0] * len(self.analysis.calls)
+        self.last_linear = None
         with self:
             yield self
 
@@ -365,7 +387,13 @@ class LayerTap(TorchFunctionMode):
             self.slot_of[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.slot_of
         }
         if not hits:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func is F.linear and isinstance(out, Tensor):
+                bound = _bind(func, args, kwargs)
+                self.last_linear = LinearCall(
+                    bound["input"], bound["weight"], bound.get("bias"), out
+                )
+            return out
         calls = {index for index, _ in hits}
         bound = _bind(func, args, kwargs) if func in _SIGNATURES else None
         if len(calls) != 1 or bound is None:
