@@ -32,6 +32,7 @@ from torch import Tensor
 
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.gram import gram
 from pushforward.core.precision import accumulation_dtype
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
@@ -60,8 +61,15 @@ class LayerFactors:
 
     def add(self, A: Tensor | None, G: Tensor) -> None:
         if A is not None:
-            self.A = A if self.A is None else self.A + A
-        self.G = G if self.G is None else self.G + G
+            self.A = A if self.A is None else _summed(self.A, A)
+        self.G = G if self.G is None else _summed(self.G, G)
+
+
+def _summed(total: Tensor, part: Tensor) -> Tensor:
+    """``total + part``, in place in the running sum where no gradient flows."""
+    if total.requires_grad or part.requires_grad:
+        return total + part
+    return total.add_(part)
 
 
 @dataclass
@@ -190,25 +198,25 @@ class KFACSums:
                     mean = torch.zeros(b, vocab, dtype=keep.dtype, device=ids.device)
                     mean.scatter_add_(1, ids, keep)
                     mean = mean / ids.shape[1]
-                    A = mean.T @ mean
+                    A = gram(mean)
         else:
             A = None
             if first:
                 x = geometry.inputs(a)  # (b, T, in)
                 if self.approx == "expand":
                     flat = x.reshape(-1, x.shape[-1])
-                    A = (flat.T @ flat) / x.shape[1]
+                    A = gram(flat)
+                    A = A if x.shape[1] == 1 else A / x.shape[1]
                 else:
-                    mean = x.mean(1)
-                    A = mean.T @ mean
+                    A = gram(x.mean(1))
         if self.approx == "reduce":
             g = g.sum(2)
         flat = g.reshape(-1, g.shape[-1])
-        return A, flat.T @ flat
+        return A, gram(flat)
 
     def _add_generic(self, name: str, rows: Tensor) -> None:
         """Add ``(m, n)`` rows to the generic block of ``name``."""
-        part = rows.T @ rows if self.generic == "dense" else rows.square().sum(0)
+        part = gram(rows) if self.generic == "dense" else rows.square().sum(0)
         blocks = self.factors.generic
         blocks[name] = part if name not in blocks else blocks[name] + part
 
