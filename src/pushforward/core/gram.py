@@ -22,12 +22,12 @@ _BLOCKS, _NARROWEST = 4, 64
 def gram(X: Tensor) -> Tensor:
     """``X^T X`` for ``X (n, d)``: ``(d, d)``.
 
-    Column blocks of at least 64 (at most 4 blocks) when ``X`` needs no gradient; one product
-    otherwise.
+    Column blocks of at least 64 (at most 4 blocks) on a CPU when ``X`` needs no gradient; one
+    product otherwise (on a GPU such products are bound by their launches, not their work).
     """
     d = X.shape[1]
     k = min(_BLOCKS, d // _NARROWEST)
-    if k < 2 or X.requires_grad:
+    if k < 2 or X.requires_grad or X.device.type != "cpu":
         return X.T @ X
     edges = [round(i * d / k) for i in range(k + 1)]
     out = X.new_empty(d, d)
