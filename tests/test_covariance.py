@@ -710,3 +710,31 @@ def test_error_unbound_structure():
         Dense(torch.eye(2, dtype=DT)).param_groups()
     with pytest.raises(ValueError, match="Isotropic has no size yet"):
         Isotropic(1.0).to_dense()
+
+
+@pytest.mark.parametrize("sides", [(3, 7), (20, 3)])  # left factor broadcast / rows side by side
+def test_kronecker_blocks_rows_equal_the_dense_product(sides):
+    """A Kronecker block's products with many rows equal the dense ``B ⊗ A`` (row-major vec),
+    whether the rows take the left factor one by one or side by side in one product."""
+    out, inn = sides
+    g = torch.Generator().manual_seed(out)
+
+    def spd(n):
+        M = torch.randn(n, n, generator=g, dtype=torch.float64)
+        return M @ M.T + n * torch.eye(n, dtype=torch.float64)
+
+    B, A = spd(out), spd(inn)
+    dense = torch.kron(B, A)
+    V = torch.randn(9, out * inn, generator=g, dtype=torch.float64)
+    Lb, La = torch.linalg.cholesky(B), torch.linalg.cholesky(A)
+    Qo, Qi = torch.linalg.qr(spd(out))[0], torch.linalg.qr(spd(inn))[0]
+    E = torch.rand(out, inn, generator=g, dtype=torch.float64) + 0.1
+    eig_dense = torch.kron(Qo, Qi) @ torch.diag(E.reshape(-1)) @ torch.kron(Qo, Qi).T
+    for op, want in ((KroneckerFactors(B, A), dense), (KroneckerEigen(Qo, Qi, E), eig_dense)):
+        torch.testing.assert_close(op.matmul_rows(V), V @ want)
+        torch.testing.assert_close(op.quadratic_rows(V), ((V @ want) * V).sum(1))
+        sqrt = op.sqrt_rows(torch.eye(out * inn, dtype=torch.float64))
+        torch.testing.assert_close(sqrt.T @ sqrt, want)
+    torch.testing.assert_close(
+        KroneckerFactors(B, A).sqrt_t_rows(V), V @ torch.kron(Lb, La), rtol=1e-10, atol=1e-10
+    )

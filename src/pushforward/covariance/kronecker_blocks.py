@@ -67,12 +67,16 @@ class KroneckerBlock(CovarianceOperator):
 
     @staticmethod
     def _sandwich(left: Tensor, X: Tensor, right: Tensor) -> Tensor:
-        """``left @ X[j] @ right`` for every row ``X (n, out, in)``, as two matrix products.
+        """``left @ X[j] @ right`` for every row ``X (n, out, in)``.
 
-        ``left @ X`` would broadcast ``left`` over the rows (one thin product per row); here
-        the rows' columns are side by side in one product instead.
+        ``left @ X`` broadcasts ``left`` over the rows: one product per row, each reading all of
+        ``left``. When ``out`` is more than four times ``in`` (a LoRA ``B``: 2,304 x 8) those
+        thin products cost more than putting the rows' columns side by side in one product
+        (two copies of the rows), which is done then.
         """
-        n, out, _ = X.shape
+        n, out, inn = X.shape
+        if out <= 4 * inn:
+            return left @ X @ right
         Y = X @ right  # one (n out, in) x (in, in) product
         Y = left @ Y.transpose(0, 1).reshape(out, -1)
         return Y.reshape(left.shape[0], n, -1).transpose(0, 1)
