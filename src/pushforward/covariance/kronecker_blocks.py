@@ -31,6 +31,10 @@ from pushforward.covariance.operator import CovarianceOperator
 __all__ = ["KroneckerBlock", "KroneckerEigen", "KroneckerFactors"]
 
 
+#: The smallest left factor (its side) whose rows go side by side in one product.
+_SIDE_BY_SIDE = 512
+
+
 class KroneckerBlock(CovarianceOperator):
     """A covariance over one weight of ``out x in_flat`` entries with Kronecker structure."""
 
@@ -70,12 +74,12 @@ class KroneckerBlock(CovarianceOperator):
         """``left @ X[j] @ right`` for every row ``X (n, out, in)``.
 
         ``left @ X`` broadcasts ``left`` over the rows: one product per row, each reading all of
-        ``left``. When ``out`` is more than four times ``in`` (a LoRA ``B``: 2,304 x 8) those
-        thin products cost more than putting the rows' columns side by side in one product
-        (two copies of the rows), which is done then.
+        ``left``. When ``left`` is large (``out >= 512``) and ``out`` more than four times
+        ``in`` (a LoRA ``B``: 2,304 x 8) those thin products cost more than putting the rows'
+        columns side by side in one product (two copies of the rows), which is done then.
         """
         n, out, inn = X.shape
-        if out <= 4 * inn:
+        if out < _SIDE_BY_SIDE or out <= 4 * inn:
             return left @ X @ right
         Y = X @ right  # one (n out, in) x (in, in) product
         Y = left @ Y.transpose(0, 1).reshape(out, -1)
