@@ -158,32 +158,45 @@ def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
     assert ("chain" in ran) == (name == "mlp"), ran
 
 
-class SkipAroundHead(nn.Module):
-    """A frozen head whose input also reaches the output another way (``head(h) + h @ M``)."""
+class AfterFrozenHead(nn.Module):
+    """Token ids (B, T) -> an embedding and a linear layer (trained) -> a frozen head (B, T, 6),
+    then ``after``: what the model returns of the head's output."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: str) -> None:
         super().__init__()
-        self.body = nn.Linear(3, 4)
-        self.head = nn.Linear(4, 5).requires_grad_(False)
-        self.register_buffer("M", torch.randn(4, 5))
+        self.after = after
+        self.emb = nn.Embedding(9, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6).requires_grad_(False)
+        self.register_buffer("M", torch.randn(4, 6))
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.body(x))
-        return self.head(h)[:, 1:] + (h @ self.M)[:, 1:]
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.body(torch.tanh(self.emb(ids))))
+        z = self.head(h)
+        if self.after == "log_softmax":  # one-input operations, nonlinear
+            return z.log_softmax(-1)[:, -1, :3]
+        if self.after == "scaled":
+            return (z / 2.0)[:, 0]
+        if self.after == "two_positions":
+            return z[:, [0, -1], :2].reshape(len(ids), -1)
+        return z[:, -1, :3] + (h @ self.M)[:, -1, :3]  # "skip": h reaches the output twice
 
 
-@pytest.mark.parametrize("name", ["gpt2_last_token", "skip"])
+@pytest.mark.parametrize(
+    "name", ["gpt2_last_token", "log_softmax", "scaled", "two_positions", "skip"]
+)
 def test_frozen_head_rows_start_at_its_input_only_when_the_output_depends_on_it_alone(
     name, monkeypatch
 ):
     """The batched rung takes the rows back through a frozen head (a language model's vocabulary
-    projection, indexed after it) only at the positions they touch; an output that depends on
-    the head's input another way takes the plain backward. Exact either way."""
-    if name == "skip":
-        torch.manual_seed(0)
-        fm, x = pf.FunctionalModel(SkipAroundHead().to(DT)), torch.randn(3, 3, dtype=DT)
-    else:
+    projection, indexed after it) only at the positions they touch, also through nonlinear
+    one-input operations after it; an output that depends on the head's input another way takes
+    the plain backward. Exact either way."""
+    if name == "gpt2_last_token":
         fm, x = last_token()
+    else:
+        torch.manual_seed(0)
+        fm, x = pf.FunctionalModel(AfterFrozenHead(name).to(DT)), torch.randint(0, 9, (3, 5))
     used: list[bool] = []
     inner = pieces_module._frozen_head
 
