@@ -3,8 +3,8 @@
 A Gram matrix is symmetric, and a plain ``X.T @ X`` computes both triangles. Splitting the
 columns into ``k`` blocks and multiplying block row ``i`` with the columns from block ``i`` on
 takes ``(k + 1) / (2 k)`` of the work; the blocks below the diagonal are the transposes of those
-above. K-FAC's factors and the dense GGN's blocks are Gram
-matrices of activations and output gradients.
+above. K-FAC's factors and the dense GGN's blocks are Gram matrices of activations and output
+gradients.
 """
 
 from __future__ import annotations

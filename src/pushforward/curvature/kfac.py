@@ -218,7 +218,7 @@ class KFACSums:
         """Add ``(m, n)`` rows to the generic block of ``name``."""
         part = gram(rows) if self.generic == "dense" else rows.square().sum(0)
         blocks = self.factors.generic
-        blocks[name] = part if name not in blocks else blocks[name] + part
+        blocks[name] = part if name not in blocks else _summed(blocks[name], part)
 
 
 def kfac_blocks(

@@ -355,8 +355,8 @@ def _batched(job: _Job) -> Pieces:
         ]
         if shortcut:
             G[head.index] = _head_directions(job, per, f)
-        frozen = None if shortcut or job.differentiable else _frozen_head(tap.last_linear, f)
         if backward:
+            frozen = None if shortcut or job.differentiable else _frozen_head(tap.last_linear, f)
             if frozen is not None:
                 start, cot = _frozen_head_start(job, per, f, frozen)
             else:
