@@ -53,6 +53,11 @@ class Settings:
             :class:`~pushforward.FunctionalModel` that is a plain chain of linear layers and
             activations replay the captured program (``pushforward.engine.replay``) instead
             of re-checking and re-planning (``False``: every call runs eagerly).
+        settle_heap: on Linux with glibc, raise the C heap's dynamic thresholds once per process
+            before the first computation (``pushforward.core.heap``), as glibc itself does after
+            freeing a large block: the megabyte-sized buffers of repeated calls and data passes
+            are then reused instead of returned to the kernel and faulted in again (the process
+            may keep up to 64 MiB of freed memory). ``False`` leaves the allocator alone.
     """
 
     chunk_target: int = 128 * 2**20
@@ -61,6 +66,7 @@ class Settings:
     budget_fraction: float = 0.5
     plan_cache: int = 64
     replay: bool = True
+    settle_heap: bool = True
 
     def describe(self) -> str:
         """The settings in one line, as ``print(plan)`` shows them."""
@@ -108,8 +114,9 @@ def _validated(base: Settings, overrides: dict[str, Any]) -> Settings:
         n = values["plan_cache"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"plan_cache must be an integer >= 0, got {n!r}")
-    if "replay" in values and not isinstance(values["replay"], bool):
-        raise TypeError(f"replay must be True or False, got {values['replay']!r}")
+    for flag in ("replay", "settle_heap"):
+        if flag in values and not isinstance(values[flag], bool):
+            raise TypeError(f"{flag} must be True or False, got {values[flag]!r}")
     return dataclasses.replace(base, **values)
 
 
@@ -125,6 +132,8 @@ class settings:
         plan_cache: plans kept per model (0: off).
         replay: replay repeated variance and per-example covariance calls on plain chains
             (``False``: always eager).
+        settle_heap: raise glibc's heap thresholds once per process (``False``: leave the C
+            allocator alone), see :class:`Settings`.
     """
 
     def __init__(self, **overrides: Any) -> None:

@@ -22,6 +22,7 @@ import torch
 from pushforward.core.chunking import progress_bar, row_chunks
 from pushforward.core.cost import Budget, ModelCost, direction_bytes, example_bytes, measure_cost
 from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.heap import settle_heap
 from pushforward.core.precision import accumulation_dtype
 from pushforward.core.units import format_bytes
 from pushforward.curvature.data import Batch
@@ -213,6 +214,7 @@ class CurvaturePass:
 
         ``rows`` defaults to the likelihood's rows of the batch.
         """
+        settle_heap()
         fm = self.fm
         params = fm.params(False)
         dtype = accumulation_dtype(fm.dtype)  # sums over the data in float32 at least
@@ -236,6 +238,8 @@ class CurvaturePass:
                 raise StructureError(
                     f"{consumer.what} needs every example to run the traced layers: {err}"
                 ) from err
-            if sub.batch_size > 1:  # the examples that ran together: do they interact?
+            # the examples that ran together: do they interact? (a plain chain of linear layers
+            # and elementwise activations in eval mode cannot: each example runs on its own row)
+            if sub.batch_size > 1 and pieces.rung != "chain":
                 fm.check_examples(sub, outputs=pieces.f)
             consumer.add(pieces.raised(dtype))

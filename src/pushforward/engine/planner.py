@@ -33,6 +33,7 @@ from torch import Tensor
 from pushforward.core.errors import MemoryBudgetError
 from pushforward.core.fallback import Ladder, first_line
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
+from pushforward.core.heap import settle_heap
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options, check_generator
 from pushforward.core.precision import HALF, check_overflow
@@ -112,6 +113,7 @@ class Plan:
         A strategy that fails for a reason of the transform machinery falls through to the next
         one in order (remembered per plan, shown by ``print(plan)``).
         """
+        settle_heap()
         return self._ladder()(self.problem.fm)
 
     def _ladder(self) -> Ladder:
