@@ -206,11 +206,9 @@ _FROM_INPUT = {
     nn.Hardswish: lambda m, z, g: _aten.hardswish_backward(g, z),
 }
 #: ``(gradient g, output y) -> g`` through the activation, for activations whose derivative
-#: reads the output (these kernels broadcast ``y`` over the rows).
-_FROM_OUTPUT = {
-    nn.Tanh: lambda g, y: _aten.tanh_backward(g, y),
-    nn.Sigmoid: lambda g, y: _aten.sigmoid_backward(g, y),
-}
+#: reads the output (these kernels broadcast ``y`` over the rows; their ``grad_input`` variant
+#: writes into ``g``).
+_FROM_OUTPUT = {nn.Tanh: _aten.tanh_backward, nn.Sigmoid: _aten.sigmoid_backward}
 
 
 Backward = Callable[[Tensor, bool], Tensor]
@@ -229,10 +227,22 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
     kind = type(module)
     if kind is nn.ReLU:  # autograd's convention: derivative 0 at 0
         y = torch.relu(z)
-        return y, lambda g, owned: _aten.threshold_backward(g, y.unsqueeze(1), 0)
+
+        def relu_backward(g: Tensor, owned: bool) -> Tensor:
+            yr = y.unsqueeze(1)
+            if owned:  # in place: no second copy of the rows
+                return _aten.threshold_backward.grad_input(g, yr, 0, grad_input=g)
+            return _aten.threshold_backward(g, yr, 0)
+
+        return y, relu_backward
     if kind in _FROM_OUTPUT:
         y, kernel = module(z), _FROM_OUTPUT[kind]
-        return y, lambda g, owned: kernel(g, y.unsqueeze(1))
+
+        def from_output(g: Tensor, owned: bool) -> Tensor:
+            yr = y.unsqueeze(1)
+            return kernel.grad_input(g, yr, grad_input=g) if owned else kernel(g, yr)
+
+        return y, from_output
     if kind in _FROM_INPUT and not getattr(module, "inplace", False):
         kernel = _FROM_INPUT[kind]
 

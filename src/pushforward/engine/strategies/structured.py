@@ -236,7 +236,8 @@ class StructuredStrategy(Strategy):
                 needed=split.needed,
                 differentiable=p.differentiable,
             )
-            if check_chunks and sub.batch_size > 1:  # examples run together: do they interact?
+            # examples run together: do they interact? (not in a plain chain, see the pass's)
+            if check_chunks and sub.batch_size > 1 and pieces.rung != "chain":
                 p.fm.check_examples(sub, outputs=pieces.f)
             pieces = pieces.raised(p.compute_dtype)
             layers = [
