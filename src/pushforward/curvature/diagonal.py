@@ -76,7 +76,7 @@ class DiagonalSums:
     def _layer(self, call: LayerCall, a: Tensor, G: Tensor) -> None:
         geometry, sums = call.geometry, self.sums
         if geometry.once:
-            g2 = G.square().sum(1).reshape(G.shape[0], -1)  # (b, out)
+            g2 = _row_squares(G).reshape(G.shape[0], -1)  # (b, out)
             if call.weight_name is not None:
                 x2 = geometry.inputs(a)[:, 0].square()  # (b, in)
                 geometry.matrix(sums[call.weight_name]).addmm_(g2.T, x2)  # a view: in place
@@ -89,3 +89,22 @@ class DiagonalSums:
             else:
                 rows = call.weight_rows(a, G, self.params)
             sums[name] += rows.square().sum((0, 1)).reshape(sums[name].shape)
+
+
+#: Up to this many rows per example, their squares are summed one row at a time.
+_FEW_ROWS = 32
+
+
+def _row_squares(G: Tensor) -> Tensor:
+    """``sum_r G[:, r]^2``: ``(b, *z)`` from rows ``G (b, r, *z)``.
+
+    With few rows, one row at a time into the sum (no squared copy of all rows: the pass's peak
+    memory is the rows themselves); else squared and summed at once.
+    """
+    r = G.shape[1]
+    if r > _FEW_ROWS:
+        return G.square().sum(1)
+    total = G[:, 0].square()
+    for i in range(1, r):
+        total.addcmul_(G[:, i], G[:, i])
+    return total

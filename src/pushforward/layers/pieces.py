@@ -353,14 +353,18 @@ def _batched(job: _Job) -> Pieces:
         backward = [
             c.index for c in calls if c.index in job.needed and not (shortcut and c is head)
         ]
+        unit, rows = _rows(job, per, f)
         if shortcut:
-            G[head.index] = _head_directions(job, per, f)
+            G[head.index] = _head_directions(job, f, unit, rows)
         if backward:
             frozen = None if shortcut or job.differentiable else _frozen_head(tap.last_linear, f)
             if frozen is not None:
-                start, cot = _frozen_head_start(job, per, f, frozen)
+                start, cot = _frozen_head_start(job, f, frozen, _dense_rows(job, f, rows))
+            elif shortcut:
+                start = tap.inputs[head.index]
+                cot = _start_cotangents(job, f, True, unit, rows).reshape(job.r, *start.shape)
             else:
-                start, cot = _start(job, per, f, tap.inputs, shortcut)
+                start, cot = f, _start_cotangents(job, f, False, unit, rows)
             grads = torch.autograd.grad(
                 start,
                 [probes[i] for i in backward],
@@ -377,24 +381,18 @@ def _batched(job: _Job) -> Pieces:
     return _checked(job, pieces if job.differentiable else _detached(pieces))
 
 
-def _start(job: _Job, per, f: Tensor, inputs: list[Tensor], shortcut: bool):
-    """``(tensor, cotangents (r, b, ...))`` the backward starts from.
+def _rows(job: _Job, per, f: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(unit, rows)``: the rows' indices when they are unit rows, else the rows ``(b, r, *f_b)``.
 
-    The output with the rows, or (head shortcut) the head's input with the rows times its
-    weight.
+    Formed once per chunk, for the head's ``G`` and the backward's start alike.
     """
-    s = job.structure
-    if shortcut:
-        weight = s.head.weight(job.params)
-        unit = job.directions.index(*per)
-        if unit is not None:
-            cot = s.head_unit_cotangents(unit, weight)
-        else:
-            cot = s.head_cotangents(job.cotangents(f.detach(), per), weight)
-        start = inputs[s.head.index]
-        return start, cot.transpose(0, 1).reshape(job.r, *start.shape)
-    cot = job.cotangents(f.detach(), per)
-    return f, cot.transpose(0, 1)
+    unit = job.directions.index(*per)
+    return (unit, None) if unit is not None else (None, job.cotangents(f.detach(), per))
+
+
+def _dense_rows(job: _Job, f: Tensor, rows: Tensor | None) -> Tensor:
+    """The rows ``(b, r, *f_b)`` of :func:`_rows`, dense."""
+    return job.cotangents(f.detach(), job.per()) if rows is None else rows
 
 
 def _frozen_head(last: LinearCall | None, f: Tensor) -> LinearCall | None:
@@ -427,16 +425,18 @@ def _frozen_head(last: LinearCall | None, f: Tensor) -> LinearCall | None:
 _FROZEN_HEAD_DEPTH = 16
 
 
-def _frozen_head_start(job: _Job, per, f: Tensor, head: LinearCall) -> tuple[Tensor, Tensor]:
+def _frozen_head_start(
+    job: _Job, f: Tensor, head: LinearCall, rows: Tensor
+) -> tuple[Tensor, Tensor]:
     """``(head input, cotangents (r, *input))``: the rows taken back through a frozen head.
 
-    The rows reach the head's output ``(r, *out)`` through the cheap operations after it; the
+    The rows ``(b, r, *f_b)`` reach the head's output ``(r, *out)`` through the cheap operations after it; the
     product with the head's weight is made only for the positions where a row is nonzero (a
     language model's vocabulary projection at the one position a pass asks about, not at every
     token). A position whose row is all zero contributes exactly zero.
     """
     r = job.r
-    rows = job.cotangents(f.detach(), per).transpose(0, 1)
+    rows = rows.transpose(0, 1)  # (r, b, *f_b)
     (at_out,) = torch.autograd.grad(
         f, head.output, rows if r > 1 else rows[0], retain_graph=True, is_grads_batched=r > 1
     )
@@ -451,14 +451,15 @@ def _frozen_head_start(job: _Job, per, f: Tensor, head: LinearCall) -> tuple[Ten
     return start, at_in.to(start.dtype).reshape(r, *start.shape)
 
 
-def _head_directions(job: _Job, per, f: Tensor) -> Tensor | OneHot:
-    """The head's ``G``: the rows themselves (one-hot when they are unit rows)."""
+def _head_directions(
+    job: _Job, f: Tensor, unit: Tensor | None, rows: Tensor | None
+) -> Tensor | OneHot:
+    """The head's ``G``: the rows themselves (one-hot when they are unit rows ``unit``)."""
     head = job.structure.head
     shape = torch.Size((job.b, job.r, *head.output_shape))
-    unit = job.directions.index(*per)
     if unit is not None:
         return OneHot(unit, shape, f.dtype)
-    return job.cotangents(f.detach(), per).reshape(shape).contiguous()
+    return rows.reshape(shape).contiguous()
 
 
 def _vmapped(job: _Job) -> Pieces:
@@ -492,16 +493,16 @@ def _vmapped(job: _Job) -> Pieces:
         ]
         start, f, a, z = vmap_examples(one, [job.inputs.tensors(), *probes])
         G: list[Tensor | OneHot | None] = [None] * len(calls)
-        if head is not None:
-            if not torch.equal(f.detach(), z.detach().reshape(f.shape)):
-                raise StructureError(
-                    "the model's output differs from its last linear layer's output for some "
-                    "examples (data-dependent control flow after the head?)"
-                )
-            if head.index in job.needed:
-                G[head.index] = _head_directions(job, per, f)
+        if head is not None and not torch.equal(f.detach(), z.detach().reshape(f.shape)):
+            raise StructureError(
+                "the model's output differs from its last linear layer's output for some "
+                "examples (data-dependent control flow after the head?)"
+            )
+        unit, rows = _rows(job, per, f)
+        if head is not None and head.index in job.needed:
+            G[head.index] = _head_directions(job, f, unit, rows)
         if needed:
-            cot = _start_cotangents(job, per, f, head)
+            cot = _start_cotangents(job, f, head is not None, unit, rows)
             grads = torch.autograd.grad(
                 start,
                 probes,
@@ -517,18 +518,20 @@ def _vmapped(job: _Job) -> Pieces:
     return _checked(job, pieces if job.differentiable else _detached(pieces))
 
 
-def _start_cotangents(job: _Job, per, f: Tensor, head: LayerCall | None) -> Tensor:
-    """``(r, b, ...)``: the rows at the output, or at the head's input."""
+def _start_cotangents(
+    job: _Job, f: Tensor, at_head: bool, unit: Tensor | None, rows: Tensor | None
+) -> Tensor:
+    """``(r, b, ...)``: the rows (:func:`_rows`) at the output, or at the head's input.
+
+    At the head's input (``at_head``) they are the rows times the head's weight. Formed in ``(r, b)`` order: the backward's batch of rows leads, with no copy to reorder.
+    """
+    if not at_head:
+        return _dense_rows(job, f, rows).transpose(0, 1)
     s = job.structure
-    if head is None:
-        return job.cotangents(f.detach(), per).transpose(0, 1)
-    weight = head.weight(job.params)
-    unit = job.directions.index(*per)
+    weight = s.head.weight(job.params)
     if unit is not None:
-        cot = s.head_unit_cotangents(unit, weight)
-    else:
-        cot = s.head_cotangents(job.cotangents(f.detach(), per), weight)
-    return cot.transpose(0, 1)
+        return s.head_unit_cotangents(unit.T, weight)
+    return s.head_cotangents(rows.transpose(0, 1), weight)
 
 
 def _per_example_vjp(job: _Job) -> Pieces:

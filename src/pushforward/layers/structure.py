@@ -61,7 +61,10 @@ class LayerStructure:
         return sum(math.prod(c.output_shape) for c in self.calls)
 
     def head_cotangents(self, rows: Tensor, weight: Tensor) -> Tensor:
-        """Rows ``u (b, r, *f_b)`` at the output -> ``u W (b, r, *a_head)`` at the head's input."""
+        """Rows ``u (b, r, *f_b)`` at the output -> ``u W (b, r, *a_head)`` at the head's input.
+
+        Any two leading dimensions: rows ``(r, b, *f_b)`` give ``(r, b, *a_head)``.
+        """
         head = self.head
         b, r = rows.shape[:2]
         u = rows.reshape(b * r * self.positions, self.outputs)
@@ -70,7 +73,8 @@ class LayerStructure:
     def head_unit_cotangents(self, index: Tensor, weight: Tensor) -> Tensor:
         """Unit rows at flat output positions ``index (b, r)`` -> ``(b, r, *a_head)``.
 
-        Each row is ``W[k]`` at its position ``t`` (``index = t * K + k``), zero elsewhere.
+        Each row is ``W[k]`` at its position ``t`` (``index = t * K + k``), zero elsewhere. Any
+        two leading dimensions: ``index (r, b)`` gives ``(r, b, *a_head)``.
         """
         head = self.head
         M = head.geometry.matrix(weight)  # (K, in)
@@ -78,7 +82,7 @@ class LayerStructure:
         b, r = index.shape
         width = M.shape[1]
         u = M.new_zeros(b, r, self.positions, width)
-        u.scatter_(2, t.view(b, r, 1, 1).expand(b, r, 1, width), M[k].unsqueeze(2))
+        u.scatter_(2, t.reshape(b, r, 1, 1).expand(b, r, 1, width), M[k].unsqueeze(2))
         return u.reshape(b, r, *head.input_shape)
 
 
