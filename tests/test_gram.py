@@ -1,13 +1,13 @@
 """``pushforward.core.gram``: ``X^T X`` by blocks on and above the diagonal equals the plain
 product for widths that split into 1-4 blocks and uneven edges; the blocks below mirror those
-above."""
+above. ``rows_of`` takes transposed leading dimensions as a view, with the same Gram matrix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pushforward.core.gram import gram
+from pushforward.core.gram import gram, rows_of
 
 
 @pytest.mark.parametrize("d", [1, 63, 64, 128, 130, 257, 784])
@@ -24,3 +24,15 @@ def test_gram_equals_the_plain_product(d):
 def test_gram_keeps_the_gradient():
     X = torch.randn(5, 200, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda t: gram(t).sum(), (X,))
+
+
+def test_rows_of_transposed_rows_is_a_view_with_the_same_gram():
+    torch.manual_seed(0)
+    backward = torch.randn(9, 6, 1, 70, dtype=torch.float64)  # a batched backward's (r, b, ...)
+    rows = backward.transpose(0, 1)  # seen as (b, r, 1, out)
+    flat = rows_of(rows)
+    assert flat.shape == (54, 70) and flat.data_ptr() == backward.data_ptr()
+    assert flat.is_contiguous()  # no copy was made
+    torch.testing.assert_close(gram(flat), gram(rows.reshape(-1, 70)), rtol=1e-13, atol=1e-12)
+    plain = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert torch.equal(rows_of(plain), plain.reshape(-1, 5))

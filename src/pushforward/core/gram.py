@@ -13,7 +13,7 @@ import itertools
 
 from torch import Tensor
 
-__all__ = ["gram"]
+__all__ = ["gram", "rows_of"]
 
 #: Column blocks at most, and the narrowest block worth a separate product.
 _BLOCKS, _NARROWEST = 4, 64
@@ -36,3 +36,14 @@ def gram(X: Tensor) -> Tensor:
         out[start:stop, start:] = block
         out[stop:, start:stop] = block[:, stop - start :].T
     return out
+
+
+def rows_of(t: Tensor) -> Tensor:
+    """The rows of ``t (..., d)`` as one ``(n, d)`` matrix, taken in the order they lie in memory.
+
+    A Gram matrix sums over its rows in any order: rows laid out with their leading dimensions
+    transposed (a batched backward's ``(r, b)`` rows viewed as ``(b, r)``) become a view rather
+    than a copy.
+    """
+    lead = sorted(range(t.dim() - 1), key=lambda i: t.stride(i), reverse=True)
+    return t.permute(*lead, t.dim() - 1).reshape(-1, t.shape[-1])

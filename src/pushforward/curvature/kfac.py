@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
-from pushforward.core.gram import gram
+from pushforward.core.gram import gram, rows_of
 from pushforward.core.precision import accumulation_dtype
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
@@ -211,8 +211,7 @@ class KFACSums:
                     A = gram(x.mean(1))
         if self.approx == "reduce":
             g = g.sum(2)
-        flat = g.reshape(-1, g.shape[-1])
-        return A, gram(flat)
+        return A, gram(rows_of(g))
 
     def _add_generic(self, name: str, rows: Tensor) -> None:
         """Add ``(m, n)`` rows to the generic block of ``name``."""
