@@ -19,6 +19,7 @@ MLP on images) — its output the last module's. Subclasses are not accepted (th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class Chain:
     steps: tuple[_Linear | nn.Module, ...]
     flatten: bool = False
 
-    @property
+    @functools.cached_property
     def calls(self) -> int:
         """The number of traced layer calls (linear layers with selected parameters)."""
         return sum(isinstance(s, _Linear) and s.call is not None for s in self.steps)
