@@ -22,7 +22,6 @@ nothing. ``pushforward.settings(settle_heap=False)`` leaves the allocator alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 import threading
 
@@ -64,11 +63,8 @@ def _glibc() -> ctypes.CDLL | None:
     """The process's C library when it is glibc (the one with dynamic thresholds), else None."""
     if not sys.platform.startswith("linux"):
         return None
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols: no library search, no subprocess
         libc.gnu_get_libc_version  # noqa: B018 — only glibc has it
     except (OSError, AttributeError):
         return None
