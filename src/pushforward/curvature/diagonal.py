@@ -43,11 +43,23 @@ class DiagonalSums:
         self.fm, self.what = fm, what
         self.params = fm.params(False)
         dtype = accumulation_dtype(fm.dtype)
-        self.sums = {n: torch.zeros_like(p, dtype=dtype) for n, p in self.params.items()}
+        devices = {p.device for p in self.params.values()}
+        #: ``(P,)``: the sums side by side, or ``None`` when the parameters are on several devices
+        self.flat: Tensor | None = None
+        if len(devices) == 1:
+            self.flat = torch.zeros(fm.num_params, dtype=dtype, device=devices.pop())
+            self.sums = fm.unflatten(self.flat)  # views into it
+        else:
+            self.sums = {n: torch.zeros_like(p, dtype=dtype) for n, p in self.params.items()}
 
     def held_bytes(self) -> int:
-        """The sums and their flat copy at the end."""
-        return 2 * self.fm.num_params * accumulation_dtype(self.fm.dtype).itemsize
+        """The sums (and their flat copy at the end, for parameters on several devices)."""
+        copies = 1 if self.flat is not None else 2
+        return copies * self.fm.num_params * accumulation_dtype(self.fm.dtype).itemsize
+
+    def total(self) -> Tensor:
+        """``(P,)``: the sums as one vector, in the parameters' order."""
+        return self.flat if self.flat is not None else self.fm.flatten(self.sums)
 
     def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
         """The gradient rows formed where no closed form applies (twice: formed and squared)."""

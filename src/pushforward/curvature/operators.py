@@ -390,8 +390,9 @@ class CurvatureOperator:
         """
         sums = DiagonalSums(self.fm)
         self._pass().run(self.data, sums)
-        totals, count = self.data.finish(list(sums.sums.values()))
-        flat = self.fm.flatten(dict(zip(sums.sums, totals, strict=True))) * self._scale(count)
+        (flat,), count = self.data.finish([sums.total()])
+        scale = self._scale(count)
+        flat = flat if scale == 1.0 else flat * scale
         return self._tagged(DiagonalCurvature(flat, self.fm.layout))
 
     def dense(self) -> DenseCurvature:

@@ -385,7 +385,7 @@ class _PushforwardCurvature:
         if diagonal:
             sums = DiagonalSums(target.fm, "laplace-torch's diag")
             self._run(target, y, RowKind("exact"), sums, rows)
-            flat = target.fm.flatten(sums.sums)
+            flat = sums.total()
             return flat if target.indices is None else flat[target.indices]
         dense = DenseSums(target.fm, target.indices, "laplace-torch's full")
         self._run(target, y, RowKind("exact"), dense, rows)
@@ -428,7 +428,7 @@ class _PushforwardCurvature:
         """
         sums = DiagonalSums(target.fm, "laplace-torch's diag")
         self._run(target, y, rows, sums)
-        flat = target.fm.flatten(sums.sums)
+        flat = sums.total()
         return flat if target.indices is None else flat[target.indices]
 
     # -- Kronecker factors -------------------------------------------------------------
