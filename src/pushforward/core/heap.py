@@ -29,7 +29,8 @@ from pushforward.core.settings import settings
 
 __all__ = ["settle_heap"]
 
-#: glibc's ceiling for its dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``).
+#: glibc's ceiling for its dynamic mmap threshold on 64-bit systems
+#: (``DEFAULT_MMAP_THRESHOLD_MAX``).
 _CEILING = 32 * 2**20
 #: The block freed: just under the ceiling (with glibc's header and page rounding), so that the
 #: threshold rises to about 32 MiB.

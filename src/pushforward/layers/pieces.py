@@ -430,10 +430,10 @@ def _frozen_head_start(
 ) -> tuple[Tensor, Tensor]:
     """``(head input, cotangents (r, *input))``: the rows taken back through a frozen head.
 
-    The rows ``(b, r, *f_b)`` reach the head's output ``(r, *out)`` through the cheap operations after it; the
-    product with the head's weight is made only for the positions where a row is nonzero (a
-    language model's vocabulary projection at the one position a pass asks about, not at every
-    token). A position whose row is all zero contributes exactly zero.
+    The rows ``(b, r, *f_b)`` reach the head's output ``(r, *out)`` through the cheap operations
+    after it; the product with the head's weight is made only for the positions where a row is
+    nonzero (a language model's vocabulary projection at the one position a pass asks about, not
+    at every token). A position whose row is all zero contributes exactly zero.
     """
     r = job.r
     rows = rows.transpose(0, 1)  # (r, b, *f_b)
@@ -523,7 +523,8 @@ def _start_cotangents(
 ) -> Tensor:
     """``(r, b, ...)``: the rows (:func:`_rows`) at the output, or at the head's input.
 
-    At the head's input (``at_head``) they are the rows times the head's weight. Formed in ``(r, b)`` order: the backward's batch of rows leads, with no copy to reorder.
+    At the head's input (``at_head``) they are the rows times the head's weight. Formed in
+    ``(r, b)`` order: the backward's batch of rows leads, with no copy to reorder.
     """
     if not at_head:
         return _dense_rows(job, f, rows).transpose(0, 1)
