@@ -56,6 +56,9 @@ def test_settings_are_validated():
         pf.settings(plan_cache=-1)
     with pytest.raises(ValueError, match="traffic"):
         pf.settings(traffic=float("nan"))
+    for flag in ("replay", "settle_heap"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            pf.settings(**{flag: 1})
 
 
 def test_chunk_target_bounds_chunks_and_shows_in_the_plan():
