@@ -246,7 +246,9 @@ class CurvatureOperator:
         }
         if what not in consumers:
             raise ValueError(f"what must be one of {list(PLANS)}, got {what!r}")
-        return self._pass().plan(batch, consumers[what]())
+        plan = self._pass().first_plan(self.data, consumers[what]())
+        assert plan is not None  # the data hold a batch
+        return plan
 
     def _product_plan(self, batch, what: str, **kwargs: Any) -> PassPlan:
         inputs = self.fm.prepare(batch.inputs).detach()

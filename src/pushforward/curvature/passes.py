@@ -13,7 +13,7 @@ which rung of the producer runs and why, chunk sizes, estimated work and peak â€
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from pushforward.core.chunking import progress_bar, row_chunks
 from pushforward.core.cost import Budget, ModelCost, direction_bytes, example_bytes, measure_cost
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.heap import settle_heap
+from pushforward.core.inputs import Inputs
 from pushforward.core.precision import accumulation_dtype
 from pushforward.core.units import format_bytes
 from pushforward.curvature.data import Batch
@@ -39,7 +40,40 @@ from pushforward.layers import (
     produce,
 )
 
-__all__ = ["Consumer", "CurvaturePass", "PassPlan"]
+__all__ = ["JOINED_EXAMPLES", "Consumer", "CurvaturePass", "PassPlan", "joins_batches"]
+
+#: At most this many examples of consecutive batches run together (:meth:`CurvaturePass.joined`).
+JOINED_EXAMPLES = 2**16
+
+
+def joins_batches(device: torch.device) -> bool:
+    """Whether consecutive batches run together on ``device``: on any but the CPU.
+
+    See :meth:`CurvaturePass.joined`.
+    """
+    return device.type != "cpu"
+
+
+def _joinable(first: Batch, batch: Batch) -> bool:
+    """``batch`` can be concatenated after ``first``: the same input signature and targets."""
+    a, b = first.y, batch.y
+    return batch.inputs.signature() == first.inputs.signature() and (
+        a.shape[1:],
+        a.dtype,
+        a.device,
+    ) == (b.shape[1:], b.dtype, b.device)
+
+
+def _joined(group: list[Batch]) -> Batch:
+    """The batches of ``group`` as one (its first's index)."""
+    if len(group) == 1:
+        return group[0]
+    first = group[0].inputs
+    parts = zip(*(b.inputs.tensors() for b in group), strict=True)
+    args, kwargs = first.with_tensors([torch.cat(p) for p in parts])
+    total = sum(b.inputs.batch_size for b in group)
+    y = torch.cat([b.y for b in group])
+    return Batch(group[0].index, Inputs(args, kwargs, total), y)
 
 
 class Consumer(Protocol):
@@ -200,14 +234,58 @@ class CurvaturePass:
         """The plan of ``consumer``'s pass over ``batch``."""
         return self._batch(batch, consumer)[0]
 
+    def first_plan(self, data: Iterable[Batch], consumer: Consumer) -> PassPlan | None:
+        """The plan of the first batch ``consumer``'s pass over ``data`` runs (``None``: none).
+
+        On a GPU, that batch may be several of the data's batches run together
+        (:meth:`joined`).
+        """
+        first = next(iter(self.joined(data, consumer)), None)
+        return None if first is None else self.plan(first, consumer)
+
     def run(self, data: Iterable[Batch], consumer: Consumer) -> None:
         """Feed ``consumer`` the pieces of every chunk of every batch, in order."""
         try:
             total = len(data)  # type: ignore[arg-type]
         except TypeError:  # the loader does not know its length
             total = None
-        for batch in progress_bar(data, self.progress, f"{consumer.what}: batches", total=total):
+        batches = progress_bar(data, self.progress, f"{consumer.what}: batches", total=total)
+        for batch in self.joined(batches, consumer):
             self.run_batch(batch, consumer)
+
+    def joined(self, batches: Iterable[Batch], consumer: Consumer) -> Iterator[Batch]:
+        """``batches``, consecutive ones run together where that saves per-batch host work.
+
+        On a GPU, each batch costs host work (planning, the producer's hooks and ``vmap``, the
+        coupling check, kernel launches) comparable to its device work for small models. There,
+        consecutive batches of one input signature are concatenated as long as their rows still
+        run as one chunk of the memory budget (at most :data:`JOINED_EXAMPLES` examples). The sums
+        are the same, up to rounding. Monte Carlo rows are drawn per batch and are not joined.
+        A CPU takes its batches as they come: it wants cache-sized chunks.
+        """
+        if not joins_batches(self.fm.device) or self.kind.kind == "mc":
+            yield from batches
+            return
+        group: list[Batch] = []
+        room = 0
+        for batch in batches:
+            B = batch.inputs.batch_size
+            if group and (room < B or not _joinable(group[0], batch)):
+                yield _joined(group)
+                group = []
+            if not group:
+                room = min(JOINED_EXAMPLES, self._examples_per_chunk(batch, consumer))
+            group.append(batch)
+            room -= B
+        if group:
+            yield _joined(group)
+
+    def _examples_per_chunk(self, batch: Batch, consumer: Consumer) -> int:
+        """The examples whose rows the memory budget takes as one chunk, by ``batch``'s plan."""
+        plan = self.plan(batch, consumer)
+        R = max(plan.rows, 1)
+        rows = plan.budget.chunk(plan.per_row + plan.per_example // R, plan.held, at_least=R)
+        return rows // R
 
     def run_batch(self, batch: Batch, consumer: Consumer, rows: Directions | None = None) -> None:
         """Feed ``consumer`` the pieces of every chunk of ``batch`` for ``rows``.
