@@ -1,6 +1,6 @@
-"""The C heap's thresholds (``pushforward.core.heap``): after a first computation, megabyte-sized
-buffers freed and allocated again come from the heap, without page faults; with
-``settings(settle_heap=False)`` the allocator is left as it was.
+"""The C heap's thresholds (``pushforward.core.heap``): after a first computation, the megabyte
+buffers a data pass frees and allocates again come from the heap, without page faults; with
+``settings(settle_heap=False)`` the allocator is left as it was (and they are faulted in again).
 
 Each case runs in a fresh interpreter: glibc's thresholds are per process and only ever rise.
 """
@@ -26,20 +26,24 @@ _SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     import pushforward as pf
+    from pushforward.curvature import GGN
 
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
-    cov = pf.Diagonal(torch.ones(sum(p.numel() for p in model.parameters())))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    ).eval()
+    x, y = torch.randn(1024, 784), torch.randint(10, (1024,))
+    data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 1024, 256)]
     with pf.settings(settle_heap=sys.argv[1] == "on"):
-        pf.functional_variance(model, torch.randn(5, 3), cov)
+        ggn = GGN(model, data)
+        ggn.diagonal()  # the first call (traces, measured costs)
 
-    def faults():
-        # what a data pass does per batch: a dozen 1 MiB buffers formed, used, freed
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        held = [torch.ones(2**18) for _ in range(12)]
-        del held
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        def faults():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            ggn.diagonal()
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    print(json.dumps([faults() for _ in range(4)]))
+        print(json.dumps([faults() for _ in range(4)]))
     """
 )
 
@@ -51,13 +55,12 @@ def _page_faults(setting: str) -> list[int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_freed_buffers_are_reused_after_a_first_call():
+def test_a_data_pass_reuses_its_buffers_after_a_first_call():
+    # the exact diagonal GGN of an MLP 784-256-256-10 over 4 batches of 256: about 10 MB of rows
+    # and squares per batch, formed and freed batch after batch
     untouched = _page_faults("off")
-    pages = 12 * 2**20 // 4096
-    if min(untouched[1:]) < pages // 2:
-        pytest.skip(
-            f"this C library keeps freed blocks already (page faults per round {untouched})"
-        )
+    if min(untouched[2:]) < 1000:
+        pytest.skip(f"this C library keeps freed blocks already (page faults per call {untouched})")
     settled = _page_faults("on")
-    # the first round faults its pages in; later rounds reuse them (a few stray pages at most)
-    assert max(settled[1:]) < pages // 4, (settled, untouched)
+    # the heap may still grow to the pass's size in the first calls; then nothing is faulted in
+    assert max(settled[2:]) < 200, (settled, untouched)
