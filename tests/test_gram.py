@@ -1,13 +1,13 @@
 """``pushforward.core.gram``: ``X^T X`` by blocks on and above the diagonal equals the plain
 product for widths that split into 1-4 blocks and uneven edges; the blocks below mirror those
-above. ``rows_of`` takes transposed leading dimensions as a view, with the same Gram matrix."""
+above. Running sums by ``add_gram`` are completed once by ``mirror_upper``. ``rows_of`` takes transposed leading dimensions as a view, with the same Gram matrix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pushforward.core.gram import gram, rows_of
+from pushforward.core.gram import add_gram, gram, mirror_upper, rows_of
 
 
 @pytest.mark.parametrize("d", [1, 63, 64, 128, 130, 257, 784])
@@ -36,3 +36,14 @@ def test_rows_of_transposed_rows_is_a_view_with_the_same_gram():
     torch.testing.assert_close(gram(flat), gram(rows.reshape(-1, 70)), rtol=1e-13, atol=1e-12)
     plain = torch.randn(4, 3, 5, dtype=torch.float64)
     assert torch.equal(rows_of(plain), plain.reshape(-1, 5))
+
+
+@pytest.mark.parametrize("d", [30, 130, 784])
+def test_running_gram_sums_are_completed_once(d):
+    torch.manual_seed(d)
+    parts = [torch.randn(n, d, dtype=torch.float64) for n in (5, 17, 3)]
+    total = torch.zeros(d, d, dtype=torch.float64)
+    for i, X in enumerate(parts):
+        total = add_gram(total, X, alpha=0.5 if i == 1 else 1.0)
+    expected = sum((0.5 if i == 1 else 1.0) * X.T @ X for i, X in enumerate(parts))
+    torch.testing.assert_close(mirror_upper(total), expected, rtol=1e-13, atol=1e-12)

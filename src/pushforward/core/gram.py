@@ -13,29 +13,61 @@ import itertools
 
 from torch import Tensor
 
-__all__ = ["gram", "rows_of"]
+__all__ = ["add_gram", "gram", "mirror_upper", "rows_of"]
 
 #: Column blocks at most, and the narrowest block worth a separate product.
 _BLOCKS, _NARROWEST = 4, 64
 
 
-def gram(X: Tensor) -> Tensor:
-    """``X^T X`` for ``X (n, d)``: ``(d, d)``.
+def _edges(t: Tensor, d: int) -> list[int] | None:
+    """The column blocks' edges for a ``(d, d)`` Gram matrix of (or accumulated into) ``t``.
 
-    Column blocks of at least 64 (at most 4 blocks) on a CPU when ``X`` needs no gradient; one
-    product otherwise (on a GPU such products are bound by their launches, not their work).
+    Blocks of at least 64 columns (at most 4) on a CPU when ``t`` needs no gradient; ``None``: one
+    product (on a GPU such products are bound by their launches, not their work).
     """
-    d = X.shape[1]
     k = min(_BLOCKS, d // _NARROWEST)
-    if k < 2 or X.requires_grad or X.device.type != "cpu":
+    if k < 2 or t.requires_grad or t.device.type != "cpu":
+        return None
+    return [round(i * d / k) for i in range(k + 1)]
+
+
+def gram(X: Tensor) -> Tensor:
+    """``X^T X`` for ``X (n, d)``: ``(d, d)``, by blocks on and above the diagonal where they pay."""
+    d = X.shape[1]
+    if _edges(X, d) is None:
         return X.T @ X
-    edges = [round(i * d / k) for i in range(k + 1)]
-    out = X.new_empty(d, d)
+    return mirror_upper(add_gram(X.new_zeros(d, d), X))
+
+
+def add_gram(total: Tensor, X: Tensor, alpha: float = 1.0) -> Tensor:
+    """``total + alpha X^T X`` for a running sum ``total (d, d)`` of Gram matrices.
+
+    In place where no gradient flows. With column blocks (see :func:`gram`) only the blocks on and
+    above the diagonal are added, straight into ``total``: no product is formed apart from it. The
+    blocks below are then stale until :func:`mirror_upper` fills them, once, after the last
+    addition.
+    """
+    if total.requires_grad or X.requires_grad:
+        return total + alpha * (X.T @ X)
+    edges = _edges(X, X.shape[1])
+    if edges is None:
+        return total.addmm_(X.T, X, alpha=alpha)
     for start, stop in itertools.pairwise(edges):
-        block = X[:, start:stop].T @ X[:, start:]  # (stop - start, d - start)
-        out[start:stop, start:] = block
-        out[stop:, start:stop] = block[:, stop - start :].T
-    return out
+        total[start:stop, start:].addmm_(X[:, start:stop].T, X[:, start:], alpha=alpha)
+    return total
+
+
+def mirror_upper(total: Tensor) -> Tensor:
+    """``total`` with the blocks below the diagonal set from those above (after :func:`add_gram`).
+
+    Nothing to do where :func:`add_gram` added whole products (a GPU, a gradient).
+    """
+    edges = _edges(total, total.shape[0])
+    if edges is None:
+        return total
+    for start, stop in itertools.pairwise(edges):
+        total[stop:, start:stop] = total[start:stop, stop:].T
+    return total
 
 
 def rows_of(t: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
-from pushforward.core.gram import gram, rows_of
+from pushforward.core.gram import add_gram, gram, mirror_upper, rows_of
 from pushforward.core.precision import accumulation_dtype
 from pushforward.covariance.dense import Dense
 from pushforward.covariance.diagonal import Diagonal
@@ -58,11 +58,28 @@ class LayerFactors:
     call: LayerCall
     A: Tensor | None = None  # input side (in x in), or token counts (V x V) for an embedding
     G: Tensor | None = None  # output side (out x out)
+    #: the sides summed by :func:`~pushforward.core.gram.add_gram` (their lower blocks stale
+    #: until :meth:`finish`)
+    grams: set[str] = field(default_factory=set)
 
-    def add(self, A: Tensor | None, G: Tensor) -> None:
-        if A is not None:
-            self.A = A if self.A is None else _summed(self.A, A)
-        self.G = G if self.G is None else _summed(self.G, G)
+    def add(self, side: str, part: Tensor) -> None:
+        """Add a ready-made sum ``part`` to side ``"A"`` or ``"G"``."""
+        total = getattr(self, side)
+        setattr(self, side, part if total is None else _summed(total, part))
+
+    def add_rows(self, side: str, X: Tensor, alpha: float = 1.0) -> None:
+        """Add ``alpha X^T X`` of rows ``X (n, d)`` to side ``"A"`` or ``"G"``."""
+        total = getattr(self, side)
+        if total is None:
+            total = X.new_zeros(X.shape[1], X.shape[1])
+        setattr(self, side, add_gram(total, X, alpha))
+        self.grams.add(side)
+
+    def finish(self) -> None:
+        """Complete the sums of Gram matrices (their blocks below the diagonal)."""
+        for side in self.grams:
+            setattr(self, side, mirror_upper(getattr(self, side)))
+        self.grams.clear()
 
 
 def _summed(total: Tensor, part: Tensor) -> Tensor:
@@ -123,6 +140,12 @@ class KFACSums:
         self.params = fm.params(False)
         self.factors = KFACFactors()
 
+    def result(self) -> KFACFactors:
+        """The factors summed over the pass, their Gram matrices completed."""
+        for factors in self.factors.layers.values():
+            factors.finish()
+        return self.factors
+
     def held_bytes(self) -> int:
         """Bytes of the factors and generic blocks.
 
@@ -165,8 +188,8 @@ class KFACSums:
         for call, a, G in pieces.layers():
             G = dense(G)
             if kfac_supported(call):
-                A, GG = self._layer(call, a, G, pieces.first)
-                result.layers.setdefault(call.index, LayerFactors(call)).add(A, GG)
+                factors = result.layers.setdefault(call.index, LayerFactors(call))
+                self._layer(call, a, G, pieces.first, factors)
                 continue
             for name in call.names:
                 if name == call.bias_name:
@@ -177,8 +200,13 @@ class KFACSums:
         for name, rows in pieces.rows.items():
             self._add_generic(name, rows.reshape(-1, rows[0, 0].numel()))
 
-    def _layer(self, call: LayerCall, a: Tensor, G: Tensor, first: bool):
-        """``(A, G)`` sums of one chunk (``A`` None when the chunk repeats examples' inputs)."""
+    def _layer(
+        self, call: LayerCall, a: Tensor, G: Tensor, first: bool, factors: LayerFactors
+    ) -> None:
+        """Add one chunk's factor sums to ``factors``.
+
+        ``A`` only where ``first``: a chunk of later rows repeats its examples' inputs.
+        """
         geometry = call.geometry
         g = geometry.outputs(G)  # (b, r, T, out)
         b = g.shape[0]
@@ -187,31 +215,25 @@ class KFACSums:
             keep = geometry.kept(ids, G.dtype)
             # a padding token's row gets no gradient: its positions are left out of both factors
             g = g * keep.view(b, 1, -1, 1)
-            A = None
             if first:
                 vocab = geometry.in_features
                 if self.approx == "expand":
                     counts = torch.zeros(vocab, dtype=G.dtype, device=G.device)
                     counts.index_add_(0, ids.reshape(-1), keep.reshape(-1))
-                    A = torch.diag(counts / ids.shape[1])
+                    factors.add("A", torch.diag(counts / ids.shape[1]))
                 else:
                     mean = torch.zeros(b, vocab, dtype=keep.dtype, device=ids.device)
                     mean.scatter_add_(1, ids, keep)
-                    mean = mean / ids.shape[1]
-                    A = gram(mean)
-        else:
-            A = None
-            if first:
-                x = geometry.inputs(a)  # (b, T, in)
-                if self.approx == "expand":
-                    flat = x.reshape(-1, x.shape[-1])
-                    A = gram(flat)
-                    A = A if x.shape[1] == 1 else A / x.shape[1]
-                else:
-                    A = gram(x.mean(1))
+                    factors.add("A", gram(mean / ids.shape[1]))
+        elif first:
+            x = geometry.inputs(a)  # (b, T, in)
+            if self.approx == "expand":
+                factors.add_rows("A", x.reshape(-1, x.shape[-1]), 1.0 / x.shape[1])
+            else:
+                factors.add_rows("A", x.mean(1))
         if self.approx == "reduce":
             g = g.sum(2)
-        return A, gram(rows_of(g))
+        factors.add_rows("G", rows_of(g))
 
     def _add_generic(self, name: str, rows: Tensor) -> None:
         """Add ``(m, n)`` rows to the generic block of ``name``."""

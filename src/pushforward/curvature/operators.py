@@ -431,7 +431,7 @@ class CurvatureOperator:
         """
         sums = KFACSums(self.fm, approx, generic)
         self._pass().run(self.data, sums)
-        factors = sums.factors
+        factors = sums.result()
         values, count = self.data.finish(factors.tensors())
         factors.replace_tensors(values)
         blocks = kfac_blocks(self.fm, factors, 1.0 / count, self._scale(count))

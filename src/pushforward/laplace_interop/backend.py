@@ -454,7 +454,7 @@ class _PushforwardCurvature:
         loss = self.factor * self.lossfunc(f, y)
         sums = KFACSums(target.fm, approx, "dense", "laplace-torch's kron")
         self._run(target, y, rows, sums)
-        return loss.detach(), self._laplace_kron(target.fm, sums.factors, N, scale)
+        return loss.detach(), self._laplace_kron(target.fm, sums.result(), N, scale)
 
     def _laplace_kron(self, fm: FunctionalModel, factors: KFACFactors, N: int, scale: float):
         """laplace-torch's ``Kron``: per parameter (in its order) a factor pair or one matrix.
