@@ -57,11 +57,8 @@ def joins_batches(device: torch.device) -> bool:
 def _joinable(first: Batch, batch: Batch) -> bool:
     """``batch`` can be concatenated after ``first``: the same input signature and targets."""
     a, b = first.y, batch.y
-    return batch.inputs.signature() == first.inputs.signature() and (
-        a.shape[1:],
-        a.dtype,
-        a.device,
-    ) == (b.shape[1:], b.dtype, b.device)
+    same_targets = (a.shape[1:], a.dtype, a.device) == (b.shape[1:], b.dtype, b.device)
+    return same_targets and batch.inputs.signature() == first.inputs.signature()
 
 
 def _joined(group: list[Batch]) -> Batch:
