@@ -228,22 +228,10 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
     kind = type(module)
     if kind is nn.ReLU:  # autograd's convention: derivative 0 at 0
         y = torch.relu(z)
-
-        def relu_backward(g: Tensor, owned: bool) -> Tensor:
-            yr = y.unsqueeze(1)
-            if owned:  # in place: no second copy of the rows
-                return _aten.threshold_backward.grad_input(g, yr, 0, grad_input=g)
-            return _aten.threshold_backward(g, yr, 0)
-
-        return y, relu_backward
+        return y, _from_output(_aten.threshold_backward, y, 0)
     if kind in _FROM_OUTPUT:
-        y, kernel = module(z), _FROM_OUTPUT[kind]
-
-        def from_output(g: Tensor, owned: bool) -> Tensor:
-            yr = y.unsqueeze(1)
-            return kernel.grad_input(g, yr, grad_input=g) if owned else kernel(g, yr)
-
-        return y, from_output
+        y = module(z)
+        return y, _from_output(_FROM_OUTPUT[kind], y)
     if kind in _FROM_INPUT and not getattr(module, "inplace", False):
         kernel = _FROM_INPUT[kind]
 
@@ -260,6 +248,19 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
     y, d = jvp(module, (z,), (torch.ones_like(z),))
     d = d.unsqueeze(1)
     return y, lambda g, owned: _scaled(g, d, owned)
+
+
+def _from_output(kernel, y: Tensor, *args) -> Backward:
+    """The backward by ``kernel(g, y, *args)``, reading the activation's output ``y``.
+
+    In place (its ``grad_input`` variant) on rows the caller owns: no second copy of the rows.
+    """
+
+    def backward(g: Tensor, owned: bool) -> Tensor:
+        yr = y.unsqueeze(1)
+        return kernel.grad_input(g, yr, *args, grad_input=g) if owned else kernel(g, yr, *args)
+
+    return backward
 
 
 def _scaled(g: Tensor, d: Tensor, owned: bool) -> Tensor:

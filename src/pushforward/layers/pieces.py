@@ -359,12 +359,12 @@ def _batched(job: _Job) -> Pieces:
         if backward:
             frozen = None if shortcut or job.differentiable else _frozen_head(tap.last_linear, f)
             if frozen is not None:
-                start, cot = _frozen_head_start(job, f, frozen, _dense_rows(job, f, rows))
+                start, cot = _frozen_head_start(job, f, frozen, _dense_rows(job, per, f, rows))
             elif shortcut:
                 start = tap.inputs[head.index]
-                cot = _start_cotangents(job, f, True, unit, rows).reshape(job.r, *start.shape)
+                cot = _start_cotangents(job, per, f, True, unit, rows).reshape(job.r, *start.shape)
             else:
-                start, cot = f, _start_cotangents(job, f, False, unit, rows)
+                start, cot = f, _start_cotangents(job, per, f, False, unit, rows)
             grads = torch.autograd.grad(
                 start,
                 [probes[i] for i in backward],
@@ -390,9 +390,9 @@ def _rows(job: _Job, per, f: Tensor) -> tuple[Tensor | None, Tensor | None]:
     return (unit, None) if unit is not None else (None, job.cotangents(f.detach(), per))
 
 
-def _dense_rows(job: _Job, f: Tensor, rows: Tensor | None) -> Tensor:
+def _dense_rows(job: _Job, per, f: Tensor, rows: Tensor | None) -> Tensor:
     """The rows ``(b, r, *f_b)`` of :func:`_rows`, dense."""
-    return job.cotangents(f.detach(), job.per()) if rows is None else rows
+    return job.cotangents(f.detach(), per) if rows is None else rows
 
 
 def _frozen_head(last: LinearCall | None, f: Tensor) -> LinearCall | None:
@@ -502,7 +502,7 @@ def _vmapped(job: _Job) -> Pieces:
         if head is not None and head.index in job.needed:
             G[head.index] = _head_directions(job, f, unit, rows)
         if needed:
-            cot = _start_cotangents(job, f, head is not None, unit, rows)
+            cot = _start_cotangents(job, per, f, head is not None, unit, rows)
             grads = torch.autograd.grad(
                 start,
                 probes,
@@ -519,7 +519,7 @@ def _vmapped(job: _Job) -> Pieces:
 
 
 def _start_cotangents(
-    job: _Job, f: Tensor, at_head: bool, unit: Tensor | None, rows: Tensor | None
+    job: _Job, per, f: Tensor, at_head: bool, unit: Tensor | None, rows: Tensor | None
 ) -> Tensor:
     """``(r, b, ...)``: the rows (:func:`_rows`) at the output, or at the head's input.
 
@@ -527,7 +527,7 @@ def _start_cotangents(
     ``(r, b)`` order: the backward's batch of rows leads, with no copy to reorder.
     """
     if not at_head:
-        return _dense_rows(job, f, rows).transpose(0, 1)
+        return _dense_rows(job, per, f, rows).transpose(0, 1)
     s = job.structure
     weight = s.head.weight(job.params)
     if unit is not None:
