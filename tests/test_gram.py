@@ -47,3 +47,22 @@ def test_running_gram_sums_are_completed_once(d):
         total = add_gram(total, X, alpha=0.5 if i == 1 else 1.0)
     expected = sum((0.5 if i == 1 else 1.0) * X.T @ X for i, X in enumerate(parts))
     torch.testing.assert_close(mirror_upper(total), expected, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [30, 130, 784])
+def test_a_new_running_sum_does_not_read_its_fresh_memory(d, monkeypatch):
+    """``add_gram(None, X)`` writes into uninitialized memory: whatever lies there (NaN here,
+    planted by a patched ``new_empty``) must not reach the sum."""
+    torch.manual_seed(d)
+    parts = [torch.randn(n, d, dtype=torch.float64) for n in (6, 11)]
+    poisoned = torch.Tensor.new_empty
+
+    def new_empty(self, *shape, **kwargs):
+        return poisoned(self, *shape, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    total = None
+    for X in parts:
+        total = add_gram(total, X, alpha=2.0)
+    expected = sum(2.0 * X.T @ X for X in parts)
+    torch.testing.assert_close(mirror_upper(total), expected, rtol=1e-13, atol=1e-12)

@@ -33,27 +33,30 @@ def _edges(t: Tensor, d: int) -> list[int] | None:
 
 def gram(X: Tensor) -> Tensor:
     """``X^T X`` for ``X (n, d)``: ``(d, d)``, by blocks on and above the diagonal where they pay."""
-    d = X.shape[1]
-    if _edges(X, d) is None:
-        return X.T @ X
-    return mirror_upper(add_gram(X.new_zeros(d, d), X))
+    return mirror_upper(add_gram(None, X))
 
 
-def add_gram(total: Tensor, X: Tensor, alpha: float = 1.0) -> Tensor:
+def add_gram(total: Tensor | None, X: Tensor, alpha: float = 1.0) -> Tensor:
     """``total + alpha X^T X`` for a running sum ``total (d, d)`` of Gram matrices.
 
-    In place where no gradient flows. With column blocks (see :func:`gram`) only the blocks on and
-    above the diagonal are added, straight into ``total``: no product is formed apart from it. The
-    blocks below are then stale until :func:`mirror_upper` fills them, once, after the last
-    addition.
+    ``total`` ``None`` starts a sum: ``alpha X^T X`` written into fresh memory (no zeros written
+    first). In place where no gradient flows. With column blocks (see :func:`gram`) only the
+    blocks on and above the diagonal are added, straight into ``total``: no product is formed
+    apart from it. The blocks below are then stale (uninitialized in a new sum) until
+    :func:`mirror_upper` fills them, once, after the last addition.
     """
-    if total.requires_grad or X.requires_grad:
-        return total + alpha * (X.T @ X)
-    edges = _edges(X, X.shape[1])
+    if X.requires_grad or (total is not None and total.requires_grad):
+        product = alpha * (X.T @ X)
+        return product if total is None else total + product
+    d = X.shape[1]
+    beta = 0.0 if total is None else 1.0  # beta = 0: the fresh memory is not read (NaN included)
+    if total is None:
+        total = X.new_empty(d, d)
+    edges = _edges(X, d)
     if edges is None:
-        return total.addmm_(X.T, X, alpha=alpha)
+        return total.addmm_(X.T, X, beta=beta, alpha=alpha)
     for start, stop in itertools.pairwise(edges):
-        total[start:stop, start:].addmm_(X[:, start:stop].T, X[:, start:], alpha=alpha)
+        total[start:stop, start:].addmm_(X[:, start:stop].T, X[:, start:], beta=beta, alpha=alpha)
     return total
 
 

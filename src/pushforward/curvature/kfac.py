@@ -69,10 +69,7 @@ class LayerFactors:
 
     def add_rows(self, side: str, X: Tensor, alpha: float = 1.0) -> None:
         """Add ``alpha X^T X`` of rows ``X (n, d)`` to side ``"A"`` or ``"G"``."""
-        total = getattr(self, side)
-        if total is None:
-            total = X.new_zeros(X.shape[1], X.shape[1])
-        setattr(self, side, add_gram(total, X, alpha))
+        setattr(self, side, add_gram(getattr(self, side), X, alpha))
         self.grams.add(side)
 
     def finish(self) -> None:
@@ -80,6 +77,13 @@ class LayerFactors:
         for side in self.grams:
             setattr(self, side, mirror_upper(getattr(self, side)))
         self.grams.clear()
+
+
+def _scaled(total: Tensor, scale: float) -> Tensor:
+    """``total * scale``, in place in a spent sum where no gradient flows."""
+    if scale == 1.0:
+        return total
+    return total * scale if total.requires_grad else total.mul_(scale)
 
 
 def _summed(total: Tensor, part: Tensor) -> Tensor:
@@ -247,20 +251,20 @@ def kfac_blocks(
 ) -> dict[str, CovarianceOperator]:
     """The block of every selected parameter (in the model's order) from summed factors.
 
-    ``A * input_scale`` and ``G * output_scale``; a zero diagonal for a parameter the data never
-    reached.
+    ``A * input_scale`` and ``G * output_scale`` (the sums are scaled in place where no gradient
+    flows: ``factors`` is spent); a zero diagonal for a parameter the data never reached.
     """
     blocks: dict[str, CovarianceOperator] = {}
     shapes = fm.param_shapes
     for layer in factors.layers.values():
-        call, G = layer.call, layer.G * output_scale
+        call, G = layer.call, _scaled(layer.G, output_scale)
         if call.weight_name is not None:
-            first, second = call.geometry.pair(G, layer.A * input_scale)
+            first, second = call.geometry.pair(G, _scaled(layer.A, input_scale))
             blocks[call.weight_name] = KroneckerFactors(first, second, check=False)
         if call.bias_name is not None:
             blocks[call.bias_name] = Dense(G, check=False)
     for name, total in factors.generic.items():
-        total = total * output_scale
+        total = _scaled(total, output_scale)
         if total.dim() == 2 and total.shape[0] == total.shape[1] == math.prod(shapes[name]):
             blocks[name] = Dense(total, check=False)
         else:

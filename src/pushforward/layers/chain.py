@@ -206,10 +206,13 @@ _FROM_INPUT = {
     nn.Hardsigmoid: lambda m, z, g: _aten.hardsigmoid_backward(g, z),
     nn.Hardswish: lambda m, z, g: _aten.hardswish_backward(g, z),
 }
-#: ``(gradient g, output y) -> g`` through the activation, for activations whose derivative
+#: The function and the ``(gradient g, output y) -> g`` kernel of activations whose derivative
 #: reads the output (these kernels broadcast ``y`` over the rows; their ``grad_input`` variant
-#: writes into ``g``).
-_FROM_OUTPUT = {nn.Tanh: _aten.tanh_backward, nn.Sigmoid: _aten.sigmoid_backward}
+#: writes into ``g``). The function is called directly: a chain's modules have no hooks.
+_FROM_OUTPUT = {
+    nn.Tanh: (torch.tanh, _aten.tanh_backward),
+    nn.Sigmoid: (torch.sigmoid, _aten.sigmoid_backward),
+}
 
 
 Backward = Callable[[Tensor, bool], Tensor]
@@ -230,8 +233,9 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
         y = torch.relu(z)
         return y, _from_output(_aten.threshold_backward, y, 0)
     if kind in _FROM_OUTPUT:
-        y = module(z)
-        return y, _from_output(_FROM_OUTPUT[kind], y)
+        function, kernel = _FROM_OUTPUT[kind]
+        y = function(z)
+        return y, _from_output(kernel, y)
     if kind in _FROM_INPUT and not getattr(module, "inplace", False):
         kernel = _FROM_INPUT[kind]
 
