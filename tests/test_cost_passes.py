@@ -1,7 +1,9 @@
 """The cost model's estimates of the data passes and the other chunked computations hold: what a
 call allocates (PyTorch's allocator, ``pushforward.testing.peak_memory``) stays within its
 estimate and is not far below it, for the curvature's diagonal, K-FAC, products, dense matrix
-and low rank, laplace-torch's Monte Carlo predictive and the distributed joint covariance."""
+and low rank, laplace-torch's Monte Carlo predictive, the distributed joint covariance, and the
+forward-mode passes (function samples, the Monte Carlo variance) of a deep language model, whose
+forward keeps a few blocks' tensors alive, not the activations a backward would need."""
 
 from __future__ import annotations
 
@@ -129,3 +131,46 @@ def test_distributed_joint_rows_within_their_plan(model, cov_kind):
     inputs = case.fm.prepare(case.x).detach()
     plan = joint_plan(Problem.build(case.fm, inputs, cov, "joint", Options()))
     _check(f"{model} joint rows", plan.memory, lambda: joint_rows(case.fm, case.x, cov))
+
+
+class _LastToken(torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids=input_ids).logits[:, -1]
+
+
+def _deep_lm() -> tuple[pf.FunctionalModel, torch.Tensor]:
+    """A GPT-2 of 10 blocks from a config (random weights) read at the last token, with only its
+    attention projections selected (as LoRA selects adapters)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=10, n_embd=64, n_head=4, vocab_size=300, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    for name, p in lm.named_parameters():
+        p.requires_grad_("c_attn" in name)
+    return pf.FunctionalModel(_LastToken(lm)), torch.randint(0, 300, (3, 24))
+
+
+@pytest.mark.parametrize("what", ["samples", "monte_carlo"])
+def test_forward_mode_passes_of_a_deep_model_within_their_plans(what):
+    from pushforward.core.cost import measure_cost
+    from pushforward.products.perturbations import sample_bytes
+
+    fm, ids = _deep_lm()
+    S = pf.Diagonal(torch.full((fm.num_params,), 1e-3))
+    n = 4
+    if what == "samples":
+        cost = measure_cost(fm, fm.prepare(ids))
+        B = ids.shape[0]
+        estimate = (n + 1) * B * cost.output_bytes + n * sample_bytes(cost, B, S)
+        _check("function samples", estimate, lambda: pf.functional_samples(fm, ids, S, n))
+    else:
+        plan = pf.plan(fm, ids, S, strategy="monte_carlo", n_samples=n, chunk_size=n)
+        assert plan.estimate.chunk_size == n
+        _check(f"Monte Carlo variance\n{plan}", plan.estimate.memory, plan.execute)

@@ -6,8 +6,8 @@ memory from the functions here, so that one set of formulas decides whether a co
 ``memory_budget``:
 
 * a model's per-example costs are *measured* once per input signature (:func:`measure_cost`:
-  the bytes autograd saves in a one-example forward, the output's size, the FLOPs), not guessed
-  from its modules;
+  the bytes autograd saves in a one-example forward, the most bytes its tensors hold at once
+  without gradients, the output's size, the FLOPs), not guessed from its modules;
 * :func:`tangent_bytes` — one forward-mode tangent pushed through some examples;
   :func:`row_bytes` — one reverse-mode row (a P-vector ``J(x_b)^T u``);
   :func:`direction_bytes` — one output direction taken back to the layer outputs (the layer
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from pushforward.core.errors import MemoryBudgetError
 from pushforward.core.inputs import Inputs
+from pushforward.core.live_memory import live_peak_bytes
 from pushforward.core.settings import settings
 from pushforward.core.units import format_bytes
 
@@ -53,6 +54,9 @@ class ModelCost:
     Attributes:
         activation_bytes: bytes autograd saves for backward in a one-example forward, plus the
             output.
+        live_bytes: the most bytes a one-example forward without gradients holds at one time
+            (:func:`~pushforward.core.live_memory.live_peak_bytes`, the output included): what
+            a forward-mode product keeps. At most ``activation_bytes``.
         output_shape: one batch element's output shape (without the batch dimension).
         output_dtype: the output's dtype.
         num_params: P, the selected parameters.
@@ -68,6 +72,7 @@ class ModelCost:
     num_params: int
     itemsize: int
     forward_flops: float
+    live_bytes: int
 
     @property
     def output_numel(self) -> int:
@@ -123,6 +128,8 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
     fm.split_shape(out.shape)
     itemsize = next(iter(params.values())).element_size()
     activation_bytes = int(saved) + out.numel() * out.element_size()
+    known = [*params.values(), *fm.module_tensors(), *one.tensors()]
+    live = live_peak_bytes(lambda: fm.call(params, one.args, one.kwargs), known)
     return ModelCost(
         activation_bytes=activation_bytes,
         output_shape=out.shape[1:],
@@ -130,6 +137,7 @@ def _measure(fm, inputs: Inputs) -> ModelCost:
         num_params=fm.num_params,
         itemsize=itemsize,
         forward_flops=float(max(counter.get_total_flops(), activation_bytes // itemsize)),
+        live_bytes=activation_bytes if live is None else min(live, activation_bytes),
     )
 
 
@@ -159,12 +167,14 @@ _ATTENTION_FORMULAS = {
 def tangent_bytes(cost: ModelCost, examples: int, outputs: int = 1, extra_numbers: int = 0) -> int:
     """Working bytes of one forward-mode tangent pushed through ``examples`` examples.
 
-    They are the tangent activations next to the primal ones and the operations' temporaries (three
-    times the activations), ``outputs`` output-sized tensors per example (the tangent's output and
-    what the caller keeps of it), the tangent itself as a flat vector and as per-parameter views
-    copied by ``vmap`` (``2P``), and ``extra_numbers`` more (e.g. a random draw of ``r`` numbers).
+    They are the forward's live tensors with their tangents next to them and the operations'
+    temporaries (three times the forward's live peak: a forward-mode product keeps no
+    activations for a backward), ``outputs`` output-sized tensors per example (the tangent's
+    output and what the caller keeps of it), the tangent itself as a flat vector and as
+    per-parameter views copied by ``vmap`` (``2P``), and ``extra_numbers`` more (e.g. a random
+    draw of ``r`` numbers).
     """
-    per_example = 3 * cost.activation_bytes + outputs * cost.output_bytes
+    per_example = 3 * cost.live_bytes + outputs * cost.output_bytes
     return examples * per_example + (2 * cost.num_params + extra_numbers) * cost.itemsize
 
 
