@@ -600,10 +600,15 @@ def _llm_passes(grp: Group, st: LLM, repeats: int) -> dict[str, Tensor | None]:
         g = torch.Generator(device=env.device).manual_seed(env.seed)
         return pf.predictive(tokens, st.inputs, st.S, link="mc", n_samples=MC_DRAWS, generator=g)
 
+    try:  # the draws per chunk: from the forward's live tensors (the cost model)
+        mc_plan = str(pf.plan(tokens, st.inputs, st.S, strategy="monte_carlo", n_samples=MC_DRAWS))
+    except Exception as err:
+        mc_plan = f"(no plan: {describe_error(err)['error']})"
     grp.time(
         f"full-vocabulary MC predictive, {MC_DRAWS} draws",
         mc_predictive,
         ratio_to=per_forward,
+        info={"plan": mc_plan},
         repeats=repeats,
     )
     return out
