@@ -46,7 +46,7 @@ def add_gram(total: Tensor | None, X: Tensor, alpha: float = 1.0) -> Tensor:
     :func:`mirror_upper` fills them, once, after the last addition.
     """
     if X.requires_grad or (total is not None and total.requires_grad):
-        product = alpha * (X.T @ X)
+        product = X.T @ X if alpha == 1.0 else alpha * (X.T @ X)
         return product if total is None else total + product
     d = X.shape[1]
     beta = 0.0 if total is None else 1.0  # beta = 0: the fresh memory is not read (NaN included)

@@ -54,6 +54,16 @@ def joins_batches(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _chunk_rows(
+    budget: Budget, per_row: int, per_example: int, R: int, held: int, at_most: int | None = None
+) -> int:
+    """Rows per chunk: as many as ``budget`` takes next to ``held``, an example's ``R`` at least.
+
+    Each row costs ``per_row`` and its share of its example's ``per_example``.
+    """
+    return budget.chunk(per_row + per_example // max(R, 1), held, at_most, at_least=R)
+
+
 def _joinable(first: Batch, batch: Batch) -> bool:
     """``batch`` can be concatenated after ``first``: the same input signature and targets."""
     a, b = first.y, batch.y
@@ -219,7 +229,7 @@ class CurvaturePass:
         budget = Budget.of(self.budget, device=inputs.device)
         held = consumer.held_bytes()
         R = rows.rows
-        chunk = budget.chunk(per_row + per_example // max(R, 1), held, max(B * R, 1), at_least=R)
+        chunk = _chunk_rows(budget, per_row, per_example, R, held, max(B * R, 1))
         producer = f"{rung}: {RUNGS[rung]}"
         flops = B * cost.forward_flops * (1 + R)  # one forward, a backward per row (~ forward)
         plan = PassPlan(
@@ -279,10 +289,8 @@ class CurvaturePass:
 
     def _examples_per_chunk(self, batch: Batch, consumer: Consumer) -> int:
         """The examples whose rows the memory budget takes as one chunk, by ``batch``'s plan."""
-        plan = self.plan(batch, consumer)
-        R = max(plan.rows, 1)
-        rows = plan.budget.chunk(plan.per_row + plan.per_example // R, plan.held, at_least=R)
-        return rows // R
+        p = self.plan(batch, consumer)
+        return _chunk_rows(p.budget, p.per_row, p.per_example, p.rows, p.held) // max(p.rows, 1)
 
     def run_batch(self, batch: Batch, consumer: Consumer, rows: Directions | None = None) -> None:
         """Feed ``consumer`` the pieces of every chunk of ``batch`` for ``rows``.
