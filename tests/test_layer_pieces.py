@@ -37,6 +37,17 @@ class TokenTagger(nn.Module):
         return self.head(torch.tanh(self.emb(ids)))
 
 
+class CustomMLP(nn.Module):
+    """An MLP as a module with its own ``forward``: the traced chain's case."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.nn.functional.gelu(self.fc2(torch.relu(self.fc1(x)))))
+
+
 def gpt2_lora_padded():
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
@@ -78,6 +89,7 @@ def cases():
     ids[0, 1] = 0  # a padding token
     return {
         "mlp": (mlp.fm, mlp.x),
+        "custom_mlp": (pf.FunctionalModel(CustomMLP().to(DT)), torch.randn(4, 4, dtype=DT)),
         "cnn": (cnn.fm, cnn.x),
         "embedding": (tagger, ids),
         "gpt2_lora_padded": gpt2_lora_padded(),
@@ -119,7 +131,9 @@ def recorder(module, monkeypatch, rung: str, records: list) -> None:
     monkeypatch.setattr(module, "produce", record)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "embedding", "gpt2_lora_padded", "gpt2_last_token"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "custom_mlp", "cnn", "embedding", "gpt2_lora_padded", "gpt2_last_token"]
+)
 def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
     fm, x = cases()[name]
     inputs = fm.prepare(x)
@@ -156,6 +170,7 @@ def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
     assert {"vmapped", "loop"} <= set(ran), ran
     assert ("batched" in ran) == (name != "cnn"), ran  # BatchNorm's parameters: rows per example
     assert ("chain" in ran) == (name == "mlp"), ran
+    assert ("traced chain" in ran) == (name in ("mlp", "custom_mlp")), ran
 
 
 class AfterFrozenHead(nn.Module):

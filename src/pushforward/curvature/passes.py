@@ -30,6 +30,7 @@ from pushforward.curvature.data import Batch
 from pushforward.curvature.directions import LikelihoodRows, RowKind, draw_noise
 from pushforward.curvature.likelihoods import Likelihood
 from pushforward.layers import (
+    BY_HAND,
     RUNGS,
     Directions,
     LayerStructure,
@@ -223,7 +224,7 @@ class CurvaturePass:
             generic=bool(generic),
             allow_unstructured=consumer.allow_unstructured,
         )
-        per_row = direction_bytes(cost, z, generic_numel, autograd=rung != "chain")
+        per_row = direction_bytes(cost, z, generic_numel, autograd=rung not in BY_HAND)
         per_row += consumer.row_bytes(structure, cost)
         per_example = example_bytes(cost)
         budget = Budget.of(self.budget, device=inputs.device)

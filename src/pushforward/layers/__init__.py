@@ -9,8 +9,10 @@
 * ``pushforward.layers.directions`` — the output directions a pass takes back;
 * ``pushforward.layers.pieces`` — :func:`produce`: per chunk, each layer's input and output
   directions and the other parameters' rows, by the first rung of one ladder that can (a
-  hand-differentiated chain, a batched backward, ``vmap`` over examples, a loop);
-* ``pushforward.layers.chain`` — the hand-differentiated chain.
+  hand-differentiated chain, the same for a forward read as a chain, a batched backward,
+  ``vmap`` over examples, a loop);
+* ``pushforward.layers.chain`` — the hand-differentiated chain of an ``nn.Sequential``;
+* ``pushforward.layers.traced_chain`` — a chain read from any module's autograd graph.
 
 The functional variance's closed forms (``pushforward.engine``), the curvature passes
 (:mod:`pushforward.curvature`) and the samples all use this package through the names below.
@@ -19,7 +21,7 @@ The functional variance's closed forms (``pushforward.engine``), the curvature p
 from pushforward.layers.chain import ELEMENTWISE, Chain, chain_intact, find_chain
 from pushforward.layers.directions import Directions, GivenRows, OneHot, OneHotRows, dense
 from pushforward.layers.geometry import LayerGeometry
-from pushforward.layers.pieces import RUNGS, Pieces, first_rung, produce, rungs, unit_rows
+from pushforward.layers.pieces import BY_HAND, RUNGS, Pieces, first_rung, produce, rungs, unit_rows
 from pushforward.layers.structure import LayerStructure, layer_structure
 from pushforward.layers.tracing import (
     Analysis,
@@ -31,6 +33,7 @@ from pushforward.layers.tracing import (
 )
 
 __all__ = [
+    "BY_HAND",
     "ELEMENTWISE",
     "RUNGS",
     "Analysis",

@@ -35,7 +35,7 @@ from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import TRANSFORM_LOCK
 from pushforward.layers.tracing import LayerCall, StructureError
 
-__all__ = ["Chain", "chain_intact", "find_chain"]
+__all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back"]
 
 #: Activations whose Jacobian is diagonal (one output entry per input entry): the derivative
 #: is one forward-mode product with a tangent of ones.
@@ -160,23 +160,48 @@ class Chain:
         else:
             g = at_head(head_weight)  # (b, r, in): the rows times the head's weight (maybe a view)
             owned = False
-        b, r = g.shape[:2]
-        for step, t in zip(reversed(steps), reversed(saved), strict=True):
-            if not isinstance(step, _Linear):
-                g = t(g, owned)
-                owned = True
-                continue
-            if step.call is not None:
-                G[step.call] = g if flat else g.unsqueeze(2)
-                owned = False
-                left.discard(step.call)
-                if not left:  # nothing further back is needed
-                    break
-            g = (g.reshape(b * r, -1) @ t).reshape(b, r, -1)
-            owned = True
+        back = [
+            (step.call, t) if isinstance(step, _Linear) else t
+            for step, t in zip(reversed(steps), reversed(saved), strict=True)
+        ]
+        for call, rows in rows_back(g, owned, back, left):
+            G[call] = rows if flat else rows.unsqueeze(2)
         if left:
             raise StructureError("a traced layer call is not in the chain")
         return h, a, G  # type: ignore[return-value]
+
+
+#: One step of a chain's backward: a linear layer's ``(call, weight)`` (``call``: its traced layer
+#: call, ``None`` for a frozen layer) or an activation's backward.
+BackStep = tuple[int | None, Tensor] | Callable[[Tensor, bool], Tensor]
+
+
+def rows_back(
+    g: Tensor, owned: bool, steps: list[BackStep], left: set[int]
+) -> Iterator[tuple[int, Tensor]]:
+    """Rows ``g (b, r, out)`` taken back through ``steps`` (last layer first).
+
+    Yields ``(call, rows at its output)`` for every traced layer call on the way, and stops once
+    the calls in ``left`` (emptied on the way) are all reached. Each linear layer is one product
+    with its weight for all rows of all examples; each activation is applied to rows this function
+    owns in place (``owned``: ``g`` itself may be overwritten). A yielded tensor is never written
+    to afterwards.
+    """
+    b, r = g.shape[:2]
+    for step in steps:
+        if callable(step):
+            g = step(g, owned)
+            owned = True
+            continue
+        call, weight = step
+        if call is not None:
+            yield call, g
+            owned = False
+            left.discard(call)
+            if not left:  # nothing further back is needed
+                return
+        g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
+        owned = True
 
 
 def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:

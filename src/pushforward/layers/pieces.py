@@ -15,16 +15,20 @@ runs the first rung of its ladder that can (one ``pushforward.core.fallback.Ladd
 1. ``chain`` — a plain ``nn.Sequential`` of linear layers and elementwise activations is
    differentiated by hand (``pushforward.layers.chain``): one forward on the chunk, one
    product with each weight for all rows of all examples;
-2. ``batched`` — every matched call leads with the batch dimension: one plain batched forward
+2. ``traced chain`` — the model's forward (any module) reads as a chain of its linear layers
+   and elementwise activations in the autograd graph of the chunk's own forward
+   (``pushforward.layers.traced_chain``): that forward, then the rows back by hand as for a
+   chain;
+3. ``batched`` — every matched call leads with the batch dimension: one plain batched forward
    with a zero *probe* on each layer's output, then one batched backward
    (``is_grads_batched``) for all rows of all examples: examples are independent (checked when
    the inputs are prepared), so example ``b``'s probe gradient is its own ``G_b``;
-3. ``vmapped`` — the forward under ``vmap`` over examples (value reads in Python control flow
+4. ``vmapped`` — the forward under ``vmap`` over examples (value reads in Python control flow
    answered per group of examples that agree, ``pushforward.core.branching.vmap_examples``):
    one batched backward when no per-example parameter rows are asked, else ``vjp`` per example
    with all its rows at once;
-4. ``loop`` — example by example, one plain backward per row (no transform at all);
-5. with ``allow_unstructured``: the per-example rows of *every* parameter (``vmapped``, then
+5. ``loop`` — example by example, one plain backward per row (no transform at all);
+6. with ``allow_unstructured``: the per-example rows of *every* parameter (``vmapped``, then
    ``loop``), for consumers that accept them (a diagonal) when an example does not run the
    traced layers.
 
@@ -62,9 +66,10 @@ from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
 from pushforward.core.precision import upcast
-from pushforward.layers.chain import Chain, find_chain
+from pushforward.layers.chain import Chain, find_chain, rows_back
 from pushforward.layers.directions import Directions, OneHot
 from pushforward.layers.structure import LayerStructure
+from pushforward.layers.traced_chain import chain_backward
 from pushforward.layers.tracing import (
     LayerCall,
     LayerTap,
@@ -73,11 +78,13 @@ from pushforward.layers.tracing import (
     is_same_memory,
 )
 
-__all__ = ["RUNGS", "Pieces", "first_rung", "produce", "rungs", "unit_rows"]
+__all__ = ["BY_HAND", "RUNGS", "Pieces", "first_rung", "produce", "rungs", "unit_rows"]
 
 #: The rungs, fastest first (see the module docstring), and what each is (for plans).
 RUNGS = {
     "chain": "a plain chain of linear layers and activations, differentiated by hand",
+    "traced chain": "the forward read as a chain of linear layers and activations in its autograd "
+    "graph, differentiated by hand",
     "batched": "one batched forward and one batched backward for all directions",
     "vmapped": "vmap over examples (a layer does not lead with the batch dimension, or "
     "parameters on no layer need per-example rows)",
@@ -85,6 +92,8 @@ RUNGS = {
     "vmapped (all rows)": "per-example rows of every parameter (vmap over examples)",
     "loop (all rows)": "per-example rows of every parameter (a loop over examples)",
 }
+#: The rungs that take the rows back by hand (no autograd backward).
+BY_HAND = frozenset({"chain", "traced chain"})
 
 
 @dataclass
@@ -238,7 +247,13 @@ def produce(
     job = _Job(
         fm, structure, params, inputs, chunk, directions, generic, needed, differentiable, chain
     )
-    names = rungs(job.structure, bool(generic), job.chain is not None, allow_unstructured)
+    names = rungs(
+        job.structure,
+        bool(generic),
+        job.chain is not None,
+        allow_unstructured,
+        differentiable=differentiable,
+    )
     if only is not None:
         if only not in names:
             raise ValueError(f"rung {only!r} does not apply here; these do: {list(names)}")
@@ -266,22 +281,31 @@ def first_rung(
     """
     chain = structure is not None and not generic and not differentiable
     chain = chain and find_chain(fm, structure.calls, inputs) is not None
-    return rungs(structure, generic, chain, allow_unstructured)[0]
+    return rungs(structure, generic, chain, allow_unstructured, differentiable=differentiable)[0]
 
 
 def rungs(
-    structure: LayerStructure | None, generic: bool, chain: bool, allow_unstructured: bool
+    structure: LayerStructure | None,
+    generic: bool,
+    chain: bool,
+    allow_unstructured: bool,
+    *,
+    differentiable: bool = False,
 ) -> tuple[str, ...]:
     """The rungs that apply, in ladder order (keys of :data:`RUNGS`).
 
-    The chain for a plain chain, one batched backward when no parameter needs per-example rows
-    and every layer leads with the batch dimension, ``vmap`` and a loop over examples, and the
-    rows of every parameter when allowed (or when there is no layer structure).
+    The chain for a plain chain, the traced chain when the traced forward read as one (not for
+    a ``differentiable`` pass: the rows go back by hand), one batched backward when no parameter
+    needs per-example rows and every layer leads with the batch dimension, ``vmap`` and a loop
+    over examples, and the rows of every parameter when allowed (or when there is no layer
+    structure).
     """
     names: list[str] = []
     if structure is not None:
         if chain:
             names.append("chain")
+        if structure.traced_chain and not generic and not differentiable:
+            names.append("traced chain")
         if not generic and structure.batch_first:
             names.append("batched")
         names += ["vmapped", "loop"]
@@ -325,8 +349,43 @@ def unit_rows(unit: Tensor, weight: Tensor) -> Tensor:
     return weight[unit]
 
 
+def _traced_chain(job: _Job) -> Pieces:
+    """The chunk's forward read as a chain, its rows back by hand (module docstring, rung 2)."""
+    s = job.structure
+    calls, head = s.calls, s.head
+    leaves = {n: p.detach().requires_grad_() for n, p in job.params.items()}
+    tap = LayerTap(s.analysis, leaves)
+    per = job.per()
+    with transform_kernels(safe_attention=True), torch.enable_grad():
+        with tap.active([None] * len(calls)):
+            f = job.fm.call(leaves, job.inputs.args, job.inputs.kwargs)
+        tap.check_complete()
+        backwards = chain_backward(tap, f)
+    f = f.detach()
+    unit, rows = _rows(job, per, f)
+    G: list[Tensor | OneHot | None] = [None] * len(calls)
+    if head.index in job.needed:
+        G[head.index] = _head_directions(job, f, unit, rows)
+    left = set(job.needed) - {head.index}
+    if left:
+        if unit is not None:
+            g = unit_rows(unit, head.weight(job.params))  # (b, r, in), maybe a view
+        else:
+            g = s.head_cotangents(rows, head.weight(job.params)).reshape(job.b, job.r, -1)
+        steps = []
+        for i in range(head.index, 0, -1):
+            steps.append(backwards[i])
+            steps.append((i - 1, calls[i - 1].weight(job.params)))
+        for i, g_i in rows_back(g, unit is None, steps, left):
+            G[i] = g_i.unsqueeze(2)
+        if left:
+            raise StructureError("a traced layer call is not in the chain")
+    a = [t.detach().unsqueeze(1) for t in tap.inputs]
+    return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
+
+
 def _batched(job: _Job) -> Pieces:
-    """One plain batched forward, one batched backward (module docstring, rung 2)."""
+    """One plain batched forward, one batched backward (module docstring, rung 3)."""
     s = job.structure
     calls, head = s.calls, s.head
     b, r = job.b, job.r
@@ -463,7 +522,7 @@ def _head_directions(
 
 
 def _vmapped(job: _Job) -> Pieces:
-    """The forward under ``vmap`` over examples (module docstring, rung 3)."""
+    """The forward under ``vmap`` over examples (module docstring, rung 4)."""
     if job.generic or job.structure is None:
         return _per_example_vjp(job)
     s = job.structure
@@ -673,6 +732,7 @@ def _unstructured(rung: Callable[[_Job], Pieces]) -> Callable[[_Job], Pieces]:
 
 _RUNG_FUNCTIONS: dict[str, Callable[[_Job], Pieces]] = {
     "chain": _chain,
+    "traced chain": _traced_chain,
     "batched": _batched,
     "vmapped": _vmapped,
     "loop": _loop,

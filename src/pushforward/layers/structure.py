@@ -9,7 +9,9 @@ what every consumer needs on top of the analysis:
   positions line up with the output's (``n`` positions of ``K`` outputs): backward passes can
   then start at its input, and its output directions are the pass's own rows;
 * whether every matched call's input and output lead with the example's own batch dimension
-  (size 1 in the trace), so a plain batched forward gives them as ``(b, ...)``.
+  (size 1 in the trace), so a plain batched forward gives them as ``(b, ...)``;
+* whether the traced forward read as a chain of linear layers and elementwise activations
+  (``pushforward.layers.traced_chain``), so the producer tries that rung first.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import Tensor
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
-from pushforward.layers.tracing import Analysis, LayerCall, analyze
+from pushforward.layers.traced_chain import chain_backward, chain_shaped
+from pushforward.layers.tracing import Analysis, LayerCall, LayerTap, StructureError, analyze
 
 __all__ = ["LayerStructure", "layer_structure"]
 
@@ -39,6 +42,8 @@ class LayerStructure:
         batch_first: every matched call's input and output lead with the batch dimension.
         positions: ``n``, output positions per example.
         outputs: ``K``, outputs per position.
+        traced_chain: the traced forward read as a chain of the matched (linear) calls and
+            elementwise activations, ending at the head.
     """
 
     analysis: Analysis
@@ -46,6 +51,7 @@ class LayerStructure:
     batch_first: bool
     positions: int
     outputs: int
+    traced_chain: bool = False
 
     @property
     def calls(self) -> tuple[LayerCall, ...]:
@@ -118,7 +124,30 @@ def _trace(fm: FunctionalModel, inputs: Inputs) -> LayerStructure:
     batch_first = all(
         c.output_shape[:1] == (1,) and c.input_shape[:1] == (1,) for c in analysis.calls
     )
-    return LayerStructure(analysis, head, batch_first, n, K)
+    chain = (
+        batch_first
+        and head is not None
+        and head is analysis.calls[-1]
+        and chain_shaped(analysis.calls)
+        and _reads_as_chain(fm, one, analysis, params)
+    )
+    return LayerStructure(analysis, head, batch_first, n, K, chain)
+
+
+def _reads_as_chain(
+    fm: FunctionalModel, one: Inputs, analysis: Analysis, params: dict[str, Tensor]
+) -> bool:
+    """The forward on ``one`` example reads as a chain (``pushforward.layers.traced_chain``)."""
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    tap = LayerTap(analysis, leaves)
+    try:
+        with transform_kernels(safe_attention=True), torch.enable_grad():
+            with tap.active([None] * len(analysis.calls)):
+                f = fm.call(leaves, one.args, one.kwargs)
+            chain_backward(tap, f)
+    except (StructureError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def probe(shape: torch.Size, dtype: torch.dtype, device: torch.device, grad: bool) -> Tensor:

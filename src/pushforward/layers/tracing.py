@@ -352,7 +352,9 @@ class LayerTap(TorchFunctionMode):
     to the model), so it follows the model's own control flow; a matched parameter seen in any
     other call raises (the structure changed since :func:`analyze`). It also keeps the last
     ``F.linear`` call on no posterior parameter (``last_linear``: a frozen head, e.g. a language
-    model's vocabulary projection).
+    model's vocabulary projection), and per matched call the autograd nodes of its input and
+    output and their versions at the call (``pushforward.layers.traced_chain`` reads the graph
+    with them).
     """
 
     def __init__(self, analysis: Analysis, params: dict[str, Tensor]) -> None:
@@ -364,6 +366,8 @@ class LayerTap(TorchFunctionMode):
         self.outputs: list[Tensor | None] = []
         self.seen: list[int] = []
         self.last_linear: LinearCall | None = None
+        #: per call, ``(input node, output node, input version, output version)`` at the call
+        self.nodes: list[tuple[Any, Any, int, int] | None] = []
 
     @contextlib.contextmanager
     def active(self, probes: Sequence[Tensor | None]) -> Iterator[LayerTap]:
@@ -376,6 +380,7 @@ class LayerTap(TorchFunctionMode):
         self.outputs = [None] * len(self.analysis.calls)
         self.seen = [0] * len(self.analysis.calls)
         self.last_linear = None
+        self.nodes = [None] * len(self.analysis.calls)
         with self:
             yield self
 
@@ -407,12 +412,14 @@ class LayerTap(TorchFunctionMode):
             raise StructureError(
                 "a matched layer ran twice in one forward pass (data-dependent control flow?)"
             )
-        self.inputs[index] = bound["input"]
+        x = bound["input"]
+        self.inputs[index] = x
         out = func(*args, **kwargs)
         probe = self.probes[index]
         if probe is not None:
             out = out + probe
         self.outputs[index] = out
+        self.nodes[index] = (x.grad_fn, out.grad_fn, x._version, out._version)
         return out
 
     def check_complete(self) -> None:

@@ -45,6 +45,7 @@ from pushforward.engine.strategies.strategy import (
     traffic,
 )
 from pushforward.layers import (
+    BY_HAND,
     RUNGS,
     LayerStructure,
     OneHot,
@@ -162,7 +163,7 @@ class StructuredStrategy(Strategy):
         else:
             rung = first_rung(p.fm, split.structure, p.inputs, differentiable=p.differentiable)
             z = sum(math.prod(c.call.output_shape) for c in split.contractions)
-            per_row = direction_bytes(p.cost, z, autograd=rung != "chain")
+            per_row = direction_bytes(p.cost, z, autograd=rung not in BY_HAND)
             per_example = example_bytes(p.cost)
             # a backward to the layer outputs only: no parameter gradients (about one forward)
             flops = p.B * p.cost.forward_flops + rows * p.cost.forward_flops

@@ -1,0 +1,167 @@
+"""A chain of linear layers and elementwise activations, read from the forward's autograd graph.
+
+Most models are not an ``nn.Sequential``: an MLP written as a module with its own ``forward``
+(``self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))``) computes the same chain, but
+its ``forward`` is Python that nothing can read ahead of time. Its forward can be *watched*
+instead. The producer of layer pieces (``pushforward.layers.pieces``) runs the model once on the
+chunk with its posterior parameters as fresh leaves requiring grad and the layer tap recording,
+per traced call, the autograd nodes of its input and output at the moment of the call. Then
+:func:`chain_backward` reads the graph of *this* forward:
+
+* the model's output is the last traced call's output, unchanged since the call;
+* the first call's input depends on no posterior parameter;
+* every other call's input is, unchanged since it was made, one elementwise activation
+  (ReLU, tanh, sigmoid, GELU, SiLU, leaky ReLU, ELU, softplus, hardtanh, Mish) applied to the
+  previous call's output, unchanged since that call: the activation's node has that call's node
+  as its only input.
+
+Each call's other inputs are its own weight and bias, leaves that depend on nothing, so these
+facts leave no other path from a layer's output to the model's output: the rows go back by hand,
+one product with each weight for all rows of all examples and the activations' derivatives by
+PyTorch's own backward kernels on the values the graph saved — no batched backward, no probes.
+A forward that is anything else (a skip connection, a normalization between layers, an in-place
+change, a frozen layer in between) raises :class:`~pushforward.layers.tracing.StructureError`
+naming what it found, and the next rung of the producer runs.
+
+Since the graph is read on every chunk's own forward, data-dependent control flow cannot make the
+pieces wrong: a forward that takes another path is read as that path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pushforward.layers.chain import Backward
+from pushforward.layers.tracing import LayerTap, StructureError
+
+__all__ = ["ACTIVATIONS", "chain_backward", "chain_shaped"]
+
+_aten = torch.ops.aten
+
+
+def _from_output(kernel, *constants) -> Callable[[object], Backward]:
+    """An activation whose derivative reads its output (saved by the node as ``result``).
+
+    PyTorch's kernel on the rows (it broadcasts the output over them), in place on rows the
+    caller owns.
+    """
+
+    def make(node) -> Backward:
+        y = node._saved_result.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
+
+        def backward(g: Tensor, owned: bool) -> Tensor:
+            if owned:
+                return kernel.grad_input(g, y, *constants, grad_input=g)
+            return kernel(g, y, *constants)
+
+        return backward
+
+    return make
+
+
+def _from_input(kernel: Callable[..., Tensor], *saved: str) -> Callable[[object], Backward]:
+    """An activation whose derivative reads its input (saved by the node as ``self``).
+
+    The derivative is formed once per example (the kernel at a gradient of ones, with the node's
+    saved arguments ``saved``) and multiplies the rows.
+    """
+
+    def make(node) -> Backward:
+        z = node._saved_self
+        d = kernel(torch.ones_like(z), z, *(getattr(node, f"_saved_{a}") for a in saved))
+        d = d.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
+
+        def backward(g: Tensor, owned: bool) -> Tensor:
+            return g.mul_(d) if owned else g * d
+
+        return backward
+
+    return make
+
+
+def _gelu(g: Tensor, z: Tensor, approximate: str) -> Tensor:
+    return _aten.gelu_backward(g, z, approximate=approximate)
+
+
+def _leaky_relu(g: Tensor, z: Tensor, slope) -> Tensor:
+    return _aten.leaky_relu_backward(g, z, slope, False)
+
+
+def _elu(g: Tensor, z: Tensor, alpha, scale, input_scale) -> Tensor:
+    return _aten.elu_backward(g, alpha, scale, input_scale, False, z)
+
+
+#: Autograd node class names of the elementwise activations a traced chain may contain, and how
+#: each one's backward is made from the node (the values it saved).
+ACTIVATIONS: dict[str, Callable[[object], Backward]] = {
+    "ReluBackward0": _from_output(_aten.threshold_backward, 0),  # autograd's: 0 at 0
+    "TanhBackward0": _from_output(_aten.tanh_backward),
+    "SigmoidBackward0": _from_output(_aten.sigmoid_backward),
+    "GeluBackward0": _from_input(_gelu, "approximate"),
+    "SiluBackward0": _from_input(_aten.silu_backward),
+    "MishBackward0": _from_input(_aten.mish_backward),
+    "LeakyReluBackward0": _from_input(_leaky_relu, "negative_slope"),
+    "EluBackward0": _from_input(_elu, "alpha", "scale", "input_scale"),
+    "SoftplusBackward0": _from_input(_aten.softplus_backward, "beta", "threshold"),
+    "HardtanhBackward0": _from_input(_aten.hardtanh_backward, "min_val", "max_val"),
+}
+
+
+def chain_shaped(calls) -> bool:
+    """The traced calls could form a chain: plain linear layers on ``(1, in)`` inputs.
+
+    (Checked once per layer structure; whether they do is read from each forward.)
+    """
+    return bool(calls) and all(
+        c.geometry.plain
+        and not c.geometry.transposed
+        and len(c.input_shape) == 2
+        and len(c.output_shape) == 2
+        for c in calls
+    )
+
+
+def chain_backward(tap: LayerTap, f: Tensor) -> list[Backward]:
+    """Per traced call ``i >= 1``, the backward of the activation before it (module docstring).
+
+    Each takes rows ``(b, r, out)`` of the previous call's output (``owned``: they may be
+    overwritten). Entry ``0`` is ``None`` (the first call's input is the model's own). Reads the
+    graph of the forward ``tap`` recorded, whose output is ``f``; raises
+    :class:`~pushforward.layers.tracing.StructureError` when it is not a chain.
+    """
+    nodes = tap.nodes
+    if not nodes or any(n is None for n in nodes):
+        raise StructureError("not every traced layer call ran")
+    last_out = tap.outputs[-1]
+    _, head_node, _, head_version = nodes[-1]
+    if f is not last_out or f.grad_fn is not head_node or f._version != head_version:
+        raise StructureError("the model's output is not its last linear layer's output")
+    first = tap.inputs[0]
+    if first.requires_grad:
+        raise StructureError("the first linear layer's input depends on the posterior parameters")
+    backwards: list[Backward | None] = [None]
+    for i in range(1, len(nodes)):
+        in_node, _, in_version, _ = nodes[i]
+        a = tap.inputs[i]
+        prev_out, prev_node = tap.outputs[i - 1], nodes[i - 1][1]
+        if a._version != in_version or a.grad_fn is not in_node or in_node is None:
+            raise StructureError(f"the input of linear layer {i} is not an activation's output")
+        make = ACTIVATIONS.get(type(in_node).__name__)
+        if make is None:
+            raise StructureError(
+                f"the input of linear layer {i} comes from {type(in_node).__name__}, not an "
+                "elementwise activation"
+            )
+        reads = in_node.next_functions
+        if len(reads) != 1 or reads[0][0] is not prev_node or reads[0][1] != 0:
+            raise StructureError(
+                f"the activation before linear layer {i} does not read linear layer {i - 1}'s "
+                "output alone"
+            )
+        if prev_out is not a and prev_out._version != nodes[i - 1][3]:
+            raise StructureError(f"linear layer {i - 1}'s output changed in place")
+        backwards.append(make(in_node))
+    return backwards  # type: ignore[return-value]
