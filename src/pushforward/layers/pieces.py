@@ -64,7 +64,7 @@ from pushforward.core.chunking import RowChunk
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
-from pushforward.core.kernels import transform_kernels
+from pushforward.core.kernels import TRANSFORM_LOCK, transform_kernels
 from pushforward.core.precision import upcast
 from pushforward.layers.chain import Chain, find_chain, rows_back
 from pushforward.layers.directions import Directions, OneHot
@@ -356,7 +356,9 @@ def _traced_chain(job: _Job) -> Pieces:
     leaves = {n: p.detach().requires_grad_() for n, p in job.params.items()}
     tap = LayerTap(s.analysis, leaves)
     per = job.per()
-    with transform_kernels(safe_attention=True), torch.enable_grad():
+    # no transform runs: the kernel context is not entered, only its lock is held (no other
+    # thread's transform has global kernels patched meanwhile)
+    with TRANSFORM_LOCK, torch.enable_grad():
         with tap.active([None] * len(calls)):
             f = job.fm.call(leaves, job.inputs.args, job.inputs.kwargs)
         tap.check_complete()

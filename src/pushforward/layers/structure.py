@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
-from pushforward.core.kernels import transform_kernels
+from pushforward.core.kernels import TRANSFORM_LOCK, transform_kernels
 from pushforward.layers.traced_chain import chain_backward, chain_shaped
 from pushforward.layers.tracing import Analysis, LayerCall, LayerTap, StructureError, analyze
 
@@ -141,7 +141,7 @@ def _reads_as_chain(
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     tap = LayerTap(analysis, leaves)
     try:
-        with transform_kernels(safe_attention=True), torch.enable_grad():
+        with TRANSFORM_LOCK, torch.enable_grad():  # as the rung runs it
             with tap.active([None] * len(analysis.calls)):
                 f = fm.call(leaves, one.args, one.kwargs)
             chain_backward(tap, f)
