@@ -94,11 +94,15 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _pushforward_diagonal(ctx: Context, custom: bool = False) -> Callable[[], object]:
+def _pushforward_diagonal(
+    ctx: Context, custom: bool = False, general: bool = False
+) -> Callable[[], object]:
     from pushforward.curvature import GGN
 
     model, loader, _, _ = _w1(ctx)
-    run = GGN(workloads.custom_mlp(model) if custom else model, loader).diagonal
+    ggn = GGN(workloads.custom_mlp(model, general) if custom else model, loader)
+    run = ggn.diagonal
+    ctx.info["producer"] = ggn.plan("diagonal").producer
     # equal values: BackPACK's DiagGGNExact on the same data (float32)
     ctx.info["max_rel_diff_vs_backpack"] = _relative(run(), _backpack(model, loader)())
     return run
@@ -351,10 +355,18 @@ _CASES = [
     (
         "curv-diag/pushforward-custom",
         "curv-diag",
-        "GGN(model, loader).diagonal() of the same MLP written as a custom nn.Module (the "
-        "general, traced path)",
+        "GGN(model, loader).diagonal() of the same MLP written as a custom nn.Module (its own "
+        "forward, read as a chain from its autograd graph)",
         "pushforward",
         partial(_pushforward_diagonal, custom=True),
+    ),
+    (
+        "curv-diag/pushforward-general",
+        "curv-diag",
+        "GGN(model, loader).diagonal() of the custom-module MLP with a no-op scale after its first "
+        "activation: not a chain, so the general path (one batched backward from probes)",
+        "pushforward",
+        partial(_pushforward_diagonal, custom=True, general=True),
     ),
     (
         "curv-diag/backpack",
@@ -395,8 +407,8 @@ _CASES = [
     (
         "curv-kfac/pushforward-custom",
         "curv-kfac",
-        "GGN(model, loader).kfac() of the same MLP written as a custom nn.Module (the general, "
-        "traced path)",
+        "GGN(model, loader).kfac() of the same MLP written as a custom nn.Module (its own "
+        "forward, read as a chain from its autograd graph)",
         "pushforward",
         partial(_pushforward_kfac, custom=True),
     ),

@@ -125,24 +125,33 @@ def mlp(hidden: int, classes: int) -> nn.Module:
 
 
 class CustomMLP(nn.Module):
-    """The W1-shaped MLP as a custom module (its own ``forward``): what most real models look
-    like to the library, so it takes the general (traced) path, not the hand-differentiated
-    chain of an ``nn.Sequential``."""
+    """The W1-shaped MLP as a custom module (its own ``forward``), as most models reach the
+    library: not an ``nn.Sequential``, so its chain is read from the autograd graph of each
+    forward (the producer's traced chain).
 
-    def __init__(self, hidden: int, classes: int) -> None:
+    With ``general=True`` the first activation is multiplied by a buffer of ones: the same
+    numbers, but no longer a chain of linear layers and activations, so it takes the general
+    path every other model takes (one batched backward from probes on the layer outputs).
+    """
+
+    def __init__(self, hidden: int, classes: int, general: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(784, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.head = nn.Linear(hidden, classes)
+        self.register_buffer("scale", torch.ones(hidden) if general else None)
 
     def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        h = torch.relu(self.fc1(x))
+        if self.scale is not None:
+            h = h * self.scale
+        return self.head(torch.relu(self.fc2(h)))
 
 
-def custom_mlp(sequential: nn.Sequential) -> CustomMLP:
+def custom_mlp(sequential: nn.Sequential, general: bool = False) -> CustomMLP:
     """:class:`CustomMLP` with the weights of :func:`mlp`'s ``sequential``."""
     hidden, classes = sequential[0].out_features, sequential[4].out_features
-    out = CustomMLP(hidden, classes).to(sequential[0].weight)
+    out = CustomMLP(hidden, classes, general).to(sequential[0].weight)
     for mine, theirs in zip(
         (out.fc1, out.fc2, out.head), (sequential[0], sequential[2], sequential[4]), strict=True
     ):
