@@ -179,3 +179,29 @@ def test_a_forward_that_stops_being_a_chain_falls_back_exactly():
     with pytest.warns(pf.PushforwardFallbackWarning, match="read as a chain"):
         _, var = pf.functional_variance(fm, x, S, strategy="structured")
     torch.testing.assert_close(var, torch.einsum("bkp,p,bkp->bk", J, S.diagonal(), J))
+
+
+class WithDropout(MLP):
+    """The MLP with dropout after each activation (identity in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(torch.relu(self.fc1(x)))
+        return self.head(self.drop(torch.relu(self.fc2(h))))
+
+
+def test_dropout_in_eval_mode_leaves_a_chain():
+    torch.manual_seed(4)
+    model = WithDropout().to(DT).eval()
+    fm = pf.FunctionalModel(model)
+    x = torch.randn(6, 5, dtype=DT)
+    assert layer_structure(fm, fm.prepare(x)).traced_chain
+    _, J = brute_force_jacobian(fm, x)
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, var = pf.functional_variance(fm, x, S, strategy="structured")
+    torch.testing.assert_close(var, torch.einsum("bkp,p,bkp->bk", J, S.diagonal(), J))
