@@ -33,7 +33,7 @@ from torch.nn.modules import module as module_globals
 from pushforward.core.functional_model import FunctionalModel, default_output_fn
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import TRANSFORM_LOCK
-from pushforward.layers.tracing import LayerCall, StructureError
+from pushforward.layers.tracing import Backward, LayerCall, StructureError
 
 __all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back"]
 
@@ -238,9 +238,6 @@ _FROM_OUTPUT = {
     nn.Tanh: (torch.tanh, _aten.tanh_backward),
     nn.Sigmoid: (torch.sigmoid, _aten.sigmoid_backward),
 }
-
-
-Backward = Callable[[Tensor, bool], Tensor]
 
 
 def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:

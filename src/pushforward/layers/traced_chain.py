@@ -29,85 +29,11 @@ pieces wrong: a forward that takes another path is read as that path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from torch import Tensor
 
-from pushforward.layers.chain import Backward
-from pushforward.layers.tracing import LayerTap, StructureError
+from pushforward.layers.tracing import Backward, LayerTap, StructureError, activation_backward
 
-__all__ = ["ACTIVATIONS", "chain_backward", "chain_shaped"]
-
-_aten = torch.ops.aten
-
-
-def _from_output(kernel, *constants) -> Callable[[object], Backward]:
-    """An activation whose derivative reads its output (saved by the node as ``result``).
-
-    PyTorch's kernel on the rows (it broadcasts the output over them), in place on rows the
-    caller owns.
-    """
-
-    def make(node) -> Backward:
-        y = node._saved_result.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
-
-        def backward(g: Tensor, owned: bool) -> Tensor:
-            if owned:
-                return kernel.grad_input(g, y, *constants, grad_input=g)
-            return kernel(g, y, *constants)
-
-        return backward
-
-    return make
-
-
-def _from_input(kernel: Callable[..., Tensor], *saved: str) -> Callable[[object], Backward]:
-    """An activation whose derivative reads its input (saved by the node as ``self``).
-
-    The derivative is formed once per example (the kernel at a gradient of ones, with the node's
-    saved arguments ``saved``) and multiplies the rows.
-    """
-
-    def make(node) -> Backward:
-        z = node._saved_self
-        d = kernel(torch.ones_like(z), z, *(getattr(node, f"_saved_{a}") for a in saved))
-        d = d.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
-
-        def backward(g: Tensor, owned: bool) -> Tensor:
-            return g.mul_(d) if owned else g * d
-
-        return backward
-
-    return make
-
-
-def _gelu(g: Tensor, z: Tensor, approximate: str) -> Tensor:
-    return _aten.gelu_backward(g, z, approximate=approximate)
-
-
-def _leaky_relu(g: Tensor, z: Tensor, slope) -> Tensor:
-    return _aten.leaky_relu_backward(g, z, slope, False)
-
-
-def _elu(g: Tensor, z: Tensor, alpha, scale, input_scale) -> Tensor:
-    return _aten.elu_backward(g, alpha, scale, input_scale, False, z)
-
-
-#: Autograd node class names of the elementwise activations a traced chain may contain, and how
-#: each one's backward is made from the node (the values it saved).
-ACTIVATIONS: dict[str, Callable[[object], Backward]] = {
-    "ReluBackward0": _from_output(_aten.threshold_backward, 0),  # autograd's: 0 at 0
-    "TanhBackward0": _from_output(_aten.tanh_backward),
-    "SigmoidBackward0": _from_output(_aten.sigmoid_backward),
-    "GeluBackward0": _from_input(_gelu, "approximate"),
-    "SiluBackward0": _from_input(_aten.silu_backward),
-    "MishBackward0": _from_input(_aten.mish_backward),
-    "LeakyReluBackward0": _from_input(_leaky_relu, "negative_slope"),
-    "EluBackward0": _from_input(_elu, "alpha", "scale", "input_scale"),
-    "SoftplusBackward0": _from_input(_aten.softplus_backward, "beta", "threshold"),
-    "HardtanhBackward0": _from_input(_aten.hardtanh_backward, "min_val", "max_val"),
-}
+__all__ = ["chain_backward", "chain_shaped"]
 
 
 def chain_shaped(calls) -> bool:
@@ -149,8 +75,8 @@ def chain_backward(tap: LayerTap, f: Tensor) -> list[Backward]:
         prev_out, prev_node = tap.outputs[i - 1], nodes[i - 1][1]
         if a._version != in_version or a.grad_fn is not in_node or in_node is None:
             raise StructureError(f"the input of linear layer {i} is not an activation's output")
-        make = ACTIVATIONS.get(type(in_node).__name__)
-        if make is None:
+        backward = activation_backward(in_node)
+        if backward is None:
             raise StructureError(
                 f"the input of linear layer {i} comes from {type(in_node).__name__}, not an "
                 "elementwise activation"
@@ -163,5 +89,5 @@ def chain_backward(tap: LayerTap, f: Tensor) -> list[Backward]:
             )
         if prev_out is not a and prev_out._version != nodes[i - 1][3]:
             raise StructureError(f"linear layer {i - 1}'s output changed in place")
-        backwards.append(make(in_node))
+        backwards.append(backward)
     return backwards  # type: ignore[return-value]

@@ -15,7 +15,8 @@ Everything else — LayerNorm, attention internals, custom ops, a module called 
 weights, functional reuse — leaves the parameter unmatched and the generic methods handle it.
 This module is the only place that knows the ops by name: each matched call gets its
 ``pushforward.layers.geometry.LayerGeometry`` here, and everything downstream is written
-against that.
+against that; and the autograd nodes of elementwise activations are recognized here
+(:func:`activation_backward`, for ``pushforward.layers.traced_chain``).
 
 :class:`LayerTap` then re-runs the forward and adds a *probe* to each matched layer's output
 ``z``: the gradient of the model output w.r.t. the probe is ``G = df/dz``, from which a layer's
@@ -39,10 +40,12 @@ from pushforward.layers.geometry import LayerGeometry, patches_of, positions_of
 
 __all__ = [
     "Analysis",
+    "Backward",
     "LayerCall",
     "LayerTap",
     "LinearCall",
     "StructureError",
+    "activation_backward",
     "analyze",
     "is_same_memory",
 ]
@@ -426,3 +429,89 @@ class LayerTap(TorchFunctionMode):
         """Raise unless every matched layer ran (once) in the forward pass just made."""
         if any(t is None for t in self.inputs):
             raise StructureError("a matched layer did not run (data-dependent control flow?)")
+
+
+# -- elementwise activations in an autograd graph (``pushforward.layers.traced_chain``) -------
+#: A backward through an elementwise activation: ``(rows g (b, r, out), owned) -> rows``.
+Backward = Callable[[Tensor, bool], Tensor]
+
+_aten = torch.ops.aten
+
+
+def _from_output(kernel, *constants) -> Callable[[object], Backward]:
+    """An activation whose derivative reads its output (saved by the node as ``result``).
+
+    PyTorch's kernel on the rows (it broadcasts the output over them), in place on rows the
+    caller owns.
+    """
+
+    def make(node) -> Backward:
+        y = node._saved_result.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
+
+        def backward(g: Tensor, owned: bool) -> Tensor:
+            if owned:
+                return kernel.grad_input(g, y, *constants, grad_input=g)
+            return kernel(g, y, *constants)
+
+        return backward
+
+    return make
+
+
+def _from_input(kernel: Callable[..., Tensor], *saved: str) -> Callable[[object], Backward]:
+    """An activation whose derivative reads its input (saved by the node as ``self``).
+
+    The derivative is formed once per example (the kernel at a gradient of ones, with the node's
+    saved arguments ``saved``) and multiplies the rows.
+    """
+
+    def make(node) -> Backward:
+        z = node._saved_self
+        d = kernel(torch.ones_like(z), z, *(getattr(node, f"_saved_{a}") for a in saved))
+        d = d.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
+
+        def backward(g: Tensor, owned: bool) -> Tensor:
+            return g.mul_(d) if owned else g * d
+
+        return backward
+
+    return make
+
+
+def _gelu(g: Tensor, z: Tensor, approximate: str) -> Tensor:
+    return _aten.gelu_backward(g, z, approximate=approximate)
+
+
+def _leaky_relu(g: Tensor, z: Tensor, slope) -> Tensor:
+    return _aten.leaky_relu_backward(g, z, slope, False)
+
+
+def _elu(g: Tensor, z: Tensor, alpha, scale, input_scale) -> Tensor:
+    return _aten.elu_backward(g, alpha, scale, input_scale, False, z)
+
+
+#: Autograd node class names of the elementwise activations, and how each one's backward is made
+#: from the node (the values it saved).
+_ACTIVATION_NODES: dict[str, Callable[[Any], Backward]] = {
+    "ReluBackward0": _from_output(_aten.threshold_backward, 0),  # autograd's: 0 at 0
+    "TanhBackward0": _from_output(_aten.tanh_backward),
+    "SigmoidBackward0": _from_output(_aten.sigmoid_backward),
+    "GeluBackward0": _from_input(_gelu, "approximate"),
+    "SiluBackward0": _from_input(_aten.silu_backward),
+    "MishBackward0": _from_input(_aten.mish_backward),
+    "LeakyReluBackward0": _from_input(_leaky_relu, "negative_slope"),
+    "EluBackward0": _from_input(_elu, "alpha", "scale", "input_scale"),
+    "SoftplusBackward0": _from_input(_aten.softplus_backward, "beta", "threshold"),
+    "HardtanhBackward0": _from_input(_aten.hardtanh_backward, "min_val", "max_val"),
+}
+
+
+def activation_backward(node: Any) -> Backward | None:
+    """The backward of an elementwise activation's autograd ``node``; ``None`` for any other node.
+
+    It takes rows ``g (b, r, out)`` through the activation (``owned``: ``g`` may be overwritten)
+    with PyTorch's own backward kernel on the values the node saved: the very numbers autograd
+    gives. Reading a value an in-place operation changed since raises ``RuntimeError``.
+    """
+    make = _ACTIVATION_NODES.get(type(node).__name__)
+    return None if make is None else make(node)
