@@ -311,32 +311,44 @@ def _anchor(grp: Group, row: str, library: str, make: Callable[[], Callable[[], 
 
 def curvature(grp: Group) -> None:
     """Exact diagonal GGN and K-FAC of W1 over 16,384 points in batches of 2,048: the
-    ``nn.Sequential`` and the same MLP as a custom module, BackPACK and curvlinops beside."""
+    ``nn.Sequential`` and the same MLP as a custom module (read as a chain; and made not a chain,
+    the general path, for the diagonal), BackPACK and curvlinops beside."""
     env = grp.env
     hidden, points, batch = (32, 1024, 128) if env.quick else (256, 16384, 2048)
     model = _seeded(env, lambda: mlp(hidden, 10))
     custom = custom_mlp(model)
+    general = custom_mlp(model, general=True)
     X = env.randn(points, 784, seed=21)
     y = env.randint(10, points, seed=22)
     data = list(zip(X.split(batch), y.split(batch), strict=True))
     grp.note("data", f"MLP 784-{hidden}-{hidden}-10, {points} points in batches of {batch}")
-    seq, gen = GGN(model, data), GGN(custom, data)
+    seq, gen, other = GGN(model, data), GGN(custom, data), GGN(general, data)
     d_seq = grp.time(
         "GGN diagonal, nn.Sequential", seq.diagonal, info={"plan": _ggn_plan(seq, "diagonal")}
     )
     d_gen = grp.time(
         "GGN diagonal, custom nn.Module", gen.diagonal, info={"plan": _ggn_plan(gen, "diagonal")}
     )
+    d_other = grp.time(
+        "GGN diagonal, custom nn.Module, not a chain",
+        other.diagonal,
+        info={"plan": _ggn_plan(other, "diagonal")},
+    )
     d_bp = _anchor(
         grp,
         "DiagGGNExact",
         "BackPACK",
         lambda: _backpack(model, data),
-        ratio_to=("GGN diagonal, nn.Sequential", "GGN diagonal, custom nn.Module"),
+        ratio_to=(
+            "GGN diagonal, nn.Sequential",
+            "GGN diagonal, custom nn.Module",
+            "GGN diagonal, custom nn.Module, not a chain",
+        ),
     )
     grp.check("GGN diagonal (nn.Sequential) = BackPACK", d_seq, d_bp, TOL_F32)
     grp.check("GGN diagonal (custom module) = BackPACK", d_gen, d_bp, TOL_F32)
-    del d_seq, d_gen, d_bp
+    grp.check("GGN diagonal (custom module, not a chain) = BackPACK", d_other, d_bp, TOL_F32)
+    del d_seq, d_gen, d_other, d_bp
     k_seq = grp.time("GGN K-FAC, nn.Sequential", seq.kfac, info={"plan": _ggn_plan(seq, "kfac")})
     k_gen = grp.time("GGN K-FAC, custom nn.Module", gen.kfac, info={"plan": _ggn_plan(gen, "kfac")})
     theirs = _anchor(
