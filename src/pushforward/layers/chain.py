@@ -33,7 +33,13 @@ from torch.nn.modules import module as module_globals
 from pushforward.core.functional_model import FunctionalModel, default_output_fn
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import TRANSFORM_LOCK
-from pushforward.layers.tracing import Backward, LayerCall, StructureError
+from pushforward.layers.tracing import (
+    Backward,
+    LayerCall,
+    StructureError,
+    derivative_backward,
+    output_backward,
+)
 
 __all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back"]
 
@@ -173,7 +179,7 @@ class Chain:
 
 #: One step of a chain's backward: a linear layer's ``(call, weight)`` (``call``: its traced layer
 #: call, ``None`` for a frozen layer) or an activation's backward.
-BackStep = tuple[int | None, Tensor] | Callable[[Tensor, bool], Tensor]
+BackStep = tuple[int | None, Tensor] | Backward
 
 
 def rows_back(
@@ -253,11 +259,11 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
     kind = type(module)
     if kind is nn.ReLU:  # autograd's convention: derivative 0 at 0
         y = torch.relu(z)
-        return y, _from_output(_aten.threshold_backward, y, 0)
+        return y, output_backward(_aten.threshold_backward, y, 0)
     if kind in _FROM_OUTPUT:
         function, kernel = _FROM_OUTPUT[kind]
         y = function(z)
-        return y, _from_output(kernel, y)
+        return y, output_backward(kernel, y)
     if kind in _FROM_INPUT and not getattr(module, "inplace", False):
         kernel = _FROM_INPUT[kind]
 
@@ -265,32 +271,14 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
             zr = z.unsqueeze(1)
             if g.shape == zr.shape:
                 return kernel(module, zr, g)
-            return _scaled(g, kernel(module, zr, torch.ones_like(zr)), owned)
+            return derivative_backward(kernel(module, z, torch.ones_like(z)))(g, owned)
 
         return module(z), backward
     if kind in _FROM_INPUT:  # in place: the derivative before z is overwritten
-        d = _FROM_INPUT[kind](module, z, torch.ones_like(z)).unsqueeze(1)
-        return module(z), lambda g, owned: _scaled(g, d, owned)
+        backward = derivative_backward(_FROM_INPUT[kind](module, z, torch.ones_like(z)))
+        return module(z), backward
     y, d = jvp(module, (z,), (torch.ones_like(z),))
-    d = d.unsqueeze(1)
-    return y, lambda g, owned: _scaled(g, d, owned)
-
-
-def _from_output(kernel, y: Tensor, *args) -> Backward:
-    """The backward by ``kernel(g, y, *args)``, reading the activation's output ``y``.
-
-    In place (its ``grad_input`` variant) on rows the caller owns: no second copy of the rows.
-    """
-
-    def backward(g: Tensor, owned: bool) -> Tensor:
-        yr = y.unsqueeze(1)
-        return kernel.grad_input(g, yr, *args, grad_input=g) if owned else kernel(g, yr, *args)
-
-    return backward
-
-
-def _scaled(g: Tensor, d: Tensor, owned: bool) -> Tensor:
-    return g.mul_(d) if owned else g * d
+    return y, derivative_backward(d)
 
 
 def _flatten(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:

@@ -64,12 +64,12 @@ from pushforward.core.chunking import RowChunk
 from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
-from pushforward.core.kernels import TRANSFORM_LOCK, transform_kernels
+from pushforward.core.kernels import transform_kernels
 from pushforward.core.precision import upcast
 from pushforward.layers.chain import Chain, find_chain, rows_back
 from pushforward.layers.directions import Directions, OneHot
 from pushforward.layers.structure import LayerStructure
-from pushforward.layers.traced_chain import chain_backward
+from pushforward.layers.traced_chain import read_chain
 from pushforward.layers.tracing import (
     LayerCall,
     LayerTap,
@@ -353,18 +353,9 @@ def _traced_chain(job: _Job) -> Pieces:
     """The chunk's forward read as a chain, its rows back by hand (module docstring, rung 2)."""
     s = job.structure
     calls, head = s.calls, s.head
-    leaves = {n: p.detach().requires_grad_() for n, p in job.params.items()}
-    tap = LayerTap(s.analysis, leaves)
-    per = job.per()
-    # no transform runs: the kernel context is not entered, only its lock is held (no other
-    # thread's transform has global kernels patched meanwhile)
-    with TRANSFORM_LOCK, torch.enable_grad():
-        with tap.active([None] * len(calls)):
-            f = job.fm.call(leaves, job.inputs.args, job.inputs.kwargs)
-        tap.check_complete()
-        backwards = chain_backward(tap, f)
+    f, tap, backwards = read_chain(job.fm, s.analysis, job.params, job.inputs)
     f = f.detach()
-    unit, rows = _rows(job, per, f)
+    unit, rows = _rows(job, job.per(), f)
     G: list[Tensor | OneHot | None] = [None] * len(calls)
     if head.index in job.needed:
         G[head.index] = _head_directions(job, f, unit, rows)
@@ -378,10 +369,8 @@ def _traced_chain(job: _Job) -> Pieces:
         for i in range(head.index, 0, -1):
             steps.append(backwards[i])
             steps.append((i - 1, calls[i - 1].weight(job.params)))
-        for i, g_i in rows_back(g, unit is None, steps, left):
+        for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
             G[i] = g_i.unsqueeze(2)
-        if left:
-            raise StructureError("a traced layer call is not in the chain")
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
 

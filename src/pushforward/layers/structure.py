@@ -20,14 +20,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.inputs import Inputs
-from pushforward.core.kernels import TRANSFORM_LOCK, transform_kernels
-from pushforward.layers.traced_chain import chain_backward, chain_shaped
-from pushforward.layers.tracing import Analysis, LayerCall, LayerTap, StructureError, analyze
+from pushforward.core.kernels import transform_kernels
+from pushforward.layers.traced_chain import chain_shaped, read_chain
+from pushforward.layers.tracing import Analysis, LayerCall, StructureError, analyze
 
 __all__ = ["LayerStructure", "layer_structure"]
 
@@ -138,18 +137,8 @@ def _reads_as_chain(
     fm: FunctionalModel, one: Inputs, analysis: Analysis, params: dict[str, Tensor]
 ) -> bool:
     """The forward on ``one`` example reads as a chain (``pushforward.layers.traced_chain``)."""
-    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-    tap = LayerTap(analysis, leaves)
     try:
-        with TRANSFORM_LOCK, torch.enable_grad():  # as the rung runs it
-            with tap.active([None] * len(analysis.calls)):
-                f = fm.call(leaves, one.args, one.kwargs)
-            chain_backward(tap, f)
+        read_chain(fm, analysis, params, one)
     except (StructureError, RuntimeError, NotImplementedError):
         return False
     return True
-
-
-def probe(shape: torch.Size, dtype: torch.dtype, device: torch.device, grad: bool) -> Tensor:
-    """A zero probe (requiring grad when ``grad``)."""
-    return torch.zeros(shape, dtype=dtype, device=device, requires_grad=grad)

@@ -29,11 +29,21 @@ pieces wrong: a forward that takes another path is read as that path.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from pushforward.layers.tracing import Backward, LayerTap, StructureError, activation_backward
+from pushforward.core.functional_model import FunctionalModel
+from pushforward.core.inputs import Inputs
+from pushforward.core.kernels import TRANSFORM_LOCK
+from pushforward.layers.tracing import (
+    Analysis,
+    Backward,
+    LayerTap,
+    StructureError,
+    activation_backward,
+)
 
-__all__ = ["chain_backward", "chain_shaped"]
+__all__ = ["chain_backward", "chain_shaped", "read_chain"]
 
 
 def chain_shaped(calls) -> bool:
@@ -72,7 +82,7 @@ def chain_backward(tap: LayerTap, f: Tensor) -> list[Backward]:
     for i in range(1, len(nodes)):
         in_node, _, in_version, _ = nodes[i]
         a = tap.inputs[i]
-        prev_out, prev_node = tap.outputs[i - 1], nodes[i - 1][1]
+        prev_node = nodes[i - 1][1]
         if a._version != in_version or a.grad_fn is not in_node or in_node is None:
             raise StructureError(f"the input of linear layer {i} is not an activation's output")
         backward = activation_backward(in_node)
@@ -87,7 +97,24 @@ def chain_backward(tap: LayerTap, f: Tensor) -> list[Backward]:
                 f"the activation before linear layer {i} does not read linear layer {i - 1}'s "
                 "output alone"
             )
-        if prev_out is not a and prev_out._version != nodes[i - 1][3]:
-            raise StructureError(f"linear layer {i - 1}'s output changed in place")
         backwards.append(backward)
     return backwards  # type: ignore[return-value]
+
+
+def read_chain(
+    fm: FunctionalModel, analysis: Analysis, params: dict[str, Tensor], inputs: Inputs
+) -> tuple[Tensor, LayerTap, list[Backward | None]]:
+    """The forward on ``inputs``, read as a chain: ``(f, tap, chain_backward(tap, f))``.
+
+    The posterior parameters ``params`` enter as fresh leaves requiring grad; ``tap`` holds each
+    traced call's input and output. No transform runs: only the transform lock is held (no
+    other thread's transform has global kernels patched meanwhile), no kernel context entered.
+    Raises :class:`~pushforward.layers.tracing.StructureError` when it is not a chain.
+    """
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    tap = LayerTap(analysis, leaves)
+    with TRANSFORM_LOCK, torch.enable_grad():
+        with tap.active([None] * len(analysis.calls)):
+            f = fm.call(leaves, inputs.args, inputs.kwargs)
+        tap.check_complete()
+        return f, tap, chain_backward(tap, f)

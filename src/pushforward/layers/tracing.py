@@ -47,7 +47,9 @@ __all__ = [
     "StructureError",
     "activation_backward",
     "analyze",
+    "derivative_backward",
     "is_same_memory",
+    "output_backward",
 ]
 
 
@@ -438,42 +440,44 @@ Backward = Callable[[Tensor, bool], Tensor]
 _aten = torch.ops.aten
 
 
-def _from_output(kernel, *constants) -> Callable[[object], Backward]:
-    """An activation whose derivative reads its output (saved by the node as ``result``).
+def output_backward(kernel, y: Tensor, *constants) -> Backward:
+    """The backward by ``kernel(g, y, *constants)``, reading the activation's output ``y (b, out)``.
 
-    PyTorch's kernel on the rows (it broadcasts the output over them), in place on rows the
-    caller owns.
+    The kernel broadcasts ``y`` over the rows; on rows the caller owns it runs in place (its
+    ``grad_input`` variant): no second copy of the rows.
     """
+    yr = y.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
 
-    def make(node) -> Backward:
-        y = node._saved_result.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
+    def backward(g: Tensor, owned: bool) -> Tensor:
+        if owned:
+            return kernel.grad_input(g, yr, *constants, grad_input=g)
+        return kernel(g, yr, *constants)
 
-        def backward(g: Tensor, owned: bool) -> Tensor:
-            if owned:
-                return kernel.grad_input(g, y, *constants, grad_input=g)
-            return kernel(g, y, *constants)
-
-        return backward
-
-    return make
+    return backward
 
 
-def _from_input(kernel: Callable[..., Tensor], *saved: str) -> Callable[[object], Backward]:
+def derivative_backward(d: Tensor) -> Backward:
+    """The backward of an activation with derivative ``d (b, out)``: the rows times ``d``."""
+    dr = d.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
+    return lambda g, owned: g.mul_(dr) if owned else g * dr
+
+
+def _from_output(kernel, *constants) -> Callable[[Any], Backward]:
+    """An activation whose derivative reads its output (saved by the node as ``result``)."""
+    return lambda node: output_backward(kernel, node._saved_result, *constants)
+
+
+def _from_input(kernel: Callable[..., Tensor], *saved: str) -> Callable[[Any], Backward]:
     """An activation whose derivative reads its input (saved by the node as ``self``).
 
-    The derivative is formed once per example (the kernel at a gradient of ones, with the node's
-    saved arguments ``saved``) and multiplies the rows.
+    The derivative is formed once per example: the kernel at a gradient of ones, with the node's
+    saved arguments ``saved``.
     """
 
-    def make(node) -> Backward:
+    def make(node: Any) -> Backward:
         z = node._saved_self
-        d = kernel(torch.ones_like(z), z, *(getattr(node, f"_saved_{a}") for a in saved))
-        d = d.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
-
-        def backward(g: Tensor, owned: bool) -> Tensor:
-            return g.mul_(d) if owned else g * d
-
-        return backward
+        args = (getattr(node, f"_saved_{a}") for a in saved)
+        return derivative_backward(kernel(torch.ones_like(z), z, *args))
 
     return make
 
