@@ -194,11 +194,13 @@ class AfterFrozenHead(nn.Module):
             return (z / 2.0)[:, 0]
         if self.after == "two_positions":
             return z[:, [0, -1], :2].reshape(len(ids), -1)
+        if self.after == "summed":  # every row touches every position: one dense product
+            return z.sum(1)[:, :3]
         return z[:, -1, :3] + (h @ self.M)[:, -1, :3]  # "skip": h reaches the output twice
 
 
 @pytest.mark.parametrize(
-    "name", ["gpt2_last_token", "log_softmax", "scaled", "two_positions", "skip"]
+    "name", ["gpt2_last_token", "log_softmax", "scaled", "two_positions", "summed", "skip"]
 )
 def test_frozen_head_rows_start_at_its_input_only_when_the_output_depends_on_it_alone(
     name, monkeypatch

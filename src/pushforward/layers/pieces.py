@@ -483,22 +483,26 @@ def _frozen_head_start(
     The rows ``(b, r, *f_b)`` reach the head's output ``(r, *out)`` through the cheap operations
     after it; the product with the head's weight is made only for the positions where a row is
     nonzero (a language model's vocabulary projection at the one position a pass asks about, not
-    at every token). A position whose row is all zero contributes exactly zero.
+    at every token). A position whose row is all zero contributes exactly zero. The rows reach the
+    head's output one at a time (one output-sized gradient alive, not ``r``), and the touched
+    positions of all rows meet the weight in one product (the weight is read once).
     """
-    r = job.r
-    rows = rows.transpose(0, 1)  # (r, b, *f_b)
-    (at_out,) = torch.autograd.grad(
-        f, head.output, rows if r > 1 else rows[0], retain_graph=True, is_grads_batched=r > 1
-    )
-    W = head.weight
-    flat = at_out.reshape(-1, W.shape[0])
-    hit = flat.ne(0).any(1).nonzero().squeeze(1)
-    if 2 * hit.numel() < flat.shape[0]:
-        at_in = flat.new_zeros(flat.shape[0], W.shape[1]).index_copy_(0, hit, flat[hit] @ W)
-    else:
-        at_in = flat @ W
-    start = head.input
-    return start, at_in.to(start.dtype).reshape(r, *start.shape)
+    W, start = head.weight, head.input
+    positions = start.numel() // W.shape[1]
+    at_in = start.new_zeros(job.r, positions, W.shape[1], dtype=W.dtype)
+    hits, values = [], []
+    for i, row in enumerate(rows.unbind(1)):  # one row at a time: one output-sized gradient
+        (at_out,) = torch.autograd.grad(f, head.output, row, retain_graph=True)
+        flat = at_out.reshape(positions, W.shape[0])
+        hit = flat.ne(0).any(1).nonzero().squeeze(1)
+        if 2 * hit.numel() < positions:
+            hits.append(hit + i * positions)
+            values.append(flat[hit])
+        else:
+            torch.mm(flat, W, out=at_in[i])
+    if hits:  # one product with the weight for the touched positions of all rows
+        at_in.view(-1, W.shape[1]).index_copy_(0, torch.cat(hits), torch.cat(values) @ W)
+    return start, at_in.to(start.dtype).reshape(job.r, *start.shape)
 
 
 def _head_directions(
