@@ -62,5 +62,6 @@ def test_a_data_pass_reuses_its_buffers_after_a_first_call():
     if min(untouched[2:]) < 1000:
         pytest.skip(f"this C library keeps freed blocks already (page faults per call {untouched})")
     settled = _page_faults("on")
-    # the heap may still grow to the pass's size in the first calls; then nothing is faulted in
-    assert max(settled[2:]) < 200, (settled, untouched)
+    # the heap may still grow to the pass's size in the first calls; then next to nothing is
+    # faulted in (the kernel may still reclaim a few idle pages between calls: a megabyte here)
+    assert max(settled[2:]) < min(untouched[2:]) / 10, (settled, untouched)
