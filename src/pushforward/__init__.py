@@ -23,6 +23,7 @@ from pushforward.api.variance import (
 from pushforward.core.errors import (
     BatchCouplingError,
     DerivativeOverflowError,
+    InconsistentDerivativesError,
     MemoryBudgetError,
     PushforwardFallbackWarning,
 )
@@ -109,6 +110,7 @@ __all__ = [
     # errors and warnings
     "BatchCouplingError",
     "DerivativeOverflowError",
+    "InconsistentDerivativesError",
     "MemoryBudgetError",
     "PushforwardFallbackWarning",
     # curvature and Laplace posteriors (pushforward.curvature)

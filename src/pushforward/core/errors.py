@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BatchCouplingError",
     "DerivativeOverflowError",
+    "InconsistentDerivativesError",
     "MemoryBudgetError",
     "PushforwardFallbackWarning",
 ]
@@ -24,6 +25,16 @@ class DerivativeOverflowError(RuntimeError):
     Raised by ``pushforward.core.precision``'s checks (typically a float16 model, whose range ends
     at 65,504); a plan falls through to its next strategy first, and the error reaches the caller
     only when no strategy is left (or one was forced with ``strategy=``).
+    """
+
+
+class InconsistentDerivativesError(ValueError):
+    """PyTorch's forward and reverse modes give the model different derivatives.
+
+    Typically the model's forward computes something from the posterior parameters inside
+    ``torch.no_grad()``, which reverse mode treats as a constant and forward mode
+    (``torch.func.jvp``) differentiates through; strategies using different modes would give
+    different answers (see ``pushforward.core.derivatives``).
     """
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pushforward.core.cost import measure_cost
+from pushforward.core.derivatives import check_derivatives, may_block_derivatives
 from pushforward.core.errors import BatchCouplingError
 from pushforward.core.inputs import Inputs
 from pushforward.core.layout import ParamLayout, match_names
@@ -58,6 +59,8 @@ class ModelCache:
             layer structure, per input signature.
         independence: input signatures whose first check (the stronger one) of independent and
             deterministic examples passed (:meth:`FunctionalModel.check_examples`).
+        derivatives: input signatures whose forward-mode and reverse-mode derivatives were
+            found to agree (:func:`pushforward.core.derivatives.check_derivatives`).
         methods: per fallback ladder, the index of the first method that worked.
         plans: recent plans by their key (least recently used dropped first).
         failures: per plan key and strategy, why the strategy failed at run time.
@@ -70,6 +73,7 @@ class ModelCache:
     costs: dict[Any, Any] = field(default_factory=dict)
     structures: dict[Any, Any] = field(default_factory=dict)
     independence: set[Any] = field(default_factory=set)
+    derivatives: set[Any] = field(default_factory=set)
     methods: dict[str, int] = field(default_factory=dict)
     plans: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
     failures: dict[Any, dict[str, str]] = field(default_factory=dict)
@@ -417,6 +421,12 @@ class FunctionalModel:
             alone = torch.cat([self._current(batch, [k]) for k in probes])
             if first and not _close(alone[:1], self._current(batch, probes[:1])):
                 raise BatchCouplingError(_RANDOM)
+        if key not in self.cache.derivatives:
+            one = batch.slice(probes[0], probes[0] + 1).detach()
+            if may_block_derivatives(lambda: self._current(one, [0]), self.params(True)):
+                check_derivatives(lambda p: self.call(p, one.args, one.kwargs), self.params(False))
+            self.cache.derivatives.add(key)
+        with torch.no_grad():
             if B < 2:
                 return
             if outputs is not None and outputs.shape[1:] == alone.shape[1:] and len(outputs) == B:

@@ -330,9 +330,14 @@ def _static(bound: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_same_memory(z: Tensor, output: Tensor) -> bool:
-    """``output`` is ``z`` reinterpreted (same data, same row-major element order)."""
+    """``output`` is ``z`` reinterpreted (same data, same row-major element order).
+
+    That is, ``z`` itself or a view of it: a detached alias of the same memory (``z.detach()``,
+    ``z.data``) has no derivative with respect to what ``z`` depends on, so it is not ``z``.
+    """
     return (
         isinstance(output, Tensor)
+        and (output is z or output._base is (z if z._base is None else z._base))
         and z.is_contiguous()
         and output.is_contiguous()
         and z.numel() == output.numel()
