@@ -391,12 +391,16 @@ class FunctionalModel:
         global random state is untouched): 8 at the first call of an input signature (every
         example of a batch of at most 8), 2 at every later call. The first call also runs one
         probe twice (randomness). A batch of one is checked for randomness only, until a
-        batch of two or more examples comes.
+        batch of two or more examples comes. At the first call of an input signature, one example
+        also runs once with gradients: where that shows a sign of derivatives that forward and
+        reverse mode may disagree on, the adjoint test decides
+        (``pushforward.core.derivatives``; :class:`~pushforward.InconsistentDerivativesError`).
 
         What it costs: per later call, one forward of the batch and two of one example, at the
         module's own parameters (a small MLP's cached ``functional_variance``, itself a few
         forward and backward passes, takes about a third longer); per first call, one of the
-        batch and nine of one example. The batch's forward takes at most
+        batch and nine of one example (ten, one with gradients; a jvp and a vjp of one more where
+        the derivatives are tested). The batch's forward takes at most
         ``settings.chunk_target`` bytes of the model's measured per-example memory: a larger
         batch is represented by a pseudo-random subset of it (containing the probes).
 
