@@ -195,8 +195,19 @@ def test_the_signs_of_blocked_derivatives(kind, sign):
     model, x, _ = _model(kind)
     params = dict(model.named_parameters())
     assert derivatives.may_block_derivatives(lambda: model(x[:1]), params) == sign
-    model.requires_grad_(False)  # the forward cannot tell: a sign
+    model.fc1.bias.requires_grad_(False)  # a frozen posterior parameter: the forward cannot tell
     assert derivatives.may_block_derivatives(lambda: model(x[:1]), params)
+
+
+def test_a_frozen_parameter_selected_for_the_posterior_is_tested_too():
+    """``no_grad`` around a parameter frozen in the module but selected for the posterior: the
+    screening forward cannot see it (nothing requires gradients there), the adjoint test can."""
+    model, x, _ = _model("no_grad_backbone", frozen_backbone=True)
+    fm = pf.FunctionalModel(model, params=[n for n, _ in model.named_parameters()])
+    assert fm.num_params == sum(p.numel() for p in model.parameters())
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    with pytest.raises(pf.InconsistentDerivativesError):
+        pf.functional_variance(fm, x, S)
 
 
 def test_the_adjoint_test_passes_models_that_agree_and_skips_what_it_cannot_decide():

@@ -83,10 +83,11 @@ def may_block_derivatives(forward: Callable[[], Tensor], params: Mapping[str, Te
 
     ``forward`` runs the model (its own parameters ``params``, the posterior's) once, with
     gradients enabled. A sign is an operation run with gradients disabled on a value requiring
-    them, or a floating-point output requiring none; with no parameter requiring gradients the
-    forward cannot tell, which counts as a sign too. No sign: :func:`check_derivatives` would pass.
+    them, or a floating-point output requiring none. Where a posterior parameter does not require
+    gradients in the module (selected explicitly while frozen) the forward cannot tell what is
+    done with it, which counts as a sign too.
     """
-    if not any(p.requires_grad for p in params.values()):
+    if not all(p.requires_grad for p in params.values()):
         return True
     uses = _BlockedUses()
     with torch.enable_grad(), uses:
