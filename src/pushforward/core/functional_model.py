@@ -279,12 +279,17 @@ class FunctionalModel:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the first selected parameter."""
-        return self.params()[self.param_names[0]].dtype
+        return self._first_param().dtype
 
     @property
     def device(self) -> torch.device:
         """The device of the first selected parameter."""
-        return self.params()[self.param_names[0]].device
+        return self._first_param().device
+
+    def _first_param(self) -> Tensor:
+        """The first selected parameter, read under the module's lock (no walk over all)."""
+        with self._lock:
+            return self.module.get_parameter(self.param_names[0])
 
     def params(self, differentiable: bool = True) -> dict[str, Tensor]:
         """The selected parameters ``{name: tensor}`` (detached unless ``differentiable``).
