@@ -9,7 +9,8 @@ operators and the forward-mode products.
 * building a :class:`FunctionalModel` while another thread runs the library on the module;
 * ``batched_jvp`` keeps its memory budget, the tangents' finiteness check included;
 * cached square roots follow in-place changes of the defining tensors (also after pickling);
-* inputs the model cannot take, and half-precision operators, give the library's own messages.
+* inputs the model cannot take, outputs that do not lead with the batch dimension, inputs the
+  model changes in place, and half-precision operators give the library's own messages.
 """
 
 from __future__ import annotations
@@ -384,6 +385,43 @@ def test_a_model_error_that_is_not_about_the_inputs_keeps_its_type():
 
     with pytest.raises(KeyError, match="from the model"):
         pf.jacobian(pf.FunctionalModel(Failing()), torch.randn(2, 3))
+
+
+class SequenceFirst(nn.Module):
+    """Inputs (B, T, 3), outputs (T, B, 2): the batch is not the outputs' first dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.a(x).transpose(0, 1)
+
+
+class ChangesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.a(x.mul_(2.0))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "message"),
+    [
+        (SequenceFirst, (4, 4, 3), r"output for one example has shape \(4, 1, 2\)"),
+        (ChangesItsInput, (5, 3), r"changes its inputs in place \(args\[0\]\)"),
+    ],
+)
+def test_outputs_not_batch_first_and_inputs_changed_in_place_are_named(model, shape, message):
+    """Both used to read as random draws (the probe's two runs differed): every entry point now
+    names the problem."""
+    torch.manual_seed(0)
+    fm = pf.FunctionalModel(model().eval())
+    for call in _api_calls(fm, torch.randn(*shape)).values():
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 # -- half precision operators ------------------------------------------------------------------

@@ -426,8 +426,11 @@ class FunctionalModel:
             return
         batch = inputs  # the forward passes run without gradients
         probes = self._probe_rng.sample(range(B), min(B, _FIRST_PROBES if first else _CALL_PROBES))
+        versions = [t._version for t in batch.tensors()]
         with torch.no_grad():
-            alone = torch.cat([self._current(batch, [k]) for k in probes])
+            outs = [self._current(batch, [k]) for k in probes]
+            _check_example_output(outs[0], batch, versions)
+            alone = torch.cat(outs)
             if first and not _close(alone[:1], self._current(batch, probes[:1])):
                 raise BatchCouplingError(_RANDOM)
         if key not in self.cache.derivatives:
@@ -546,6 +549,32 @@ class FunctionalModel:
 #: Examples run alone by :meth:`FunctionalModel.check_examples` at the first call of an input
 #: signature, and at every later call.
 _FIRST_PROBES, _CALL_PROBES = 8, 2
+
+
+def _check_example_output(out: Tensor, batch: Inputs, versions: list[int]) -> None:
+    """Raise ``ValueError`` when the forward of one example went wrong in a way we can name.
+
+    That is, when it changed the inputs in place (their versions moved from ``versions``), or
+    when its output ``out`` does not lead with the batch dimension (``(1, ...)`` for a batch of
+    one).
+    """
+    changed = [
+        name
+        for (name, t), v in zip(batch.named_tensors(), versions, strict=True)
+        if t._version != v
+    ]
+    if changed:
+        raise ValueError(
+            f"the model's forward changes its inputs in place ({', '.join(map(str, changed))}): "
+            "every evaluation would see other inputs; compute on a copy (x = x * 2, not x.mul_(2))"
+        )
+    if out.dim() == 0 or out.shape[0] != 1:
+        raise ValueError(
+            f"the model's output for one example has shape {tuple(out.shape)}: outputs must lead "
+            "with the batch dimension, (1, ...) for a batch of one (a sequence-first model's "
+            "output needs transposing to (batch, ...))"
+        )
+
 
 _RANDOM = (
     "the model's output changes between two identical calls: it draws random numbers in its "

@@ -83,6 +83,10 @@ class Inputs:
         """The batched tensors, in a fixed order (positional first, then keywords)."""
         return [value for _, value in _named_tensors(self.args, self.kwargs)]
 
+    def named_tensors(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` of the batched tensors (``"args[0]"``, a keyword), as :meth:`tensors`."""
+        return list(_named_tensors(self.args, self.kwargs))
+
     def with_tensors(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` with the batched tensors replaced by ``tensors`` (same order)."""
         it = iter(tensors)
