@@ -59,8 +59,9 @@ class ModelCache:
             layer structure, per input signature.
         independence: input signatures whose first check (the stronger one) of independent and
             deterministic examples passed (:meth:`FunctionalModel.check_examples`).
-        derivatives: input signatures whose forward-mode and reverse-mode derivatives were
-            found to agree (:func:`pushforward.core.derivatives.check_derivatives`).
+        derivatives: input signatures whose derivatives passed the check that forward and
+            reverse mode agree (``pushforward.core.derivatives``: screened, and tested where the
+            screening forward showed a sign).
         methods: per fallback ladder, the index of the first method that worked.
         plans: recent plans by their key (least recently used dropped first).
         failures: per plan key and strategy, why the strategy failed at run time.
