@@ -205,3 +205,88 @@ def test_dropout_in_eval_mode_leaves_a_chain():
         warnings.simplefilter("error")
         _, var = pf.functional_variance(fm, x, S, strategy="structured")
     torch.testing.assert_close(var, torch.einsum("bkp,p,bkp->bk", J, S.diagonal(), J))
+
+
+class ViewedOutput(MLP):
+    """The MLP returning its head's output through ``kind``: a view in the same element order
+    (``squeeze`` of a one-output head, ``reshape``), or a detached alias of it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "squeeze":
+            self.head = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if self.kind == "squeeze":
+            return out.squeeze(-1)
+        if self.kind == "reshape":
+            return out.reshape(len(x), 2, 2)
+        if self.kind == "no_grad_view":
+            with torch.no_grad():
+                return out.reshape(len(x), 2, 2)
+        return out.detach().reshape(len(x), 2, 2)
+
+
+@pytest.mark.parametrize("kind", ["squeeze", "reshape"])
+def test_a_view_of_the_heads_output_is_still_a_chain(kind):
+    """A regression MLP returning ``head(h).squeeze(-1)`` (a BO surrogate's ``(B,)``) or a reshape
+    of its head's output reads as a chain, exact."""
+    torch.manual_seed(6)
+    model = ViewedOutput(kind).to(DT)
+    fm = pf.FunctionalModel(model, output_dims=0 if kind == "squeeze" else 2)
+    x = torch.randn(6, 5, dtype=DT)
+    assert layer_structure(fm, fm.prepare(x)).traced_chain
+    _, J = brute_force_jacobian(fm, x)
+    J = J.reshape(6, -1, J.shape[-1])
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        _, var = pf.functional_variance(fm, x, S, strategy="structured")
+        ggn = GGN(fm, [(x, torch.randn(6, *var.shape[1:], dtype=DT))], likelihood="regression")
+        diag = ggn.diagonal()
+    assert "traced chain" in str(ggn.plan("diagonal"))
+    want = torch.einsum("bkp,p,bkp->bk", J, S.diagonal(), J)
+    torch.testing.assert_close(var.reshape(want.shape), want)
+    torch.testing.assert_close(diag, torch.einsum("bkp,bkp->p", J, J))
+
+
+def test_a_detached_alias_of_the_heads_output_is_not_a_chain():
+    """The same memory as the head's output, without its derivatives: refused by the trace and by
+    the chunk's own graph; every parameter's variance is zero."""
+    torch.manual_seed(7)
+    fm = pf.FunctionalModel(ViewedOutput("detached").to(DT), output_dims=2)
+    x = torch.randn(5, 5, dtype=DT)
+    assert not layer_structure(fm, fm.prepare(x)).traced_chain
+    with pytest.raises(StructureError, match="last linear layer's output"):
+        pieces_of(fm, x, "traced chain", GivenRows(torch.randn(5, 2, 2, 2, dtype=DT)), force=True)
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pf.PushforwardFallbackWarning)
+        _, var = pf.functional_variance(fm, x, S)
+    assert var.abs().max() == 0
+
+
+def test_a_view_made_without_gradients_is_not_a_chain():
+    """A view of the head's output made under ``torch.no_grad``: the chunk's graph refuses it, and
+    the public functions name the disagreement of forward and reverse mode it causes."""
+    torch.manual_seed(8)
+    fm = pf.FunctionalModel(ViewedOutput("no_grad_view").to(DT), output_dims=2)
+    x = torch.randn(5, 5, dtype=DT)
+    inputs = fm.prepare(x, check=False)  # the rung alone, without the example check
+    structure = dataclasses.replace(layer_structure(fm, inputs), traced_chain=True)
+    rows = GivenRows(torch.randn(5, 2, 2, 2, dtype=DT))
+    with pytest.raises(StructureError, match="last linear layer's output"), torch.no_grad():
+        produce(
+            fm,
+            structure,
+            fm.params(False),
+            inputs,
+            RowChunk(slice(0, 5), slice(0, 2)),
+            rows,
+            only="traced chain",
+        )
+    S = pf.Diagonal(torch.rand(fm.num_params, dtype=DT) + 0.1)
+    with pytest.raises(pf.InconsistentDerivativesError):
+        pf.functional_variance(fm, x, S)

@@ -8,7 +8,8 @@ chunk with its posterior parameters as fresh leaves requiring grad and the layer
 per traced call, the autograd nodes of its input and output at the moment of the call. Then
 :func:`chain_backward` reads the graph of *this* forward:
 
-* the model's output is the last traced call's output, unchanged since the call;
+* the model's output is the last traced call's output (or a view of it in the same element
+  order: ``.squeeze(-1)`` of a one-output head), unchanged since the call;
 * the first call's input depends on no posterior parameter;
 * every other call's input is, unchanged since it was made, one elementwise activation
   (ReLU, tanh, sigmoid, GELU, SiLU, leaky ReLU, ELU, softplus, hardtanh, Mish) applied to the
@@ -41,6 +42,7 @@ from pushforward.layers.tracing import (
     LayerTap,
     StructureError,
     activation_backward,
+    is_same_memory,
 )
 
 __all__ = ["chain_backward", "chain_shaped", "read_chain"]
@@ -73,7 +75,12 @@ def chain_backward(tap: LayerTap, f: Tensor) -> list[Backward]:
         raise StructureError("not every traced layer call ran")
     last_out = tap.outputs[-1]
     _, head_node, _, head_version = nodes[-1]
-    if f is not last_out or f.grad_fn is not head_node or f._version != head_version:
+    if (
+        not is_same_memory(last_out, f)  # the output itself, or a view of it (same order)
+        or f.grad_fn is None  # no derivatives (made under torch.no_grad)
+        or last_out.grad_fn is not head_node
+        or f._version != head_version  # a view shares its base's version counter
+    ):
         raise StructureError("the model's output is not its last linear layer's output")
     first = tap.inputs[0]
     if first.requires_grad:
