@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from pushforward.core.errors import InconsistentDerivativesError
 from pushforward.core.kernels import transform_kernels
 
-__all__ = ["check_derivatives", "may_block_derivatives"]
+__all__ = ["METADATA_CALLS", "check_derivatives", "may_block_derivatives"]
 
 #: Relative disagreement tolerated, in units of the square root of the output dtype's epsilon
 #: (about 3e-3 in float32, 1.5e-7 in float64): rounding stays far below it, a part of the output
@@ -42,19 +42,24 @@ __all__ = ["check_derivatives", "may_block_derivatives"]
 _TOLERANCE = 10.0
 
 
-#: Calls that read a tensor's metadata only (not a computation on its values).
-_METADATA = {
-    torch.Tensor.dim,
-    torch.Tensor.size,
-    torch.Tensor.numel,
-    torch.Tensor.is_floating_point,
-    torch.Tensor.detach,  # a constant to both modes
-    torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.device.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.ndim.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
-}
+#: Calls that read a tensor's metadata only (not a use of its values), as a torch function mode
+#: sees them.
+METADATA_CALLS = frozenset(
+    {
+        torch.Tensor.dim,
+        torch.Tensor.size,
+        torch.Tensor.numel,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
+        torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
+        torch.Tensor.device.__get__,  # type: ignore[attr-defined]
+        torch.Tensor.ndim.__get__,  # type: ignore[attr-defined]
+        torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+    }
+)
+#: Calls that block no derivative the two modes could disagree on: metadata reads, and
+#: ``detach`` (a constant to both modes).
+_NO_SIGN = METADATA_CALLS | {torch.Tensor.detach}
 
 
 class _BlockedUses(TorchFunctionMode):
@@ -66,7 +71,7 @@ class _BlockedUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not self.found and not torch.is_grad_enabled() and func not in _METADATA:
+        if not self.found and not torch.is_grad_enabled() and func not in _NO_SIGN:
             self.found = _floating(out, False) and _floating((args, kwargs), True)
         return out
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from pushforward.core.derivatives import METADATA_CALLS
 from pushforward.layers.geometry import LayerGeometry, patches_of, positions_of
 
 __all__ = [
@@ -73,19 +74,6 @@ _SIGNATURES: dict[Callable, tuple[str, tuple[str, ...]]] = {
         "embedding",
         ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
     ),
-}
-
-#: Calls that read a tensor's metadata only (not a use of its values).
-_METADATA = {
-    torch.Tensor.dim,
-    torch.Tensor.size,
-    torch.Tensor.numel,
-    torch.Tensor.is_floating_point,
-    torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.device.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.ndim.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
 }
 
 
@@ -250,7 +238,7 @@ class _UseRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _METADATA:
+        if func in METADATA_CALLS:
             return out
         touched = [
             self.by_id[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.by_id
@@ -396,7 +384,7 @@ class LayerTap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in METADATA_CALLS:
             return func(*args, **kwargs)
         hits = {
             self.slot_of[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.slot_of
