@@ -62,6 +62,16 @@ def _chains() -> dict[str, nn.Sequential]:
             nn.Linear(6, 3),
         ),
         "linear_linear": nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)),
+        # activations in a row: only the first (on a linear layer's output) may run in place
+        "stacked_activations": nn.Sequential(
+            nn.Linear(5, 6),
+            nn.ReLU(),
+            nn.Sigmoid(),
+            nn.Linear(6, 4),
+            nn.Tanh(),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        ),
         "flatten_images": nn.Sequential(
             nn.Flatten(), nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)
         ),

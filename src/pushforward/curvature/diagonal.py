@@ -113,10 +113,10 @@ def _row_squares(G: Tensor) -> Tensor:
     With few rows, one row at a time into the sum (no squared copy of all rows: the pass's peak
     memory is the rows themselves); else squared and summed at once.
     """
-    r = G.shape[1]
-    if r > _FEW_ROWS:
+    if G.shape[1] > _FEW_ROWS:
         return G.square().sum(1)
-    total = G[:, 0].square()
-    for i in range(1, r):
-        total.addcmul_(G[:, i], G[:, i])
+    first, *rest = G.unbind(1)  # one call for all rows' views
+    total = first.square()
+    for row in rest:
+        total.addcmul_(row, row)
     return total

@@ -136,6 +136,7 @@ class Chain:
         if self.flatten:
             x = x.flatten(1)
         h = x
+        fresh = False  # h is a linear layer's output that nothing else holds (may be overwritten)
         # the transform lock first, then the module's (the order every transform takes them in:
         # an activation's derivative is a forward-mode product)
         with TRANSFORM_LOCK, lock:
@@ -144,12 +145,13 @@ class Chain:
                     weight, bias = _values(step, params)
                     if step.call is not None:
                         a[step.call] = h if flat else h.unsqueeze(1)
-                    h = F.linear(h, weight, bias)
+                    h, fresh = F.linear(h, weight, bias), True
                     saved.append(weight)
                 else:
                     if h is x:  # an in-place activation must not change the caller's inputs
                         h = h.clone()
-                    h, back = _activation(step, h)
+                    h, back = _activation(step, h, fresh)
+                    fresh = False
                     saved.append(back)
         if any(v is None for v in a):
             raise StructureError("a traced layer call is not in the chain")
@@ -246,10 +248,11 @@ _FROM_OUTPUT = {
 }
 
 
-def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
+def _activation(module: nn.Module, z: Tensor, owned: bool = False) -> tuple[Tensor, Backward]:
     """``(module(z), backward)`` for an elementwise activation.
 
-    ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of cotangents through the activation
+    ``owned``: ``z`` may be overwritten (a linear layer's output nothing else holds): activations
+    whose derivative reads their output then run in place. ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of cotangents through the activation
     (``owned``: ``g`` may be overwritten). PyTorch's own backward kernels give the very numbers
     autograd does: applied to the rows directly when their shapes allow (one row per example, or
     kernels that broadcast), else the derivative (the kernel at a gradient of ones) times the
@@ -258,11 +261,11 @@ def _activation(module: nn.Module, z: Tensor) -> tuple[Tensor, Backward]:
     """
     kind = type(module)
     if kind is nn.ReLU:  # autograd's convention: derivative 0 at 0
-        y = torch.relu(z)
+        y = torch.relu_(z) if owned else torch.relu(z)
         return y, output_backward(_aten.threshold_backward, y, 0)
     if kind in _FROM_OUTPUT:
         function, kernel = _FROM_OUTPUT[kind]
-        y = function(z)
+        y = function(z, out=z) if owned else function(z)
         return y, output_backward(kernel, y)
     if kind in _FROM_INPUT and not getattr(module, "inplace", False):
         kernel = _FROM_INPUT[kind]
