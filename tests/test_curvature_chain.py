@@ -17,6 +17,7 @@ import pushforward as pf
 from pushforward.core.inputs import Inputs
 from pushforward.curvature import GGN, EmpiricalFisher
 from pushforward.layers import ELEMENTWISE, Chain, find_chain, layer_structure
+from pushforward.testing import brute_force_jacobian
 
 DT = torch.float64
 EXACT = 1e-10
@@ -234,8 +235,12 @@ def test_hooked_chain_still_exact(chain_runs):
 @settings(max_examples=15, deadline=None)
 @given(
     widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
-    activations=st.lists(
-        st.sampled_from(sorted(ELEMENTWISE, key=lambda c: c.__name__)), min_size=3, max_size=3
+    activations=st.lists(  # none, one or two in a row after each hidden layer
+        st.lists(
+            st.sampled_from(sorted(ELEMENTWISE, key=lambda c: c.__name__)), min_size=0, max_size=2
+        ),
+        min_size=3,
+        max_size=3,
     ),
     outputs=st.integers(1, 4),
     batch=st.integers(1, 5),
@@ -245,11 +250,17 @@ def test_random_chains_equal_brute_force(widths, activations, outputs, batch):
     layers: list[nn.Module] = []
     sizes = [3, *widths]
     for i in range(len(widths)):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), activations[i]()]
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), *(a() for a in activations[i])]
     model = nn.Sequential(*layers, nn.Linear(sizes[-1], outputs)).to(DT).eval()
     fm = pf.FunctionalModel(model)
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 3, generator=g, dtype=DT)
     y = torch.randint(0, outputs, (batch,), generator=g)
-    H = reference(fm, x, y, "classification")
+    f, J = brute_force_jacobian(fm, x)  # (B, K), (B, K, P)
+    H = reference(fm, x, y, "classification", jacobian=(f, J))
     assert rel(GGN(fm, [(x, y)]).diagonal(), H.diagonal()) <= EXACT
+    # the same chain serves the variance: J S J^T of a diagonal S, per example
+    s = torch.rand(fm.num_params, generator=g, dtype=DT) + 0.1
+    expected = torch.einsum("bkp,p,bkp->bk", J, s, J)
+    mean, variance = pf.functional_variance(fm, x, pf.Diagonal(s), strategy="structured")
+    assert rel(mean, f) <= EXACT and rel(variance, expected) <= EXACT
