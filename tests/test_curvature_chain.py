@@ -12,11 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_curvature import reference, rel
 from torch import Tensor, nn
+from zoo import make_case
 
 import pushforward as pf
+import pushforward.layers.pieces as pieces_module
 from pushforward.core.inputs import Inputs
 from pushforward.curvature import GGN, EmpiricalFisher
-from pushforward.layers import ELEMENTWISE, Chain, find_chain, layer_structure
+from pushforward.curvature.diagonal import DiagonalSums
+from pushforward.layers import ELEMENTWISE, Chain, RowSquares, find_chain, layer_structure
 from pushforward.testing import brute_force_jacobian
 
 DT = torch.float64
@@ -264,3 +267,48 @@ def test_random_chains_equal_brute_force(widths, activations, outputs, batch):
     expected = torch.einsum("bkp,p,bkp->bk", J, s, J)
     mean, variance = pf.functional_variance(fm, x, pf.Diagonal(s), strategy="structured")
     assert rel(mean, f) <= EXACT and rel(variance, expected) <= EXACT
+
+
+@pytest.mark.parametrize("group_bytes", [1, 600, 2**20])  # a row, two rows, every row per group
+def test_row_squares_in_groups_equal_brute_force(group_bytes, monkeypatch):
+    """The diagonal asks only the squares of each layer's directions summed over the rows: the
+    chain and the traced chain take the rows back a group at a time (5 rows per example: groups
+    of 1, of 2, 2 and 1, of 5) and give them reduced (``RowSquares``), the same diagonal."""
+    monkeypatch.setattr(pieces_module, "SQUARES_GROUP_BYTES", group_bytes)
+    seen: list[type] = []
+    layer = DiagonalSums._layer
+
+    def recorded(self, call, a, G):
+        seen.append(type(G))
+        return layer(self, call, a, G)
+
+    monkeypatch.setattr(DiagonalSums, "_layer", recorded)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 6)
+    ).to(DT)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 6, (9,), generator=g)
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    for fm in (pf.FunctionalModel(model), _general(pf.FunctionalModel(model))):
+        for kind, op_cls in (("ggn", GGN), ("ef", EmpiricalFisher)):
+            seen.clear()
+            H = reference(fm, x, y, "classification", kind)
+            assert rel(op_cls(fm, data).diagonal(), H.diagonal()) <= EXACT, kind
+            assert seen and set(seen) <= {RowSquares, Tensor}, seen
+            assert RowSquares in seen, (kind, seen)
+
+
+def test_row_squares_refused_where_a_layer_shares_its_weight():
+    """Row squares give no weight-sharing layer's diagonal (a convolution's needs the directions
+    at every position): a clear error, never a wrong sum."""
+    case = make_case("cnn_batchnorm_eval")
+    fm, x = case.fm, case.x
+    inputs = fm.prepare(x)
+    conv = next(c for c in layer_structure(fm, inputs).calls if not c.geometry.once)
+    b = inputs.batch_size
+    a = torch.zeros(b, *conv.input_shape, dtype=DT)
+    squares = RowSquares(torch.zeros(b, *conv.output_shape, dtype=DT), (b, 2, *conv.output_shape))
+    with pytest.raises(RuntimeError, match="several positions"):
+        DiagonalSums(fm)._layer(conv, a, squares)

@@ -36,11 +36,11 @@ _SCRIPT = textwrap.dedent(
     data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 1024, 256)]
     with pf.settings(settle_heap=sys.argv[1] == "on"):
         ggn = GGN(model, data)
-        ggn.diagonal()  # the first call (traces, measured costs)
+        ggn.kfac()  # the first call (traces, measured costs)
 
         def faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            ggn.diagonal()
+            ggn.kfac()
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
         print(json.dumps([faults() for _ in range(4)]))
@@ -56,8 +56,8 @@ def _page_faults(setting: str) -> list[int]:
 
 
 def test_a_data_pass_reuses_its_buffers_after_a_first_call():
-    # the exact diagonal GGN of an MLP 784-256-256-10 over 4 batches of 256: about 10 MB of rows
-    # and squares per batch, formed and freed batch after batch
+    # K-FAC of the GGN of an MLP 784-256-256-10 over 4 batches of 256: about 10 MB of rows and
+    # factors per batch, formed and freed batch after batch
     untouched = _page_faults("off")
     if min(untouched[2:]) < 1000:
         pytest.skip(f"this C library keeps freed blocks already (page faults per call {untouched})")

@@ -20,7 +20,15 @@ from pushforward.curvature import CrossEntropy
 from pushforward.curvature.data import Batch
 from pushforward.curvature.diagonal import DiagonalSums
 from pushforward.curvature.directions import RowKind
-from pushforward.layers import GivenRows, dense, layer_structure, produce, rungs
+from pushforward.layers import (
+    BY_HAND,
+    GivenRows,
+    RowSquares,
+    dense,
+    layer_structure,
+    produce,
+    rungs,
+)
 
 DT = torch.float64
 
@@ -112,6 +120,11 @@ def assembled(records: list, B: int, R: int, calls: list[int]) -> dict:
             for i in calls:
                 out.setdefault(("a", i), {})[s.start] = pieces.a[i]
         for i in calls:
+            if isinstance(pieces.G[i], RowSquares):  # the rows' squares, summed over them
+                sums = pieces.G[i].values
+                total = out.setdefault(("squares", i), sums.new_zeros(B, *sums.shape[1:]))
+                total[s] += sums
+                continue
             G = dense(pieces.G[i])
             full = out.setdefault(("G", i), torch.zeros(B, R, *G.shape[2:], dtype=G.dtype))
             full[s, r] = G
@@ -161,7 +174,11 @@ def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
         ours = assembled(engine_records, B, E, needed)
         theirs = assembled(curvature_records, B, E, needed)
         assert needed, rung
+        # the rungs that take the rows back by hand give the diagonal the rows' squares alone
+        assert any(k[0] == "squares" for k in theirs) == (rung in BY_HAND), rung
         for key, value in ours.items():
+            if key[0] == "G" and ("squares", key[1]) in theirs:
+                key, value = ("squares", key[1]), value.square().sum(1)
             torch.testing.assert_close(value, theirs[key], rtol=1e-12, atol=1e-14, msg=str(key))
         # and the variance is exact on this rung
         want = torch.einsum("b...p,p,b...p->b...", J, S.diagonal(), J)

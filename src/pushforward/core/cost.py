@@ -203,6 +203,37 @@ def direction_bytes(
     return through + 2 * cost.output_bytes + 2 * (layer_outputs + param_rows) * cost.itemsize
 
 
+def squared_direction_bytes(
+    cost: ModelCost, layer_outputs: int, widest: int, group_bytes: int | None, rows: int
+) -> tuple[int, int, int]:
+    """Working bytes of directions taken back by hand and reduced to their squares.
+
+    The directions' gradients are summed over the rows, squared, as they go back
+    (``pushforward.layers.RowSquares``), all rows at once (``group_bytes=None``) or in groups of
+    rows of about ``group_bytes`` at the widest layer (a CPU's cache; a group holds one row at
+    least). At each layer the gradients of a group are alive twice (the one formed and the one it
+    is formed from) and once more as a copy of the group, at most ``widest`` entries each.
+
+    Args:
+        cost: the model's measured cost.
+        layer_outputs: entries of the layer outputs in one example (the sums).
+        widest: the most entries of a direction's gradient on its way back.
+        group_bytes: the groups' size, or ``None``.
+        rows: the batch's rows (examples times rows per example): no group is larger.
+
+    Returns:
+        ``(per direction, per example, fixed)``: the direction itself twice (as in
+        :func:`direction_bytes`) and, all rows at once, its gradients; the sums and, in groups,
+        one row's gradients; a group's gradients.
+    """
+    entry = widest * cost.itemsize
+    per_direction = 2 * cost.output_bytes
+    if group_bytes is None:
+        return per_direction + 3 * entry, layer_outputs * cost.itemsize, 0
+    fixed = 3 * min(group_bytes, rows * entry)
+    return per_direction, (layer_outputs + 3 * widest) * cost.itemsize, fixed
+
+
 def example_bytes(cost: ModelCost) -> int:
     """Bytes one example's forward keeps while its chunk's directions go back.
 

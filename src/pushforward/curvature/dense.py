@@ -31,6 +31,7 @@ class DenseSums:
 
     structured = False
     allow_unstructured = True
+    squares = False  # the directions themselves are needed
 
     def __init__(
         self, fm: FunctionalModel, indices: Tensor | None = None, what: str = "the dense curvature"

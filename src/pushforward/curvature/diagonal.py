@@ -23,7 +23,15 @@ from torch import Tensor
 from pushforward.core.cost import ModelCost
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.precision import accumulation_dtype
-from pushforward.layers import LayerCall, LayerStructure, Pieces, dense
+from pushforward.layers import (
+    LayerCall,
+    LayerStructure,
+    OneHot,
+    Pieces,
+    RowSquares,
+    add_row_squares,
+    dense,
+)
 
 __all__ = ["DiagonalSums"]
 
@@ -38,6 +46,7 @@ class DiagonalSums:
 
     structured = True
     allow_unstructured = True  # per-example rows of every parameter give the same diagonal
+    squares = True  # a layer applied once needs only its directions' squares summed over rows
 
     def __init__(self, fm: FunctionalModel, what: str = "the curvature's diagonal") -> None:
         self.fm, self.what = fm, what
@@ -62,15 +71,16 @@ class DiagonalSums:
         return self.flat if self.flat is not None else self.fm.flatten(self.sums)
 
     def row_bytes(self, structure: LayerStructure | None, cost: ModelCost) -> int:
-        """The gradient rows formed where no closed form applies (twice: formed and squared)."""
+        """The gradient rows formed where no closed form applies (twice: formed and squared).
+
+        A layer applied once per example forms none: its weight's and bias's sums come from its
+        directions' row squares.
+        """
         if structure is None:
             return 0
         shapes = self.fm.param_shapes
         size = sum(
-            math.prod(shapes[n])
-            for c in structure.calls
-            for n in c.names
-            if not (c.geometry.once and n == c.weight_name)
+            math.prod(shapes[n]) for c in structure.calls if not c.geometry.once for n in c.names
         )
         return 2 * size * cost.itemsize
 
@@ -81,42 +91,30 @@ class DiagonalSums:
         other parameter.
         """
         for call, a, G in pieces.layers():
-            self._layer(call, a, dense(G))
+            self._layer(call, a, G)
         for name, rows in pieces.rows.items():
             self.sums[name] += rows.square().sum((0, 1))
 
-    def _layer(self, call: LayerCall, a: Tensor, G: Tensor) -> None:
+    def _layer(self, call: LayerCall, a: Tensor, G: Tensor | OneHot | RowSquares) -> None:
         geometry, sums = call.geometry, self.sums
         if geometry.once:
-            g2 = _row_squares(G).reshape(G.shape[0], -1)  # (b, out)
+            g2 = G.values if isinstance(G, RowSquares) else add_row_squares(dense(G))
+            g2 = g2.reshape(g2.shape[0], -1)  # (b, out)
             if call.weight_name is not None:
                 x2 = geometry.inputs(a)[:, 0].square()  # (b, in)
                 geometry.matrix(sums[call.weight_name]).addmm_(g2.T, x2)  # a view: in place
             if call.bias_name is not None:
                 sums[call.bias_name] += g2.sum(0)
             return
+        if isinstance(G, RowSquares):  # a rung gives them only for layers applied once
+            raise RuntimeError(
+                f"layer call {call.index} applies its weight at several positions: its diagonal "
+                "needs the directions themselves, not their row squares"
+            )
+        G = dense(G)
         for name in call.names:
             if name == call.bias_name:
                 rows = geometry.bias_rows(G)
             else:
                 rows = call.weight_rows(a, G, self.params)
             sums[name] += rows.square().sum((0, 1)).reshape(sums[name].shape)
-
-
-#: Up to this many rows per example, their squares are summed one row at a time.
-_FEW_ROWS = 32
-
-
-def _row_squares(G: Tensor) -> Tensor:
-    """``sum_r G[:, r]^2``: ``(b, *z)`` from rows ``G (b, r, *z)``.
-
-    With few rows, one row at a time into the sum (no squared copy of all rows: the pass's peak
-    memory is the rows themselves); else squared and summed at once.
-    """
-    if G.shape[1] > _FEW_ROWS:
-        return G.square().sum(1)
-    first, *rest = G.unbind(1)  # one call for all rows' views
-    total = first.square()
-    for row in rest:
-        total.addcmul_(row, row)
-    return total

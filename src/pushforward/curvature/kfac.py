@@ -134,6 +134,7 @@ class KFACSums:
 
     structured = True
     allow_unstructured = False  # the blocks are the layers'
+    squares = False  # the directions themselves are needed
 
     def __init__(self, fm: FunctionalModel, approx: str, generic: str, what: str = "K-FAC") -> None:
         if approx not in APPROXIMATIONS:

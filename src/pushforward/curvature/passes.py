@@ -20,7 +20,14 @@ from typing import Protocol
 import torch
 
 from pushforward.core.chunking import progress_bar, row_chunks
-from pushforward.core.cost import Budget, ModelCost, direction_bytes, example_bytes, measure_cost
+from pushforward.core.cost import (
+    Budget,
+    ModelCost,
+    direction_bytes,
+    example_bytes,
+    measure_cost,
+    squared_direction_bytes,
+)
 from pushforward.core.functional_model import FunctionalModel
 from pushforward.core.heap import settle_heap
 from pushforward.core.inputs import Inputs
@@ -32,6 +39,7 @@ from pushforward.curvature.likelihoods import Likelihood
 from pushforward.layers import (
     BY_HAND,
     RUNGS,
+    SQUARES_GROUP_BYTES,
     Directions,
     LayerStructure,
     Pieces,
@@ -39,6 +47,7 @@ from pushforward.layers import (
     first_rung,
     layer_structure,
     produce,
+    squares_apply,
 )
 
 __all__ = ["JOINED_EXAMPLES", "Consumer", "CurvaturePass", "PassPlan", "joins_batches"]
@@ -92,11 +101,15 @@ class Consumer(Protocol):
         structured: the layer structure is used (else every parameter's per-example rows).
         allow_unstructured: an example that does not run the traced layers may give every
             parameter's rows instead (the result does not depend on the structure).
+        squares: of a layer applied once per example, only the squares of its directions summed
+            over the rows are needed (:class:`~pushforward.layers.RowSquares` where a rung forms
+            them on the way back).
     """
 
     what: str
     structured: bool
     allow_unstructured: bool
+    squares: bool
 
     def held_bytes(self) -> int:
         """Bytes held through the pass (the sums)."""
@@ -224,14 +237,24 @@ class CurvaturePass:
             generic=bool(generic),
             allow_unstructured=consumer.allow_unstructured,
         )
-        per_row = direction_bytes(cost, z, generic_numel, autograd=rung not in BY_HAND)
-        per_row += consumer.row_bytes(structure, cost)
         per_example = example_bytes(cost)
-        budget = Budget.of(self.budget, device=inputs.device)
         held = consumer.held_bytes()
-        R = rows.rows
-        chunk = _chunk_rows(budget, per_row, per_example, R, held, max(B * R, 1))
         producer = f"{rung}: {RUNGS[rung]}"
+        R = rows.rows
+        if consumer.squares and rung in BY_HAND and squares_apply(fm.dtype):
+            # on a CPU in cache-sized groups of rows (see produce)
+            group = SQUARES_GROUP_BYTES if inputs.device.type == "cpu" else None
+            per_row, squares, fixed = squared_direction_bytes(
+                cost, z, structure.widest(), group, B * R
+            )
+            per_example += squares
+            held += fixed
+            producer += "; the directions reduced to their squares on the way back"
+        else:
+            per_row = direction_bytes(cost, z, generic_numel, autograd=rung not in BY_HAND)
+        per_row += consumer.row_bytes(structure, cost)
+        budget = Budget.of(self.budget, device=inputs.device)
+        chunk = _chunk_rows(budget, per_row, per_example, R, held, max(B * R, 1))
         flops = B * cost.forward_flops * (1 + R)  # one forward, a backward per row (~ forward)
         plan = PassPlan(
             consumer.what, producer, B, R, chunk, held, per_row, per_example, flops, budget
@@ -317,6 +340,7 @@ class CurvaturePass:
                         rows,
                         generic=generic,
                         allow_unstructured=consumer.allow_unstructured,
+                        squares=consumer.squares,
                     )
             except StructureError as err:
                 raise StructureError(

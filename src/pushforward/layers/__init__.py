@@ -19,9 +19,27 @@ The functional variance's closed forms (``pushforward.engine``), the curvature p
 """
 
 from pushforward.layers.chain import ELEMENTWISE, Chain, chain_intact, find_chain
-from pushforward.layers.directions import Directions, GivenRows, OneHot, OneHotRows, dense
+from pushforward.layers.directions import (
+    Directions,
+    GivenRows,
+    OneHot,
+    OneHotRows,
+    RowSquares,
+    add_row_squares,
+    dense,
+)
 from pushforward.layers.geometry import LayerGeometry
-from pushforward.layers.pieces import BY_HAND, RUNGS, Pieces, first_rung, produce, rungs, unit_rows
+from pushforward.layers.pieces import (
+    BY_HAND,
+    RUNGS,
+    SQUARES_GROUP_BYTES,
+    Pieces,
+    first_rung,
+    produce,
+    rungs,
+    squares_apply,
+    unit_rows,
+)
 from pushforward.layers.structure import LayerStructure, layer_structure
 from pushforward.layers.tracing import (
     Analysis,
@@ -36,6 +54,7 @@ __all__ = [
     "BY_HAND",
     "ELEMENTWISE",
     "RUNGS",
+    "SQUARES_GROUP_BYTES",
     "Analysis",
     "Chain",
     "Directions",
@@ -47,7 +66,9 @@ __all__ = [
     "OneHot",
     "OneHotRows",
     "Pieces",
+    "RowSquares",
     "StructureError",
+    "add_row_squares",
     "analyze",
     "dense",
     "chain_intact",
@@ -57,5 +78,6 @@ __all__ = [
     "layer_structure",
     "produce",
     "rungs",
+    "squares_apply",
     "unit_rows",
 ]

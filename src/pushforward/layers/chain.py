@@ -30,9 +30,11 @@ from torch import Tensor, nn
 from torch.func import jvp
 from torch.nn.modules import module as module_globals
 
+from pushforward.core.chunking import spans
 from pushforward.core.functional_model import FunctionalModel, default_output_fn
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import TRANSFORM_LOCK
+from pushforward.layers.directions import add_row_squares
 from pushforward.layers.tracing import (
     Backward,
     LayerCall,
@@ -41,7 +43,7 @@ from pushforward.layers.tracing import (
     output_backward,
 )
 
-__all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back"]
+__all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back", "square_sums_back"]
 
 #: Activations whose Jacobian is diagonal (one output entry per input entry): the derivative
 #: is one forward-mode product with a tangent of ones.
@@ -108,6 +110,7 @@ class Chain:
         needed: frozenset[int] | None = None,
         at_head: Callable[[Tensor], Tensor] | None = None,
         flat: bool = False,
+        squares: int | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         """The chain's layer pieces by hand: one forward on the chunk, one backward of its rows.
 
@@ -124,6 +127,9 @@ class Chain:
                 (they are its rows).
             flat: give the inputs ``(b, in)`` and the gradients ``(b, r, out)`` as they are (no
                 layer layout).
+            squares: give each call's gradients summed over the rows, squared (``(b, 1, out)``,
+                flat ``(b, out)``), the rows taken back this many at a time
+                (:func:`square_sums_back`).
 
         Returns:
             ``(f (b, K), a, G)``: per traced layer call its input ``(b, 1, in)`` and its output
@@ -172,8 +178,12 @@ class Chain:
             (step.call, t) if isinstance(step, _Linear) else t
             for step, t in zip(reversed(steps), reversed(saved), strict=True)
         ]
-        for call, rows in rows_back(g, owned, back, left):
-            G[call] = rows if flat else rows.unsqueeze(2)
+        if squares is None:
+            for call, rows in rows_back(g, owned, back, left):
+                G[call] = rows if flat else rows.unsqueeze(2)
+        else:
+            for call, sums in square_sums_back(g, owned, back, left, squares).items():
+                G[call] = sums if flat else sums.unsqueeze(1)
         if left:
             raise StructureError("a traced layer call is not in the chain")
         return h, a, G  # type: ignore[return-value]
@@ -210,6 +220,26 @@ def rows_back(
                 return
         g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
         owned = True
+
+
+def square_sums_back(
+    g: Tensor, owned: bool, steps: list[BackStep], left: set[int], group: int
+) -> dict[int, Tensor]:
+    """Per traced layer call, ``sum_r rows_r^2`` ``(b, out)`` of rows ``g (b, r, out)`` there.
+
+    The rows go back through ``steps`` (last layer first) ``group`` at a time: what :func:`rows_back` yields, reduced on the way: only one group's rows are alive at each
+    layer, and a group that fits in a core's cache keeps the activations' backward and the squares
+    there. ``owned`` and ``left`` are as for :func:`rows_back` (the groups are disjoint views of
+    ``g``: each is overwritten at most once).
+    """
+    sums: dict[int, Tensor] = {}
+    reached = set(left)
+    for part in spans(g.shape[1], group):
+        reached = set(left)
+        for call, rows in rows_back(g[:, part], owned, steps, reached):
+            sums[call] = add_row_squares(rows, sums.get(call))
+    left.intersection_update(reached)
+    return sums
 
 
 def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -28,7 +28,15 @@ from torch import Tensor
 
 from pushforward.core.chunking import RowChunk
 
-__all__ = ["Directions", "GivenRows", "OneHot", "OneHotRows", "dense"]
+__all__ = [
+    "Directions",
+    "GivenRows",
+    "OneHot",
+    "OneHotRows",
+    "RowSquares",
+    "add_row_squares",
+    "dense",
+]
 
 
 class OneHot:
@@ -55,6 +63,46 @@ class OneHot:
 def dense(G: Tensor | OneHot) -> Tensor:
     """``G`` as a dense tensor."""
     return G.dense() if isinstance(G, OneHot) else G
+
+
+class RowSquares:
+    """Directions ``(b, r, *z_n)`` reduced to the sums of their squares over the rows.
+
+    What a pass whose consumer needs nothing else of a layer call's directions (a curvature's
+    diagonal, for a layer that applies its weight once per example) gets from the rungs that
+    take the rows back by hand: the sums are formed a group of rows at a time as the rows go
+    back, so no layer's directions for every row are alive at once.
+
+    Attributes:
+        values: ``(b, *z_n)``, ``sum_r G[:, r]^2``.
+        shape: the directions' shape ``(b, r, *z_n)``.
+    """
+
+    __slots__ = ("shape", "values")
+
+    def __init__(self, values: Tensor, shape: torch.Size) -> None:
+        self.values, self.shape = values, torch.Size(shape)
+
+
+#: Up to this many rows, their squares are added one row at a time (no squared copy of all rows).
+_FEW_ROWS = 32
+
+
+def add_row_squares(G: Tensor, total: Tensor | None = None) -> Tensor:
+    """``total + sum_r G[:, r]^2`` ``(b, *z)`` from rows ``G (b, r, *z)``, in place.
+
+    ``total=None`` starts a new sum. With few rows, one row at a time into the sum (the pass's
+    peak memory is the rows themselves); else squared and summed at once.
+    """
+    if G.shape[1] > _FEW_ROWS:
+        squares = G.square().sum(1)
+        return squares if total is None else total.add_(squares)
+    rows = G.unbind(1)  # one call for all rows' views
+    if total is None:
+        total, rows = rows[0].square(), rows[1:]
+    for row in rows:
+        total.addcmul_(row, row)
+    return total
 
 
 class Directions(abc.ABC):

@@ -65,9 +65,9 @@ from pushforward.core.fallback import Ladder
 from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import transform_kernels
-from pushforward.core.precision import upcast
-from pushforward.layers.chain import Chain, find_chain, rows_back
-from pushforward.layers.directions import Directions, OneHot
+from pushforward.core.precision import accumulation_dtype, upcast
+from pushforward.layers.chain import Chain, find_chain, rows_back, square_sums_back
+from pushforward.layers.directions import Directions, OneHot, RowSquares
 from pushforward.layers.structure import LayerStructure
 from pushforward.layers.traced_chain import read_chain
 from pushforward.layers.tracing import (
@@ -78,7 +78,17 @@ from pushforward.layers.tracing import (
     is_same_memory,
 )
 
-__all__ = ["BY_HAND", "RUNGS", "Pieces", "first_rung", "produce", "rungs", "unit_rows"]
+__all__ = [
+    "BY_HAND",
+    "RUNGS",
+    "SQUARES_GROUP_BYTES",
+    "Pieces",
+    "first_rung",
+    "produce",
+    "rungs",
+    "squares_apply",
+    "unit_rows",
+]
 
 #: The rungs, fastest first (see the module docstring), and what each is (for plans).
 RUNGS = {
@@ -94,6 +104,9 @@ RUNGS = {
 }
 #: The rungs that take the rows back by hand (no autograd backward).
 BY_HAND = frozenset({"chain", "traced chain"})
+#: On a CPU, directions reduced to their row squares go back in groups of rows that take at most
+#: this many bytes at the widest layer (within a core's cache); elsewhere all rows at once.
+SQUARES_GROUP_BYTES = 512 * 2**10
 
 
 @dataclass
@@ -106,7 +119,8 @@ class Pieces:
         calls: the layer calls whose pieces are here (none from an unstructured rung).
         a: per call, its input ``(b, *a_n)``.
         G: per call, its output directions ``(b, r, *z_n)`` (a :class:`OneHot` for unit rows
-            at the head), ``None`` where not asked for.
+            at the head, :class:`RowSquares` where only their squares were asked for and a rung
+            formed them on the way), ``None`` where not asked for.
         rows: per-example rows ``(b, r, *shape)`` of the parameters on no layer call.
         rung: the rung that made them.
     """
@@ -115,7 +129,7 @@ class Pieces:
     f: Tensor
     calls: tuple[LayerCall, ...]
     a: list[Tensor]
-    G: list[Tensor | OneHot | None]
+    G: list[Tensor | OneHot | RowSquares | None]
     rows: dict[str, Tensor] = field(default_factory=dict)
     rung: str = ""
 
@@ -141,7 +155,8 @@ class Pieces:
         Floating inputs, directions and rows are raised, token ids kept as they are; ``self``
         when nothing changes.
         """
-        pieces = [*self.a, *(G for G in self.G if G is not None), *self.rows.values()]
+        G = [G.values if isinstance(G, RowSquares) else G for G in self.G if G is not None]
+        pieces = [*self.a, *G, *self.rows.values()]
         if all(p.dtype == dtype or not p.dtype.is_floating_point for p in pieces):
             return self
         return replace(
@@ -152,9 +167,13 @@ class Pieces:
         )
 
 
-def _raised(piece: Tensor | OneHot, dtype: torch.dtype) -> Tensor | OneHot:
+def _raised(
+    piece: Tensor | OneHot | RowSquares, dtype: torch.dtype
+) -> Tensor | OneHot | RowSquares:
     if isinstance(piece, OneHot):
         return piece if piece.dtype == dtype else OneHot(piece.index, piece.shape, dtype)
+    if isinstance(piece, RowSquares):  # formed in the accumulation dtype (see produce)
+        return piece
     return upcast(piece, dtype) if piece.dtype.is_floating_point else piece
 
 
@@ -172,6 +191,7 @@ class _Job:
     needed: frozenset[int]
     differentiable: bool
     chain: Chain | None = None
+    squares: bool = False  # the directions' row squares are asked for (see produce)
 
     @property
     def b(self) -> int:
@@ -196,6 +216,21 @@ class _Job:
         s = self.structure
         return None if s is None else s.head
 
+    def square_group(self) -> int | None:
+        """Rows per group when the directions go back reduced to their squares, else ``None``.
+
+        On a CPU the groups fit :data:`SQUARES_GROUP_BYTES` at the widest layer; elsewhere
+        (a GPU wants large kernels) all rows go at once.
+        """
+        if not self.squares:
+            return None
+        if self.inputs.device.type != "cpu":
+            return max(self.r, 1)
+        # a chain's rows are as wide as some call's input or output (the model's output is the
+        # last call's, or an activation of it)
+        row = self.b * self.structure.widest() * self.dtype.itemsize
+        return max(1, SQUARES_GROUP_BYTES // max(row, 1))
+
 
 def produce(
     fm: FunctionalModel,
@@ -209,6 +244,7 @@ def produce(
     needed: frozenset[int] | None = None,
     differentiable: bool = False,
     allow_unstructured: bool = False,
+    squares: bool = False,
     only: str | None = None,
 ) -> Pieces:
     """The pieces of a chunk's examples for its rows of ``directions`` (see the module docstring).
@@ -226,6 +262,11 @@ def produce(
         differentiable: keep the autograd graph (to the inputs, parameters and rows).
         allow_unstructured: when an example does not run the traced layers, give every
             parameter's rows instead (the consumer accepts them).
+        squares: the consumer needs only the squares of each layer call's directions summed
+            over the rows: the rungs that take the rows back by hand give them as
+            :class:`RowSquares`, formed a group of rows at a time (cache-sized on a CPU), when
+            the parameters are in their accumulation dtype (:func:`squares_apply`); the others
+            give the directions.
         only: run this rung alone (a key of :data:`RUNGS`; it must apply), without the ladder
             (tests compare the rungs).
 
@@ -247,6 +288,8 @@ def produce(
     job = _Job(
         fm, structure, params, inputs, chunk, directions, generic, needed, differentiable, chain
     )
+    if squares and not differentiable and squares_apply(job.dtype):
+        job = replace(job, squares=True)
     names = rungs(
         job.structure,
         bool(generic),
@@ -264,6 +307,15 @@ def produce(
             "layer pieces", [(RUNGS[n], _RUNG_FUNCTIONS[n]) for n in names]
         )
     return ladder(fm, job)
+
+
+def squares_apply(dtype: torch.dtype) -> bool:
+    """Whether the hand-differentiated rungs give :class:`RowSquares` for parameters of ``dtype``.
+
+    When asked, and in the parameters' accumulation dtype only: no sum is rounded to a lower
+    precision than the consumer's.
+    """
+    return accumulation_dtype(dtype) == dtype
 
 
 def first_rung(
@@ -323,6 +375,7 @@ def _chain(job: _Job) -> Pieces:
     if unit is not None and chain.ends_with_linear:
         at_head = functools.partial(unit_rows, unit)
     lock = module_lock(job.fm.module)
+    group = job.square_group()
     f, a, G = chain.pieces(
         job.params,
         job.inputs.args[0],
@@ -330,13 +383,23 @@ def _chain(job: _Job) -> Pieces:
         lock,
         job.needed,
         at_head,
+        squares=group,
     )
     calls = job.structure.calls
     G = [g if i in job.needed else None for i, g in enumerate(G)]
+    if group is not None:
+        G = [_row_squares(job, calls[i], g) for i, g in enumerate(G)]
     head = chain.output_call if at_head is not None else None
     if head is not None and head in job.needed:
         G[head] = OneHot(unit, torch.Size((job.b, job.r, *calls[head].output_shape)), f.dtype)
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="chain"))
+
+
+def _row_squares(job: _Job, call: LayerCall, sums: Tensor | None) -> RowSquares | None:
+    """A call's row squares ``(b, *z_n)`` from a rung, as :class:`RowSquares`."""
+    if sums is None:
+        return None
+    return RowSquares(sums, torch.Size((job.b, job.r, *call.output_shape)))
 
 
 def unit_rows(unit: Tensor, weight: Tensor) -> Tensor:
@@ -356,10 +419,11 @@ def _traced_chain(job: _Job) -> Pieces:
     f, tap, backwards = read_chain(job.fm, s.analysis, job.params, job.inputs)
     f = f.detach()
     unit, rows = _rows(job, job.per(), f)
-    G: list[Tensor | OneHot | None] = [None] * len(calls)
+    G: list[Tensor | OneHot | RowSquares | None] = [None] * len(calls)
     if head.index in job.needed:
         G[head.index] = _head_directions(job, f, unit, rows)
     left = set(job.needed) - {head.index}
+    group = job.square_group()
     if left:
         if unit is not None:
             g = unit_rows(unit, head.weight(job.params))  # (b, r, in), maybe a view
@@ -369,8 +433,12 @@ def _traced_chain(job: _Job) -> Pieces:
         for i in range(head.index, 0, -1):
             steps.append(backwards[i])
             steps.append((i - 1, calls[i - 1].weight(job.params)))
-        for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
-            G[i] = g_i.unsqueeze(2)
+        if group is None:
+            for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
+                G[i] = g_i.unsqueeze(2)
+        else:
+            for i, sums in square_sums_back(g, unit is None, steps, left, group).items():
+                G[i] = _row_squares(job, calls[i], sums.unsqueeze(1))
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
 
@@ -767,6 +835,8 @@ def _checked(job: _Job, pieces: Pieces) -> Pieces:
             expect(f"the directions of layer call {call.index}", G, (b, r, *call.output_shape))
         elif isinstance(G, OneHot):
             expect(f"the unit directions of layer call {call.index}", G.index, (b, r))
+        elif isinstance(G, RowSquares):
+            expect(f"the row squares of layer call {call.index}", G.values, (b, *call.output_shape))
     shapes = job.fm.param_shapes
     for name, rows in pieces.rows.items():
         expect(f"the rows of {name}", rows, (b, r, *shapes[name]))

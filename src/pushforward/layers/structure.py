@@ -65,6 +65,15 @@ class LayerStructure:
         """Entries of all matched layers' outputs in one example."""
         return sum(math.prod(c.output_shape) for c in self.calls)
 
+    def widest(self) -> int:
+        """The most entries of a direction's gradient, in one example, back through the calls.
+
+        Through a chain of them: a call's output, or the input of a call after the first.
+        """
+        outputs = (math.prod(c.output_shape) for c in self.calls)
+        inputs = (math.prod(c.input_shape) for c in self.calls[1:])
+        return max([*outputs, *inputs], default=0)
+
     def head_cotangents(self, rows: Tensor, weight: Tensor) -> Tensor:
         """Rows ``u (b, r, *f_b)`` at the output -> ``u W (b, r, *a_head)`` at the head's input.
 
