@@ -223,20 +223,28 @@ def rows_back(
 
 
 def square_sums_back(
-    g: Tensor, owned: bool, steps: list[BackStep], left: set[int], group: int
+    g: Tensor,
+    owned: bool,
+    steps: list[BackStep],
+    left: set[int],
+    group: int,
+    start: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[int, Tensor]:
     """Per traced layer call, ``sum_r rows_r^2`` ``(b, out)`` of rows ``g (b, r, out)`` there.
 
     The rows go back through ``steps`` (last layer first) ``group`` at a time: what :func:`rows_back` yields, reduced on the way: only one group's rows are alive at each
     layer, and a group that fits in a core's cache keeps the activations' backward and the squares
     there. ``owned`` and ``left`` are as for :func:`rows_back` (the groups are disjoint views of
-    ``g``: each is overwritten at most once).
+    ``g``: each is overwritten at most once). ``start``, when given, makes each group's rows
+    ``(b, r_group, out)`` at the first step from its rows of ``g`` (a head's product: formed a
+    group at a time too; they are owned).
     """
     sums: dict[int, Tensor] = {}
     reached = set(left)
     for part in spans(g.shape[1], group):
         reached = set(left)
-        for call, rows in rows_back(g[:, part], owned, steps, reached):
+        rows_in, mine = (g[:, part], owned) if start is None else (start(g[:, part]), True)
+        for call, rows in rows_back(rows_in, mine, steps, reached):
             sums[call] = add_row_squares(rows, sums.get(call))
     left.intersection_update(reached)
     return sums

@@ -425,20 +425,29 @@ def _traced_chain(job: _Job) -> Pieces:
     left = set(job.needed) - {head.index}
     group = job.square_group()
     if left:
-        if unit is not None:
-            g = unit_rows(unit, head.weight(job.params))  # (b, r, in), maybe a view
-        else:
-            g = s.head_cotangents(rows, head.weight(job.params)).reshape(job.b, job.r, -1)
+        weight = head.weight(job.params)
         steps = []
         for i in range(head.index, 0, -1):
             steps.append(backwards[i])
             steps.append((i - 1, calls[i - 1].weight(job.params)))
-        if group is None:
-            for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
-                G[i] = g_i.unsqueeze(2)
-        else:
-            for i, sums in square_sums_back(g, unit is None, steps, left, group).items():
+        if group is not None and unit is None:  # the head's product a group of rows at a time
+
+            def start(u: Tensor) -> Tensor:
+                return s.head_cotangents(u, weight).reshape(job.b, u.shape[1], -1)
+
+            for i, sums in square_sums_back(rows, True, steps, left, group, start).items():
                 G[i] = _row_squares(job, calls[i], sums.unsqueeze(1))
+        else:
+            if unit is not None:
+                g = unit_rows(unit, weight)  # (b, r, in), maybe a view
+            else:
+                g = s.head_cotangents(rows, weight).reshape(job.b, job.r, -1)
+            if group is None:
+                for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
+                    G[i] = g_i.unsqueeze(2)
+            else:
+                for i, sums in square_sums_back(g, unit is None, steps, left, group).items():
+                    G[i] = _row_squares(job, calls[i], sums.unsqueeze(1))
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
 
