@@ -106,7 +106,7 @@ RUNGS = {
 BY_HAND = frozenset({"chain", "traced chain"})
 #: On a CPU, directions reduced to their row squares go back in groups of rows that take at most
 #: this many bytes at the widest layer (within a core's cache); elsewhere all rows at once.
-SQUARES_GROUP_BYTES = 512 * 2**10
+SQUARES_GROUP_BYTES = 256 * 2**10
 
 
 @dataclass
