@@ -85,6 +85,40 @@ def test_curvature_passes_within_their_plans(model, what):
     _check(f"{model} {what}\n{plan}", plan.memory, getattr(ggn, what))
 
 
+@pytest.mark.parametrize("custom", [False, True])
+def test_diagonal_in_row_groups_within_its_plan(custom):
+    """At a size where the rows go back in several cache-sized groups (MLP 784-256-256-10,
+    float32, batches of 256: one row per group), as an ``nn.Sequential`` and as a custom module
+    (the traced chain)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+    if custom:
+        model = torch.nn.Sequential(Wrapped(model))
+    x, y = torch.randn(512, 784), torch.randint(10, (512,))
+    ggn = GGN(model, [(x[:256], y[:256]), (x[256:], y[256:])])
+    plan = ggn.plan("diagonal")
+    assert plan.producer.startswith("traced chain:" if custom else "chain:"), plan
+    assert "squares" in plan.producer
+    _check(f"row groups\n{plan}", plan.memory, ggn.diagonal)
+
+
+class Wrapped(torch.nn.Module):
+    """A module around another: not an ``nn.Sequential``, its forward read as a chain."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_products_and_low_rank_within_their_plans(model):
     ggn = _ggn(model)
