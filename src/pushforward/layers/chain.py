@@ -232,8 +232,9 @@ def square_sums_back(
 ) -> dict[int, Tensor]:
     """Per traced layer call, ``sum_r rows_r^2`` ``(b, out)`` of rows ``g (b, r, out)`` there.
 
-    The rows go back through ``steps`` (last layer first) ``group`` at a time: what :func:`rows_back` yields, reduced on the way: only one group's rows are alive at each
-    layer, and a group that fits in a core's cache keeps the activations' backward and the squares
+    The rows go back through ``steps`` (last layer first) ``group`` at a time: what
+    :func:`rows_back` yields, reduced on the way. Only one group's rows are alive at each layer,
+    and a group that fits in a core's cache keeps the activations' backward and the squares
     there. ``owned`` and ``left`` are as for :func:`rows_back` (the groups are disjoint views of
     ``g``: each is overwritten at most once). ``start``, when given, makes each group's rows
     ``(b, r_group, out)`` at the first step from its rows of ``g`` (a head's product: formed a
@@ -289,8 +290,9 @@ _FROM_OUTPUT = {
 def _activation(module: nn.Module, z: Tensor, owned: bool = False) -> tuple[Tensor, Backward]:
     """``(module(z), backward)`` for an elementwise activation.
 
-    ``owned``: ``z`` may be overwritten (a linear layer's output nothing else holds): activations
-    whose derivative reads their output then run in place. ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of cotangents through the activation
+    ``owned``: ``z`` may be overwritten (a linear layer's output nothing else holds; the chain runs
+    outside autograd): activations whose derivative reads their output then run in place.
+    ``backward(g, owned)`` takes rows ``g (b, r, ...)`` of cotangents through the activation
     (``owned``: ``g`` may be overwritten). PyTorch's own backward kernels give the very numbers
     autograd does: applied to the rows directly when their shapes allow (one row per example, or
     kernels that broadcast), else the derivative (the kernel at a gradient of ones) times the
