@@ -166,20 +166,25 @@ def test_variance_and_curvature_receive_the_same_pieces(name, monkeypatch):
         recorder(structured, monkeypatch, rung, engine_records)
         with pf.settings(plan_cache=0):
             _, var = pf.functional_variance(fm, x, S, strategy="structured")
-        curvature_records: list = []
-        recorder(passes, monkeypatch, rung, curvature_records)
-        sweep = passes.CurvaturePass(fm, CrossEntropy(), RowKind("exact"), budget=2**30)
-        sweep.run_batch(Batch(0, inputs, torch.zeros(B)), DiagonalSums(fm), GivenRows(U))
         needed = sorted({i for p in engine_records for i, G in enumerate(p.G) if G is not None})
-        ours = assembled(engine_records, B, E, needed)
-        theirs = assembled(curvature_records, B, E, needed)
         assert needed, rung
-        # the rungs that take the rows back by hand give the diagonal the rows' squares alone
-        assert any(k[0] == "squares" for k in theirs) == (rung in BY_HAND), rung
-        for key, value in ours.items():
-            if key[0] == "G" and ("squares", key[1]) in theirs:
-                key, value = ("squares", key[1]), value.square().sum(1)
-            torch.testing.assert_close(value, theirs[key], rtol=1e-12, atol=1e-14, msg=str(key))
+        ours = assembled(engine_records, B, E, needed)
+        sweep = passes.CurvaturePass(fm, CrossEntropy(), RowKind("exact"), budget=2**30)
+        # a consumer of the directions themselves receives the very pieces; the diagonal (only
+        # their squares summed over the rows) receives those squares from the rungs by hand
+        for squares in (False, True):
+            curvature_records: list = []
+            recorder(passes, monkeypatch, rung, curvature_records)
+            consumer = DiagonalSums(fm)
+            consumer.squares = squares
+            sweep.run_batch(Batch(0, inputs, torch.zeros(B)), consumer, GivenRows(U))
+            theirs = assembled(curvature_records, B, E, needed)
+            reduced = squares and rung in BY_HAND
+            assert any(k[0] == "squares" for k in theirs) == reduced, (rung, squares)
+            for key, value in ours.items():
+                if key[0] == "G" and ("squares", key[1]) in theirs:
+                    key, value = ("squares", key[1]), value.square().sum(1)
+                torch.testing.assert_close(value, theirs[key], rtol=1e-12, atol=1e-14, msg=str(key))
         # and the variance is exact on this rung
         want = torch.einsum("b...p,p,b...p->b...", J, S.diagonal(), J)
         torch.testing.assert_close(var, want, rtol=1e-10, atol=1e-12)
