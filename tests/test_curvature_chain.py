@@ -311,6 +311,6 @@ def test_row_squares_refused_where_a_layer_shares_its_weight():
     conv = next(c for c in layer_structure(fm, inputs).calls if not c.geometry.once)
     b = inputs.batch_size
     a = torch.zeros(b, *conv.input_shape, dtype=DT)
-    squares = RowSquares(torch.zeros(b, *conv.output_shape, dtype=DT), (b, 2, *conv.output_shape))
+    squares = RowSquares(torch.zeros(b, *conv.output_shape, dtype=DT))
     with pytest.raises(RuntimeError, match="several positions"):
         DiagonalSums(fm)._layer(conv, a, squares)

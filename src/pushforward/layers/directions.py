@@ -75,13 +75,12 @@ class RowSquares:
 
     Attributes:
         values: ``(b, *z_n)``, ``sum_r G[:, r]^2``.
-        shape: the directions' shape ``(b, r, *z_n)``.
     """
 
-    __slots__ = ("shape", "values")
+    __slots__ = ("values",)
 
-    def __init__(self, values: Tensor, shape: torch.Size) -> None:
-        self.values, self.shape = values, torch.Size(shape)
+    def __init__(self, values: Tensor) -> None:
+        self.values = values
 
 
 #: Up to this many rows, their squares are added one row at a time (no squared copy of all rows).

@@ -388,18 +388,11 @@ def _chain(job: _Job) -> Pieces:
     calls = job.structure.calls
     G = [g if i in job.needed else None for i, g in enumerate(G)]
     if group is not None:
-        G = [_row_squares(job, calls[i], g) for i, g in enumerate(G)]
+        G = [None if g is None else RowSquares(g) for g in G]
     head = chain.output_call if at_head is not None else None
     if head is not None and head in job.needed:
         G[head] = OneHot(unit, torch.Size((job.b, job.r, *calls[head].output_shape)), f.dtype)
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="chain"))
-
-
-def _row_squares(job: _Job, call: LayerCall, sums: Tensor | None) -> RowSquares | None:
-    """A call's row squares ``(b, *z_n)`` from a rung, as :class:`RowSquares`."""
-    if sums is None:
-        return None
-    return RowSquares(sums, torch.Size((job.b, job.r, *call.output_shape)))
 
 
 def unit_rows(unit: Tensor, weight: Tensor) -> Tensor:
@@ -436,7 +429,7 @@ def _traced_chain(job: _Job) -> Pieces:
                 return s.head_cotangents(u, weight).reshape(job.b, u.shape[1], -1)
 
             for i, sums in square_sums_back(rows, True, steps, left, group, start).items():
-                G[i] = _row_squares(job, calls[i], sums.unsqueeze(1))
+                G[i] = RowSquares(sums.unsqueeze(1))
         else:
             if unit is not None:
                 g = unit_rows(unit, weight)  # (b, r, in), maybe a view
@@ -447,7 +440,7 @@ def _traced_chain(job: _Job) -> Pieces:
                     G[i] = g_i.unsqueeze(2)
             else:
                 for i, sums in square_sums_back(g, unit is None, steps, left, group).items():
-                    G[i] = _row_squares(job, calls[i], sums.unsqueeze(1))
+                    G[i] = RowSquares(sums.unsqueeze(1))
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
 
