@@ -226,8 +226,6 @@ class _Job:
             return None
         if self.inputs.device.type != "cpu":
             return max(self.r, 1)
-        # a chain's rows are as wide as some call's input or output (the model's output is the
-        # last call's, or an activation of it)
         row = self.b * self.structure.widest() * self.dtype.itemsize
         return max(1, SQUARES_GROUP_BYTES // max(row, 1))
 
@@ -265,8 +263,8 @@ def produce(
         squares: the consumer needs only the squares of each layer call's directions summed
             over the rows: the rungs that take the rows back by hand give them as
             :class:`RowSquares`, formed a group of rows at a time (cache-sized on a CPU), when
-            the parameters are in their accumulation dtype (:func:`squares_apply`); the others
-            give the directions.
+            the parameters are in their accumulation dtype (:func:`squares_apply`) and the rows
+            are not unit rows; the others give the directions.
         only: run this rung alone (a key of :data:`RUNGS`; it must apply), without the ladder
             (tests compare the rungs).
 
@@ -375,7 +373,7 @@ def _chain(job: _Job) -> Pieces:
     if unit is not None and chain.ends_with_linear:
         at_head = functools.partial(unit_rows, unit)
     lock = module_lock(job.fm.module)
-    group = job.square_group()
+    group = job.square_group() if unit is None else None  # unit rows: a variance's, not squared
     f, a, G = chain.pieces(
         job.params,
         job.inputs.args[0],
@@ -416,31 +414,27 @@ def _traced_chain(job: _Job) -> Pieces:
     if head.index in job.needed:
         G[head.index] = _head_directions(job, f, unit, rows)
     left = set(job.needed) - {head.index}
-    group = job.square_group()
+    group = job.square_group() if unit is None else None  # unit rows: a variance's, not squared
     if left:
         weight = head.weight(job.params)
         steps = []
         for i in range(head.index, 0, -1):
             steps.append(backwards[i])
             steps.append((i - 1, calls[i - 1].weight(job.params)))
-        if group is not None and unit is None:  # the head's product a group of rows at a time
+        if group is None:
+            if unit is not None:
+                g = unit_rows(unit, weight)  # (b, r, in), maybe a view
+            else:
+                g = s.head_cotangents(rows, weight).reshape(job.b, job.r, -1)
+            for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
+                G[i] = g_i.unsqueeze(2)
+        else:  # the head's product a group of rows at a time too
 
             def start(u: Tensor) -> Tensor:
                 return s.head_cotangents(u, weight).reshape(job.b, u.shape[1], -1)
 
             for i, sums in square_sums_back(rows, True, steps, left, group, start).items():
                 G[i] = RowSquares(sums.unsqueeze(1))
-        else:
-            if unit is not None:
-                g = unit_rows(unit, weight)  # (b, r, in), maybe a view
-            else:
-                g = s.head_cotangents(rows, weight).reshape(job.b, job.r, -1)
-            if group is None:
-                for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
-                    G[i] = g_i.unsqueeze(2)
-            else:
-                for i, sums in square_sums_back(g, unit is None, steps, left, group).items():
-                    G[i] = RowSquares(sums.unsqueeze(1))
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
 
