@@ -7,6 +7,8 @@ forward keeps a few blocks' tensors alive, not the activations a backward would 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_curvature import ce_targets
@@ -208,3 +210,33 @@ def test_forward_mode_passes_of_a_deep_model_within_their_plans(what):
         plan = pf.plan(fm, ids, S, strategy="monte_carlo", n_samples=n, chunk_size=n)
         assert plan.estimate.chunk_size == n
         _check(f"Monte Carlo variance\n{plan}", plan.estimate.memory, plan.execute)
+
+
+def test_a_pass_plans_each_batch_shape_once(monkeypatch):
+    """Within one pass, the batches of one input signature, size and rows share one plan, made
+    once and equal to that batch's plan alone; a batch of another size gets its own; the next
+    pass plans again (modules or hooks may have changed in between)."""
+    from pushforward.curvature import passes as passes_module
+
+    made: list[tuple[int, object]] = []
+    original = passes_module.CurvaturePass._plan
+
+    def recorded(self, consumer, inputs, cost, R):
+        out = original(self, consumer, inputs, cost, R)
+        made.append((inputs.batch_size, out[0]))
+        return out
+
+    monkeypatch.setattr(passes_module.CurvaturePass, "_plan", recorded)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x = torch.randn(29, 5)
+    y = ce_targets(model(x))
+    data = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 29, 8)]  # 8, 8, 8 and 5 examples
+    ggn = GGN(model, data)
+    ggn.diagonal()
+    assert [size for size, _ in made] == [8, 5]
+    ggn.diagonal()
+    assert [size for size, _ in made] == [8, 5, 8, 5]
+    for size, plan in made[:2]:
+        alone = GGN(model, [next(b for b in data if len(b[1]) == size)]).plan("diagonal")
+        assert dataclasses.replace(plan, budget=alone.budget) == alone  # (free memory moves)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from pushforward.core.chunking import progress_bar, row_chunks
 from pushforward.core.cost import (
@@ -198,6 +199,11 @@ class CurvaturePass:
     ) -> None:
         self.fm, self.likelihood, self.kind = fm, likelihood, kind
         self.budget, self.progress = budget, progress
+        #: per consumer, input signature, batch size and rows: the consumer (kept alive, so its
+        #: id is not reused), a batch's plan, its layer structure and its generic parameters —
+        #: the same for every such batch of the pass
+        self._plans: dict[tuple, tuple] = {}
+        self._params: dict[str, Tensor] | None = None  # read once per pass
 
     def output_split(self, cost: ModelCost) -> tuple[int, int]:
         """``(n, K)``: positions and outputs per example."""
@@ -217,15 +223,28 @@ class CurvaturePass:
             fm.check_examples(inputs)
         inputs = inputs.detach()
         cost = measure_cost(fm, inputs)
-        structure = layer_structure(fm, inputs) if consumer.structured else None
-        n, K = self.output_split(cost)
-        B = inputs.batch_size
         if rows is None:
+            n, K = self.output_split(cost)
+            B = inputs.batch_size
             y = lik.prepare_targets(batch.y, torch.Size((B, n, K)))
             noise = draw_noise(
                 lik, self.kind, batch.index, B, n, K, cost.output_dtype, inputs.device
             )
             rows = LikelihoodRows(lik, self.kind, y, noise, cost.output_shape, n, K)
+        key = (id(consumer), inputs.signature(), inputs.batch_size, rows.rows)
+        planned = self._plans.get(key)
+        if planned is None:
+            planned = self._plans[key] = (consumer, *self._plan(consumer, inputs, cost, rows.rows))
+        _, plan, structure, generic = planned
+        return plan, inputs, structure, rows, generic
+
+    def _plan(
+        self, consumer: Consumer, inputs: Inputs, cost: ModelCost, R: int
+    ) -> tuple[PassPlan, LayerStructure | None, tuple[str, ...]]:
+        """``(plan, structure, generic)`` of a batch of ``inputs``' size and signature."""
+        fm = self.fm
+        structure = layer_structure(fm, inputs) if consumer.structured else None
+        B = inputs.batch_size
         generic = fm.param_names if structure is None else structure.generic(fm.param_names)
         shapes = fm.param_shapes
         generic_numel = sum(math.prod(shapes[name]) for name in generic)
@@ -240,7 +259,6 @@ class CurvaturePass:
         per_example = example_bytes(cost)
         held = consumer.held_bytes()
         producer = f"{rung}: {RUNGS[rung]}"
-        R = rows.rows
         if consumer.squares and rung in BY_HAND and squares_apply(fm.dtype):
             # on a CPU in cache-sized groups of rows (see produce)
             group = SQUARES_GROUP_BYTES if inputs.device.type == "cpu" else None
@@ -259,7 +277,7 @@ class CurvaturePass:
         plan = PassPlan(
             consumer.what, producer, B, R, chunk, held, per_row, per_example, flops, budget
         )
-        return plan, inputs, structure, rows, tuple(generic)
+        return plan, structure, tuple(generic)
 
     def plan(self, batch: Batch, consumer: Consumer) -> PassPlan:
         """The plan of ``consumer``'s pass over ``batch``."""
@@ -323,7 +341,9 @@ class CurvaturePass:
         """
         settle_heap()
         fm = self.fm
-        params = fm.params(False)
+        if self._params is None:
+            self._params = fm.params(False)
+        params = self._params
         dtype = accumulation_dtype(fm.dtype)  # sums over the data in float32 at least
         plan, inputs, structure, rows, generic = self._batch(batch, consumer, rows)
         plan.budget.require(plan.memory, consumer.what)
