@@ -31,6 +31,7 @@ from torch import Tensor
 from pushforward.api.variance import functional_covariance, functional_variance
 from pushforward.core.functional_model import FunctionalModel, as_functional_model
 from pushforward.core.options import Options, check_positive_int
+from pushforward.core.softmax import softmax
 from pushforward.covariance.operator import CovarianceOperator
 from pushforward.engine import MONTE_CARLO, make_plan, monte_carlo_chunks
 
@@ -141,7 +142,7 @@ def predictive(
     if link == "probit":
         f, var = functional_variance(fm, x, cov, options=options, **sampling)
         logits = _flat(fm, f) / torch.sqrt(1 + math.pi / 8 * _flat(fm, var))
-        return logits.softmax(-1).reshape(f.shape)
+        return softmax(logits).reshape(f.shape)
     f, C = functional_covariance(fm, x, cov, options=options)
     return _bridge(_flat(fm, f), C, normalize=link == "bridge_norm").reshape(f.shape)
 
@@ -208,7 +209,7 @@ def _bridge(mu: Tensor, C: Tensor, normalize: bool) -> Tensor:
         torch.logaddexp(spread.new_tensor(math.log1p(-2 / K) if K > 2 else -math.inf), spread)
         - log_var
     )
-    return torch.where(degenerate, mu.softmax(-1), log_alpha.softmax(-1))
+    return torch.where(degenerate, softmax(mu), softmax(log_alpha))
 
 
 def _mc(
@@ -229,6 +230,6 @@ def _mc(
     total: Tensor | None = None
     with torch.set_grad_enabled(p.differentiable):
         for f, W in monte_carlo_chunks(found):
-            part = (p.canonical(f) + W).softmax(-1).sum(0)
+            part = softmax(p.canonical(f) + W).sum(0)
             total = part if total is None else total + part
     return (total / n_samples).reshape(*p.example_shape, *p.output_shape)

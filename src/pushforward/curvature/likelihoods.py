@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pushforward.core.softmax import softmax
+
 __all__ = ["CrossEntropy", "Gaussian", "Likelihood", "OutputHessian", "as_likelihood"]
 
 
@@ -154,25 +156,26 @@ class CrossEntropy(Likelihood):
         linear dependency onto a zero row, which is dropped (see the class docstring); zero rows for
         ignored targets. One row of zeros for ``K = 1``.
         """
-        p = torch.softmax(f, dim=-1)  # (..., n, K)
-        s = p.sqrt()
+        p = softmax(f)  # (..., n, K)
         if f.shape[-1] == 1:
-            C = torch.zeros_like(f).unsqueeze(-1)  # the Hessian p - p^2 = 0
-        else:
-            # C = diag(s) - s p^T (rows r); the Householder H = I - v v^T / (1 + s_0) with
-            # v = s + e_0 maps s to -e_0 and s^T C = 0, so row 0 of H C is zero and its rows
-            # 1.. are s_r (e_r - w)^T with w = (p + s_0 e_0) / (1 + s_0)
-            s0 = s[..., :1]
-            w = p.clone()
-            w[..., :1] += s0
-            w /= 1 + s0
-            C = -s[..., 1:, None] * w.unsqueeze(-2)  # (..., n, K - 1, K)
-            C.diagonal(offset=1, dim1=-2, dim2=-1).add_(s[..., 1:])
-        return C * self._mask(y, f.dtype)[..., None, None]
+            return torch.zeros_like(f).unsqueeze(-1)  # the Hessian p - p^2 = 0
+        # C = diag(s) - s p^T (rows r) with s = sqrt(p); the Householder H = I - v v^T / (1 + s_0)
+        # with v = s + e_0 maps s to -e_0 and s^T C = 0, so row 0 of H C is zero and its rows
+        # 1.. are s_r (e_r - w)^T with w = (p + s_0 e_0) / (1 + s_0), that is w_0 = s_0 and
+        # w_k = p_k / (1 + s_0); s_r = 0 at ignored positions makes their rows zero
+        s = p.sqrt()
+        if not y.is_floating_point():
+            s = s * (y != self.ignore_index).unsqueeze(-1)
+        s0 = s[..., :1]
+        minus_w = p / (-1.0 - s0)
+        minus_w[..., :1] = -s0
+        C = s[..., 1:, None] * minus_w.unsqueeze(-2)  # (..., n, K - 1, K)
+        C.diagonal(offset=1, dim1=-2, dim2=-1).add_(s[..., 1:])
+        return C
 
     def hessian_product(self, f: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """``(m, n, K)``: ``(diag(p) - p p^T) v`` per position, zero for ignored targets."""
-        p = torch.softmax(f, dim=-1)  # (n, K)
+        p = softmax(f)  # (n, K)
         Hv = p * v - p * (v * p).sum(-1, keepdim=True)
         return Hv * self._mask(y, f.dtype)[:, None]
 
@@ -181,7 +184,7 @@ class CrossEntropy(Likelihood):
 
         Zero at positions whose target is the ignore index.
         """
-        p = torch.softmax(f, dim=-1)
+        p = softmax(f)
         if y.is_floating_point():
             return p - y
         mask = self._mask(y, f.dtype)
@@ -202,7 +205,7 @@ class CrossEntropy(Likelihood):
         Each class is drawn by the inverse CDF of its position's uniform ``noise``; zero at ignored
         positions.
         """
-        p = torch.softmax(f, dim=-1)
+        p = softmax(f)
         # inverse CDF: the first class whose cumulative probability exceeds the uniform draw
         drawn = (p.cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp_max(f.shape[-1] - 1)
         return (p - F.one_hot(drawn, f.shape[-1]).to(f.dtype)) * self._mask(y, f.dtype)[..., None]
@@ -237,6 +240,12 @@ class CrossEntropy(Likelihood):
                 f"output's shape), got a {y.dtype} tensor of shape {tuple(y.shape)}"
             )
         y = y.reshape(B, n).long()
+        if y.numel() == 0:
+            return y
+        # one reduction and one read to the host: all in range is the common case
+        low, high = torch.stack(torch.aminmax(y)).tolist()
+        if low >= 0 and high < K:
+            return y
         bad = ((y < 0) | (y >= K)) & (y != self.ignore_index)
         if bool(bad.any()):
             values = y[bad].unique()[:5].tolist()

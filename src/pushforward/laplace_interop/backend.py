@@ -105,6 +105,7 @@ from pushforward.core.cost import measure_cost
 from pushforward.core.functional_model import FunctionalModel, module_lock
 from pushforward.core.inputs import Inputs
 from pushforward.core.options import Options
+from pushforward.core.softmax import softmax
 from pushforward.curvature.data import Batch as DataBatch
 from pushforward.curvature.dense import DenseSums
 from pushforward.curvature.diagonal import DiagonalSums
@@ -593,7 +594,7 @@ class PushforwardGGN(_PushforwardCurvature, CurvlinopsGGN):
                 draws.append(f - y_sample)
             else:
                 y_sample = torch.distributions.Multinomial(logits=f).sample()
-                draws.append(torch.softmax(f, dim=-1) - y_sample)
+                draws.append(softmax(f) - y_sample)
         return torch.stack(draws, dim=1) / math.sqrt(samples)
 
     def _samples(self, method: str, kwargs: dict[str, Any]) -> int:
