@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from zoo import make_case
 
 import pushforward as pf
+import pushforward.layers.chain as chain_module
 import pushforward.layers.pieces as pieces_module
 from pushforward.core.inputs import Inputs
 from pushforward.curvature import GGN, EmpiricalFisher
@@ -300,6 +301,53 @@ def test_row_squares_in_groups_equal_brute_force(group_bytes, monkeypatch):
             assert rel(op_cls(fm, data).diagonal(), H.diagonal()) <= EXACT, kind
             assert seen and set(seen) <= {RowSquares, Tensor}, seen
             assert RowSquares in seen, (kind, seen)
+
+
+_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.Softplus, nn.SiLU)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_square_sums_back_equals_the_squares_of_the_rows(data):
+    """``square_sums_back`` takes a first call's squares at once, writes every group's products
+    into two workspaces and scales the last call's sums by its activations' squared derivative:
+    the squares of what ``rows_back`` yields, summed over the rows, for any chain (frozen layers,
+    activations in a row, at either end), group size and calls asked."""
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    b, r = data.draw(st.integers(1, 4), label="b"), data.draw(st.integers(1, 6), label="r")
+    width = data.draw(st.integers(1, 6), label="in")
+    h = torch.randn(b, width, generator=g, dtype=DT)
+    forward: list = []  # (call, weight) or an activation's backward, in forward order
+    calls = 0
+    for _ in range(data.draw(st.integers(1, 4), label="layers")):
+        out = data.draw(st.integers(1, 6), label="out")
+        weight = torch.randn(out, width, generator=g, dtype=DT)
+        traced = data.draw(st.booleans(), label="traced")
+        forward.append((calls if traced else None, weight))
+        calls += traced
+        h, width = h @ weight.T, out
+        for _ in range(data.draw(st.integers(0, 2), label="activations")):
+            kind = data.draw(st.sampled_from(_ACTIVATIONS), label="activation")
+            h, back = chain_module._activation(kind(), h)
+            forward.append(back)
+    if not calls:
+        return
+    steps = forward[::-1]
+    left = set(data.draw(st.sets(st.integers(0, calls - 1), min_size=1), label="left"))
+    rows = torch.randn(b, r, width, generator=g, dtype=DT)
+    expected: dict[int, Tensor] = {}
+    reached = set(left)
+    for call, G in chain_module.rows_back(rows.clone(), False, steps, reached):
+        expected[call] = G.square().sum(1)
+    assert not reached
+    group = data.draw(st.integers(1, r), label="group")
+    owned = data.draw(st.booleans(), label="owned")
+    asked = set(left)
+    found = chain_module.square_sums_back(rows.clone(), owned, steps, asked, group)
+    assert not asked
+    for call in left:
+        torch.testing.assert_close(found[call], expected[call], rtol=1e-12, atol=1e-14)
 
 
 def test_row_squares_refused_where_a_layer_shares_its_weight():

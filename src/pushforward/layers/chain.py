@@ -43,7 +43,15 @@ from pushforward.layers.tracing import (
     output_backward,
 )
 
-__all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back", "square_sums_back"]
+__all__ = [
+    "BackStep",
+    "Chain",
+    "chain_intact",
+    "find_chain",
+    "rows_back",
+    "square_sums_back",
+    "times",
+]
 
 #: Activations whose Jacobian is diagonal (one output entry per input entry): the derivative
 #: is one forward-mode product with a tangent of ones.
@@ -195,17 +203,22 @@ BackStep = tuple[int | None, Tensor] | Backward
 
 
 def rows_back(
-    g: Tensor, owned: bool, steps: list[BackStep], left: set[int]
+    g: Tensor,
+    owned: bool,
+    steps: list[BackStep],
+    left: set[int],
+    product: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Rows ``g (b, r, out)`` taken back through ``steps`` (last layer first).
 
     Yields ``(call, rows at its output)`` for every traced layer call on the way, and stops once
     the calls in ``left`` (emptied on the way) are all reached. Each linear layer is one product
-    with its weight for all rows of all examples; each activation is applied to rows this function
-    owns in place (``owned``: ``g`` itself may be overwritten). A yielded tensor is never written
-    to afterwards.
+    with its weight for all rows of all examples (``product(rows, weight)``; default
+    :func:`times`, a new tensor); each activation is applied to rows this function owns in place
+    (``owned``: ``g`` itself may be overwritten). With the default product, a yielded tensor is
+    never written to afterwards.
     """
-    b, r = g.shape[:2]
+    product = times if product is None else product
     for step in steps:
         if callable(step):
             g = step(g, owned)
@@ -218,36 +231,96 @@ def rows_back(
             left.discard(call)
             if not left:  # nothing further back is needed
                 return
-        g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
+        g = product(g, weight)
         owned = True
 
 
+def times(rows: Tensor, weight: Tensor) -> Tensor:
+    """Rows ``(b, r, out)`` times a linear layer's ``weight (out, in)``: ``(b, r, in)``."""
+    b, r = rows.shape[:2]
+    return (rows.reshape(b * r, -1) @ weight).reshape(b, r, -1)
+
+
+class _AlternatingProducts:
+    """Products of rows with weights written into two workspaces in turn (a group's products).
+
+    A product's input is the previous product (in the other workspace) or not a workspace at all,
+    so no input is overwritten; a product is overwritten two products later. For a caller done
+    with each product's rows by then: :func:`square_sums_back`, whose groups of rows would
+    otherwise each allocate their products anew (and, on a freshly trimmed heap, touch new pages).
+
+    Args:
+        size: the most entries of one product.
+        like: a tensor of the products' dtype and device.
+    """
+
+    def __init__(self, size: int, like: Tensor) -> None:
+        self.spaces = (like.new_empty(size), like.new_empty(size))
+        self.turn = 0
+
+    def ones(self, shape: torch.Size) -> Tensor:
+        """Ones of ``shape`` (at most ``size`` entries) in a workspace, for use after the products."""
+        return self.spaces[0][: shape.numel()].view(shape).fill_(1)
+
+    def __call__(self, rows: Tensor, weight: Tensor) -> Tensor:
+        b, r = rows.shape[:2]
+        space = self.spaces[self.turn]
+        self.turn ^= 1
+        out = space[: b * r * weight.shape[1]].view(b * r, weight.shape[1])
+        return torch.mm(rows.reshape(b * r, -1), weight, out=out).view(b, r, -1)
+
+
 def square_sums_back(
-    g: Tensor,
-    owned: bool,
-    steps: list[BackStep],
-    left: set[int],
-    group: int,
-    start: Callable[[Tensor], Tensor] | None = None,
+    g: Tensor, owned: bool, steps: list[BackStep], left: set[int], group: int
 ) -> dict[int, Tensor]:
     """Per traced layer call, ``sum_r rows_r^2`` ``(b, out)`` of rows ``g (b, r, out)`` there.
 
     The rows go back through ``steps`` (last layer first) ``group`` at a time: what
     :func:`rows_back` yields, reduced on the way. Only one group's rows are alive at each layer,
     and a group that fits in a core's cache keeps the activations' backward and the squares
-    there. ``owned`` and ``left`` are as for :func:`rows_back` (the groups are disjoint views of
-    ``g``: each is overwritten at most once). ``start``, when given, makes each group's rows
-    ``(b, r_group, out)`` at the first step from its rows of ``g`` (a head's product: formed a
-    group at a time too; they are owned).
+    there; the products of every group are written into the same two workspaces. ``owned`` and
+    ``left`` are as for :func:`rows_back` (the groups are disjoint views of ``g``: each is
+    overwritten at most once).
+
+    Two steps are taken once instead of once per group. A call at the first step has the rows
+    ``g`` themselves: their squares are summed at once, and the groups start at its weight. The
+    elementwise activations right before the last call reached (its rows ``d * u_r``, ``d`` their
+    derivative) scale that call's sums ``sum_r u_r^2`` by ``d^2``.
     """
     sums: dict[int, Tensor] = {}
+    steps = list(steps)
+    if steps and not callable(steps[0]) and steps[0][0] is not None:
+        call, weight = steps[0]
+        sums[call] = add_row_squares(g)
+        left.discard(call)
+        steps[0] = (None, weight)  # the groups still go through its weight
+    if not left:
+        return sums
+    found = [i for i, step in enumerate(steps) if not callable(step) and step[0] in left]
+    tail: list[BackStep] = []
+    if found:  # (else a call is not in the chain: the caller raises on ``left``)
+        first = last = found[-1]
+        while first > 0 and callable(steps[first - 1]):
+            first -= 1
+        tail = steps[first:last]  # the activations right before the last call reached
+        steps = [*steps[:first], steps[last]]
+    widths = [step[1].shape[1] for step in steps[:-1] if not callable(step)]
+    product = None
+    if widths:
+        product = _AlternatingProducts(g.shape[0] * min(group, g.shape[1]) * max(widths), g)
     reached = set(left)
     for part in spans(g.shape[1], group):
         reached = set(left)
-        rows_in, mine = (g[:, part], owned) if start is None else (start(g[:, part]), True)
-        for call, rows in rows_back(rows_in, mine, steps, reached):
+        for call, rows in rows_back(g[:, part], owned, steps, reached, product):
             sums[call] = add_row_squares(rows, sums.get(call))
     left.intersection_update(reached)
+    if tail:
+        scaled = sums[steps[-1][0]]  # type: ignore[index]
+        # the derivative: the activations' backward of ones (in a workspace when there is one)
+        d = product.ones(scaled.shape) if product is not None else torch.ones_like(scaled)
+        for step in tail:
+            d = step(d.unsqueeze(1), True).squeeze(1)  # type: ignore[operator]
+        scaled.mul_(d.square_())
     return sums
 
 

@@ -105,8 +105,9 @@ RUNGS = {
 #: The rungs that take the rows back by hand (no autograd backward).
 BY_HAND = frozenset({"chain", "traced chain"})
 #: On a CPU, directions reduced to their row squares go back in groups of rows that take at most
-#: this many bytes at the widest layer (within a core's cache); elsewhere all rows at once.
-SQUARES_GROUP_BYTES = 256 * 2**10
+#: this many bytes at the widest layer (half of a server core's 1 MiB L2 cache: a group, the
+#: activations' saved values and the sums stay near it); elsewhere all rows at once.
+SQUARES_GROUP_BYTES = 512 * 2**10
 
 
 @dataclass
@@ -428,12 +429,10 @@ def _traced_chain(job: _Job) -> Pieces:
                 g = s.head_cotangents(rows, weight).reshape(job.b, job.r, -1)
             for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
                 G[i] = g_i.unsqueeze(2)
-        else:  # the head's product a group of rows at a time too
-
-            def start(u: Tensor) -> Tensor:
-                return s.head_cotangents(u, weight).reshape(job.b, u.shape[1], -1)
-
-            for i, sums in square_sums_back(rows, True, steps, left, group, start).items():
+        else:  # the head's product a group of rows at a time too (a plain linear layer)
+            head_step = (None, head.geometry.matrix(weight))
+            g = rows.reshape(job.b, job.r, -1)
+            for i, sums in square_sums_back(g, False, [head_step, *steps], left, group).items():
                 G[i] = RowSquares(sums.unsqueeze(1))
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
