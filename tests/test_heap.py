@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes.util
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -43,7 +44,7 @@ _SCRIPT = textwrap.dedent(
             ggn.kfac()
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-        print(json.dumps([faults() for _ in range(4)]))
+        print(json.dumps([faults() for _ in range(6)]))
     """
 )
 
@@ -59,9 +60,14 @@ def test_a_data_pass_reuses_its_buffers_after_a_first_call():
     # K-FAC of the GGN of an MLP 784-256-256-10 over 4 batches of 256: about 10 MB of rows and
     # factors per batch, formed and freed batch after batch
     untouched = _page_faults("off")
-    if min(untouched[2:]) < 1000:
+    if statistics.median(untouched[2:]) < 1000:
         pytest.skip(f"this C library keeps freed blocks already (page faults per call {untouched})")
     settled = _page_faults("on")
     # the heap may still grow to the pass's size in the first calls; then next to nothing is
-    # faulted in (the kernel may still reclaim a few idle pages between calls: a megabyte here)
-    assert max(settled[2:]) < min(untouched[2:]) / 10, (settled, untouched)
+    # faulted in. Medians over four calls: now and then a call still finds its megabytes split
+    # among the heap's free blocks and grows it by one or two (a few hundred faults, in a few
+    # percent of the calls of either code), and the kernel may reclaim a few idle pages
+    assert statistics.median(settled[2:]) < statistics.median(untouched[2:]) / 10, (
+        settled,
+        untouched,
+    )
