@@ -257,6 +257,9 @@ class _AlternatingProducts:
     def __init__(self, size: int, like: Tensor) -> None:
         self.spaces = (like.new_empty(size), like.new_empty(size))
         self.turn = 0
+        #: per workspace and product shape ``(b, r, in)``: its ``(b * r, in)`` and ``(b, r, in)``
+        #: views (made once: a group's products repeat the previous group's shapes)
+        self.views: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
 
     def ones(self, shape: torch.Size) -> Tensor:
         """Ones of ``shape`` (at most ``size`` entries) in a workspace, for use after the products."""
@@ -264,10 +267,14 @@ class _AlternatingProducts:
 
     def __call__(self, rows: Tensor, weight: Tensor) -> Tensor:
         b, r = rows.shape[:2]
-        space = self.spaces[self.turn]
+        key = (self.turn, b, r, weight.shape[1])
         self.turn ^= 1
-        out = space[: b * r * weight.shape[1]].view(b * r, weight.shape[1])
-        return torch.mm(rows.reshape(b * r, -1), weight, out=out).view(b, r, -1)
+        views = self.views.get(key)
+        if views is None:
+            flat = self.spaces[key[0]][: b * r * weight.shape[1]]
+            views = self.views[key] = (flat.view(b * r, -1), flat.view(b, r, -1))
+        torch.mm(rows.reshape(b * r, -1), weight, out=views[0])
+        return views[1]
 
 
 def square_sums_back(
