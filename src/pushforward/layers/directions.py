@@ -85,15 +85,18 @@ class RowSquares:
 
 #: Up to this many rows, their squares are added one row at a time (no squared copy of all rows).
 _FEW_ROWS = 32
+#: Rows of at most this many bytes are squared and summed at once whatever their number (the copy
+#: is small; two operations instead of one per row).
+_SMALL_BYTES = 128 * 2**10
 
 
 def add_row_squares(G: Tensor, total: Tensor | None = None) -> Tensor:
     """``total + sum_r G[:, r]^2`` ``(b, *z)`` from rows ``G (b, r, *z)``, in place.
 
-    ``total=None`` starts a new sum. With few rows, one row at a time into the sum (the pass's
-    peak memory is the rows themselves); else squared and summed at once.
+    ``total=None`` starts a new sum. With few rows of some size, one row at a time into the sum
+    (the pass's peak memory is the rows themselves); else squared and summed at once.
     """
-    if G.shape[1] > _FEW_ROWS:
+    if G.shape[1] > _FEW_ROWS or G.numel() * G.element_size() <= _SMALL_BYTES:
         squares = G.square().sum(1)
         return squares if total is None else total.add_(squares)
     rows = G.unbind(1)  # one call for all rows' views
