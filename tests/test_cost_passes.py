@@ -90,7 +90,7 @@ def test_curvature_passes_within_their_plans(model, what):
 @pytest.mark.parametrize("custom", [False, True])
 def test_diagonal_in_row_groups_within_its_plan(custom):
     """At a size where the rows go back in several cache-sized groups (MLP 784-256-256-10,
-    float32, batches of 256: one row per group), as an ``nn.Sequential`` and as a custom module
+    float32, batches of 256: two rows per group), as an ``nn.Sequential`` and as a custom module
     (the traced chain)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -93,8 +93,9 @@ _SMALL_BYTES = 128 * 2**10
 def add_row_squares(G: Tensor, total: Tensor | None = None) -> Tensor:
     """``total + sum_r G[:, r]^2`` ``(b, *z)`` from rows ``G (b, r, *z)``, in place.
 
-    ``total=None`` starts a new sum. With few rows of some size, one row at a time into the sum
-    (the pass's peak memory is the rows themselves); else squared and summed at once.
+    ``total=None`` starts a new sum. Up to :data:`_FEW_ROWS` rows of more than
+    :data:`_SMALL_BYTES` in all, one row at a time into the sum (no squared copy: the pass's peak
+    memory is the rows themselves); else squared and summed at once.
     """
     if G.shape[1] > _FEW_ROWS or G.numel() * G.element_size() <= _SMALL_BYTES:
         squares = G.square().sum(1)

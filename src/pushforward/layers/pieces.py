@@ -412,28 +412,30 @@ def _traced_chain(job: _Job) -> Pieces:
     f = f.detach()
     unit, rows = _rows(job, job.per(), f)
     G: list[Tensor | OneHot | RowSquares | None] = [None] * len(calls)
-    if head.index in job.needed:
-        G[head.index] = _head_directions(job, f, unit, rows)
-    left = set(job.needed) - {head.index}
+    weight = head.weight(job.params)
+    steps: list = []  # from the head's input back
+    for i in range(head.index, 0, -1):
+        steps.append(backwards[i])
+        steps.append((i - 1, calls[i - 1].weight(job.params)))
     group = job.square_group() if unit is None else None  # unit rows: a variance's, not squared
-    if left:
-        weight = head.weight(job.params)
-        steps = []
-        for i in range(head.index, 0, -1):
-            steps.append(backwards[i])
-            steps.append((i - 1, calls[i - 1].weight(job.params)))
-        if group is None:
+    if group is not None:  # as the chain: the head is a step (a plain linear layer)
+        head_step = (head.index, head.geometry.matrix(weight))
+        g = rows.reshape(job.b, job.r, -1)
+        sums = square_sums_back(g, False, [head_step, *steps], set(job.needed), group)
+        for i, sums_i in sums.items():
+            if i in job.needed:
+                G[i] = RowSquares(sums_i.unsqueeze(1))
+    else:
+        if head.index in job.needed:
+            G[head.index] = _head_directions(job, f, unit, rows)
+        left = set(job.needed) - {head.index}
+        if left:
             if unit is not None:
                 g = unit_rows(unit, weight)  # (b, r, in), maybe a view
             else:
                 g = s.head_cotangents(rows, weight).reshape(job.b, job.r, -1)
             for i, g_i in rows_back(g, unit is None, steps, left):  # every call is a step
                 G[i] = g_i.unsqueeze(2)
-        else:  # the head's product a group of rows at a time too (a plain linear layer)
-            head_step = (None, head.geometry.matrix(weight))
-            g = rows.reshape(job.b, job.r, -1)
-            for i, sums in square_sums_back(g, False, [head_step, *steps], left, group).items():
-                G[i] = RowSquares(sums.unsqueeze(1))
     a = [t.detach().unsqueeze(1) for t in tap.inputs]
     return _checked(job, Pieces(job.chunk, f, calls, a, G, rung="traced chain"))
 
