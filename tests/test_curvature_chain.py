@@ -272,11 +272,12 @@ def test_random_chains_equal_brute_force(widths, activations, outputs, batch):
     assert rel(mean, f) <= EXACT and rel(variance, expected) <= EXACT
 
 
-@pytest.mark.parametrize("group_bytes", [1, 600, 2**20])  # a row, two rows, every row per group
+@pytest.mark.parametrize("group_bytes", [1, 600, 2**20])  # 1 example, 2, all per group
 def test_row_squares_in_groups_equal_brute_force(group_bytes, monkeypatch):
     """The diagonal asks only the squares of each layer's directions summed over the rows: the
-    chain and the traced chain take the rows back a group at a time (5 rows per example: groups
-    of 1, of 2, 2 and 1, of 5) and give them reduced (``RowSquares``), the same diagonal."""
+    chain and the traced chain take the rows back a group of examples at a time (5 rows each,
+    batches of 5 and 4: groups of 1 example, of 2, 2 and 1 and of 2 and 2, of all) and give them
+    reduced (``RowSquares``), the same diagonal."""
     monkeypatch.setattr(pieces_module, "SQUARES_GROUP_BYTES", group_bytes)
     seen: list[type] = []
     layer = DiagonalSums._layer
@@ -341,7 +342,7 @@ def test_square_sums_back_equals_the_squares_of_the_rows(data):
     for call, G in chain_module.rows_back(rows.clone(), False, steps, reached):
         expected[call] = G.square().sum(1)
     assert not reached
-    group = data.draw(st.integers(1, r), label="group")
+    group = data.draw(st.integers(1, b * r + 1), label="group")
     owned = data.draw(st.booleans(), label="owned")
     asked = set(left)
     found = chain_module.square_sums_back(rows.clone(), owned, steps, asked, group)

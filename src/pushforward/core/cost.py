@@ -204,15 +204,21 @@ def direction_bytes(
 
 
 def squared_direction_bytes(
-    cost: ModelCost, layer_outputs: int, widest: int, group_bytes: int | None, rows: int
+    cost: ModelCost,
+    layer_outputs: int,
+    widest: int,
+    group_bytes: int | None,
+    rows: int,
+    example_rows: int,
 ) -> tuple[int, int, int]:
     """Working bytes of directions taken back by hand and reduced to their squares.
 
     The directions' gradients are summed over the rows, squared, as they go back
     (``pushforward.layers.RowSquares``), all rows at once (``group_bytes=None``) or in groups of
-    rows of about ``group_bytes`` at the widest layer (a CPU's cache; a group holds one row at
-    least). At each layer the gradients of a group are alive twice (the one formed and the one it
-    is formed from) and once more as a copy of the group, at most ``widest`` entries each.
+    whole examples of about ``group_bytes`` at the widest layer (a CPU's cache; a group holds one
+    example at least). At each layer the gradients of a group are alive twice (the one formed and
+    the one it is formed from) and once more as a copy of the group, at most ``widest`` entries
+    each.
 
     Args:
         cost: the model's measured cost.
@@ -220,18 +226,22 @@ def squared_direction_bytes(
         widest: the most entries of a direction's gradient on its way back.
         group_bytes: the groups' size, or ``None``.
         rows: the batch's rows (examples times rows per example): no group is larger.
+        example_rows: the rows of one example: no group is smaller.
 
     Returns:
         ``(per direction, per example, fixed)``: the direction itself twice (as in
-        :func:`direction_bytes`) and, all rows at once, its gradients; the sums and, in groups,
-        one row's gradients; a group's gradients.
+        :func:`direction_bytes`) and, all rows at once, its gradients; the sums, and an example's
+        share of a group smaller than ``group_bytes`` (all ``rows`` in one); a full group's
+        gradients. Either way an upper bound for any number of examples, equal for ``rows``.
     """
     entry = widest * cost.itemsize
     per_direction = 2 * cost.output_bytes
     if group_bytes is None:
         return per_direction + 3 * entry, layer_outputs * cost.itemsize, 0
-    fixed = 3 * min(group_bytes, rows * entry)
-    return per_direction, (layer_outputs + 3 * widest) * cost.itemsize, fixed
+    group = max(group_bytes, example_rows * entry)
+    if rows * entry <= group:  # one group: as many as the examples (more examples, a larger one)
+        return per_direction, (layer_outputs + 3 * example_rows * widest) * cost.itemsize, 0
+    return per_direction, layer_outputs * cost.itemsize, 3 * group
 
 
 def example_bytes(cost: ModelCost) -> int:

@@ -263,7 +263,7 @@ class CurvaturePass:
             # on a CPU in cache-sized groups of rows (see produce)
             group = SQUARES_GROUP_BYTES if inputs.device.type == "cpu" else None
             per_row, squares, fixed = squared_direction_bytes(
-                cost, z, structure.widest(), group, B * R
+                cost, z, structure.widest(), group, B * R, R
             )
             per_example += squares
             held += fixed

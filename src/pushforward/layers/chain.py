@@ -36,6 +36,7 @@ from pushforward.core.inputs import Inputs
 from pushforward.core.kernels import TRANSFORM_LOCK
 from pushforward.layers.directions import add_row_squares
 from pushforward.layers.tracing import (
+    ALL,
     Backward,
     LayerCall,
     StructureError,
@@ -136,8 +137,8 @@ class Chain:
             flat: give the inputs ``(b, in)`` and the gradients ``(b, r, out)`` as they are (no
                 layer layout).
             squares: give each call's gradients summed over the rows, squared (``(b, 1, out)``,
-                flat ``(b, out)``), the rows taken back this many at a time
-                (:func:`square_sums_back`).
+                flat ``(b, out)``), the rows taken back in groups of whole examples of about
+                this many rows in all (:func:`square_sums_back`).
 
         Returns:
             ``(f (b, K), a, G)``: per traced layer call its input ``(b, 1, in)`` and its output
@@ -262,8 +263,11 @@ class _AlternatingProducts:
         self.views: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
 
     def ones(self, shape: torch.Size) -> Tensor:
-        """Ones of ``shape`` (at most ``size`` entries) in a workspace, for use after the products."""
-        return self.spaces[0][: shape.numel()].view(shape).fill_(1)
+        """Ones of ``shape`` for use after the products: in a workspace where they fit."""
+        space = self.spaces[0]
+        if shape.numel() > space.numel():
+            return space.new_ones(shape)
+        return space[: shape.numel()].view(shape).fill_(1)
 
     def __call__(self, rows: Tensor, weight: Tensor) -> Tensor:
         b, r = rows.shape[:2]
@@ -282,18 +286,21 @@ def square_sums_back(
 ) -> dict[int, Tensor]:
     """Per traced layer call, ``sum_r rows_r^2`` ``(b, out)`` of rows ``g (b, r, out)`` there.
 
-    The rows go back through ``steps`` (last layer first) ``group`` at a time: what
-    :func:`rows_back` yields, reduced on the way. Only one group's rows are alive at each layer,
-    and a group that fits in a core's cache keeps the activations' backward and the squares
-    there; the products of every group are written into the same two workspaces. ``owned`` and
-    ``left`` are as for :func:`rows_back` (the groups are disjoint views of ``g``: each is
-    overwritten at most once).
+    The rows go back through ``steps`` (last layer first) in groups of whole examples, about
+    ``group`` rows in all (one example at least): what :func:`rows_back` yields, reduced on the
+    way. Only one group's rows are alive at each layer, and a group that fits in a core's cache
+    keeps the activations' backward and the squares there. The products of every group are
+    written into the same two workspaces; a call's rows are squared (in place where they are this
+    function's) once the product with its weight has read them, and summed straight into the
+    group's slice of the call's sums. ``owned`` and ``left`` are as for :func:`rows_back` (the
+    groups are disjoint slices of ``g``: each is overwritten at most once).
 
     Two steps are taken once instead of once per group. A call at the first step has the rows
     ``g`` themselves: their squares are summed at once, and the groups start at its weight. The
     elementwise activations right before the last call reached (its rows ``d * u_r``, ``d`` their
     derivative) scale that call's sums ``sum_r u_r^2`` by ``d^2``.
     """
+    b, r = g.shape[:2]
     sums: dict[int, Tensor] = {}
     steps = list(steps)
     if steps and not callable(steps[0]) and steps[0][0] is not None:
@@ -301,34 +308,49 @@ def square_sums_back(
         sums[call] = add_row_squares(g)
         left.discard(call)
         steps[0] = (None, weight)  # the groups still go through its weight
-    if not left:
-        return sums
     found = [i for i, step in enumerate(steps) if not callable(step) and step[0] in left]
-    tail: list[BackStep] = []
-    if found:  # (else a call is not in the chain: the caller raises on ``left``)
-        first = last = found[-1]
-        while first > 0 and callable(steps[first - 1]):
-            first -= 1
-        tail = steps[first:last]  # the activations right before the last call reached
-        steps = [*steps[:first], steps[last]]
-    widths = [step[1].shape[1] for step in steps[:-1] if not callable(step)]
-    product = None
-    if widths:
-        product = _AlternatingProducts(g.shape[0] * min(group, g.shape[1]) * max(widths), g)
-    reached = set(left)
-    for part in spans(g.shape[1], group):
-        reached = set(left)
-        for call, rows in rows_back(g[:, part], owned, steps, reached, product):
-            sums[call] = add_row_squares(rows, sums.get(call))
-    left.intersection_update(reached)
+    if not found:  # nothing asked is further back (else the caller raises on ``left``)
+        return sums
+    last = first = found[-1]
+    while first > 0 and callable(steps[first - 1]):
+        first -= 1
+    final, tail, steps = steps[last][0], steps[first:last], steps[:first]
+    # each call's sums, filled group by group: the rows at a call are as wide as its weight's
+    # outputs, the last call's as the last product's inputs
+    widths = [step[1].shape[1] for step in steps if not callable(step)]
+    for i in found[:-1]:
+        call, weight = steps[i]
+        sums[call] = g.new_empty(b, weight.shape[0])
+    sums[final] = g.new_empty(b, widths[-1] if widths else g.shape[2])
+    left.difference_update(sums)
+    groups = -(-b // max(1, group // max(r, 1)))  # of at most ``group`` rows (one example)
+    examples = max(1, -(-b // max(groups, 1)))  # as many in each group
+    product = _AlternatingProducts(min(examples, b) * r * max(widths), g) if widths else None
+    for part in spans(b, examples):
+        rows, mine = g[part], owned
+        for step in steps:
+            if callable(step):
+                rows, mine = step(rows, mine, part), True
+                continue
+            call, weight = step
+            after = product(rows, weight)  # type: ignore[misc]
+            if call in sums:  # its rows are read: square them
+                _sum_squares(rows, mine, sums[call][part])
+            rows, mine = after, True
+        _sum_squares(rows, mine, sums[final][part])
     if tail:
-        scaled = sums[steps[-1][0]]  # type: ignore[index]
+        scaled = sums[final]
         # the derivative: the activations' backward of ones (in a workspace when there is one)
         d = product.ones(scaled.shape) if product is not None else torch.ones_like(scaled)
         for step in tail:
             d = step(d.unsqueeze(1), True).squeeze(1)  # type: ignore[operator]
         scaled.mul_(d.square_())
     return sums
+
+
+def _sum_squares(rows: Tensor, mine: bool, out: Tensor) -> None:
+    """``out = sum_r rows_r^2`` ``(e, width)`` of rows ``(e, r, width)``, in place if ``mine``."""
+    torch.sum(rows.square_() if mine else rows.square(), 1, out=out)
 
 
 def _values(step: _Linear, params: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -390,11 +412,15 @@ def _activation(module: nn.Module, z: Tensor, owned: bool = False) -> tuple[Tens
     if kind in _FROM_INPUT and not getattr(module, "inplace", False):
         kernel = _FROM_INPUT[kind]
 
-        def backward(g: Tensor, owned: bool) -> Tensor:
-            zr = z.unsqueeze(1)
-            if g.shape == zr.shape:
-                return kernel(module, zr, g)
-            return derivative_backward(kernel(module, z, torch.ones_like(z)))(g, owned)
+        @functools.cache
+        def derivative() -> Backward:  # formed once, for the first call with several rows
+            return derivative_backward(kernel(module, z, torch.ones_like(z)))
+
+        def backward(g: Tensor, owned: bool, examples: slice = ALL) -> Tensor:
+            ze = z[examples].unsqueeze(1)
+            if g.shape == ze.shape:
+                return kernel(module, ze, g)
+            return derivative()(g, owned, examples)
 
         return module(z), backward
     if kind in _FROM_INPUT:  # in place: the derivative before z is overwritten

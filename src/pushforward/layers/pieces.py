@@ -218,7 +218,7 @@ class _Job:
         return None if s is None else s.head
 
     def square_group(self) -> int | None:
-        """Rows per group when the directions go back reduced to their squares, else ``None``.
+        """Rows per group (of whole examples) for directions reduced to their squares, else ``None``.
 
         On a CPU the groups fit :data:`SQUARES_GROUP_BYTES` at the widest layer; elsewhere
         (a GPU wants large kernels) all rows go at once.
@@ -226,8 +226,8 @@ class _Job:
         if not self.squares:
             return None
         if self.inputs.device.type != "cpu":
-            return max(self.r, 1)
-        row = self.b * self.structure.widest() * self.dtype.itemsize
+            return max(self.b * self.r, 1)
+        row = self.structure.widest() * self.dtype.itemsize
         return max(1, SQUARES_GROUP_BYTES // max(row, 1))
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -427,8 +427,19 @@ class LayerTap(TorchFunctionMode):
 
 
 # -- elementwise activations in an autograd graph (``pushforward.layers.traced_chain``) -------
-#: A backward through an elementwise activation: ``(rows g (b, r, out), owned) -> rows``.
-Backward = Callable[[Tensor, bool], Tensor]
+#: All examples of a batch (a backward's default ``examples``).
+ALL = slice(None)
+
+
+class Backward(Protocol):
+    """A backward through an elementwise activation: ``(rows g (e, r, out), owned) -> rows``.
+
+    ``g`` holds the rows of the batch's ``examples`` (default: all of them); ``owned``: ``g`` may
+    be overwritten.
+    """
+
+    def __call__(self, g: Tensor, owned: bool, examples: slice = ALL) -> Tensor: ...  # noqa: D102
+
 
 _aten = torch.ops.aten
 
@@ -441,10 +452,11 @@ def output_backward(kernel, y: Tensor, *constants) -> Backward:
     """
     yr = y.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
 
-    def backward(g: Tensor, owned: bool) -> Tensor:
+    def backward(g: Tensor, owned: bool, examples: slice = ALL) -> Tensor:
+        ye = yr[examples]
         if owned:
-            return kernel.grad_input(g, yr, *constants, grad_input=g)
-        return kernel(g, yr, *constants)
+            return kernel.grad_input(g, ye, *constants, grad_input=g)
+        return kernel(g, ye, *constants)
 
     return backward
 
@@ -452,7 +464,11 @@ def output_backward(kernel, y: Tensor, *constants) -> Backward:
 def derivative_backward(d: Tensor) -> Backward:
     """The backward of an activation with derivative ``d (b, out)``: the rows times ``d``."""
     dr = d.unsqueeze(1)  # (b, 1, out): over the rows of (b, r, out)
-    return lambda g, owned: g.mul_(dr) if owned else g * dr
+
+    def backward(g: Tensor, owned: bool, examples: slice = ALL) -> Tensor:
+        return g.mul_(dr[examples]) if owned else g * dr[examples]
+
+    return backward
 
 
 def _from_output(kernel, *constants) -> Callable[[Any], Backward]:
