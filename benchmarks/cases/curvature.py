@@ -5,8 +5,9 @@ laplax on the same model, weights and data.
   (784-256-256-10) over 1,024 points in batches of 256: ``GGN(model, loader).diagonal()``,
   BackPACK's ``DiagGGNExact`` (one backward per batch), laplace-torch's ``DiagLaplace.fit`` with
   its default backend (its diagonal contracts each batch's explicit Jacobian, 256 x 10 x P: run
-  it with ``--time-limit 600``) and with ``backend=PushforwardGGN``, and laplax's diagonal
-  (below).
+  it with ``--time-limit 600``) and with ``backend=PushforwardGGN``, laplax's diagonal
+  (below), and the same diagonal written by hand in plain PyTorch for this MLP
+  (``curv-diag/torch-floor``: the fewest operations any exact method needs, no library).
 * ``curv-kfac`` — K-FAC (type-2, ``"expand"``) of the same GGN: ``GGN.kfac()``, curvlinops'
   ``KFACLinearOperator.compute_kronecker_factors()`` and laplace-torch's ``KronLaplace.fit``
   (default backend, and ``backend=PushforwardGGN``).
