@@ -260,7 +260,7 @@ class CurvaturePass:
         held = consumer.held_bytes()
         producer = f"{rung}: {RUNGS[rung]}"
         if consumer.squares and rung in BY_HAND and squares_apply(fm.dtype):
-            # on a CPU in cache-sized groups of rows (see produce)
+            # on a CPU in cache-sized groups of examples (see produce)
             group = SQUARES_GROUP_BYTES if inputs.device.type == "cpu" else None
             per_row, squares, fixed = squared_direction_bytes(
                 cost, z, structure.widest(), group, B * R, R

@@ -247,7 +247,7 @@ class _AlternatingProducts:
 
     A product's input is the previous product (in the other workspace) or not a workspace at all,
     so no input is overwritten; a product is overwritten two products later. For a caller done
-    with each product's rows by then: :func:`square_sums_back`, whose groups of rows would
+    with each product's rows by then: :func:`square_sums_back`, whose groups of examples would
     otherwise each allocate their products anew (and, on a freshly trimmed heap, touch new pages).
 
     Args:

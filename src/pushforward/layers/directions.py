@@ -70,7 +70,7 @@ class RowSquares:
 
     What a pass whose consumer needs nothing else of a layer call's directions (a curvature's
     diagonal, for a layer that applies its weight once per example) gets from the rungs that
-    take the rows back by hand: the sums are formed a group of rows at a time as the rows go
+    take the rows back by hand: the sums are formed a group of examples at a time as the rows go
     back, so no layer's directions for every row are alive at once.
 
     Attributes:

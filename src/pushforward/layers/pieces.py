@@ -104,9 +104,9 @@ RUNGS = {
 }
 #: The rungs that take the rows back by hand (no autograd backward).
 BY_HAND = frozenset({"chain", "traced chain"})
-#: On a CPU, directions reduced to their row squares go back in groups of rows that take at most
-#: this many bytes at the widest layer (half of a server core's 1 MiB L2 cache: a group, the
-#: activations' saved values and the sums stay near it); elsewhere all rows at once.
+#: On a CPU, directions reduced to their row squares go back in groups of whole examples whose
+#: rows take at most this many bytes at the widest layer (half of a server core's 1 MiB L2 cache:
+#: a group, the activations' saved values and the sums stay near it); elsewhere all rows at once.
 SQUARES_GROUP_BYTES = 512 * 2**10
 
 
@@ -263,7 +263,7 @@ def produce(
             parameter's rows instead (the consumer accepts them).
         squares: the consumer needs only the squares of each layer call's directions summed
             over the rows: the rungs that take the rows back by hand give them as
-            :class:`RowSquares`, formed a group of rows at a time (cache-sized on a CPU), when
+            :class:`RowSquares`, formed a group of examples at a time (cache-sized on a CPU), when
             the parameters are in their accumulation dtype (:func:`squares_apply`) and the rows
             are not unit rows; the others give the directions.
         only: run this rung alone (a key of :data:`RUNGS`; it must apply), without the ladder
