@@ -44,15 +44,7 @@ from pushforward.layers.tracing import (
     output_backward,
 )
 
-__all__ = [
-    "BackStep",
-    "Chain",
-    "chain_intact",
-    "find_chain",
-    "rows_back",
-    "square_sums_back",
-    "times",
-]
+__all__ = ["BackStep", "Chain", "chain_intact", "find_chain", "rows_back", "square_sums_back"]
 
 #: Activations whose Jacobian is diagonal (one output entry per input entry): the derivative
 #: is one forward-mode product with a tangent of ones.
@@ -204,22 +196,17 @@ BackStep = tuple[int | None, Tensor] | Backward
 
 
 def rows_back(
-    g: Tensor,
-    owned: bool,
-    steps: list[BackStep],
-    left: set[int],
-    product: Callable[[Tensor, Tensor], Tensor] | None = None,
+    g: Tensor, owned: bool, steps: list[BackStep], left: set[int]
 ) -> Iterator[tuple[int, Tensor]]:
     """Rows ``g (b, r, out)`` taken back through ``steps`` (last layer first).
 
     Yields ``(call, rows at its output)`` for every traced layer call on the way, and stops once
     the calls in ``left`` (emptied on the way) are all reached. Each linear layer is one product
-    with its weight for all rows of all examples (``product(rows, weight)``; default
-    :func:`times`, a new tensor); each activation is applied to rows this function owns in place
-    (``owned``: ``g`` itself may be overwritten). With the default product, a yielded tensor is
-    never written to afterwards.
+    with its weight for all rows of all examples; each activation is applied to rows this function
+    owns in place (``owned``: ``g`` itself may be overwritten). A yielded tensor is never written
+    to afterwards.
     """
-    product = times if product is None else product
+    b, r = g.shape[:2]
     for step in steps:
         if callable(step):
             g = step(g, owned)
@@ -232,14 +219,8 @@ def rows_back(
             left.discard(call)
             if not left:  # nothing further back is needed
                 return
-        g = product(g, weight)
+        g = (g.reshape(b * r, -1) @ weight).reshape(b, r, -1)
         owned = True
-
-
-def times(rows: Tensor, weight: Tensor) -> Tensor:
-    """Rows ``(b, r, out)`` times a linear layer's ``weight (out, in)``: ``(b, r, in)``."""
-    b, r = rows.shape[:2]
-    return (rows.reshape(b * r, -1) @ weight).reshape(b, r, -1)
 
 
 class _AlternatingProducts:
@@ -303,7 +284,7 @@ def square_sums_back(
     b, r = g.shape[:2]
     sums: dict[int, Tensor] = {}
     steps = list(steps)
-    if steps and not callable(steps[0]) and steps[0][0] is not None:
+    if steps and not callable(steps[0]) and steps[0][0] in left:
         call, weight = steps[0]
         sums[call] = add_row_squares(g)
         left.discard(call)

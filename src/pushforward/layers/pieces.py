@@ -422,9 +422,8 @@ def _traced_chain(job: _Job) -> Pieces:
         head_step = (head.index, head.geometry.matrix(weight))
         g = rows.reshape(job.b, job.r, -1)
         sums = square_sums_back(g, False, [head_step, *steps], set(job.needed), group)
-        for i, sums_i in sums.items():
-            if i in job.needed:
-                G[i] = RowSquares(sums_i.unsqueeze(1))
+        for i, sums_i in sums.items():  # the calls asked
+            G[i] = RowSquares(sums_i.unsqueeze(1))
     else:
         if head.index in job.needed:
             G[head.index] = _head_directions(job, f, unit, rows)
